@@ -1,0 +1,426 @@
+//! Opening a log: reading every retained segment, checking the chain, building
+//! the position index, and treating damage as the recovery mode says.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result, io};
+use crate::format::{
+    self, Decoded, HeaderError, SEGMENT_HEADER_BYTES, decode_record, decode_segment_header, kind, parse_segment_name,
+    segment_seed, valid_record_after,
+};
+use crate::fs::{Fs, FsFile, OpenMode};
+use crate::options::RecoveryMode;
+use crate::read::AlignedBuf;
+
+/// Where a user record lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub(crate) position: u64,
+    /// Offset of the frame in the segment file.
+    pub(crate) offset: u64,
+    /// Bytes of the frame (header, payload, padding).
+    pub(crate) frame_len: u64,
+}
+
+/// A snapshot marker: a position and the caller's payload (for Raft, the term).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    /// The position the snapshot covers the log up to.
+    pub position: u64,
+    /// The caller's bytes stored with it.
+    pub payload: Vec<u8>,
+}
+
+/// A retained segment and the records it holds.
+#[derive(Debug)]
+pub(crate) struct SegmentState {
+    pub(crate) seq: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) file: Arc<dyn FsFile>,
+    pub(crate) records: Vec<IndexEntry>,
+    pub(crate) markers: Vec<Marker>,
+}
+
+/// A damaged tail the recovery dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// The last segment.
+    pub path: PathBuf,
+    /// Where the valid records end.
+    pub offset: u64,
+    /// Non-zero bytes after `offset` that were dropped (zeroed on disk when writable).
+    pub bytes_dropped: u64,
+    /// Why the record at `offset` was not valid.
+    pub reason: String,
+}
+
+/// Where a `PointInTime` recovery stopped, and what it did not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopPoint {
+    /// The file with the damage.
+    pub path: PathBuf,
+    /// Offset of the damage.
+    pub offset: u64,
+    /// What is wrong there.
+    pub reason: String,
+    /// Bytes of that file from `offset` on, plus every later segment, not read.
+    pub bytes_not_read: u64,
+    /// Later segments not read at all.
+    pub segments_not_read: Vec<PathBuf>,
+}
+
+/// What `open` found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Segments read.
+    pub segments_read: usize,
+    /// Valid records read (all kinds, header records included).
+    pub records_read: u64,
+    /// A torn tail that was dropped (`TolerateTornTail`, or a read-only open).
+    pub torn_tail: Option<TornTail>,
+    /// Where a `PointInTime` recovery stopped.
+    pub stopped_at: Option<StopPoint>,
+    /// Temporary files of an unfinished segment preparation that were removed.
+    pub stray_files_removed: Vec<PathBuf>,
+}
+
+/// The result of scanning a log directory.
+pub(crate) struct Scan {
+    pub(crate) segments: Vec<SegmentState>,
+    pub(crate) metadata: Vec<u8>,
+    pub(crate) state: Option<Vec<u8>>,
+    /// The bound user positions must rise above.
+    pub(crate) last_position: Option<u64>,
+    pub(crate) chain: u32,
+    /// End of the valid records in the last segment.
+    pub(crate) tail_offset: u64,
+    /// End of the last segment's header records.
+    pub(crate) tail_header_end: u64,
+    /// The latest snapshot marker read.
+    pub(crate) marker: Option<Marker>,
+    pub(crate) report: RecoveryReport,
+}
+
+/// Drops index entries at or above `position`, newest first.
+pub(crate) fn truncate_index(segments: &mut [SegmentState], position: u64) {
+    for seg in segments.iter_mut().rev() {
+        while seg.records.last().is_some_and(|r| r.position >= position) {
+            seg.records.pop();
+        }
+        if seg.records.last().is_some_and(|r| r.position < position) {
+            break;
+        }
+    }
+}
+
+/// Lists the segment files of `dir` in sequence order, and the stray temporary files.
+pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<(Vec<(u64, u64, PathBuf)>, Vec<PathBuf>)> {
+    let mut segs = Vec::new();
+    let mut tmps = Vec::new();
+    for name in fs.read_dir(dir).map_err(io("list log directory", dir))? {
+        if let Some((seq, first)) = parse_segment_name(&name) {
+            segs.push((seq, first, dir.join(&name)));
+        } else if name.ends_with(".wal.tmp") {
+            tmps.push(dir.join(&name));
+        }
+    }
+    segs.sort();
+    Ok((segs, tmps))
+}
+
+fn read_whole(file: &dyn FsFile, path: &Path) -> Result<AlignedBuf> {
+    let len = file.len().map_err(io("stat segment", path))?;
+    let len = usize::try_from(len).map_err(|_| Error::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        reason: format!("segment of {len} bytes does not fit in memory"),
+    })?;
+    let mut buf = AlignedBuf::zeroed(len);
+    file.read_exact_at(buf.as_mut_slice(), 0).map_err(io("read segment", path))?;
+    Ok(buf)
+}
+
+/// Whether the scan may change files (repair a torn tail, remove stray files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    Write,
+    ReadOnly,
+}
+
+enum Outcome {
+    /// The segment ended cleanly (or its torn tail was handled) at this offset.
+    End(u64),
+    /// PointInTime stopped here.
+    Stopped,
+}
+
+struct Scanner<'a> {
+    fs: &'a dyn Fs,
+    mode: RecoveryMode,
+    access: Access,
+    scan: Scan,
+    metadata: Option<Vec<u8>>,
+}
+
+/// Reads the log in `dir`.
+pub(crate) fn scan(fs: &dyn Fs, dir: &Path, mode: RecoveryMode, access: Access) -> Result<Scan> {
+    let (segs, tmps) = list_dir(fs, dir)?;
+    if segs.is_empty() {
+        return Err(Error::NotFound { dir: dir.to_path_buf() });
+    }
+    let mut report = RecoveryReport::default();
+    if access == Access::Write {
+        for t in tmps {
+            fs.remove_file(&t).map_err(io("remove stray prepared segment", &t))?;
+            report.stray_files_removed.push(t);
+        }
+    }
+    let mut s = Scanner {
+        fs,
+        mode,
+        access,
+        scan: Scan {
+            segments: Vec::new(),
+            metadata: Vec::new(),
+            state: None,
+            last_position: None,
+            chain: 0,
+            tail_offset: 0,
+            tail_header_end: 0,
+            marker: None,
+            report,
+        },
+        metadata: None,
+    };
+    for (i, (seq, first, path)) in segs.iter().enumerate() {
+        if i > 0 && *seq != segs[i - 1].0 + 1 {
+            let missing = segs[i - 1].0 + 1;
+            if mode == RecoveryMode::PointInTime {
+                s.stop(path, 0, format!("segment {missing:016x} is missing before this one"), 0, &segs[i..]);
+                break;
+            }
+            return Err(Error::MissingSegment { dir: dir.to_path_buf(), missing });
+        }
+        let is_last = i + 1 == segs.len();
+        match s.segment(*seq, *first, path, is_last, &segs[i + 1..])? {
+            Outcome::End(off) => s.scan.tail_offset = off,
+            Outcome::Stopped => break,
+        }
+    }
+    s.scan.metadata = s.metadata.unwrap_or_default();
+    if s.scan.segments.is_empty() {
+        // PointInTime stopped at the first segment's header: nothing to open.
+        let stop = s.scan.report.stopped_at.as_ref().map(|p| (p.path.clone(), p.offset, p.reason.clone()));
+        let (path, offset, reason) = stop.unwrap_or_else(|| (dir.to_path_buf(), 0, "no readable segment".into()));
+        return Err(Error::Corrupt { path, offset, reason });
+    }
+    Ok(s.scan)
+}
+
+impl Scanner<'_> {
+    fn stop(&mut self, path: &Path, offset: u64, reason: String, bytes_left: u64, later: &[(u64, u64, PathBuf)]) {
+        let mut bytes_not_read = bytes_left;
+        for (_, _, p) in later {
+            if let Ok(f) = self.fs.open(p, OpenMode::Read) {
+                bytes_not_read += f.len().unwrap_or(0);
+            }
+        }
+        tracing::warn!(path = %path.display(), offset, %reason, "point-in-time recovery stopped at damage");
+        self.scan.report.stopped_at = Some(StopPoint {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+            bytes_not_read,
+            segments_not_read: later.iter().map(|(_, _, p)| p.clone()).collect(),
+        });
+    }
+
+    fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
+        Error::Corrupt { path: path.to_path_buf(), offset, reason: reason.into() }
+    }
+
+    fn segment(
+        &mut self,
+        seq: u64,
+        first: u64,
+        path: &Path,
+        is_last: bool,
+        later: &[(u64, u64, PathBuf)],
+    ) -> Result<Outcome> {
+        let mode = if is_last && self.access == Access::Write { OpenMode::ReadWrite } else { OpenMode::Read };
+        let file: Arc<dyn FsFile> = Arc::from(self.fs.open(path, mode).map_err(io("open segment", path))?);
+        let buf = read_whole(&*file, path)?;
+        let bytes = buf.as_slice();
+        self.scan.report.segments_read += 1;
+
+        let header = match decode_segment_header(bytes) {
+            Ok(h) => Ok(h),
+            Err(HeaderError::Version(found)) => {
+                return Err(Error::UnsupportedVersion {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: format::FORMAT_VERSION,
+                });
+            }
+            Err(e) => Err(format!("segment header: {e:?}")),
+        };
+        let header = header.and_then(|h| {
+            if h.seq != seq || h.first_position != first {
+                Err(format!(
+                    "segment header names seq {:016x} and first position {:016x}, the file name another",
+                    h.seq, h.first_position
+                ))
+            } else if !self.scan.segments.is_empty() && h.prev_chain != self.scan.chain {
+                Err("segment does not continue the checksum chain of the previous segment".into())
+            } else {
+                Ok(h)
+            }
+        });
+        let header = match header {
+            Ok(h) => h,
+            Err(reason) => {
+                // Headers are synced before the segment is renamed into place: damage
+                // here never comes from a crash.
+                if self.mode == RecoveryMode::PointInTime {
+                    self.stop(path, 0, reason, bytes.len() as u64, later);
+                    return Ok(Outcome::Stopped);
+                }
+                return Err(Self::corrupt(path, 0, reason));
+            }
+        };
+        if self.scan.segments.is_empty() {
+            self.scan.last_position = header.first_position.checked_sub(1);
+        }
+        self.scan.segments.push(SegmentState {
+            seq,
+            path: path.to_path_buf(),
+            file: Arc::clone(&file),
+            records: Vec::new(),
+            markers: Vec::new(),
+        });
+        let seed = segment_seed(seq);
+        let header_end = SEGMENT_HEADER_BYTES + header.header_records_bytes as usize;
+        self.scan.tail_header_end = header_end as u64;
+        let mut chain = header.prev_chain;
+        let mut off = SEGMENT_HEADER_BYTES;
+        loop {
+            let (damage_at, reason, search_from) = match decode_record(bytes, off, seed, chain) {
+                Decoded::Record(f) => {
+                    if off == SEGMENT_HEADER_BYTES && f.kind != kind::METADATA {
+                        return Err(Self::corrupt(path, off as u64, "segment does not start with a metadata record"));
+                    }
+                    let payload = &bytes[f.payload_offset..f.payload_offset + f.payload_len];
+                    self.apply(f.kind, f.position, payload, off as u64, (f.end - off) as u64)
+                        .map_err(|reason| Self::corrupt(path, off as u64, reason))?;
+                    chain = f.chain;
+                    off = f.end;
+                    self.scan.report.records_read += 1;
+                    continue;
+                }
+                Decoded::End => match valid_record_after(bytes, off, seed) {
+                    None if off >= header_end => {
+                        self.scan.chain = chain;
+                        return Ok(Outcome::End(off as u64));
+                    }
+                    None => (off, "the segment ends inside its header records".to_string(), off),
+                    Some(at) => (off, format!("zeros followed by a valid record at byte {at}"), off),
+                },
+                Decoded::Damage(d) => (off, d.to_string(), off + format::ALIGN),
+            };
+            self.scan.chain = chain;
+            return self.damage(path, &file, bytes, seed, damage_at, header_end, reason, search_from, is_last, later);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn damage(
+        &mut self,
+        path: &Path,
+        file: &Arc<dyn FsFile>,
+        bytes: &[u8],
+        seed: u32,
+        at: usize,
+        header_end: usize,
+        reason: String,
+        search_from: usize,
+        is_last: bool,
+        later: &[(u64, u64, PathBuf)],
+    ) -> Result<Outcome> {
+        let valid_after = valid_record_after(bytes, search_from, seed);
+        let tail_len = bytes[at..].iter().rposition(|&b| b != 0).map_or(0, |p| p + 1) as u64;
+        let torn = is_last && valid_after.is_none() && at >= header_end;
+        match self.mode {
+            RecoveryMode::PointInTime => {
+                if torn && self.access == Access::ReadOnly {
+                    // A writer may be in the middle of an append: an unfinished tail.
+                    self.note_torn(path, at, tail_len, reason);
+                    return Ok(Outcome::End(at as u64));
+                }
+                self.stop(path, at as u64, reason, (bytes.len() - at) as u64, later);
+                Ok(Outcome::Stopped)
+            }
+            RecoveryMode::TolerateTornTail if torn => {
+                if self.access == Access::Write && tail_len > 0 {
+                    let zeros = vec![0u8; tail_len as usize];
+                    file.write_all_at(&zeros, at as u64).map_err(io("zero torn tail", path))?;
+                    file.sync_data().map_err(io("fdatasync after zeroing torn tail", path))?;
+                }
+                self.note_torn(path, at, tail_len, reason);
+                Ok(Outcome::End(at as u64))
+            }
+            RecoveryMode::Strict if torn && self.access == Access::ReadOnly => {
+                self.note_torn(path, at, tail_len, reason);
+                Ok(Outcome::End(at as u64))
+            }
+            _ => {
+                let reason = match valid_after {
+                    Some(v) => format!("{reason}, and a valid record follows at byte {v}"),
+                    None if !is_last => format!("{reason}, in a segment that is not the last"),
+                    None => reason,
+                };
+                Err(Self::corrupt(path, at as u64, reason))
+            }
+        }
+    }
+
+    fn note_torn(&mut self, path: &Path, at: usize, bytes_dropped: u64, reason: String) {
+        tracing::warn!(path = %path.display(), offset = at, bytes_dropped, %reason, "dropped torn tail of the log");
+        self.scan.report.torn_tail =
+            Some(TornTail { path: path.to_path_buf(), offset: at as u64, bytes_dropped, reason });
+    }
+
+    /// Applies one valid record to the scan state; `Err` is a reason for corruption.
+    fn apply(&mut self, kind: u16, position: u64, payload: &[u8], offset: u64, frame_len: u64) -> Result<(), String> {
+        match kind {
+            kind::METADATA => match &self.metadata {
+                None => self.metadata = Some(payload.to_vec()),
+                Some(m) if m == payload => {}
+                Some(_) => return Err("metadata differs from the first segment's".into()),
+            },
+            kind::STATE => self.scan.state = Some(payload.to_vec()),
+            kind::SNAPSHOT_MARKER => {
+                let seg = self.scan.segments.last_mut().ok_or("marker outside a segment")?;
+                let m = Marker { position, payload: payload.to_vec() };
+                self.scan.marker = Some(m.clone());
+                seg.markers.push(m);
+            }
+            kind::TRUNCATE => {
+                truncate_index(&mut self.scan.segments, position);
+                self.scan.last_position = self.scan.last_position.min(position.checked_sub(1));
+            }
+            _ => {
+                if let Some(last) = self.scan.last_position
+                    && position <= last
+                {
+                    return Err(format!("record position {position} does not rise above {last}"));
+                }
+                self.scan.last_position = Some(position);
+                let seg = self.scan.segments.last_mut().ok_or("record outside a segment")?;
+                seg.records.push(IndexEntry { position, offset, frame_len });
+            }
+        }
+        Ok(())
+    }
+}
