@@ -1,7 +1,7 @@
 //! The byte layout of segments and records (see `docs/design/wal.md`).
 //!
 //! ```text
-//! segment = segment header (40 B) | record* | zeros
+//! segment = segment header (48 B) | record* | zero word | (zeros, or stale bytes of a recycled file)
 //!
 //! segment header, little-endian:
 //!   0  magic "CAIRNWAL"      8 B
@@ -9,15 +9,17 @@
 //!  12  header records bytes  u32   (bytes of the metadata, state and marker records
 //!                                  that follow: damage there is never a torn tail)
 //!  16  segment seq           u64
-//!  24  first position        u64   (the lowest user position the segment may hold)
-//!  32  previous chain crc    u32   (the chain value after the previous segment's last record)
-//!  36  header crc            u32   (crc32c of bytes 0..36)
+//!  24  first position        u64   (the position bound when the segment was cut, plus one;
+//!                                  a truncation record inside the segment may lower it)
+//!  32  salt                  u64   (random per segment file: with the seq, the record crc seed)
+//!  40  previous chain crc    u32   (the chain value after the previous segment's last record)
+//!  44  header crc            u32   (crc32c of bytes 0..44)
 //!
 //! record, 8-byte aligned, little-endian:
 //!   0  length word           u64   bit 63 = 1 (never zero), bits 32..48 kind, bits 0..32 payload length,
 //!                                  bits 48..63 zero
 //!   8  position              u64
-//!  16  record crc            u32   crc32c over bytes 0..16 and the payload, seeded by the segment seq
+//!  16  record crc            u32   crc32c over bytes 0..16 and the payload, seeded by seq and salt
 //!  20  chain crc             u32   crc32c(previous chain crc, record crc)
 //!  24  payload, then zero padding to a multiple of 8
 //! ```
@@ -27,13 +29,17 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The magic bytes at the start of every segment.
 pub const MAGIC: [u8; 8] = *b"CAIRNWAL";
 /// Bytes of the segment header.
-pub const SEGMENT_HEADER_BYTES: usize = 40;
+pub const SEGMENT_HEADER_BYTES: usize = 48;
 /// Bytes of a record header (length word, position, record crc, chain crc).
 pub const RECORD_HEADER_BYTES: usize = 24;
 /// Every record starts at a multiple of this, so payloads are 8-byte aligned.
 pub const ALIGN: usize = 8;
-/// The largest payload the format can describe (32-bit length).
-pub const PAYLOAD_BYTES_MAX: u64 = u32::MAX as u64;
+/// The largest payload a record may carry: 1 GiB, so that a segment's three
+/// header records (metadata, state, marker) always fit the 32-bit header field.
+pub const PAYLOAD_BYTES_MAX: u64 = 1 << 30;
+/// The zero word written after the last record of every write: a clean end of
+/// the log, even in a recycled segment whose old bytes follow it.
+pub(crate) const TERMINATOR: [u8; ALIGN] = [0; ALIGN];
 
 const _: () = assert!(SEGMENT_HEADER_BYTES % ALIGN == 0);
 const _: () = assert!(RECORD_HEADER_BYTES % ALIGN == 0);
@@ -60,10 +66,23 @@ pub(crate) const fn frame_bytes(len: usize) -> usize {
     RECORD_HEADER_BYTES + align_up(len)
 }
 
-/// The crc seed of a segment: binds every record to the segment it was written in,
-/// so a record left over from another segment never validates here.
-pub(crate) fn segment_seed(seq: u64) -> u32 {
-    crc32c::crc32c(&seq.to_le_bytes())
+/// The crc seed of a segment file: binds every record to the segment file it was
+/// written in (its seq, and a salt drawn when the file was cut), so a record left
+/// over from another segment, or from a recycled file, never validates here.
+pub fn segment_seed(seq: u64, salt: u64) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&seq.to_le_bytes()), &salt.to_le_bytes())
+}
+
+/// A fresh salt for a new segment file.
+pub(crate) fn new_salt(seq: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(seq);
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
 /// The next chain value after a record whose own crc is `record_crc`.
@@ -76,8 +95,11 @@ pub(crate) fn chain_next(prev: u32, record_crc: u32) -> u32 {
 pub struct SegmentHeader {
     /// The segment's sequence number.
     pub seq: u64,
-    /// The lowest user position it may hold.
+    /// The position bound when it was cut, plus one (a truncation record in the
+    /// segment may let lower positions follow).
     pub first_position: u64,
+    /// Random per segment file; with `seq`, the record crc seed.
+    pub salt: u64,
     /// The chain value it continues from.
     pub prev_chain: u32,
     /// Bytes of the header records (metadata, state, marker) that follow the header.
@@ -92,6 +114,7 @@ impl SegmentHeader {
         out.extend_from_slice(&self.header_records_bytes.to_le_bytes());
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.first_position.to_le_bytes());
+        out.extend_from_slice(&self.salt.to_le_bytes());
         out.extend_from_slice(&self.prev_chain.to_le_bytes());
         let crc = crc32c::crc32c(&out[start..]);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -118,7 +141,7 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
     if h[0..8] != MAGIC {
         return Err(HeaderError::BadMagic);
     }
-    if crc32c::crc32c(&h[..36]) != le_u32(h, 36) {
+    if crc32c::crc32c(&h[..44]) != le_u32(h, 44) {
         return Err(HeaderError::BadChecksum);
     }
     let version = le_u32(h, 8);
@@ -128,7 +151,8 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
     Ok(SegmentHeader {
         seq: le_u64(h, 16),
         first_position: le_u64(h, 24),
-        prev_chain: le_u32(h, 32),
+        salt: le_u64(h, 32),
+        prev_chain: le_u32(h, 40),
         header_records_bytes: le_u32(h, 12),
     })
 }
@@ -319,8 +343,13 @@ pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
 }
 
 /// The file name of segment `seq` whose first position is `first`.
-pub(crate) fn segment_name(seq: u64, first: u64) -> String {
+pub fn segment_name(seq: u64, first: u64) -> String {
     format!("{seq:016x}-{first:016x}.wal")
+}
+
+/// The name a released segment waits under until it is recycled.
+pub(crate) fn spare_name(seq: u64) -> String {
+    format!("{seq:016x}.wal.spare")
 }
 
 /// The temporary name a segment is prepared under.
@@ -345,7 +374,7 @@ mod tests {
     #[test]
     fn record_round_trip_and_alignment() {
         let mut buf = Vec::new();
-        let seed = segment_seed(7);
+        let seed = segment_seed(7, 1);
         let c1 = encode_record(&mut buf, seed, 5, kind::USER_BASE, 42, b"hello");
         let c2 = encode_record(&mut buf, seed, c1, kind::STATE, 0, b"");
         assert_eq!(buf.len(), frame_bytes(5) + frame_bytes(0));
@@ -356,13 +385,13 @@ mod tests {
         assert_eq!(g.chain, c2);
         assert_eq!(decode_record(&buf, g.end, seed, c2), Decoded::End);
         // Another segment's seed, or a broken chain, is refused.
-        assert_eq!(decode_record(&buf, 0, segment_seed(8), 5), Decoded::Damage(Damage::Checksum));
+        assert_eq!(decode_record(&buf, 0, segment_seed(7, 2), 5), Decoded::Damage(Damage::Checksum));
         assert_eq!(decode_record(&buf, 0, seed, 6), Decoded::Damage(Damage::Chain));
     }
 
     #[test]
     fn header_round_trip() {
-        let h = SegmentHeader { seq: 3, first_position: 99, prev_chain: 0xdead, header_records_bytes: 32 };
+        let h = SegmentHeader { seq: 3, first_position: 99, salt: 5, prev_chain: 0xdead, header_records_bytes: 32 };
         let mut buf = Vec::new();
         h.encode(&mut buf);
         assert_eq!(decode_segment_header(&buf), Ok(h));

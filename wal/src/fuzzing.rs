@@ -10,8 +10,8 @@ use crate::{Fs, OpenMode, RecoveryMode, StdFs, Wal, WalOptions};
 /// Decodes every record of `data` as if it were a segment body, from offset 0,
 /// with both chain seeds the header would give. Must never panic.
 pub fn decode_records(data: &[u8]) {
-    let _ = decode_segment_header(data);
-    for seed in [0u32, crate::format::segment_seed(0)] {
+    let salt = decode_segment_header(data).map_or(0, |h| h.salt);
+    for seed in [0u32, crate::format::segment_seed(0, salt)] {
         let mut off = 0;
         let mut chain = 0;
         while off < data.len() {

@@ -90,6 +90,9 @@ pub struct WalOptions {
     pub preparation: Preparation,
     /// Which thread prepares it.
     pub prepare_in: PrepareIn,
+    /// Released segments kept (renamed `{seq}.wal.spare`) to be recycled as new
+    /// segments instead of preparing new files; 0 turns recycling off. Default 2.
+    pub spare_segments_max: usize,
     /// An fsync slower than this logs a warning. Default 1 s.
     pub slow_sync_warning: Duration,
     /// Test-only: pretend this sync succeeded without doing it, to show that the
@@ -108,6 +111,7 @@ impl Default for WalOptions {
             recovery: RecoveryMode::TolerateTornTail,
             preparation: Preparation::ZeroFill,
             prepare_in: PrepareIn::Background,
+            spare_segments_max: 2,
             slow_sync_warning: Duration::from_secs(1),
             #[cfg(feature = "sim")]
             skip_sync_for_tests: None,

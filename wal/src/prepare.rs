@@ -1,8 +1,8 @@
 //! The background thread that prepares the next segment before it is needed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result, io};
@@ -26,11 +26,28 @@ pub(crate) struct Preparer {
 
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// Creates the file for segment `seq` under its temporary name.
-pub(crate) fn prepare(fs: &dyn Fs, dir: &std::path::Path, seq: u64, how: Preparation, size: u64) -> Result<Prepared> {
+/// Makes the file for segment `seq` under its temporary name: a recycled spare
+/// when one is waiting (its blocks are allocated and written already, and its
+/// old bytes never validate: every record's crc is seeded by the new segment's
+/// seq and salt), otherwise a new file prepared as `how` says.
+pub(crate) fn prepare(
+    fs: &dyn Fs,
+    dir: &std::path::Path,
+    seq: u64,
+    how: Preparation,
+    size: u64,
+    spares: &Mutex<Vec<PathBuf>>,
+) -> Result<Prepared> {
     let path = dir.join(prepared_name(seq));
     if fs.exists(&path).map_err(io("stat", &path))? {
         fs.remove_file(&path).map_err(io("remove stale prepared segment", &path))?;
+    }
+    let spare = spares.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    if let Some(spare) = spare {
+        fs.rename(&spare, &path).map_err(io("recycle spare segment", &spare))?;
+        let file = fs.open(&path, OpenMode::ReadWrite).map_err(io("open recycled segment", &path))?;
+        metrics::counter!("cairn_wal_segments_recycled_total").increment(1);
+        return Ok(Prepared { seq, path, file });
     }
     let file = fs.open(&path, OpenMode::CreateNew).map_err(io("create segment", &path))?;
     if how == Preparation::ZeroFill {
@@ -50,7 +67,14 @@ pub(crate) fn prepare(fs: &dyn Fs, dir: &std::path::Path, seq: u64, how: Prepara
 
 impl Preparer {
     /// Starts the thread and asks it for segment `first_seq`.
-    pub(crate) fn start(fs: Arc<dyn Fs>, dir: PathBuf, how: Preparation, size: u64, first_seq: u64) -> Result<Self> {
+    pub(crate) fn start(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        how: Preparation,
+        size: u64,
+        first_seq: u64,
+        spares: Arc<Mutex<Vec<PathBuf>>>,
+    ) -> Result<Self> {
         let (req_tx, req_rx) = mpsc::sync_channel::<u64>(1);
         let (res_tx, res_rx) = mpsc::sync_channel::<Result<Prepared>>(1);
         let thread = std::thread::Builder::new()
@@ -58,7 +82,7 @@ impl Preparer {
             .spawn(move || {
                 while let Ok(seq) = req_rx.recv() {
                     let _span = tracing::debug_span!("prepare_segment", seq).entered();
-                    if res_tx.send(prepare(&*fs, &dir, seq, how, size)).is_err() {
+                    if res_tx.send(prepare(&*fs, &dir, seq, how, size, &spares)).is_err() {
                         break;
                     }
                 }

@@ -36,6 +36,8 @@ pub struct Marker {
 #[derive(Debug)]
 pub(crate) struct SegmentState {
     pub(crate) seq: u64,
+    /// The record crc seed (from the seq and the header's salt).
+    pub(crate) seed: u32,
     pub(crate) path: PathBuf,
     pub(crate) file: Arc<dyn FsFile>,
     pub(crate) records: Vec<IndexEntry>,
@@ -49,7 +51,8 @@ pub struct TornTail {
     pub path: PathBuf,
     /// Where the valid records end.
     pub offset: u64,
-    /// Non-zero bytes after `offset` that were dropped (zeroed on disk when writable).
+    /// Bytes from `offset` up to the next zero 8-byte word: what the torn write
+    /// left, dropped (and zeroed on disk when the open is writable).
     pub bytes_dropped: u64,
     /// Why the record at `offset` was not valid.
     pub reason: String,
@@ -100,6 +103,8 @@ pub(crate) struct Scan {
     pub(crate) tail_header_end: u64,
     /// The latest snapshot marker read.
     pub(crate) marker: Option<Marker>,
+    /// Released segment files kept for recycling.
+    pub(crate) spares: Vec<PathBuf>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -115,19 +120,31 @@ pub(crate) fn truncate_index(segments: &mut [SegmentState], position: u64) {
     }
 }
 
-/// Lists the segment files of `dir` in sequence order, and the stray temporary files.
-pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<(Vec<(u64, u64, PathBuf)>, Vec<PathBuf>)> {
-    let mut segs = Vec::new();
-    let mut tmps = Vec::new();
+/// The files of a log directory.
+pub(crate) struct Listing {
+    /// Segments in sequence order: (seq, first position, path).
+    pub(crate) segments: Vec<(u64, u64, PathBuf)>,
+    /// Segments whose preparation did not finish.
+    pub(crate) prepared: Vec<PathBuf>,
+    /// Released segments kept for recycling.
+    pub(crate) spares: Vec<PathBuf>,
+}
+
+/// Lists the files of the log directory `dir`.
+pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<Listing> {
+    let mut l = Listing { segments: Vec::new(), prepared: Vec::new(), spares: Vec::new() };
     for name in fs.read_dir(dir).map_err(io("list log directory", dir))? {
         if let Some((seq, first)) = parse_segment_name(&name) {
-            segs.push((seq, first, dir.join(&name)));
+            l.segments.push((seq, first, dir.join(&name)));
         } else if name.ends_with(".wal.tmp") {
-            tmps.push(dir.join(&name));
+            l.prepared.push(dir.join(&name));
+        } else if name.ends_with(".wal.spare") {
+            l.spares.push(dir.join(&name));
         }
     }
-    segs.sort();
-    Ok((segs, tmps))
+    l.segments.sort();
+    l.spares.sort();
+    Ok(l)
 }
 
 fn read_whole(file: &dyn FsFile, path: &Path) -> Result<AlignedBuf> {
@@ -166,7 +183,7 @@ struct Scanner<'a> {
 
 /// Reads the log in `dir`.
 pub(crate) fn scan(fs: &dyn Fs, dir: &Path, mode: RecoveryMode, access: Access) -> Result<Scan> {
-    let (segs, tmps) = list_dir(fs, dir)?;
+    let Listing { segments: segs, prepared: tmps, spares } = list_dir(fs, dir)?;
     if segs.is_empty() {
         return Err(Error::NotFound { dir: dir.to_path_buf() });
     }
@@ -190,6 +207,7 @@ pub(crate) fn scan(fs: &dyn Fs, dir: &Path, mode: RecoveryMode, access: Access) 
             tail_offset: 0,
             tail_header_end: 0,
             marker: None,
+            spares,
             report,
         },
         metadata: None,
@@ -293,14 +311,15 @@ impl Scanner<'_> {
         if self.scan.segments.is_empty() {
             self.scan.last_position = header.first_position.checked_sub(1);
         }
+        let seed = segment_seed(seq, header.salt);
         self.scan.segments.push(SegmentState {
             seq,
+            seed,
             path: path.to_path_buf(),
             file: Arc::clone(&file),
             records: Vec::new(),
             markers: Vec::new(),
         });
-        let seed = segment_seed(seq);
         let header_end = SEGMENT_HEADER_BYTES + header.header_records_bytes as usize;
         self.scan.tail_header_end = header_end as u64;
         let mut chain = header.prev_chain;
@@ -308,12 +327,21 @@ impl Scanner<'_> {
         loop {
             let (damage_at, reason, search_from) = match decode_record(bytes, off, seed, chain) {
                 Decoded::Record(f) => {
-                    if off == SEGMENT_HEADER_BYTES && f.kind != kind::METADATA {
-                        return Err(Self::corrupt(path, off as u64, "segment does not start with a metadata record"));
-                    }
                     let payload = &bytes[f.payload_offset..f.payload_offset + f.payload_len];
-                    self.apply(f.kind, f.position, payload, off as u64, (f.end - off) as u64)
-                        .map_err(|reason| Self::corrupt(path, off as u64, reason))?;
+                    let applied = if off == SEGMENT_HEADER_BYTES && f.kind != kind::METADATA {
+                        Err("segment does not start with a metadata record".to_string())
+                    } else {
+                        self.apply(f.kind, f.position, payload, off as u64, (f.end - off) as u64)
+                    };
+                    if let Err(reason) = applied {
+                        // A record that is valid but makes no sense here is never a torn tail.
+                        if self.mode == RecoveryMode::PointInTime {
+                            self.scan.chain = chain;
+                            self.stop(path, off as u64, reason, (bytes.len() - off) as u64, later);
+                            return Ok(Outcome::Stopped);
+                        }
+                        return Err(Self::corrupt(path, off as u64, reason));
+                    }
                     chain = f.chain;
                     off = f.end;
                     self.scan.report.records_read += 1;
@@ -325,7 +353,7 @@ impl Scanner<'_> {
                         return Ok(Outcome::End(off as u64));
                     }
                     None => (off, "the segment ends inside its header records".to_string(), off),
-                    Some(at) => (off, format!("zeros followed by a valid record at byte {at}"), off),
+                    Some(_) => (off, "a zero length word".to_string(), off),
                 },
                 Decoded::Damage(d) => (off, d.to_string(), off + format::ALIGN),
             };
@@ -349,7 +377,12 @@ impl Scanner<'_> {
         later: &[(u64, u64, PathBuf)],
     ) -> Result<Outcome> {
         let valid_after = valid_record_after(bytes, search_from, seed);
-        let tail_len = bytes[at..].iter().rposition(|&b| b != 0).map_or(0, |p| p + 1) as u64;
+        // The dropped bytes: the words from `at` up to the next zero word (the end of
+        // what the torn write left; a recycled file's older bytes may follow it).
+        let tail_len = bytes[at..]
+            .chunks(format::ALIGN)
+            .position(|w| w.iter().all(|&b| b == 0))
+            .map_or(bytes.len() - at, |w| w * format::ALIGN) as u64;
         let torn = is_last && valid_after.is_none() && at >= header_end;
         match self.mode {
             RecoveryMode::PointInTime => {

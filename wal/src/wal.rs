@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result, io};
 use crate::format::{
-    self, SEGMENT_HEADER_BYTES, SegmentHeader, encode_record, frame_bytes, kind, segment_name, segment_seed,
+    self, SEGMENT_HEADER_BYTES, SegmentHeader, TERMINATOR, encode_record, frame_bytes, kind, new_salt, segment_name,
+    segment_seed, spare_name,
 };
 use crate::fs::{Fs, FsFile, FsLock, parent_dir};
 use crate::options::{Batch, Durability, Op, Pos, PrepareIn, SyncSite, UserKind, WalOptions};
@@ -37,6 +38,8 @@ struct Shared {
     cond: Condvar,
     /// Touched only by the group-commit leader (one at a time).
     io: Mutex<Option<Io>>,
+    /// Released segment files waiting to be recycled (at most `spare_segments_max`).
+    spares: Arc<Mutex<Vec<PathBuf>>>,
     _lock: Option<Box<dyn FsLock>>,
 }
 
@@ -86,7 +89,7 @@ enum IndexOp {
     Truncate(u64),
     State(Vec<u8>),
     Marker { seq: u64, marker: Marker },
-    Segment { seq: u64 },
+    Segment { seq: u64, seed: u32 },
 }
 
 /// Records accepted together and written by one leader with (at most) one fdatasync.
@@ -110,6 +113,22 @@ struct State {
     poisoned: Option<String>,
     segments: Vec<SegmentState>,
     state: Option<Vec<u8>>,
+}
+
+/// A batch queued by [`Wal::submit`], to be passed to [`Wal::wait`].
+#[derive(Debug)]
+#[must_use = "records are written only once some caller waits"]
+pub struct Ticket {
+    group: u64,
+    durability: Durability,
+    positions: Option<RangeInclusive<u64>>,
+}
+
+impl Ticket {
+    /// The positions of the batch's user records (first and last), if it had any.
+    pub fn positions(&self) -> Option<&RangeInclusive<u64>> {
+        self.positions.as_ref()
+    }
 }
 
 /// What a write did.
@@ -149,7 +168,8 @@ impl Encoder {
     /// state and the latest snapshot marker.
     fn cut(&mut self, group: &mut Group) {
         let seq = self.seq + 1;
-        let seed = segment_seed(seq);
+        let salt = new_salt(seq);
+        let seed = segment_seed(seq, salt);
         let first_position = self.last_position.map_or(0, |p| p.saturating_add(1));
         let mut records = Vec::new();
         let mut chain = self.chain;
@@ -157,7 +177,7 @@ impl Encoder {
         if let Some(s) = &self.state {
             chain = encode_record(&mut records, seed, chain, kind::STATE, 0, s);
         }
-        group.ops.push(IndexOp::Segment { seq });
+        group.ops.push(IndexOp::Segment { seq, seed });
         if let Some(m) = &self.marker {
             chain = encode_record(&mut records, seed, chain, kind::SNAPSHOT_MARKER, m.position, &m.payload);
             group.ops.push(IndexOp::Marker { seq, marker: m.clone() });
@@ -165,6 +185,7 @@ impl Encoder {
         let header = SegmentHeader {
             seq,
             first_position,
+            salt,
             prev_chain: self.chain,
             header_records_bytes: u32::try_from(records.len()).expect("header records fit in u32"),
         };
@@ -189,7 +210,7 @@ impl Encoder {
     /// Checks a batch without changing anything; returns the user positions it will take.
     fn check(&self, batch: &Batch) -> Result<Option<RangeInclusive<u64>>> {
         let mut last = self.last_position;
-        let mut first_user = None;
+        let (mut first_user, mut last_user) = (None, None);
         for op in &batch.ops {
             match op {
                 Op::User { pos, .. } => {
@@ -206,13 +227,14 @@ impl Encoder {
                         return Err(Error::PositionNotRising { position: p, last: l });
                     }
                     first_user.get_or_insert(p);
+                    last_user = Some(p);
                     last = Some(p);
                 }
                 Op::Truncate { position } => last = last.min(position.checked_sub(1)),
                 Op::State { .. } | Op::Marker { .. } => {}
             }
         }
-        Ok(first_user.zip(last).map(|(a, b)| a..=b))
+        Ok(first_user.zip(last_user).map(|(a, b)| a..=b))
     }
 
     fn encode(&mut self, group: &mut Group, opts: &WalOptions, batch: &Batch) {
@@ -303,8 +325,9 @@ impl Shared {
                         Some(p) => p.take(chunk.seq)?,
                         None => self.prepare_now(chunk.seq)?,
                     };
-                    let path =
-                        self.install_segment(prepared, &chunk.bytes[..ns.header_bytes], chunk.seq, ns.first_position)?;
+                    let mut header = chunk.bytes[..ns.header_bytes].to_vec();
+                    header.extend_from_slice(&TERMINATOR);
+                    let path = self.install_segment(prepared, &header, chunk.seq, ns.first_position)?;
                     let file = Arc::clone(&path.1);
                     file.write_all_at(&chunk.bytes[ns.header_bytes..], ns.header_bytes as u64)
                         .map_err(io_err("append", &path.0))?;
@@ -323,7 +346,7 @@ impl Shared {
     }
 
     fn prepare_now(&self, seq: u64) -> Result<Prepared> {
-        prepare(&*self.fs, &self.dir, seq, self.opts.preparation, self.opts.segment_bytes_max)
+        prepare(&*self.fs, &self.dir, seq, self.opts.preparation, self.opts.segment_bytes_max, &self.spares)
     }
 
     /// Writes a prepared segment's header, syncs it, renames it into place and
@@ -369,10 +392,17 @@ impl State {
                     let seg = self.segments.iter_mut().rev().find(|s| s.seq == seq);
                     seg.expect("marker's segment is installed first").markers.push(marker);
                 }
-                IndexOp::Segment { seq, .. } => {
+                IndexOp::Segment { seq, seed } => {
                     let (fseq, path, file) = files.pop().expect("one file per new segment");
                     assert_eq!(fseq, seq);
-                    self.segments.push(SegmentState { seq, path, file, records: Vec::new(), markers: Vec::new() });
+                    self.segments.push(SegmentState {
+                        seq,
+                        seed,
+                        path,
+                        file,
+                        records: Vec::new(),
+                        markers: Vec::new(),
+                    });
                 }
             }
         }
@@ -404,11 +434,11 @@ impl Wal {
         }
         fs.create_dir_all(&dir).map_err(io("create log directory", &dir))?;
         let lock = lock_dir(&*fs, &dir)?;
-        let (segs, tmps) = crate::recover::list_dir(&*fs, &dir)?;
-        if !segs.is_empty() {
+        let listing = crate::recover::list_dir(&*fs, &dir)?;
+        if !listing.segments.is_empty() {
             return Err(Error::AlreadyExists { dir });
         }
-        for t in tmps {
+        for t in listing.prepared {
             fs.remove_file(&t).map_err(io("remove stray prepared segment", &t))?;
         }
         let shared = Shared {
@@ -438,6 +468,7 @@ impl Wal {
             }),
             cond: Condvar::new(),
             io: Mutex::new(None),
+            spares: Arc::new(Mutex::new(listing.spares)),
             _lock: None,
         };
         // Every directory made here must survive a crash: sync each one's parent, top down.
@@ -445,18 +476,21 @@ impl Wal {
             shared.sync_dir(SyncSite::DirAfterCreate, &parent_dir(m))?;
         }
         let mut header = Vec::new();
-        let seed = segment_seed(0);
+        let salt = new_salt(0);
+        let seed = segment_seed(0, salt);
         let mut records = Vec::new();
         encode_record(&mut records, seed, 0, kind::METADATA, 0, metadata);
         SegmentHeader {
             seq: 0,
             first_position: 0,
+            salt,
             prev_chain: 0,
             header_records_bytes: u32::try_from(records.len())
                 .map_err(|_| Error::RecordTooLarge { len: metadata.len() as u64, max: u64::from(u32::MAX) })?,
         }
         .encode(&mut header);
         header.extend_from_slice(&records);
+        header.extend_from_slice(&TERMINATOR);
         let prepared = shared.prepare_now(0)?;
         shared.install_segment(prepared, &header, 0, 0)?;
         drop(shared);
@@ -525,6 +559,14 @@ impl Wal {
         read_only: Option<&'static str>,
     ) -> Result<(Wal, RecoveryReport)> {
         let last = s.segments.last().expect("scan returns at least one segment");
+        let mut spares = s.spares;
+        if read_only.is_none() {
+            while spares.len() > opts.spare_segments_max {
+                let extra = spares.pop().expect("non-empty");
+                fs.remove_file(&extra).map_err(io("remove extra spare segment", &extra))?;
+            }
+        }
+        let spares = Arc::new(Mutex::new(spares));
         let io = if read_only.is_none() {
             let preparer = match opts.prepare_in {
                 PrepareIn::Background => Some(Preparer::start(
@@ -533,6 +575,7 @@ impl Wal {
                     opts.preparation,
                     opts.segment_bytes_max,
                     last.seq + 1,
+                    Arc::clone(&spares),
                 )?),
                 PrepareIn::Foreground => None,
             };
@@ -542,7 +585,7 @@ impl Wal {
         };
         let enc = Encoder {
             seq: last.seq,
-            seed: segment_seed(last.seq),
+            seed: last.seed,
             offset: s.tail_offset,
             header_end: s.tail_header_end,
             chain: s.chain,
@@ -569,6 +612,7 @@ impl Wal {
             }),
             cond: Condvar::new(),
             io: Mutex::new(io),
+            spares,
             _lock: lock,
         };
         Ok((Wal { shared: Arc::new(shared) }, s.report))
@@ -579,21 +623,39 @@ impl Wal {
     /// commit), and each caller's records keep its order. Positions are checked
     /// before anything is written: a refused batch writes nothing.
     pub fn write(&self, batch: &Batch, durability: Durability) -> Result<Written> {
+        let ticket = self.submit(batch, durability)?;
+        self.wait(ticket)
+    }
+
+    /// The first half of [`Wal::write`]: checks the batch and queues it for the
+    /// next group commit, without waiting. The log's order of records is the
+    /// order of `submit` calls, so a caller that assigns positions under its own
+    /// lock calls `submit` under that lock and [`Wal::wait`] after releasing it:
+    /// the fdatasync is then shared by every caller. Records are written only
+    /// once some caller waits: wait on every ticket.
+    pub fn submit(&self, batch: &Batch, durability: Durability) -> Result<Ticket> {
         let sh = &*self.shared;
         batch.check_sizes(sh.opts.record_bytes_max)?;
         let mut st = sh.lock_state();
         st.check_usable(sh.read_only)?;
-        while st.leader_active && st.pending.bytes >= sh.opts.pending_bytes_max {
-            st = sh.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        // Backpressure: a full pending group is written before more joins it.
+        while st.pending.bytes >= sh.opts.pending_bytes_max {
+            st = if st.leader_active { sh.cond.wait(st).unwrap_or_else(|e| e.into_inner()) } else { self.lead(st)? };
             st.check_usable(sh.read_only)?;
         }
         let positions = st.enc.check(batch)?;
         let State { enc, pending, .. } = &mut *st;
         enc.encode(pending, &sh.opts, batch);
         pending.sync |= durability == Durability::Sync;
-        let ticket = pending.ticket;
-        self.wait_for(st, ticket, durability)?;
-        Ok(Written { positions })
+        Ok(Ticket { group: pending.ticket, durability, positions })
+    }
+
+    /// The second half of [`Wal::write`]: waits until the submitted batch is
+    /// written (and durable, for `Sync`), leading the group commit if no one is.
+    pub fn wait(&self, ticket: Ticket) -> Result<Written> {
+        let st = self.shared.lock_state();
+        self.wait_for(st, ticket.group, ticket.durability)?;
+        Ok(Written { positions: ticket.positions })
     }
 
     /// Waits until group `ticket` is written (and durable, for `Sync`), leading
@@ -625,8 +687,13 @@ impl Wal {
         let sh = &*self.shared;
         st.leader_active = true;
         let next = Group { ticket: st.pending.ticket + 1, ..Group::default() };
-        let group = std::mem::replace(&mut st.pending, next);
+        let mut group = std::mem::replace(&mut st.pending, next);
         drop(st);
+        // Each write ends with a zero word, overwritten by the next write: the log
+        // always has a clean end, even in a recycled file.
+        for c in &mut group.chunks {
+            c.bytes.extend_from_slice(&TERMINATOR);
+        }
         let result = {
             let mut io = sh.io.lock().unwrap_or_else(|e| e.into_inner());
             let io = io.as_mut().expect("a writable log has its I/O state");
@@ -737,7 +804,15 @@ impl Wal {
             return Ok(0);
         }
         for seg in &removed {
-            sh.fs.remove_file(&seg.path).map_err(io("remove released segment", &seg.path))?;
+            let mut spares = sh.spares.lock().unwrap_or_else(|e| e.into_inner());
+            if spares.len() < sh.opts.spare_segments_max {
+                let spare = sh.dir.join(spare_name(seg.seq));
+                sh.fs.rename(&seg.path, &spare).map_err(io("keep released segment as a spare", &seg.path))?;
+                spares.push(spare);
+            } else {
+                drop(spares);
+                sh.fs.remove_file(&seg.path).map_err(io("remove released segment", &seg.path))?;
+            }
             tracing::debug!(seq = seg.seq, path = %seg.path.display(), "released segment");
         }
         if let Err(e) = sh.fs.sync_dir(&sh.dir) {
@@ -766,7 +841,7 @@ impl Wal {
             Bound::Excluded(&e) => e.checked_sub(1),
             Bound::Unbounded => Some(u64::MAX),
         };
-        let mut spans: Vec<(u64, PathBuf, Arc<dyn FsFile>, Vec<IndexEntry>)> = Vec::new();
+        let mut spans: Vec<(u64, u32, PathBuf, Arc<dyn FsFile>, Vec<IndexEntry>)> = Vec::new();
         {
             let st = sh.lock_state();
             if let Some(p) = &st.poisoned {
@@ -789,7 +864,7 @@ impl Wal {
                 for r in &seg.records[from..] {
                     if r.position > end || (bytes >= bytes_max && (!picked.is_empty() || !spans.is_empty())) {
                         if !picked.is_empty() {
-                            spans.push((seg.seq, seg.path.clone(), Arc::clone(&seg.file), picked));
+                            spans.push((seg.seq, seg.seed, seg.path.clone(), Arc::clone(&seg.file), picked));
                         }
                         break 'segs;
                     }
@@ -797,18 +872,17 @@ impl Wal {
                     picked.push(*r);
                 }
                 if !picked.is_empty() {
-                    spans.push((seg.seq, seg.path.clone(), Arc::clone(&seg.file), picked));
+                    spans.push((seg.seq, seg.seed, seg.path.clone(), Arc::clone(&seg.file), picked));
                 }
             }
         }
         let mut out = Records::default();
-        for (seq, path, file, entries) in spans {
+        for (seq, seed, path, file, entries) in spans {
             let (Some(first), Some(last)) = (entries.first(), entries.last()) else { continue };
             let base = first.offset;
             let len = usize::try_from(last.offset + last.frame_len - base).expect("span fits in memory");
             let mut buf = AlignedBuf::zeroed(len);
             file.read_exact_at(buf.as_mut_slice(), base).map_err(io("read segment", &path))?;
-            let seed = segment_seed(seq);
             let mut checked = Vec::with_capacity(entries.len());
             for e in &entries {
                 let at = (e.offset - base) as usize;
@@ -817,6 +891,14 @@ impl Wal {
                         checked.push((UserKind::from_stored(f.kind), f.position, f.payload_offset, f.payload_len));
                     }
                     _ => {
+                        // A segment released (and recycled) while we read is no corruption.
+                        let st = sh.lock_state();
+                        if !st.segments.iter().any(|s| s.seq == seq) {
+                            return Err(Error::PositionNotFound {
+                                position: e.position,
+                                retained: format!("{:?}..={:?}", st.first_position(), st.last_position()),
+                            });
+                        }
                         return Err(Error::Corrupt {
                             path,
                             offset: e.offset,

@@ -20,6 +20,7 @@ fn options(rng: &mut impl Rng, skip: Option<SyncSite>) -> WalOptions {
     o.segment_bytes_max = rng.random_range(1024..6000);
     o.preparation = if rng.random() { Preparation::ZeroFill } else { Preparation::Grow };
     o.prepare_in = PrepareIn::Foreground;
+    o.spare_segments_max = rng.random_range(0..3);
     o.skip_sync_for_tests = skip;
     o
 }
@@ -45,14 +46,6 @@ fn run(seed: u64, skip: Option<SyncSite>) -> Result<(), String> {
                 if wal.release_to(to).is_err() {
                     break;
                 }
-                if std::env::var("TRACE").is_ok() {
-                    eprintln!(
-                        "release_to {to} -> segs {} first {:?} check {:?}",
-                        wal.segment_count(),
-                        wal.first_position(),
-                        model.check(&wal)
-                    );
-                }
                 continue;
             }
             if rng.random_range(0..25) == 0 {
@@ -62,18 +55,6 @@ fn run(seed: u64, skip: Option<SyncSite>) -> Result<(), String> {
                 continue;
             }
             let ops = random_batch(&mut rng, &model, 3000);
-            if std::env::var("TRACE").is_ok() {
-                eprintln!(
-                    "batch {ops:?}",
-                    ops = ops
-                        .iter()
-                        .map(|o| match o {
-                            MOp::Append { pos, payload, .. } => format!("A{pos:?}/{}", payload.len()),
-                            o => format!("{o:?}"),
-                        })
-                        .collect::<Vec<_>>()
-                );
-            }
             match wal.write(&to_batch(&ops), Durability::Sync) {
                 Ok(_) => ops.iter().for_each(|op| model.apply(op)),
                 Err(_) => {
@@ -83,13 +64,7 @@ fn run(seed: u64, skip: Option<SyncSite>) -> Result<(), String> {
             }
         }
     }
-    if std::env::var("TRACE").is_ok() {
-        eprintln!("before crash: {:?}", disk.fs().read_dir(std::path::Path::new(DIR)));
-    }
     disk.crash();
-    if std::env::var("TRACE").is_ok() {
-        eprintln!("after crash: {:?}", disk.fs().read_dir(std::path::Path::new(DIR)));
-    }
 
     // Recover. The log may hold the acknowledged state plus a prefix of the
     // batch that was in flight, never anything else.
@@ -180,11 +155,4 @@ fn a_failed_fsync_poisons_the_log() {
     let (wal, _) = Wal::open(disk.fs(), DIR, opts).expect("reopen");
     let got = wal.read_range(.., u64::MAX).expect("read");
     assert_eq!(got.iter().map(|r| r.payload.to_vec()).collect::<Vec<_>>(), vec![b"durable".to_vec()]);
-}
-
-#[test]
-#[ignore]
-fn debug_seed() {
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    run(seed, None).unwrap();
 }
