@@ -41,8 +41,8 @@ pub const PAYLOAD_BYTES_MAX: u64 = 1 << 30;
 /// the log, even in a recycled segment whose old bytes follow it.
 pub(crate) const TERMINATOR: [u8; ALIGN] = [0; ALIGN];
 
-const _: () = assert!(SEGMENT_HEADER_BYTES % ALIGN == 0);
-const _: () = assert!(RECORD_HEADER_BYTES % ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(ALIGN));
+const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(ALIGN));
 
 const VALID_BIT: u64 = 1 << 63;
 const RESERVED_MASK: u64 = 0x7fff << 48;

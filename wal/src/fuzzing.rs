@@ -45,10 +45,12 @@ pub fn open_segment(data: &[u8], scratch: &Path) {
         if fs.open(&path, OpenMode::CreateNew).and_then(|f| f.write_all_at(data, 0)).is_err() {
             return;
         }
-        let mut opts = WalOptions::default();
-        opts.recovery = mode;
-        opts.segment_bytes_max = 1 << 16;
-        opts.preparation = crate::Preparation::Grow;
+        let opts = WalOptions {
+            recovery: mode,
+            segment_bytes_max: 1 << 16,
+            preparation: crate::Preparation::Grow,
+            ..WalOptions::default()
+        };
         if let Ok((wal, _)) = Wal::open_read_only(Arc::clone(&fs), &dir, opts.clone()) {
             let _ = wal.read_range(.., u64::MAX);
         }

@@ -22,4 +22,4 @@ pub use fs::{Fs, FsFile, FsLock, OpenMode, StdFs};
 pub use options::{Batch, Durability, Preparation, PrepareIn, RecoveryMode, SyncSite, UserKind, WalOptions};
 pub use read::{Record, Records};
 pub use recover::{Marker, RecoveryReport, StopPoint, TornTail};
-pub use wal::{LOCK_FILE_NAME, Replay, Ticket, Wal, Written};
+pub use wal::{LOCK_FILE_NAME, Replay, Ticket, Wal, WriteFuture, Written};

@@ -93,6 +93,10 @@ pub struct WalOptions {
     /// Released segments kept (renamed `{seq}.wal.spare`) to be recycled as new
     /// segments instead of preparing new files; 0 turns recycling off. Default 2.
     pub spare_segments_max: usize,
+    /// The longest a group-commit leader waits for as many writers as joined the
+    /// previous group to join its group (a lone writer never waits). Zero turns
+    /// it off. Default 100 µs.
+    pub group_commit_wait: Duration,
     /// An fsync slower than this logs a warning. Default 1 s.
     pub slow_sync_warning: Duration,
     /// Test-only: pretend this sync succeeded without doing it, to show that the
@@ -112,6 +116,7 @@ impl Default for WalOptions {
             preparation: Preparation::ZeroFill,
             prepare_in: PrepareIn::Background,
             spare_segments_max: 2,
+            group_commit_wait: Duration::from_micros(100),
             slow_sync_warning: Duration::from_secs(1),
             #[cfg(feature = "sim")]
             skip_sync_for_tests: None,

@@ -387,6 +387,22 @@ impl Fs for SimFs {
         }
     }
 
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        let mut d = self.lock();
+        d.tick(self.boot)?;
+        match d.names.get(path) {
+            Some(Entry::Dir) => {
+                if d.names.keys().any(|p| parent_dir(p) == path) {
+                    return Err(io::Error::other("directory not empty"));
+                }
+                d.change(DirOp::Remove(path.to_path_buf()));
+                Ok(())
+            }
+            Some(Entry::File(_)) => Err(io::Error::other("not a directory")),
+            None => Err(io::ErrorKind::NotFound.into()),
+        }
+    }
+
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut d = self.lock();
         d.tick(self.boot)?;

@@ -1,8 +1,12 @@
 //! The log: group commit, segment cuts, release, and reads by position.
 
+use std::future::Future;
 use std::ops::{Bound, RangeBounds, RangeInclusive};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::error::{Error, Result, io};
@@ -15,6 +19,9 @@ use crate::options::{Batch, Durability, Op, Pos, PrepareIn, SyncSite, UserKind, 
 use crate::prepare::{Prepared, Preparer, prepare};
 use crate::read::{AlignedBuf, Records};
 use crate::recover::{Access, IndexEntry, Marker, RecoveryReport, SegmentState, scan, truncate_index};
+
+/// Initial capacity of a group's buffer.
+const CHUNK_CAPACITY_BYTES: usize = 64 << 10;
 
 /// The name of the lock file in a log directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
@@ -36,6 +43,13 @@ struct Shared {
     read_only: Option<&'static str>,
     state: Mutex<State>,
     cond: Condvar,
+    /// Wakes a leader that waits for its group to grow.
+    join_cond: Condvar,
+    /// Wakes the committer thread (see [`Wal::write_async`]).
+    commit_cond: Condvar,
+    /// The committer thread, started by the first `write_async`.
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop_committer: AtomicBool,
     /// Touched only by the group-commit leader (one at a time).
     io: Mutex<Option<Io>>,
     /// Released segment files waiting to be recycled (at most `spare_segments_max`).
@@ -101,6 +115,8 @@ struct Group {
     sync: bool,
     bytes: u64,
     records: u64,
+    /// `submit` calls that joined the group.
+    batches: u64,
 }
 
 #[derive(Debug)]
@@ -110,6 +126,14 @@ struct State {
     written_ticket: u64,
     durable_ticket: u64,
     leader_active: bool,
+    /// A leader waits for writers to join its group.
+    leader_gathering: bool,
+    /// Batches in the last group written: how many writers to wait for.
+    last_group_batches: u64,
+    /// Tasks awaiting a [`WriteFuture`]: (group, durability, waker).
+    wakers: Vec<(u64, Durability, Waker)>,
+    /// The committer thread waits for work.
+    committer_idle: bool,
     poisoned: Option<String>,
     segments: Vec<SegmentState>,
     state: Option<Vec<u8>>,
@@ -131,6 +155,50 @@ impl Ticket {
     }
 }
 
+/// Segments a group created: (seq, path, file), in order.
+type NewFiles = Vec<(u64, PathBuf, Arc<dyn FsFile>)>;
+
+/// Records of one segment to read: (seq, seed, path, file, entries).
+type Span = (u64, u32, PathBuf, Arc<dyn FsFile>, Vec<IndexEntry>);
+
+/// Whether a new group-commit leader waits for writers to join its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gather {
+    Yes,
+    No,
+}
+
+/// A write queued by [`Wal::write_async`]; resolves when it is done.
+#[derive(Debug)]
+#[must_use = "futures do nothing unless awaited"]
+pub struct WriteFuture {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+}
+
+impl Future for WriteFuture {
+    type Output = Result<Written>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.shared.lock_state();
+        if let Some(p) = &st.poisoned {
+            return Poll::Ready(Err(Error::Poisoned(p.clone())));
+        }
+        let t = &self.ticket;
+        let done = match t.durability {
+            Durability::Sync => st.durable_ticket >= t.group,
+            Durability::Buffered => st.written_ticket >= t.group,
+        };
+        if done {
+            return Poll::Ready(Ok(Written { positions: t.positions.clone() }));
+        }
+        if !st.wakers.iter().any(|(g, _, w)| *g == t.group && w.will_wake(cx.waker())) {
+            st.wakers.push((t.group, t.durability, cx.waker().clone()));
+        }
+        Poll::Pending
+    }
+}
+
 /// What a write did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
@@ -141,7 +209,8 @@ pub struct Written {
 impl Encoder {
     fn chunk<'g>(&self, group: &'g mut Group) -> &'g mut Chunk {
         if group.chunks.last().is_none_or(|c| c.seq != self.seq) {
-            group.chunks.push(Chunk { seq: self.seq, offset: self.offset, new_segment: None, bytes: Vec::new() });
+            let bytes = Vec::with_capacity(CHUNK_CAPACITY_BYTES);
+            group.chunks.push(Chunk { seq: self.seq, offset: self.offset, new_segment: None, bytes });
         }
         let c = group.chunks.last_mut().expect("pushed above");
         debug_assert_eq!(c.offset + c.bytes.len() as u64, self.offset);
@@ -238,6 +307,11 @@ impl Encoder {
     }
 
     fn encode(&mut self, group: &mut Group, opts: &WalOptions, batch: &Batch) {
+        // Room for every frame and the terminator, so the group's buffer is not
+        // copied again as it grows.
+        let need = batch.buf.len() + batch.ops.len() * (format::RECORD_HEADER_BYTES + format::ALIGN) + format::ALIGN;
+        self.chunk(group).bytes.reserve(need);
+        group.batches += 1;
         for op in &batch.ops {
             match op {
                 Op::User { kind, pos, payload } => {
@@ -311,7 +385,7 @@ impl Shared {
 
     /// Writes one group: its chunks in order (cutting segments where they say),
     /// then one fdatasync if any member asked for it.
-    fn run_group(&self, io: &mut Io, group: &Group) -> Result<Vec<(u64, PathBuf, Arc<dyn FsFile>)>> {
+    fn run_group(&self, io: &mut Io, group: &Group) -> Result<NewFiles> {
         let mut new_segments = Vec::new();
         for chunk in &group.chunks {
             match &chunk.new_segment {
@@ -345,6 +419,66 @@ impl Shared {
         Ok(new_segments)
     }
 
+    /// Takes the pending group, writes it without holding the state lock, then
+    /// installs its index changes and wakes the waiters.
+    fn lead<'a>(&'a self, mut st: MutexGuard<'a, State>, gather: Gather) -> Result<MutexGuard<'a, State>> {
+        let sh = self;
+        st.leader_active = true;
+        // When the last group had many writers, give as many a moment to join
+        // this one (they are waking up from the last fsync): one fdatasync then
+        // serves them all, instead of a group of one followed by a large one.
+        // A lone writer never waits.
+        if gather == Gather::Yes && st.last_group_batches > 1 && !sh.opts.group_commit_wait.is_zero() {
+            let deadline = Instant::now() + sh.opts.group_commit_wait;
+            st.leader_gathering = true;
+            while st.pending.batches < st.last_group_batches {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = sh.join_cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            st.leader_gathering = false;
+        }
+        st.last_group_batches = st.pending.batches;
+        let next = Group { ticket: st.pending.ticket + 1, ..Group::default() };
+        let mut group = std::mem::replace(&mut st.pending, next);
+        drop(st);
+        // Each write ends with a zero word, overwritten by the next write: the log
+        // always has a clean end, even in a recycled file.
+        for c in &mut group.chunks {
+            c.bytes.extend_from_slice(&TERMINATOR);
+        }
+        let result = {
+            let mut io = sh.io.lock().unwrap_or_else(|e| e.into_inner());
+            let io = io.as_mut().expect("a writable log has its I/O state");
+            sh.run_group(io, &group)
+        };
+        metrics::histogram!("cairn_wal_group_commit_records").record(group.records as f64);
+        let mut st = sh.lock_state();
+        st.leader_active = false;
+        match result {
+            Ok(files) => {
+                st.apply(group.ops, files);
+                st.written_ticket = group.ticket;
+                if group.sync {
+                    st.durable_ticket = group.ticket;
+                }
+                st.wake_tasks(false);
+                sh.cond.notify_all();
+                sh.commit_cond.notify_one();
+                Ok(st)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, dir = %sh.dir.display(), "log write failed; the log is poisoned");
+                st.poisoned = Some(e.to_string());
+                st.wake_tasks(true);
+                sh.cond.notify_all();
+                Err(e)
+            }
+        }
+    }
+
     fn prepare_now(&self, seq: u64) -> Result<Prepared> {
         prepare(&*self.fs, &self.dir, seq, self.opts.preparation, self.opts.segment_bytes_max, &self.spares)
     }
@@ -366,6 +500,22 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error
 }
 
 impl State {
+    /// Wakes the tasks whose writes are done (or all of them, after a failure).
+    fn wake_tasks(&mut self, all: bool) {
+        let (written, durable) = (self.written_ticket, self.durable_ticket);
+        self.wakers.retain(|(group, d, w)| {
+            let done = all
+                || match d {
+                    Durability::Sync => *group <= durable,
+                    Durability::Buffered => *group <= written,
+                };
+            if done {
+                w.wake_by_ref();
+            }
+            !done
+        });
+    }
+
     fn check_usable(&self, read_only: Option<&'static str>) -> Result<()> {
         if let Some(p) = &self.poisoned {
             return Err(Error::Poisoned(p.clone()));
@@ -376,7 +526,7 @@ impl State {
         Ok(())
     }
 
-    fn apply(&mut self, ops: Vec<IndexOp>, mut files: Vec<(u64, PathBuf, Arc<dyn FsFile>)>) {
+    fn apply(&mut self, ops: Vec<IndexOp>, mut files: NewFiles) {
         files.reverse();
         for op in ops {
             match op {
@@ -423,8 +573,9 @@ impl Wal {
     /// carries `metadata`. Fails if a log already exists there.
     pub fn create(fs: Arc<dyn Fs>, dir: impl AsRef<Path>, opts: WalOptions, metadata: &[u8]) -> Result<Wal> {
         let dir = dir.as_ref().to_path_buf();
-        if metadata.len() as u64 > opts.record_bytes_max {
-            return Err(Error::RecordTooLarge { len: metadata.len() as u64, max: opts.record_bytes_max });
+        let max = opts.record_bytes_max.min(format::PAYLOAD_BYTES_MAX);
+        if metadata.len() as u64 > max {
+            return Err(Error::RecordTooLarge { len: metadata.len() as u64, max });
         }
         let mut made = Vec::new();
         let mut p = dir.clone();
@@ -462,11 +613,19 @@ impl Wal {
                 written_ticket: 0,
                 durable_ticket: 0,
                 leader_active: false,
+                leader_gathering: false,
+                last_group_batches: 0,
+                wakers: Vec::new(),
+                committer_idle: false,
                 poisoned: None,
                 segments: Vec::new(),
                 state: None,
             }),
             cond: Condvar::new(),
+            join_cond: Condvar::new(),
+            commit_cond: Condvar::new(),
+            committer: Mutex::new(None),
+            stop_committer: AtomicBool::new(false),
             io: Mutex::new(None),
             spares: Arc::new(Mutex::new(listing.spares)),
             _lock: None,
@@ -523,12 +682,14 @@ impl Wal {
 
     /// Opens the log read-only, without the lock, for backup tools: works while
     /// another process appends (a tail still being written reads as a torn tail
-    /// and is left alone). Files are held open, so segments the writer releases
-    /// meanwhile stay readable through this handle.
+    /// and is left alone). Files are held open, so segments the writer unlinks
+    /// meanwhile stay readable through this handle; a segment the writer
+    /// recycles meanwhile fails its checks on read (an error, never wrong data):
+    /// copy promptly, or give the writer `spare_segments_max = 0`.
     pub fn open_read_only(fs: Arc<dyn Fs>, dir: impl AsRef<Path>, opts: WalOptions) -> Result<(Wal, RecoveryReport)> {
         let dir = dir.as_ref().to_path_buf();
         let s = scan(&*fs, &dir, opts.recovery, Access::ReadOnly)?;
-        Ok(Self::from_scan(fs, dir, opts, None, s, Some("opened with open_read_only"))?)
+        Self::from_scan(fs, dir, opts, None, s, Some("opened with open_read_only"))
     }
 
     fn open_locked(
@@ -606,11 +767,19 @@ impl Wal {
                 written_ticket: 0,
                 durable_ticket: 0,
                 leader_active: false,
+                leader_gathering: false,
+                last_group_batches: 0,
+                wakers: Vec::new(),
+                committer_idle: false,
                 poisoned: None,
                 segments: s.segments,
                 state: s.state,
             }),
             cond: Condvar::new(),
+            join_cond: Condvar::new(),
+            commit_cond: Condvar::new(),
+            committer: Mutex::new(None),
+            stop_committer: AtomicBool::new(false),
             io: Mutex::new(io),
             spares,
             _lock: lock,
@@ -640,14 +809,67 @@ impl Wal {
         st.check_usable(sh.read_only)?;
         // Backpressure: a full pending group is written before more joins it.
         while st.pending.bytes >= sh.opts.pending_bytes_max {
-            st = if st.leader_active { sh.cond.wait(st).unwrap_or_else(|e| e.into_inner()) } else { self.lead(st)? };
+            st = if st.leader_active {
+                sh.cond.wait(st).unwrap_or_else(|e| e.into_inner())
+            } else {
+                sh.lead(st, Gather::No)?
+            };
             st.check_usable(sh.read_only)?;
         }
         let positions = st.enc.check(batch)?;
         let State { enc, pending, .. } = &mut *st;
         enc.encode(pending, &sh.opts, batch);
         pending.sync |= durability == Durability::Sync;
+        // Wake a gathering leader only once its group is as large as it waits for.
+        if st.leader_gathering && st.pending.batches >= st.last_group_batches {
+            sh.join_cond.notify_one();
+        }
+        let pending = &st.pending;
         Ok(Ticket { group: pending.ticket, durability, positions })
+    }
+
+    /// Appends a batch from async code: queues it like [`Wal::submit`] and
+    /// returns a future that resolves when the batch is written (and durable,
+    /// for `Sync`). A committer thread, started on first use, leads the group
+    /// commits, so waiting costs a task wake-up rather than a thread switch:
+    /// this is how many tasks share one fdatasync cheaply. The call itself may
+    /// block briefly when the pending group is full (backpressure).
+    pub fn write_async(&self, batch: &Batch, durability: Durability) -> Result<WriteFuture> {
+        self.start_committer()?;
+        let ticket = self.submit(batch, durability)?;
+        if self.shared.lock_state().committer_idle {
+            self.shared.commit_cond.notify_one();
+        }
+        Ok(WriteFuture { shared: Arc::clone(&self.shared), ticket })
+    }
+
+    fn start_committer(&self) -> Result<()> {
+        let mut c = self.shared.committer.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_some() {
+            return Ok(());
+        }
+        let sh = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name("cairn-wal-commit".into())
+            .spawn(move || {
+                let mut st = sh.lock_state();
+                while !sh.stop_committer.load(Ordering::Acquire) {
+                    let work = st.pending.batches > 0 || st.pending.sync || !st.pending.chunks.is_empty();
+                    if work && !st.leader_active && st.poisoned.is_none() {
+                        st = match sh.lead(st, Gather::Yes) {
+                            Ok(st) => st,
+                            Err(_) => sh.lock_state(),
+                        };
+                    } else {
+                        st.committer_idle = true;
+                        st = sh.commit_cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                        st.committer_idle = false;
+                    }
+                }
+            })
+            .map_err(io("spawn committer thread", "cairn-wal-commit"))?;
+        *c = Some(handle);
+        Ok(())
     }
 
     /// The second half of [`Wal::write`]: waits until the submitted batch is
@@ -674,49 +896,9 @@ impl Wal {
                 return Ok(());
             }
             if !st.leader_active && st.pending.ticket == ticket {
-                st = self.lead(st)?;
+                st = sh.lead(st, Gather::Yes)?;
             } else {
                 st = sh.cond.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-    }
-
-    /// Takes the pending group, writes it without holding the state lock, then
-    /// installs its index changes and wakes the waiters.
-    fn lead<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>> {
-        let sh = &*self.shared;
-        st.leader_active = true;
-        let next = Group { ticket: st.pending.ticket + 1, ..Group::default() };
-        let mut group = std::mem::replace(&mut st.pending, next);
-        drop(st);
-        // Each write ends with a zero word, overwritten by the next write: the log
-        // always has a clean end, even in a recycled file.
-        for c in &mut group.chunks {
-            c.bytes.extend_from_slice(&TERMINATOR);
-        }
-        let result = {
-            let mut io = sh.io.lock().unwrap_or_else(|e| e.into_inner());
-            let io = io.as_mut().expect("a writable log has its I/O state");
-            sh.run_group(io, &group)
-        };
-        metrics::histogram!("cairn_wal_group_commit_records").record(group.records as f64);
-        let mut st = sh.lock_state();
-        st.leader_active = false;
-        match result {
-            Ok(files) => {
-                st.apply(group.ops, files);
-                st.written_ticket = group.ticket;
-                if group.sync {
-                    st.durable_ticket = group.ticket;
-                }
-                sh.cond.notify_all();
-                Ok(st)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, dir = %sh.dir.display(), "log write failed; the log is poisoned");
-                st.poisoned = Some(e.to_string());
-                sh.cond.notify_all();
-                Err(e)
             }
         }
     }
@@ -803,14 +985,17 @@ impl Wal {
         if removed.is_empty() {
             return Ok(0);
         }
+        // Spares join the pool only after the directory fsync: a spare recycled
+        // before its rename is durable could come back under its old segment name
+        // holding a new header.
+        let room = sh.opts.spare_segments_max.saturating_sub(sh.spares.lock().unwrap_or_else(|e| e.into_inner()).len());
+        let mut new_spares = Vec::new();
         for seg in &removed {
-            let mut spares = sh.spares.lock().unwrap_or_else(|e| e.into_inner());
-            if spares.len() < sh.opts.spare_segments_max {
+            if new_spares.len() < room {
                 let spare = sh.dir.join(spare_name(seg.seq));
                 sh.fs.rename(&seg.path, &spare).map_err(io("keep released segment as a spare", &seg.path))?;
-                spares.push(spare);
+                new_spares.push(spare);
             } else {
-                drop(spares);
                 sh.fs.remove_file(&seg.path).map_err(io("remove released segment", &seg.path))?;
             }
             tracing::debug!(seq = seg.seq, path = %seg.path.display(), "released segment");
@@ -821,6 +1006,7 @@ impl Wal {
             sh.cond.notify_all();
             return Err(e);
         }
+        sh.spares.lock().unwrap_or_else(|e| e.into_inner()).extend(new_spares);
         Ok(removed.len())
     }
 
@@ -841,7 +1027,7 @@ impl Wal {
             Bound::Excluded(&e) => e.checked_sub(1),
             Bound::Unbounded => Some(u64::MAX),
         };
-        let mut spans: Vec<(u64, u32, PathBuf, Arc<dyn FsFile>, Vec<IndexEntry>)> = Vec::new();
+        let mut spans: Vec<Span> = Vec::new();
         {
             let st = sh.lock_state();
             if let Some(p) = &st.poisoned {
@@ -1020,6 +1206,19 @@ fn lock_dir(fs: &dyn Fs, dir: &Path) -> Result<Box<dyn FsLock>> {
             Error::Io { op: "lock log directory", path, source: e }
         }
     })
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        let handle = self.shared.committer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            self.shared.stop_committer.store(true, Ordering::Release);
+            // Take the state lock so the committer is either leading or waiting.
+            drop(self.shared.lock_state());
+            self.shared.commit_cond.notify_all();
+            let _ = h.join();
+        }
+    }
 }
 
 impl Drop for Shared {

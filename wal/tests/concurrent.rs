@@ -96,3 +96,29 @@ fn positions_assigned_under_the_callers_lock() {
     drop(wal);
     verify(&dir);
 }
+
+#[test]
+fn async_tasks_share_fsyncs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("wal");
+    let wal = Arc::new(Wal::create(Arc::new(StdFs), &dir, opts(), b"m").expect("create"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..THREADS {
+            let wal = Arc::clone(&wal);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..PER_THREAD {
+                    let mut b = Batch::new();
+                    b.append_next(K, &payload(t, i));
+                    wal.write_async(&b, Durability::Sync).expect("submit").await.expect("durable");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+    });
+    drop(wal);
+    verify(&dir);
+}

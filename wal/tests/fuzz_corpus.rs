@@ -68,7 +68,7 @@ fn write_corpus() {
     let first = std::fs::read(&segs[0]).expect("read");
     let mut samples: Vec<(String, Vec<u8>)> = vec![
         ("empty".into(), vec![]),
-        ("header-only".into(), first[..40].to_vec()),
+        ("header-only".into(), first[..cairn_wal::format::SEGMENT_HEADER_BYTES].to_vec()),
         ("torn-in-record".into(), first[..first.len() - 5].to_vec()),
         ("zero-tail".into(), [first.clone(), vec![0; 64]].concat()),
         ("all-ones".into(), vec![0xff; 256]),
@@ -84,7 +84,7 @@ fn write_corpus() {
         samples.push((format!("flip-{i}-at-{at}"), b));
     }
     // Records alone (no header), for the record decoder.
-    samples.push(("records-only".into(), first[40..].to_vec()));
+    samples.push(("records-only".into(), first[cairn_wal::format::SEGMENT_HEADER_BYTES..].to_vec()));
     for (name, bytes) in samples {
         for target in ["record_decoder", "segment_reader"] {
             std::fs::write(root.join(target).join(&name), &bytes).expect("write");

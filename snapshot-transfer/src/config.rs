@@ -1,0 +1,75 @@
+//! Bounds and tunables, each with its unit.
+
+use std::time::Duration;
+
+/// Configuration of a sender or receiver. Every window, buffer and timeout is here.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// Raw bytes of file data per chunk. Default 1 MiB.
+    pub chunk_bytes_max: u32,
+    /// Chunks sent and not yet acknowledged. Default 32.
+    pub window_chunks_max: usize,
+    /// Raw bytes sent and not yet acknowledged. Default 32 MiB.
+    pub window_bytes_max: u64,
+    /// A transfer is stalled when nothing is acknowledged for this long; the
+    /// sender then resends from the last acknowledged offsets. Default 10 s.
+    pub stall_timeout: Duration,
+    /// Sender's rate limit in raw bytes per second, so a transfer does not
+    /// starve the live log. `None`: unlimited.
+    pub rate_bytes_per_second: Option<u64>,
+    /// zstd level for compressed chunks. Default 1.
+    pub zstd_level: i32,
+    /// A file is sent compressed only if its first chunk shrinks by at least
+    /// this many percent. Default 5.
+    pub compress_saving_percent_min: u8,
+    /// Receiver: bytes received before it makes them durable and acknowledges
+    /// them (never more than half the sender's window). Default 16 MiB.
+    pub sync_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            chunk_bytes_max: 1 << 20,
+            window_chunks_max: 32,
+            window_bytes_max: 32 << 20,
+            stall_timeout: Duration::from_secs(10),
+            rate_bytes_per_second: None,
+            zstd_level: 1,
+            compress_saving_percent_min: 5,
+            sync_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Config {
+    /// The sender's effective window in bytes (what it announces in its offer).
+    pub fn window_bytes(&self) -> u64 {
+        self.window_bytes_max
+            .min(self.window_chunks_max as u64 * u64::from(self.chunk_bytes_max))
+            .min(u64::from(u32::MAX))
+    }
+
+    /// The largest frame body this configuration sends or accepts.
+    pub fn frame_body_bytes_max(&self) -> usize {
+        // A chunk whose compressed form is larger than raw is sent raw; an offer
+        // of FILES_MAX names is the other large frame.
+        (self.chunk_bytes_max as usize + 64).max(crate::frame::FILES_MAX * (crate::frame::NAME_BYTES_MAX + 18) + 64)
+    }
+
+    /// Checks the bounds.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.chunk_bytes_max == 0
+            || self.window_chunks_max == 0
+            || self.window_bytes_max == 0
+            || self.sync_bytes == 0
+        {
+            return Err(crate::Error::Config("chunk, window and sync sizes must be positive"));
+        }
+        if u64::from(self.chunk_bytes_max) > self.window_bytes_max {
+            return Err(crate::Error::Config("a chunk must fit in the window"));
+        }
+        Ok(())
+    }
+}
