@@ -339,3 +339,65 @@ impl Sender {
         matches!(self.phase, Phase::Done | Phase::Failed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::frame::FileMeta;
+
+    fn sender(rate: Option<u64>, now: Instant) -> Sender {
+        let cfg = Config {
+            chunk_bytes_max: 1000,
+            window_chunks_max: 1000,
+            window_bytes_max: 1 << 30,
+            rate_bytes_per_second: rate,
+            ..Config::default()
+        };
+        let m = Manifest {
+            transfer_id: 1,
+            index: 1,
+            term: 1,
+            files: vec![FileMeta { name: "f".into(), len: 1 << 20, checksum: 0 }],
+        };
+        let mut s = Sender::new(cfg, m, now);
+        s.handle_frame(Frame::Have { transfer_id: 1, durable: vec![0] }, now);
+        s
+    }
+
+    fn drain(s: &mut Sender, now: Instant) -> u64 {
+        std::iter::from_fn(|| s.poll_read(now)).map(|r| u64::from(r.len)).sum()
+    }
+
+    #[test]
+    fn the_rate_limit_bounds_bytes_per_second() {
+        let t0 = Instant::now();
+        let mut s = sender(Some(10_000), t0);
+        // At most one second's worth at once, then the rate.
+        assert!(drain(&mut s, t0) <= 10_000);
+        let mut total = 0;
+        for ms in (100..=5_000).step_by(100) {
+            total += drain(&mut s, t0 + Duration::from_millis(ms));
+        }
+        assert!((45_000..=51_000).contains(&total), "{total} bytes in 5 s at 10,000 B/s");
+        // Without a limit the window (1,000 chunks of 1,000 bytes) is the only bound.
+        let mut u = sender(None, t0);
+        assert_eq!(drain(&mut u, t0), 1_000_000);
+    }
+
+    #[test]
+    fn the_window_bounds_chunks_and_bytes_in_flight() {
+        let t0 = Instant::now();
+        let mut s = sender(None, t0);
+        s.cfg.window_chunks_max = 3;
+        s.rewind_all();
+        assert_eq!(std::iter::from_fn(|| s.poll_read(t0)).count(), 3);
+        // An acknowledgement frees room.
+        s.handle_frame(Frame::Ack { transfer_id: 1, file: 0, durable: 1000 }, t0);
+        assert_eq!(std::iter::from_fn(|| s.poll_read(t0)).count(), 1);
+        // A stale or reordered acknowledgement never moves the acknowledged offset back.
+        s.handle_frame(Frame::Ack { transfer_id: 1, file: 0, durable: 500 }, t0);
+        assert_eq!(s.acked_bytes(), 1000);
+    }
+}
