@@ -45,10 +45,16 @@ impl Default for Config {
 
 impl Config {
     /// The sender's effective window in bytes (what it announces in its offer).
+    /// Under a rate limit it is also at most what the rate sends in half the
+    /// stall timeout, so the receiver (which acknowledges every half window)
+    /// acknowledges well before the sender would count the transfer stalled.
     pub fn window_bytes(&self) -> u64 {
-        self.window_bytes_max
-            .min(self.window_chunks_max as u64 * u64::from(self.chunk_bytes_max))
-            .min(u64::from(u32::MAX))
+        let mut w = self.window_bytes_max.min(self.window_chunks_max as u64 * u64::from(self.chunk_bytes_max));
+        if let Some(rate) = self.rate_bytes_per_second {
+            let by_rate = (rate as f64 * self.stall_timeout.as_secs_f64() / 2.0) as u64;
+            w = w.min(by_rate.max(u64::from(self.chunk_bytes_max)));
+        }
+        w.min(u64::from(u32::MAX))
     }
 
     /// The largest frame body this configuration sends or accepts.
@@ -69,6 +75,12 @@ impl Config {
         }
         if u64::from(self.chunk_bytes_max) > self.window_bytes_max {
             return Err(crate::Error::Config("a chunk must fit in the window"));
+        }
+        if self.compress_saving_percent_min > 100 {
+            return Err(crate::Error::Config("compress_saving_percent_min is a percentage (0..=100)"));
+        }
+        if self.rate_bytes_per_second == Some(0) {
+            return Err(crate::Error::Config("a rate limit of 0 bytes per second never sends"));
         }
         Ok(())
     }

@@ -222,8 +222,10 @@ impl Staging {
             if let Err(e) = r {
                 tracing::error!(error = %e, "snapshot receiver failed to write; rejecting the transfer");
                 rx.handle_io_error(&e.to_string());
-                while let Some(Action::Send(f)) = rx.poll_action() {
-                    send(f);
+                while let Some(a) = rx.poll_action() {
+                    if let Action::Send(f) = a {
+                        send(f);
+                    }
                 }
                 self.open = None;
                 return Err(e);
@@ -263,9 +265,10 @@ impl Staging {
             read_progress(&*fs, &progress_path).filter(|(m, _, _)| m.same_checkpoint(&manifest))
         } else {
             fs.create_dir_all(&dir).map_err(io("create staging directory", &dir))?;
-            fs.sync_dir(&self.root).map_err(io("fsync staging root", &self.root))?;
             None
         };
+        // Always: a directory made before a process crash may not be durable yet.
+        fs.sync_dir(&self.root).map_err(io("fsync staging root", &self.root))?;
         let (mut durable, progress, progress_len) = match previous {
             Some((_, durable, len)) => {
                 let p = fs.open(&progress_path, OpenMode::ReadWrite).map_err(io("open progress", &progress_path))?;
@@ -395,9 +398,17 @@ impl Staging {
 
     fn reset(&mut self, file: u32) -> Result<()> {
         // Record offset 0 first: a crash between the two leaves a file longer
-        // than its recorded offset, which is safe.
+        // than its recorded offset, which is safe. Then unlink and create the
+        // file anew rather than truncating it: it may be a hard link to a file
+        // elsewhere (a live table), which must not change.
         self.append_progress(&[(file, 0)])?;
-        self.with_file(file, |f, p| f.set_len(0).map_err(io("truncate staged file", p)))
+        let fs = Arc::clone(&self.fs);
+        let o = self.open.as_mut().ok_or(Error::Config("no staging area open"))?;
+        let meta = o.manifest.files.get(file as usize).ok_or(Error::Config("file outside the manifest"))?;
+        let p = o.dir.join(&meta.name);
+        fs.remove_file(&p).map_err(io("remove damaged staged file", &p))?;
+        o.files[file as usize] = fs.open(&p, OpenMode::CreateNew).map_err(io("create staged file", &p))?;
+        fs.sync_dir(&o.dir).map_err(io("fsync staging directory", &o.dir))
     }
 
     fn complete(&mut self, manifest: Manifest) -> Result<()> {

@@ -43,7 +43,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A source file changed while it was being sent (its length or checksum).
+    /// A source file got shorter while it was being sent. (A change that keeps
+    /// the length is caught by the receiver's verification, not here.)
     #[error("source file {0} changed during the transfer")]
     SourceChanged(PathBuf),
     /// A bad frame from the peer.

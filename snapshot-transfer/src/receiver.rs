@@ -224,6 +224,8 @@ impl Receiver {
             return;
         };
         if a.completed {
+            // Our Done may have been lost: say it again, or the sender resends forever.
+            self.send(Frame::Done { transfer_id: id });
             return;
         }
         let Some(f) = a.files.get_mut(file as usize) else {

@@ -197,7 +197,8 @@ impl Sender {
         if f.compress != Some(false) {
             let compressed = zstd::bulk::compress(data, self.cfg.zstd_level).ok();
             let saving_ok = compressed.as_ref().is_some_and(|c| {
-                c.len() as u64 * 100 <= data.len() as u64 * (100 - u64::from(self.cfg.compress_saving_percent_min))
+                c.len() as u64 * 100
+                    <= data.len() as u64 * 100u64.saturating_sub(u64::from(self.cfg.compress_saving_percent_min))
             });
             if f.compress.is_none() {
                 self.files[req.file as usize].compress = Some(saving_ok);
@@ -286,12 +287,18 @@ impl Sender {
         }
     }
 
-    /// When [`Sender::handle_timeout`] should next be called.
+    /// When [`Sender::handle_timeout`] should next be called: the stall
+    /// deadline, or sooner when the rate limit will allow the next chunk.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.phase {
-            Phase::Done | Phase::Failed => None,
-            _ => Some(self.last_progress + self.cfg.stall_timeout),
-        }
+        let stall = match self.phase {
+            Phase::Done | Phase::Failed => return None,
+            _ => self.last_progress + self.cfg.stall_timeout,
+        };
+        let refill = self.cfg.rate_bytes_per_second.filter(|_| self.phase == Phase::Sending).map(|rate| {
+            let need = (f64::from(self.cfg.chunk_bytes_max) - self.tokens).max(0.0);
+            self.last_refill + std::time::Duration::from_secs_f64(need / rate as f64)
+        });
+        Some(refill.map_or(stall, |r| r.min(stall)))
     }
 
     /// Time passed: a transfer with nothing acknowledged for `stall_timeout`
@@ -353,6 +360,7 @@ mod tests {
             window_chunks_max: 1000,
             window_bytes_max: 1 << 30,
             rate_bytes_per_second: rate,
+            stall_timeout: Duration::from_secs(1000),
             ..Config::default()
         };
         let m = Manifest {
@@ -381,6 +389,16 @@ mod tests {
             total += drain(&mut s, t0 + Duration::from_millis(ms));
         }
         assert!((45_000..=51_000).contains(&total), "{total} bytes in 5 s at 10,000 B/s");
+        // Under a rate limit the window is at most half a stall timeout's worth,
+        // so acknowledgements come long before the sender would call it stalled.
+        let c = Config {
+            chunk_bytes_max: 1000,
+            window_chunks_max: 1000,
+            rate_bytes_per_second: Some(10_000),
+            stall_timeout: Duration::from_secs(10),
+            ..Config::default()
+        };
+        assert_eq!(c.window_bytes(), 50_000);
         // Without a limit the window (1,000 chunks of 1,000 bytes) is the only bound.
         let mut u = sender(None, t0);
         assert_eq!(drain(&mut u, t0), 1_000_000);

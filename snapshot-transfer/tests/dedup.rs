@@ -85,3 +85,70 @@ fn an_older_offer_or_a_foreign_chunk_is_refused() {
     }
     assert_eq!(rejects, vec![(2, RejectReason::Superseded), (99, RejectReason::UnknownTransfer)]);
 }
+
+/// A file that fails verification is unlinked and received anew; when it was a
+/// hard link to a live file (from a reference directory), the live file is
+/// never touched.
+#[test]
+fn a_reset_never_changes_a_linked_live_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fs: Arc<dyn Fs> = Arc::new(StdFs);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let src = tmp.path().join("src");
+    let files = make_checkpoint(&*fs, &src, &mut rng, 1, 20_000);
+    let live = tmp.path().join("live");
+    std::fs::create_dir_all(&live).expect("mkdir");
+    std::fs::write(live.join(&files[0].0), &files[0].1).expect("write");
+    let (_, manifest) = Source::open(&*fs, &src, &names(&files), 10, 1, 1).expect("source");
+    let mut staging = Staging::new(fs.clone(), tmp.path().join("staging"), vec![live.clone()]);
+    let mut rx = Receiver::new(Config::default());
+    rx.handle_frame(Frame::Offer { manifest, window_bytes: 1 << 20 });
+    staging.drive(&mut rx, &mut |_| {}).expect("prepare, link, verify, complete");
+    let done = staging.take_completed().expect("complete from the linked file alone");
+    // Pretend the staged copy failed its check: the receiver resets it.
+    rx.handle_verified(0, false);
+    staging.drive(&mut rx, &mut |_| {}).expect("reset");
+    assert_eq!(std::fs::read(live.join(&files[0].0)).expect("live"), files[0].1, "the live file changed");
+    assert_eq!(std::fs::metadata(done.dir.join(&files[0].0)).expect("staged").len(), 0);
+}
+
+/// A receiver that completed answers any late chunk with Done again, so a
+/// sender whose Done was lost does not resend forever.
+#[test]
+fn a_completed_receiver_repeats_done() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fs: Arc<dyn Fs> = Arc::new(StdFs);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a"), b"abc").expect("write");
+    let (_, manifest) = Source::open(&*fs, &src, &["a".to_string()], 10, 1, 4).expect("source");
+    let mut staging = Staging::new(fs.clone(), tmp.path().join("staging"), vec![]);
+    let mut rx = Receiver::new(Config::default());
+    let mut out = Vec::new();
+    rx.handle_frame(Frame::Offer { manifest, window_bytes: 1 << 20 });
+    staging.drive(&mut rx, &mut |f| out.push(f)).expect("prepare");
+    rx.handle_frame(Frame::Chunk {
+        transfer_id: 4,
+        file: 0,
+        offset: 0,
+        raw_len: 3,
+        encoding: cairn_snapshot_transfer::Encoding::Raw,
+        raw_checksum: xxhash_rust::xxh3::xxh3_64(b"abc"),
+        data: b"abc".to_vec(),
+    });
+    staging.drive(&mut rx, &mut |f| out.push(f)).expect("drive");
+    staging.drive(&mut rx, &mut |f| out.push(f)).expect("drive");
+    assert!(out.iter().any(|f| matches!(f, Frame::Done { transfer_id: 4 })), "{out:?}");
+    out.clear();
+    rx.handle_frame(Frame::Chunk {
+        transfer_id: 4,
+        file: 0,
+        offset: 0,
+        raw_len: 3,
+        encoding: cairn_snapshot_transfer::Encoding::Raw,
+        raw_checksum: 0,
+        data: b"abc".to_vec(),
+    });
+    staging.drive(&mut rx, &mut |f| out.push(f)).expect("drive");
+    assert_eq!(out, vec![Frame::Done { transfer_id: 4 }]);
+}

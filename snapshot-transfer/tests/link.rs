@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_snapshot_transfer::{Config, Fs, Receiver, Sender, SenderEvent, Source, Staging};
+use cairn_snapshot_transfer::{Config, Fs, Receiver, Sender, SenderEvent, SenderStats, Source, Staging};
 use cairn_wal::sim::SimDisk;
 use common::{Faults, Link, WalFs, assert_identical, make_checkpoint, names, root};
 use proptest::prelude::*;
@@ -25,8 +25,9 @@ pub(crate) fn small_config() -> Config {
     c
 }
 
-/// Runs one transfer over a faulty link; returns the steps it took.
-fn run(seed: u64, faults: Faults, disconnect_per_mille: u32) -> Result<u64, String> {
+/// Runs one transfer over a faulty link; returns the steps it took and the
+/// sender's counters.
+fn run(seed: u64, faults: Faults, disconnect_per_mille: u32) -> Result<(u64, SenderStats), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let src_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(seed).fs()));
     let dst_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(seed + 1).fs()));
@@ -77,7 +78,7 @@ fn run(seed: u64, faults: Faults, disconnect_per_mille: u32) -> Result<u64, Stri
                 if faults.drop >= 300 && (st.stalls == 0 || st.offers_sent < 2) {
                     return Err(format!("heavy faults but {} stalls and {} offers", st.stalls, st.offers_sent));
                 }
-                return Ok(step);
+                return Ok((step, st));
             }
             Some(SenderEvent::Failed(why)) => return Err(format!("failed: {why}")),
             None => {}
@@ -107,8 +108,9 @@ proptest! {
 fn a_perfect_link_needs_no_stall() {
     let faults = Faults { drop: 0, duplicate: 0, corrupt: 0, delay_steps_max: 0 };
     for seed in 0..20 {
-        let steps = run(seed, faults, 0).expect("transfer");
+        let (steps, stats) = run(seed, faults, 0).expect("transfer");
         assert!(steps < 1000, "seed {seed} took {steps} steps");
+        assert_eq!((stats.stalls, stats.offers_sent), (0, 1), "seed {seed}");
     }
 }
 
