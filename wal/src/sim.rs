@@ -128,6 +128,18 @@ impl Disk {
         if self.boot != boot { Err(crashed()) } else { Ok(()) }
     }
 
+    /// A new empty file at `path` (its name pending until the parent is synced).
+    fn create_file(&mut self, path: &Path) -> io::Result<u64> {
+        if !self.dir_exists(&parent_dir(path)) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        let id = self.next_inode;
+        self.next_inode += 1;
+        self.inodes.insert(id, Inode::default());
+        self.change(DirOp::Insert(path.to_path_buf(), Entry::File(id)));
+        Ok(id)
+    }
+
     fn dir_exists(&self, p: &Path) -> bool {
         is_root(p) || self.names.get(p) == Some(&Entry::Dir)
     }
@@ -304,14 +316,7 @@ impl Fs for SimFs {
             (OpenMode::CreateNew, Some(_)) => return Err(io::ErrorKind::AlreadyExists.into()),
             (OpenMode::CreateNew, None) => {
                 d.tick(self.boot)?;
-                if !d.dir_exists(&parent_dir(path)) {
-                    return Err(io::ErrorKind::NotFound.into());
-                }
-                let id = d.next_inode;
-                d.next_inode += 1;
-                d.inodes.insert(id, Inode::default());
-                d.change(DirOp::Insert(path.to_path_buf(), Entry::File(id)));
-                id
+                d.create_file(path)?
             }
             (_, Some(Entry::File(id))) => id,
             (_, Some(Entry::Dir)) => return Err(io::Error::other("is a directory")),
@@ -430,13 +435,7 @@ impl Fs for SimFs {
         d.check(self.boot)?;
         if !d.names.contains_key(path) {
             d.tick(self.boot)?;
-            if !d.dir_exists(&parent_dir(path)) {
-                return Err(io::ErrorKind::NotFound.into());
-            }
-            let id = d.next_inode;
-            d.next_inode += 1;
-            d.inodes.insert(id, Inode::default());
-            d.change(DirOp::Insert(path.to_path_buf(), Entry::File(id)));
+            d.create_file(path)?;
         }
         if !d.locks.insert(path.to_path_buf()) {
             return Err(io::Error::new(io::ErrorKind::WouldBlock, "lock held"));

@@ -347,6 +347,49 @@ impl Encoder {
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        opts: WalOptions,
+        read_only: Option<&'static str>,
+        enc: Encoder,
+        segments: Vec<SegmentState>,
+        state: Option<Vec<u8>>,
+        io: Option<Io>,
+        spares: Arc<Mutex<Vec<PathBuf>>>,
+        lock: Option<Box<dyn FsLock>>,
+    ) -> Shared {
+        Shared {
+            fs,
+            dir,
+            opts,
+            read_only,
+            state: Mutex::new(State {
+                enc,
+                pending: Group { ticket: 1, ..Group::default() },
+                written_ticket: 0,
+                durable_ticket: 0,
+                leader_active: false,
+                leader_gathering: false,
+                last_group_batches: 0,
+                wakers: Vec::new(),
+                committer_idle: false,
+                poisoned: None,
+                segments,
+                state,
+            }),
+            cond: Condvar::new(),
+            join_cond: Condvar::new(),
+            commit_cond: Condvar::new(),
+            committer: Mutex::new(None),
+            stop_committer: AtomicBool::new(false),
+            io: Mutex::new(io),
+            spares,
+            _lock: lock,
+        }
+    }
+
     fn sync_file(&self, site: SyncSite, file: &dyn FsFile, path: &Path) -> Result<()> {
         #[cfg(feature = "sim")]
         if self.opts.skip_sync_for_tests == Some(site) {
@@ -592,44 +635,20 @@ impl Wal {
         for t in listing.prepared {
             fs.remove_file(&t).map_err(io("remove stray prepared segment", &t))?;
         }
-        let shared = Shared {
-            fs: Arc::clone(&fs),
-            dir: dir.clone(),
-            opts: opts.clone(),
-            read_only: None,
-            state: Mutex::new(State {
-                enc: Encoder {
-                    seq: 0,
-                    seed: 0,
-                    offset: 0,
-                    header_end: 0,
-                    chain: 0,
-                    last_position: None,
-                    metadata: metadata.to_vec(),
-                    state: None,
-                    marker: None,
-                },
-                pending: Group::default(),
-                written_ticket: 0,
-                durable_ticket: 0,
-                leader_active: false,
-                leader_gathering: false,
-                last_group_batches: 0,
-                wakers: Vec::new(),
-                committer_idle: false,
-                poisoned: None,
-                segments: Vec::new(),
-                state: None,
-            }),
-            cond: Condvar::new(),
-            join_cond: Condvar::new(),
-            commit_cond: Condvar::new(),
-            committer: Mutex::new(None),
-            stop_committer: AtomicBool::new(false),
-            io: Mutex::new(None),
-            spares: Arc::new(Mutex::new(listing.spares)),
-            _lock: None,
+        let enc = Encoder {
+            seq: 0,
+            seed: 0,
+            offset: 0,
+            header_end: 0,
+            chain: 0,
+            last_position: None,
+            metadata: metadata.to_vec(),
+            state: None,
+            marker: None,
         };
+        let spares = Arc::new(Mutex::new(listing.spares));
+        let shared =
+            Shared::new(Arc::clone(&fs), dir.clone(), opts.clone(), None, enc, Vec::new(), None, None, spares, None);
         // Every directory made here must survive a crash: sync each one's parent, top down.
         for m in made.iter().rev() {
             shared.sync_dir(SyncSite::DirAfterCreate, &parent_dir(m))?;
@@ -756,34 +775,7 @@ impl Wal {
             marker: s.marker,
         };
         metrics::gauge!("cairn_wal_segments").set(s.segments.len() as f64);
-        let shared = Shared {
-            fs,
-            dir,
-            opts,
-            read_only,
-            state: Mutex::new(State {
-                enc,
-                pending: Group { ticket: 1, ..Group::default() },
-                written_ticket: 0,
-                durable_ticket: 0,
-                leader_active: false,
-                leader_gathering: false,
-                last_group_batches: 0,
-                wakers: Vec::new(),
-                committer_idle: false,
-                poisoned: None,
-                segments: s.segments,
-                state: s.state,
-            }),
-            cond: Condvar::new(),
-            join_cond: Condvar::new(),
-            commit_cond: Condvar::new(),
-            committer: Mutex::new(None),
-            stop_committer: AtomicBool::new(false),
-            io: Mutex::new(io),
-            spares,
-            _lock: lock,
-        };
+        let shared = Shared::new(fs, dir, opts, read_only, enc, s.segments, s.state, io, spares, lock);
         Ok((Wal { shared: Arc::new(shared) }, s.report))
     }
 
