@@ -260,6 +260,9 @@ impl Staging {
         let dir = self.staging_dir(&manifest);
         self.open = None;
         create_dir_durably(&*fs, &self.root)?;
+        if let Some(parent) = self.root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent).map_err(io("fsync staging root's parent", parent))?;
+        }
         let progress_path = dir.join(PROGRESS_FILE);
         let previous = if fs.exists(&dir).map_err(io("stat", &dir))? {
             read_progress(&*fs, &progress_path).filter(|(m, _, _)| m.same_checkpoint(&manifest))
@@ -308,6 +311,7 @@ impl Staging {
                 if fs.hard_link(&src, &dst).is_ok() {
                     tracing::debug!(file = %meta.name, from = %src.display(), "reusing a file held locally");
                     linked.push((i as u32, meta.len));
+                    durable[i] = meta.len; // recorded below, once the link is durable
                 }
             }
         }
@@ -315,6 +319,11 @@ impl Staging {
         let mut files = Vec::with_capacity(manifest.files.len());
         for (i, meta) in manifest.files.iter().enumerate() {
             let p = dir.join(&meta.name);
+            // A file with nothing recorded is made anew, never written into: it
+            // may be a hard link (to a live table) left by a reset cut short.
+            if durable[i] == 0 && fs.exists(&p).map_err(io("stat", &p))? {
+                fs.remove_file(&p).map_err(io("remove unrecorded staged file", &p))?;
+            }
             let f = if fs.exists(&p).map_err(io("stat", &p))? {
                 let f = fs.open(&p, OpenMode::ReadWrite).map_err(io("open staged file", &p))?;
                 durable[i] = durable[i].min(f.len().map_err(io("stat", &p))?);
@@ -329,9 +338,6 @@ impl Staging {
         self.open = Some(Open { manifest: manifest.clone(), dir: dir.clone(), files, progress, progress_len });
         if !linked.is_empty() {
             self.append_progress(&linked)?;
-            for (i, len) in linked {
-                durable[i as usize] = len;
-            }
         }
         self.remove_older(&manifest)?;
         Ok(durable)

@@ -50,7 +50,7 @@ pub enum Action {
         file: u32,
     },
     /// The file failed verification: durably record offset 0 for it, then
-    /// truncate it to 0 bytes.
+    /// unlink it and create it anew (never truncate: it may be a hard link).
     Reset {
         /// File index.
         file: u32,

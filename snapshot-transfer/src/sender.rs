@@ -312,11 +312,17 @@ impl Sender {
         }
         self.stats.stalls += 1;
         tracing::debug!(transfer = self.manifest.transfer_id, acked = self.acked_bytes(), "transfer stalled; resuming");
+        let all_acked = self.files.iter().all(|f| f.acked == f.len);
         if self.phase == Phase::Sending && !self.inflight.is_empty() {
             self.rewind_all();
             self.last_progress = now;
-        } else {
+        } else if self.phase == Phase::Offering || all_acked {
+            // No answer to the offer, or everything acknowledged but no Done.
             self.offer(now);
+        } else {
+            // Nothing in flight because the rate limit holds it back: not a stall.
+            self.stats.stalls -= 1;
+            self.last_progress = now;
         }
     }
 
