@@ -1,0 +1,154 @@
+#![doc = include_str!("../README.md")]
+//!
+//! Raft as a deterministic state machine without I/O, in the manner of
+//! etcd-raft's `RawNode` and quinn-proto: no threads, no clock, no files, no
+//! randomness but what the configuration seeds.
+//!
+//! **Status: in progress.** Built: elections with randomized timeouts,
+//! pre-vote and check-quorum; log replication with per-follower progress
+//! (probe and replicate) and a bound on messages in flight; the commit rule of
+//! the current term; asynchronous persistence (votes and append responses wait
+//! for durability; a leader counts itself only for entries reported
+//! persisted; only durable entries are applied). Not yet built: ReadIndex and
+//! lease reads, membership changes and learners, leadership transfer,
+//! snapshots, byte-bounded flow control, golden interaction tests.
+//!
+//! # The driver loop
+//!
+//! 1. Call [`RawNode::tick`] every tick, [`RawNode::step`] for every message
+//!    that arrives, [`RawNode::propose`] for client writes.
+//! 2. Take [`RawNode::ready`]; then, in this order, and report with
+//!    [`RawNode::advance`]:
+//!    1. send `messages` (they may go before anything is durable);
+//!    2. persist `entries` (dropping persisted entries from the first one's
+//!       index) and then `hard_state` — entries before the hard state, so a
+//!       torn write never keeps a commit index whose entries were lost;
+//!    3. once they are durable, call [`RawNode::on_persisted`] with the last
+//!       entry's index and term, and only then send `persisted_messages`
+//!       (messages addressed to this node go to [`RawNode::step`]);
+//!    4. apply `committed_entries` in order.
+//! 3. Persistence and apply may run on other threads: the node goes on
+//!    stepping and ticking meanwhile; it learns of progress only through
+//!    `on_persisted`.
+
+mod log;
+mod node;
+mod progress;
+mod raft;
+mod storage;
+mod types;
+
+pub use node::{RawNode, Ready};
+pub use progress::{Progress, ProgressState};
+pub use raft::Role;
+pub use storage::{LogStore, MemStore};
+pub use types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, Term};
+
+/// Configuration of a node. Every bound is here, with its unit.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// This node.
+    pub id: NodeId,
+    /// Every voter, this node included.
+    pub peers: Vec<NodeId>,
+    /// Ticks without a leader before a follower campaigns (randomized up to
+    /// twice this); also the check-quorum period. Default 10.
+    pub election_ticks: u32,
+    /// Ticks between a leader's heartbeats. Default 1.
+    pub heartbeat_ticks: u32,
+    /// Ask before raising the term (pre-vote). Default on.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum for an election timeout
+    /// steps down, and a node that hears from its leader ignores votes. Default on.
+    pub check_quorum: bool,
+    /// Appends in flight per follower. Default 64.
+    pub inflight_msgs_max: usize,
+    /// Bytes of entries per append message. Default 1 MiB.
+    pub msg_bytes_max: u64,
+    /// Bytes of entries handed to apply per `Ready`. Default 16 MiB.
+    pub apply_bytes_max: u64,
+    /// Bytes of proposals a leader holds uncommitted before it refuses more. Default 64 MiB.
+    pub uncommitted_bytes_max: u64,
+    /// Seed of the election-timeout randomness.
+    pub seed: u64,
+    /// Test-only: break one safety rule on purpose (see [`Mutation`]).
+    #[doc(hidden)]
+    pub mutation: Option<Mutation>,
+}
+
+impl Config {
+    /// A configuration with defaults.
+    pub fn new(id: NodeId, peers: Vec<NodeId>, seed: u64) -> Self {
+        Config {
+            id,
+            peers,
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            pre_vote: true,
+            check_quorum: true,
+            inflight_msgs_max: 64,
+            msg_bytes_max: 1 << 20,
+            apply_bytes_max: 16 << 20,
+            uncommitted_bytes_max: 64 << 20,
+            seed,
+            mutation: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.0 == 0 || self.peers.contains(&NodeId(0)) {
+            return Err(ConfigError("node id 0 is reserved"));
+        }
+        if self.election_ticks <= self.heartbeat_ticks || self.heartbeat_ticks == 0 {
+            return Err(ConfigError("election_ticks must exceed heartbeat_ticks, which must be positive"));
+        }
+        if self.inflight_msgs_max == 0 || self.msg_bytes_max == 0 {
+            return Err(ConfigError("flow-control bounds must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// A rule the simulator's mutation tests break on purpose, to show they catch it.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// Send a vote before it is persisted.
+    VoteBeforePersist,
+    /// Commit an entry of an earlier term by counting replicas (Figure 8).
+    CommitEarlierTerm,
+    /// A leader counts its own entries toward commit before they are persisted.
+    LeaderCountsUnpersisted,
+    /// Hand out committed entries to apply before they are durable here.
+    ApplyUnpersisted,
+}
+
+/// An invalid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid raft configuration: {0}")]
+pub struct ConfigError(&'static str);
+
+/// Why a proposal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProposeError {
+    /// Only the leader takes proposals.
+    #[error("not the leader (the leader is {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// Too many proposal bytes are waiting for commit.
+    #[error("too many uncommitted bytes; retry later")]
+    TooManyUncommittedBytes,
+}
+
+/// A message refused by `step`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    /// From a node that is not a peer, or addressed to another node.
+    #[error("message from unknown peer {0:?} (or not addressed to this node)")]
+    UnknownPeer(NodeId),
+}

@@ -1,0 +1,147 @@
+//! The driver's interface: [`RawNode`] and [`Ready`].
+
+use crate::raft::{Raft, Role};
+use crate::storage::LogStore;
+use crate::types::{Entry, HardState, LogIndex, Message, NodeId, Term};
+use crate::{Config, Mutation, ProposeError, StepError};
+
+/// What the driver must do now. See the crate docs for the order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// Persist this hard state (it changed).
+    pub hard_state: Option<HardState>,
+    /// Persist these entries, first dropping every persisted entry at or after
+    /// the first one's index.
+    pub entries: Vec<Entry>,
+    /// Send these now (before the writes above are durable).
+    pub messages: Vec<Message>,
+    /// Send these only after the writes above (and all earlier ones) are
+    /// durable. Some are addressed to this node: give them to [`RawNode::step`].
+    pub persisted_messages: Vec<Message>,
+    /// Apply these, in order. They are committed and durable here.
+    pub committed_entries: Vec<Entry>,
+}
+
+impl Ready {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none()
+            && self.entries.is_empty()
+            && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.committed_entries.is_empty()
+    }
+}
+
+/// A Raft node without I/O: inputs in (`tick`, `step`, `propose`, the storage's
+/// reports), effects out (`ready`).
+#[derive(Debug)]
+pub struct RawNode<S> {
+    raft: Raft<S>,
+    /// The hard state last handed out.
+    handed_hard_state: HardState,
+}
+
+impl<S: LogStore> RawNode<S> {
+    /// A node over `store` (its persisted log and hard state).
+    pub fn new(cfg: Config, store: S) -> Result<Self, crate::ConfigError> {
+        cfg.validate()?;
+        let handed_hard_state = store.hard_state();
+        Ok(RawNode { raft: Raft::new(cfg, store), handed_hard_state })
+    }
+
+    /// Time passed by one tick.
+    pub fn tick(&mut self) {
+        self.raft.tick();
+    }
+
+    /// A message from a peer (or from this node, out of `persisted_messages`).
+    /// Bad input is an error or ignored, never a panic.
+    pub fn step(&mut self, m: Message) -> Result<(), StepError> {
+        self.raft.step(m)
+    }
+
+    /// Starts an election now (with pre-vote if configured), as if the
+    /// election timeout had passed.
+    pub fn campaign(&mut self) {
+        self.raft.campaign_now();
+    }
+
+    /// Proposes a batch of entries; returns the index of the last one.
+    pub fn propose(&mut self, batch: Vec<Vec<u8>>) -> Result<LogIndex, ProposeError> {
+        self.raft.propose(batch)
+    }
+
+    /// What to do now. Call [`RawNode::advance`] with it once taken.
+    pub fn ready(&mut self) -> Ready {
+        let r = &mut self.raft;
+        let hs = r.hard_state();
+        let apply_unpersisted = r.cfg.mutation == Some(Mutation::ApplyUnpersisted);
+        Ready {
+            hard_state: (hs != self.handed_hard_state).then_some(hs),
+            entries: r.log.unhanded().to_vec(),
+            messages: std::mem::take(&mut r.msgs),
+            persisted_messages: std::mem::take(&mut r.msgs_after_persist),
+            committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, apply_unpersisted),
+        }
+    }
+
+    /// The driver took `ready`: its entries are being persisted, its committed
+    /// entries applied.
+    pub fn advance(&mut self, ready: &Ready) {
+        if let Some(hs) = ready.hard_state {
+            self.handed_hard_state = hs;
+        }
+        self.raft.log.mark_handed(ready.entries.len());
+        if let Some(last) = ready.committed_entries.last() {
+            self.raft.log.applied_handed = self.raft.log.applied_handed.max(last.index);
+        }
+    }
+
+    /// The storage made the log durable up to `index`, whose entry has `term`.
+    pub fn on_persisted(&mut self, index: LogIndex, term: Term) {
+        self.raft.on_persisted(index, term);
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.raft.cfg.id
+    }
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.raft.role
+    }
+    /// Current term.
+    pub fn term(&self) -> Term {
+        self.raft.term
+    }
+    /// The leader this node follows, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.leader
+    }
+    /// The commit index this node knows.
+    pub fn commit_index(&self) -> LogIndex {
+        self.raft.log.committed
+    }
+    /// Last index of the log (persisted or not).
+    pub fn last_index(&self) -> LogIndex {
+        self.raft.log.last_index()
+    }
+    /// The log store.
+    pub fn store(&self) -> &S {
+        &self.raft.log.store
+    }
+    /// The log store, for the driver to write what a `Ready` said.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.raft.log.store
+    }
+    /// A leader's view of each voter (empty on other roles).
+    pub fn progress(&self) -> Vec<(NodeId, crate::Progress)> {
+        self.raft.progress.iter().map(|(id, p)| (*id, p.clone())).collect()
+    }
+
+    /// The whole log as this node sees it, persisted or not (for tests).
+    pub fn log_entries(&self) -> Vec<Entry> {
+        self.raft.log.all_entries()
+    }
+}

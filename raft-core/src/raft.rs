@@ -1,0 +1,467 @@
+//! The protocol: roles, elections, replication, commit.
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::log::RaftLog;
+use crate::progress::{Progress, ProgressState};
+use crate::storage::LogStore;
+use crate::types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, Term};
+use crate::{Config, Mutation, ProposeError};
+
+/// A node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Asking whether it could win, before raising its term (pre-vote).
+    PreCandidate,
+    /// Asking for votes at a raised term.
+    Candidate,
+    /// Leads its term.
+    Leader,
+}
+
+#[derive(Debug)]
+pub(crate) struct Raft<S> {
+    pub(crate) cfg: Config,
+    pub(crate) term: Term,
+    pub(crate) vote: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) log: RaftLog<S>,
+    votes: BTreeMap<NodeId, bool>,
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_timeout: u32,
+    rng: ChaCha8Rng,
+    pub(crate) msgs: Vec<Message>,
+    pub(crate) msgs_after_persist: Vec<Message>,
+    uncommitted_bytes: u64,
+}
+
+impl<S: LogStore> Raft<S> {
+    pub(crate) fn new(cfg: Config, store: S) -> Self {
+        let hs = store.hard_state();
+        let mut r = Raft {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ cfg.id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            term: hs.term,
+            vote: hs.vote,
+            role: Role::Follower,
+            leader: None,
+            log: RaftLog::new(store),
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_timeout: 0,
+            msgs: Vec::new(),
+            msgs_after_persist: Vec::new(),
+            uncommitted_bytes: 0,
+            cfg,
+        };
+        r.reset_timeout();
+        r
+    }
+
+    fn mutation(&self, m: Mutation) -> bool {
+        self.cfg.mutation == Some(m)
+    }
+
+    pub(crate) fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed }
+    }
+
+    fn quorum(&self) -> usize {
+        self.cfg.peers.len() / 2 + 1
+    }
+
+    fn reset_timeout(&mut self) {
+        let e = self.cfg.election_ticks;
+        self.randomized_timeout = e + self.rng.random_range(0..e);
+        self.election_elapsed = 0;
+    }
+
+    fn send(&mut self, to: NodeId, term: Term, body: Body) {
+        self.msgs.push(Message { from: self.cfg.id, to, term, body });
+    }
+
+    fn send_after_persist(&mut self, to: NodeId, term: Term, body: Body) {
+        self.msgs_after_persist.push(Message { from: self.cfg.id, to, term, body });
+    }
+
+    fn others(&self) -> Vec<NodeId> {
+        self.cfg.peers.iter().copied().filter(|p| *p != self.cfg.id).collect()
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.votes.clear();
+        self.progress.clear();
+        self.reset_timeout();
+    }
+
+    // ---- elections ----
+
+    pub(crate) fn tick(&mut self) {
+        match self.role {
+            Role::Leader => {
+                let limit = (self.cfg.election_ticks / 2).max(1);
+                let me = self.cfg.id;
+                for (id, pr) in self.progress.iter_mut() {
+                    if *id != me {
+                        pr.tick(limit);
+                    }
+                }
+                self.heartbeat_elapsed += 1;
+                self.election_elapsed += 1;
+                if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+                    self.heartbeat_elapsed = 0;
+                    self.broadcast_append(true);
+                }
+                if self.election_elapsed >= self.cfg.election_ticks {
+                    self.election_elapsed = 0;
+                    if self.cfg.check_quorum && !self.quorum_active() {
+                        self.become_follower(self.term, None);
+                    }
+                }
+            }
+            _ => {
+                self.election_elapsed += 1;
+                if self.election_elapsed >= self.randomized_timeout {
+                    self.campaign();
+                }
+            }
+        }
+    }
+
+    fn quorum_active(&mut self) -> bool {
+        let me = self.cfg.id;
+        let mut active = 0;
+        for (id, pr) in self.progress.iter_mut() {
+            if *id == me || pr.recent_active {
+                active += 1;
+            }
+            pr.recent_active = false;
+        }
+        active >= self.quorum()
+    }
+
+    pub(crate) fn campaign_now(&mut self) {
+        if self.role != Role::Leader {
+            self.campaign();
+        }
+    }
+
+    fn campaign(&mut self) {
+        if !self.cfg.peers.contains(&self.cfg.id) {
+            return;
+        }
+        if self.cfg.pre_vote && self.role != Role::PreCandidate {
+            self.role = Role::PreCandidate;
+            self.leader = None;
+            self.votes.clear();
+            self.votes.insert(self.cfg.id, true);
+            self.reset_timeout();
+            let (last_index, last_term, term) = (self.log.last_index(), self.log.last_term(), Term(self.term.0 + 1));
+            for p in self.others() {
+                self.send(p, term, Body::PreVote { last_index, last_term });
+            }
+            self.check_votes();
+        } else {
+            self.start_election();
+        }
+    }
+
+    fn start_election(&mut self) {
+        self.term = Term(self.term.0 + 1);
+        self.vote = Some(self.cfg.id);
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes.clear();
+        self.reset_timeout();
+        let (last_index, last_term, term) = (self.log.last_index(), self.log.last_term(), self.term);
+        // Our own vote counts only once it is durable: it comes back to us
+        // through the driver after the hard state is persisted.
+        let me = self.cfg.id;
+        if self.mutation(Mutation::VoteBeforePersist) {
+            self.votes.insert(me, true);
+        } else {
+            self.send_after_persist(me, term, Body::VoteResponse { granted: true });
+        }
+        for p in self.others() {
+            self.send(p, term, Body::Vote { last_index, last_term });
+        }
+        self.check_votes();
+    }
+
+    fn check_votes(&mut self) {
+        let granted = self.votes.values().filter(|g| **g).count();
+        let rejected = self.votes.values().filter(|g| !**g).count();
+        if granted >= self.quorum() {
+            match self.role {
+                Role::PreCandidate => self.start_election(),
+                Role::Candidate => self.become_leader(),
+                _ => {}
+            }
+        } else if rejected >= self.quorum() {
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn in_lease(&self) -> bool {
+        self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks
+    }
+
+    fn become_leader(&mut self) {
+        self.role = Role::Leader;
+        self.leader = Some(self.cfg.id);
+        self.votes.clear();
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        self.uncommitted_bytes = 0;
+        let next = self.log.last_index().next();
+        self.progress = self.cfg.peers.iter().map(|p| (*p, Progress::new(next))).collect();
+        let me = self.cfg.id;
+        if let Some(pr) = self.progress.get_mut(&me) {
+            pr.matched = self.log.persisted;
+            pr.become_replicate();
+        }
+        // A no-op of the new term: once committed, everything before it is.
+        let e = Entry { term: self.term, index: next, kind: EntryKind::Noop, data: Vec::new() };
+        self.log.append(&[e]);
+        self.broadcast_append(false);
+    }
+
+    // ---- proposals ----
+
+    pub(crate) fn propose(&mut self, batch: Vec<Vec<u8>>) -> Result<LogIndex, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        let bytes: u64 = batch.iter().map(|d| d.len() as u64 + 24).sum();
+        if self.uncommitted_bytes + bytes > self.cfg.uncommitted_bytes_max && self.uncommitted_bytes > 0 {
+            return Err(ProposeError::TooManyUncommittedBytes);
+        }
+        self.uncommitted_bytes += bytes;
+        let mut index = self.log.last_index();
+        let entries: Vec<Entry> = batch
+            .into_iter()
+            .map(|data| {
+                index = index.next();
+                Entry { term: self.term, index, kind: EntryKind::Normal, data }
+            })
+            .collect();
+        self.log.append(&entries);
+        self.broadcast_append(false);
+        Ok(index)
+    }
+
+    // ---- replication ----
+
+    fn broadcast_append(&mut self, heartbeat: bool) {
+        for p in self.others() {
+            self.send_append(p, heartbeat);
+        }
+    }
+
+    /// Sends what `to` needs, if flow control allows; a heartbeat always goes
+    /// (empty, at an index the follower is known to hold, when nothing else may).
+    fn send_append(&mut self, to: NodeId, heartbeat: bool) {
+        let (inflight_max, bytes_max) = (self.cfg.inflight_msgs_max, self.cfg.msg_bytes_max);
+        let Some(pr) = self.progress.get(&to) else { return };
+        let can = pr.can_send(inflight_max);
+        let probe = pr.state == ProgressState::Probe;
+        let last = self.log.last_index();
+        let (prev, entries, counts) = if can && pr.next <= last {
+            (pr.next.prev(), self.log.slice(pr.next, last.next(), bytes_max), true)
+        } else if heartbeat && can && probe {
+            (pr.next.prev(), Vec::new(), true)
+        } else if heartbeat {
+            (pr.matched, Vec::new(), false)
+        } else {
+            return;
+        };
+        let Some(prev_term) = self.log.term(prev) else { return };
+        let commit = self.log.committed;
+        let sent_end = entries.last().map(|e| e.index);
+        if counts && let Some(pr) = self.progress.get_mut(&to) {
+            match pr.state {
+                ProgressState::Probe => pr.probe_sent = true,
+                ProgressState::Replicate => {
+                    if let Some(end) = sent_end {
+                        pr.next = end.next();
+                        pr.inflight.push_back(end);
+                    }
+                }
+            }
+        }
+        let term = self.term;
+        self.send(to, term, Body::Append { prev_index: prev, prev_term, entries, commit });
+    }
+
+    fn maybe_commit(&mut self) {
+        let me = self.cfg.id;
+        let mut matched: Vec<LogIndex> = self
+            .progress
+            .iter()
+            .map(|(id, pr)| {
+                if *id != me {
+                    pr.matched
+                } else if self.mutation(Mutation::LeaderCountsUnpersisted) {
+                    self.log.last_index()
+                } else {
+                    self.log.persisted
+                }
+            })
+            .collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(&n) = matched.get(self.quorum() - 1) else { return };
+        // Only an entry of the current term is committed by counting replicas
+        // (Raft §5.4.2, Figure 8); earlier ones are committed with it.
+        let current_term = self.log.term(n) == Some(self.term);
+        if n > self.log.committed && (current_term || self.mutation(Mutation::CommitEarlierTerm)) {
+            self.log.commit_to(n);
+            self.uncommitted_bytes = 0;
+            self.broadcast_append(false);
+        }
+    }
+
+    pub(crate) fn on_persisted(&mut self, index: LogIndex, term: Term) {
+        self.log.on_persisted(index, term);
+        if self.role == Role::Leader {
+            let me = self.cfg.id;
+            let persisted = self.log.persisted;
+            if let Some(pr) = self.progress.get_mut(&me) {
+                pr.matched = pr.matched.max(persisted);
+            }
+            self.maybe_commit();
+        }
+    }
+
+    // ---- messages ----
+
+    pub(crate) fn step(&mut self, m: Message) -> Result<(), crate::StepError> {
+        if !self.cfg.peers.contains(&m.from) || m.to != self.cfg.id {
+            return Err(crate::StepError::UnknownPeer(m.from));
+        }
+        if m.term > self.term {
+            match &m.body {
+                // A pre-vote never changes anyone's term.
+                Body::PreVote { .. } => {}
+                Body::PreVoteResponse { granted: true } if self.role == Role::PreCandidate => {}
+                Body::Vote { .. } if self.in_lease() => return Ok(()),
+                Body::Append { .. } => self.become_follower(m.term, Some(m.from)),
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            match m.body {
+                // Tell a stale leader (or pre-candidate) our term, so it steps down.
+                Body::Append { .. } => self.send(
+                    m.from,
+                    self.term,
+                    Body::AppendResponse { success: false, index: LogIndex(0), hint: LogIndex(0) },
+                ),
+                Body::PreVote { .. } => self.send(m.from, self.term, Body::PreVoteResponse { granted: false }),
+                _ => {}
+            }
+            return Ok(());
+        }
+        match m.body {
+            Body::PreVote { last_index, last_term } => {
+                let granted = m.term > self.term && !self.in_lease() && self.log.is_up_to_date(last_index, last_term);
+                let term = if granted { m.term } else { self.term };
+                self.send(m.from, term, Body::PreVoteResponse { granted });
+            }
+            Body::Vote { last_index, last_term } => {
+                let can = self.vote.is_none_or(|v| v == m.from) && self.log.is_up_to_date(last_index, last_term);
+                if can {
+                    self.vote = Some(m.from);
+                    self.election_elapsed = 0;
+                    let term = self.term;
+                    // The vote is a promise: it goes only once it is durable.
+                    if self.mutation(Mutation::VoteBeforePersist) {
+                        self.send(m.from, term, Body::VoteResponse { granted: true });
+                    } else {
+                        self.send_after_persist(m.from, term, Body::VoteResponse { granted: true });
+                    }
+                } else {
+                    self.send(m.from, self.term, Body::VoteResponse { granted: false });
+                }
+            }
+            Body::PreVoteResponse { granted } if self.role == Role::PreCandidate => {
+                self.votes.insert(m.from, granted);
+                self.check_votes();
+            }
+            Body::VoteResponse { granted } if self.role == Role::Candidate && m.term == self.term => {
+                self.votes.insert(m.from, granted);
+                self.check_votes();
+            }
+            Body::Append { prev_index, prev_term, entries, commit } => {
+                if self.role != Role::Follower || self.leader != Some(m.from) {
+                    self.become_follower(self.term, Some(m.from));
+                }
+                self.election_elapsed = 0;
+                self.handle_append(m.from, prev_index, prev_term, &entries, commit);
+            }
+            Body::AppendResponse { success, index, hint } if self.role == Role::Leader => {
+                self.handle_append_response(m.from, success, index, hint);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn handle_append(&mut self, from: NodeId, prev: LogIndex, prev_term: Term, entries: &[Entry], commit: LogIndex) {
+        let term = self.term;
+        if prev < self.log.committed {
+            // Everything up to our commit index matches any leader's log.
+            let index = self.log.committed;
+            self.send_after_persist(from, term, Body::AppendResponse { success: true, index, hint: index });
+            return;
+        }
+        match self.log.maybe_append(prev, prev_term, entries) {
+            Some(last_new) => {
+                self.log.commit_to(commit.min(last_new));
+                self.send_after_persist(
+                    from,
+                    term,
+                    Body::AppendResponse { success: true, index: last_new, hint: last_new },
+                );
+            }
+            None => {
+                let hint = self.log.last_index().min(prev.prev());
+                self.send(from, term, Body::AppendResponse { success: false, index: prev, hint });
+            }
+        }
+    }
+
+    fn handle_append_response(&mut self, from: NodeId, success: bool, index: LogIndex, hint: LogIndex) {
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        if success {
+            if index > last {
+                return; // not an index of our log: ignore
+            }
+            let moved = pr.on_success(index);
+            if pr.state == ProgressState::Probe {
+                pr.become_replicate();
+            }
+            if moved {
+                self.maybe_commit();
+            }
+            self.send_append(from, false);
+        } else if pr.on_reject(index, hint) {
+            self.send_append(from, false);
+        }
+    }
+}
