@@ -6,12 +6,14 @@
 //!
 //! **Status: in progress.** Built: elections with randomized timeouts,
 //! pre-vote and check-quorum; log replication with per-follower progress
-//! (probe and replicate) and a bound on messages in flight; the commit rule of
-//! the current term; asynchronous persistence (votes and append responses wait
-//! for durability; a leader counts itself only for entries reported
-//! persisted; only durable entries are applied). Not yet built: ReadIndex and
-//! lease reads, membership changes and learners, leadership transfer,
-//! snapshots, byte-bounded flow control, golden interaction tests.
+//! (probe and replicate), bounded messages and bytes in flight, fast
+//! backtracking with the follower's hint; the commit rule of the current term;
+//! asynchronous persistence (votes and append responses wait for durability; a
+//! leader counts itself only for entries reported persisted; only durable
+//! entries are applied); ReadIndex reads on the leader and through followers;
+//! leadership transfer; `report_unreachable`. Not yet built: lease reads,
+//! membership changes and learners, snapshots, golden interaction tests, the
+//! benchmark.
 //!
 //! # The driver loop
 //!
@@ -42,7 +44,7 @@ pub use node::{RawNode, Ready};
 pub use progress::{Progress, ProgressState};
 pub use raft::Role;
 pub use storage::{LogStore, MemStore};
-pub use types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, Term};
+pub use types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, ReadState, Term};
 
 /// Configuration of a node. Every bound is here, with its unit.
 #[derive(Clone, Debug)]
@@ -66,6 +68,8 @@ pub struct Config {
     pub inflight_msgs_max: usize,
     /// Bytes of entries per append message. Default 1 MiB.
     pub msg_bytes_max: u64,
+    /// Bytes of entries in flight per follower. Default 8 MiB.
+    pub inflight_bytes_max: u64,
     /// Bytes of entries handed to apply per `Ready`. Default 16 MiB.
     pub apply_bytes_max: u64,
     /// Bytes of proposals a leader holds uncommitted before it refuses more. Default 64 MiB.
@@ -89,6 +93,7 @@ impl Config {
             check_quorum: true,
             inflight_msgs_max: 64,
             msg_bytes_max: 1 << 20,
+            inflight_bytes_max: 8 << 20,
             apply_bytes_max: 16 << 20,
             uncommitted_bytes_max: 64 << 20,
             seed,
@@ -122,6 +127,8 @@ pub enum Mutation {
     LeaderCountsUnpersisted,
     /// Hand out committed entries to apply before they are durable here.
     ApplyUnpersisted,
+    /// A leader serves a read index without confirming it still leads.
+    ReadWithoutQuorum,
 }
 
 /// An invalid configuration.
@@ -142,6 +149,24 @@ pub enum ProposeError {
     /// Too many proposal bytes are waiting for commit.
     #[error("too many uncommitted bytes; retry later")]
     TooManyUncommittedBytes,
+    /// Leadership is being handed over.
+    #[error("a leadership transfer is in progress; retry at the new leader")]
+    TransferInProgress,
+}
+
+/// Why a leadership transfer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// Only the leader hands over.
+    #[error("not the leader (the leader is {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// Not a voter of this cluster.
+    #[error("{0:?} is not a voter of this cluster")]
+    UnknownPeer(NodeId),
 }
 
 /// A message refused by `step`.

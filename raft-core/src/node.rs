@@ -2,7 +2,7 @@
 
 use crate::raft::{Raft, Role};
 use crate::storage::LogStore;
-use crate::types::{Entry, HardState, LogIndex, Message, NodeId, Term};
+use crate::types::{Entry, HardState, LogIndex, Message, NodeId, ReadState, Term};
 use crate::{Config, Mutation, ProposeError, StepError};
 
 /// What the driver must do now. See the crate docs for the order.
@@ -20,6 +20,8 @@ pub struct Ready {
     pub persisted_messages: Vec<Message>,
     /// Apply these, in order. They are committed and durable here.
     pub committed_entries: Vec<Entry>,
+    /// Reads now safe: serve each once the state machine has applied up to its index.
+    pub read_states: Vec<ReadState>,
 }
 
 impl Ready {
@@ -30,6 +32,7 @@ impl Ready {
             && self.messages.is_empty()
             && self.persisted_messages.is_empty()
             && self.committed_entries.is_empty()
+            && self.read_states.is_empty()
     }
 }
 
@@ -61,6 +64,24 @@ impl<S: LogStore> RawNode<S> {
         self.raft.step(m)
     }
 
+    /// Asks for a linearizable read; the answer comes as a `ReadState` with
+    /// `context` in a later `Ready`. A read may be dropped (leader change):
+    /// callers retry after a timeout.
+    pub fn read_index(&mut self, context: Vec<u8>) -> Result<(), ProposeError> {
+        self.raft.read_index(context)
+    }
+
+    /// Hands leadership to `to` once its log is caught up; proposals are
+    /// refused meanwhile. Abandoned after an election timeout.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), crate::TransferError> {
+        self.raft.transfer_leader(to)
+    }
+
+    /// The transport could not reach `peer`: the leader stops sending ahead to it.
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raft.report_unreachable(peer);
+    }
+
     /// Starts an election now (with pre-vote if configured), as if the
     /// election timeout had passed.
     pub fn campaign(&mut self) {
@@ -83,6 +104,7 @@ impl<S: LogStore> RawNode<S> {
             messages: std::mem::take(&mut r.msgs),
             persisted_messages: std::mem::take(&mut r.msgs_after_persist),
             committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, apply_unpersisted),
+            read_states: std::mem::take(&mut r.read_states),
         }
     }
 

@@ -24,8 +24,8 @@ pub struct Progress {
     pub state: ProgressState,
     /// Probe: an append is out, waiting for its answer.
     pub(crate) probe_sent: bool,
-    /// Replicate: ends of the appends sent and not yet acknowledged.
-    pub(crate) inflight: std::collections::VecDeque<LogIndex>,
+    /// Replicate: (last index, bytes) of the appends sent and not yet acknowledged.
+    pub(crate) inflight: std::collections::VecDeque<(LogIndex, u64)>,
     /// Heard from since the last check-quorum.
     pub(crate) recent_active: bool,
     /// Leader ticks with appends in flight and no progress: appends (or their
@@ -62,7 +62,7 @@ impl Progress {
     /// The follower accepted up to `index`. Returns whether it moved forward.
     pub(crate) fn on_success(&mut self, index: LogIndex) -> bool {
         self.probe_sent = false;
-        while self.inflight.front().is_some_and(|e| *e <= index) {
+        while self.inflight.front().is_some_and(|e| e.0 <= index) {
             self.inflight.pop_front();
         }
         if index > self.matched {
@@ -109,10 +109,17 @@ impl Progress {
         self.inflight.len()
     }
 
-    pub(crate) fn can_send(&self, inflight_max: usize) -> bool {
+    /// Bytes of entries in flight.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.inflight.iter().map(|e| e.1).sum()
+    }
+
+    pub(crate) fn can_send(&self, inflight_max: usize, inflight_bytes_max: u64) -> bool {
         match self.state {
             ProgressState::Probe => !self.probe_sent,
-            ProgressState::Replicate => self.inflight.len() < inflight_max,
+            ProgressState::Replicate => {
+                self.inflight.len() < inflight_max && self.inflight_bytes() < inflight_bytes_max
+            }
         }
     }
 }

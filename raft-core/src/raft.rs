@@ -1,6 +1,6 @@
 //! The protocol: roles, elections, replication, commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::log::RaftLog;
 use crate::progress::{Progress, ProgressState};
 use crate::storage::LogStore;
-use crate::types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, Term};
-use crate::{Config, Mutation, ProposeError};
+use crate::types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, ReadState, Term};
+use crate::{Config, Mutation, ProposeError, TransferError};
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +41,25 @@ pub(crate) struct Raft<S> {
     pub(crate) msgs: Vec<Message>,
     pub(crate) msgs_after_persist: Vec<Message>,
     uncommitted_bytes: u64,
+    /// Latest read round; every append carries it, every answer echoes it.
+    read_seq: u64,
+    /// Reads waiting for a quorum to confirm this leader's term.
+    pending_reads: VecDeque<PendingRead>,
+    /// Reads asked before this leader committed an entry of its term.
+    waiting_reads: Vec<(NodeId, Vec<u8>)>,
+    pub(crate) read_states: Vec<ReadState>,
+    /// A leadership transfer in progress, and ticks since it started.
+    transferee: Option<NodeId>,
+    transfer_elapsed: u32,
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    seq: u64,
+    index: LogIndex,
+    context: Vec<u8>,
+    from: NodeId,
+    acks: BTreeSet<NodeId>,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -61,6 +80,12 @@ impl<S: LogStore> Raft<S> {
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             uncommitted_bytes: 0,
+            read_seq: 0,
+            pending_reads: VecDeque::new(),
+            waiting_reads: Vec::new(),
+            read_states: Vec::new(),
+            transferee: None,
+            transfer_elapsed: 0,
             cfg,
         };
         r.reset_timeout();
@@ -106,6 +131,10 @@ impl<S: LogStore> Raft<S> {
         self.leader = leader;
         self.votes.clear();
         self.progress.clear();
+        // Reads not yet confirmed are dropped: their callers retry.
+        self.pending_reads.clear();
+        self.waiting_reads.clear();
+        self.transferee = None;
         self.reset_timeout();
     }
 
@@ -123,6 +152,12 @@ impl<S: LogStore> Raft<S> {
                 }
                 self.heartbeat_elapsed += 1;
                 self.election_elapsed += 1;
+                if self.transferee.is_some() {
+                    self.transfer_elapsed += 1;
+                    if self.transfer_elapsed >= self.cfg.election_ticks {
+                        self.transferee = None; // abandoned: the leader goes on
+                    }
+                }
                 if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
                     self.heartbeat_elapsed = 0;
                     self.broadcast_append(true);
@@ -138,6 +173,10 @@ impl<S: LogStore> Raft<S> {
                 self.election_elapsed += 1;
                 if self.election_elapsed >= self.randomized_timeout {
                     self.campaign();
+                } else if matches!(self.role, Role::Candidate | Role::PreCandidate)
+                    && self.election_elapsed.is_multiple_of(self.cfg.heartbeat_ticks)
+                {
+                    self.resend_vote_requests();
                 }
             }
         }
@@ -177,11 +216,11 @@ impl<S: LogStore> Raft<S> {
             }
             self.check_votes();
         } else {
-            self.start_election();
+            self.start_election(false);
         }
     }
 
-    fn start_election(&mut self) {
+    fn start_election(&mut self, forced: bool) {
         self.term = Term(self.term.0 + 1);
         self.vote = Some(self.cfg.id);
         self.role = Role::Candidate;
@@ -198,9 +237,29 @@ impl<S: LogStore> Raft<S> {
             self.send_after_persist(me, term, Body::VoteResponse { granted: true });
         }
         for p in self.others() {
-            self.send(p, term, Body::Vote { last_index, last_term });
+            self.send(p, term, Body::Vote { last_index, last_term, forced });
         }
         self.check_votes();
+    }
+
+    /// Asks again the peers that have not answered (a request or its answer
+    /// may be lost; waiting for the next election would raise the term).
+    fn resend_vote_requests(&mut self) {
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        let silent: Vec<NodeId> = self.others().into_iter().filter(|p| !self.votes.contains_key(p)).collect();
+        for p in silent {
+            match self.role {
+                Role::PreCandidate => {
+                    let term = Term(self.term.0 + 1);
+                    self.send(p, term, Body::PreVote { last_index, last_term });
+                }
+                Role::Candidate => {
+                    let term = self.term;
+                    self.send(p, term, Body::Vote { last_index, last_term, forced: false });
+                }
+                _ => {}
+            }
+        }
     }
 
     fn check_votes(&mut self) {
@@ -208,7 +267,7 @@ impl<S: LogStore> Raft<S> {
         let rejected = self.votes.values().filter(|g| !**g).count();
         if granted >= self.quorum() {
             match self.role {
-                Role::PreCandidate => self.start_election(),
+                Role::PreCandidate => self.start_election(false),
                 Role::Candidate => self.become_leader(),
                 _ => {}
             }
@@ -228,6 +287,7 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         self.uncommitted_bytes = 0;
+        self.transferee = None;
         let next = self.log.last_index().next();
         self.progress = self.cfg.peers.iter().map(|p| (*p, Progress::new(next))).collect();
         let me = self.cfg.id;
@@ -246,6 +306,9 @@ impl<S: LogStore> Raft<S> {
     pub(crate) fn propose(&mut self, batch: Vec<Vec<u8>>) -> Result<LogIndex, ProposeError> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.transferee.is_some() {
+            return Err(ProposeError::TransferInProgress);
         }
         let bytes: u64 = batch.iter().map(|d| d.len() as u64 + 24).sum();
         if self.uncommitted_bytes + bytes > self.cfg.uncommitted_bytes_max && self.uncommitted_bytes > 0 {
@@ -278,7 +341,7 @@ impl<S: LogStore> Raft<S> {
     fn send_append(&mut self, to: NodeId, heartbeat: bool) {
         let (inflight_max, bytes_max) = (self.cfg.inflight_msgs_max, self.cfg.msg_bytes_max);
         let Some(pr) = self.progress.get(&to) else { return };
-        let can = pr.can_send(inflight_max);
+        let can = pr.can_send(inflight_max, self.cfg.inflight_bytes_max);
         let probe = pr.state == ProgressState::Probe;
         let last = self.log.last_index();
         let (prev, entries, counts) = if can && pr.next <= last {
@@ -293,19 +356,20 @@ impl<S: LogStore> Raft<S> {
         let Some(prev_term) = self.log.term(prev) else { return };
         let commit = self.log.committed;
         let sent_end = entries.last().map(|e| e.index);
+        let sent_bytes: u64 = entries.iter().map(Entry::size_bytes).sum();
         if counts && let Some(pr) = self.progress.get_mut(&to) {
             match pr.state {
                 ProgressState::Probe => pr.probe_sent = true,
                 ProgressState::Replicate => {
                     if let Some(end) = sent_end {
                         pr.next = end.next();
-                        pr.inflight.push_back(end);
+                        pr.inflight.push_back((end, sent_bytes));
                     }
                 }
             }
         }
-        let term = self.term;
-        self.send(to, term, Body::Append { prev_index: prev, prev_term, entries, commit });
+        let (term, read_seq) = (self.term, self.read_seq);
+        self.send(to, term, Body::Append { prev_index: prev, prev_term, entries, commit, read_seq });
     }
 
     fn maybe_commit(&mut self) {
@@ -332,6 +396,10 @@ impl<S: LogStore> Raft<S> {
             self.log.commit_to(n);
             self.uncommitted_bytes = 0;
             self.broadcast_append(false);
+            // The first commit of this term: reads that waited for it may start.
+            for (from, context) in std::mem::take(&mut self.waiting_reads) {
+                self.leader_read(from, context);
+            }
         }
     }
 
@@ -358,7 +426,7 @@ impl<S: LogStore> Raft<S> {
                 // A pre-vote never changes anyone's term.
                 Body::PreVote { .. } => {}
                 Body::PreVoteResponse { granted: true } if self.role == Role::PreCandidate => {}
-                Body::Vote { .. } if self.in_lease() => return Ok(()),
+                Body::Vote { forced: false, .. } if self.in_lease() => return Ok(()),
                 Body::Append { .. } => self.become_follower(m.term, Some(m.from)),
                 _ => self.become_follower(m.term, None),
             }
@@ -368,7 +436,7 @@ impl<S: LogStore> Raft<S> {
                 Body::Append { .. } => self.send(
                     m.from,
                     self.term,
-                    Body::AppendResponse { success: false, index: LogIndex(0), hint: LogIndex(0) },
+                    Body::AppendResponse { success: false, index: LogIndex(0), hint: LogIndex(0), read_seq: 0 },
                 ),
                 Body::PreVote { .. } => self.send(m.from, self.term, Body::PreVoteResponse { granted: false }),
                 _ => {}
@@ -381,7 +449,7 @@ impl<S: LogStore> Raft<S> {
                 let term = if granted { m.term } else { self.term };
                 self.send(m.from, term, Body::PreVoteResponse { granted });
             }
-            Body::Vote { last_index, last_term } => {
+            Body::Vote { last_index, last_term, .. } => {
                 let can = self.vote.is_none_or(|v| v == m.from) && self.log.is_up_to_date(last_index, last_term);
                 if can {
                     self.vote = Some(m.from);
@@ -405,42 +473,151 @@ impl<S: LogStore> Raft<S> {
                 self.votes.insert(m.from, granted);
                 self.check_votes();
             }
-            Body::Append { prev_index, prev_term, entries, commit } => {
+            Body::Append { prev_index, prev_term, entries, commit, read_seq } => {
                 if self.role != Role::Follower || self.leader != Some(m.from) {
                     self.become_follower(self.term, Some(m.from));
                 }
                 self.election_elapsed = 0;
-                self.handle_append(m.from, prev_index, prev_term, &entries, commit);
+                self.handle_append(m.from, prev_index, prev_term, &entries, commit, read_seq);
             }
-            Body::AppendResponse { success, index, hint } if self.role == Role::Leader => {
+            Body::AppendResponse { success, index, hint, read_seq } if self.role == Role::Leader => {
+                self.confirm_reads(m.from, read_seq);
                 self.handle_append_response(m.from, success, index, hint);
+            }
+            Body::TimeoutNow if self.role == Role::Follower && self.leader == Some(m.from) => {
+                // Our leader hands over: campaign now, past pre-vote and leases.
+                self.start_election(true);
+            }
+            Body::ReadIndex { context } if self.role == Role::Leader => self.leader_read(m.from, context),
+            Body::ReadIndexResponse { index, context } if self.role == Role::Follower => {
+                self.read_states.push(ReadState { index, context });
             }
             _ => {}
         }
         Ok(())
     }
 
-    fn handle_append(&mut self, from: NodeId, prev: LogIndex, prev_term: Term, entries: &[Entry], commit: LogIndex) {
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev: LogIndex,
+        prev_term: Term,
+        entries: &[Entry],
+        commit: LogIndex,
+        read_seq: u64,
+    ) {
         let term = self.term;
         if prev < self.log.committed {
             // Everything up to our commit index matches any leader's log.
             let index = self.log.committed;
-            self.send_after_persist(from, term, Body::AppendResponse { success: true, index, hint: index });
+            let body = Body::AppendResponse { success: true, index, hint: index, read_seq };
+            self.send_after_persist(from, term, body);
             return;
         }
         match self.log.maybe_append(prev, prev_term, entries) {
             Some(last_new) => {
                 self.log.commit_to(commit.min(last_new));
-                self.send_after_persist(
-                    from,
-                    term,
-                    Body::AppendResponse { success: true, index: last_new, hint: last_new },
-                );
+                let body = Body::AppendResponse { success: true, index: last_new, hint: last_new, read_seq };
+                self.send_after_persist(from, term, body);
             }
             None => {
                 let hint = self.log.last_index().min(prev.prev());
-                self.send(from, term, Body::AppendResponse { success: false, index: prev, hint });
+                self.send(from, term, Body::AppendResponse { success: false, index: prev, hint, read_seq });
             }
+        }
+    }
+
+    // ---- reads ----
+
+    /// A linearizable read: on the leader, a read index confirmed by a quorum;
+    /// on a follower, asked of the leader.
+    pub(crate) fn read_index(&mut self, context: Vec<u8>) -> Result<(), ProposeError> {
+        match (self.role, self.leader) {
+            (Role::Leader, _) => {
+                self.leader_read(self.cfg.id, context);
+                Ok(())
+            }
+            (_, Some(leader)) => {
+                let term = self.term;
+                self.send(leader, term, Body::ReadIndex { context });
+                Ok(())
+            }
+            (_, None) => Err(ProposeError::NotLeader { leader: None }),
+        }
+    }
+
+    fn leader_read(&mut self, from: NodeId, context: Vec<u8>) {
+        // Until an entry of this term is committed, the commit index may lag
+        // what earlier leaders committed (Raft thesis 6.4).
+        if self.log.term(self.log.committed) != Some(self.term) {
+            self.waiting_reads.push((from, context));
+            return;
+        }
+        let index = self.log.committed;
+        if self.cfg.peers.len() == 1 || self.mutation(Mutation::ReadWithoutQuorum) {
+            self.release_read(from, index, context);
+            return;
+        }
+        self.read_seq += 1;
+        let acks = BTreeSet::from([self.cfg.id]);
+        self.pending_reads.push_back(PendingRead { seq: self.read_seq, index, context, from, acks });
+        self.broadcast_append(true);
+    }
+
+    fn confirm_reads(&mut self, from: NodeId, read_seq: u64) {
+        for r in self.pending_reads.iter_mut().filter(|r| r.seq <= read_seq) {
+            r.acks.insert(from);
+        }
+        while self.pending_reads.front().is_some_and(|r| r.acks.len() >= self.quorum()) {
+            let r = self.pending_reads.pop_front().expect("front");
+            self.release_read(r.from, r.index, r.context);
+        }
+    }
+
+    fn release_read(&mut self, from: NodeId, index: LogIndex, context: Vec<u8>) {
+        if from == self.cfg.id {
+            self.read_states.push(ReadState { index, context });
+        } else {
+            let term = self.term;
+            self.send(from, term, Body::ReadIndexResponse { index, context });
+        }
+    }
+
+    // ---- leadership transfer ----
+
+    pub(crate) fn transfer_leader(&mut self, to: NodeId) -> Result<(), TransferError> {
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader { leader: self.leader });
+        }
+        if !self.cfg.peers.contains(&to) {
+            return Err(TransferError::UnknownPeer(to));
+        }
+        if to == self.cfg.id {
+            return Ok(());
+        }
+        self.transferee = Some(to);
+        self.transfer_elapsed = 0;
+        self.maybe_send_timeout_now(to);
+        Ok(())
+    }
+
+    fn maybe_send_timeout_now(&mut self, to: NodeId) {
+        let last = self.log.last_index();
+        let caught_up = self.progress.get(&to).is_some_and(|p| p.matched == last);
+        if caught_up {
+            let term = self.term;
+            self.send(to, term, Body::TimeoutNow);
+        } else {
+            self.send_append(to, false);
+        }
+    }
+
+    /// The transport could not reach `peer`: stop sending ahead to it.
+    pub(crate) fn report_unreachable(&mut self, peer: NodeId) {
+        if let Some(pr) = self.progress.get_mut(&peer)
+            && pr.state == ProgressState::Replicate
+        {
+            pr.become_probe();
         }
     }
 
@@ -458,6 +635,9 @@ impl<S: LogStore> Raft<S> {
             }
             if moved {
                 self.maybe_commit();
+            }
+            if self.transferee == Some(from) {
+                self.maybe_send_timeout_now(from);
             }
             self.send_append(from, false);
         } else if pr.on_reject(index, hint) {

@@ -61,6 +61,16 @@ impl Entry {
     }
 }
 
+/// A read that is now safe: serve it from the state machine once it has
+/// applied up to `index`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The read index.
+    pub index: LogIndex,
+    /// The caller's tag.
+    pub context: Vec<u8>,
+}
+
 /// The state a node must persist before it answers: its term, its vote, and
 /// the commit index it knows.
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,6 +120,8 @@ pub enum Body {
         last_index: LogIndex,
         /// Term of that entry.
         last_term: Term,
+        /// A leadership transfer: voters do not keep their current leader's lease.
+        forced: bool,
     },
     /// Answer to a vote request.
     VoteResponse {
@@ -126,6 +138,9 @@ pub enum Body {
         entries: Vec<Entry>,
         /// The leader's commit index.
         commit: LogIndex,
+        /// The leader's latest read round (0: none); echoed in the answer to
+        /// confirm its leadership for pending reads.
+        read_seq: u64,
     },
     /// Answer to an append.
     AppendResponse {
@@ -137,6 +152,22 @@ pub enum Body {
         /// Rejected: the highest index at which the follower's log may still
         /// match (its last index, or `prev_index - 1`, the smaller).
         hint: LogIndex,
+        /// The `read_seq` of the append answered.
+        read_seq: u64,
+    },
+    /// Leader to its chosen successor: campaign now (leadership transfer).
+    TimeoutNow,
+    /// Follower to leader: give me a read index for `context`.
+    ReadIndex {
+        /// The caller's tag, returned with the index.
+        context: Vec<u8>,
+    },
+    /// Leader to follower: a read index, confirmed by a quorum.
+    ReadIndexResponse {
+        /// Serve the read once applied up to here.
+        index: LogIndex,
+        /// The tag of the request.
+        context: Vec<u8>,
     },
 }
 
@@ -160,6 +191,7 @@ mod tests {
                     data: b"put k v".to_vec(),
                 }],
                 commit: LogIndex(8),
+                read_seq: 0,
             },
         };
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&m).expect("encode");

@@ -43,6 +43,8 @@ struct Coverage {
     crashes: u64,
     partitions: u64,
     committed: u64,
+    transfers: u64,
+    reads_served: u64,
 }
 
 struct Sim {
@@ -60,6 +62,9 @@ struct Sim {
     cov: Coverage,
     next_data: u64,
     faults: bool,
+    /// Reads asked: context -> the highest index applied anywhere when asked.
+    reads: BTreeMap<u64, u64>,
+    next_read: u64,
 }
 
 fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> Config {
@@ -67,6 +72,9 @@ fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> C
     c.mutation = mutation;
     // Half the seeds run without pre-vote: more candidates in the same term.
     c.pre_vote = seed % 4 < 2;
+    // One seed in five runs without check-quorum: a cut-off leader keeps
+    // believing it leads, and only the read protocol keeps its reads fresh.
+    c.check_quorum = seed % 5 != 4;
     // A third send one entry per append: entries of an old term and the new
     // leader's no-op then reach followers separately (Figure 8's shape).
     if seed.is_multiple_of(3) {
@@ -105,6 +113,8 @@ impl Sim {
             cov: Coverage::default(),
             next_data: 0,
             faults: true,
+            reads: BTreeMap::new(),
+            next_read: 0,
         }
     }
 
@@ -215,6 +225,30 @@ impl Sim {
                 }
             }
         }
+        // Leadership transfers and reads.
+        if self.rng.random_range(0..100) < 1 {
+            let to = NodeId(self.rng.random_range(1..=self.nodes.len() as u64));
+            for n in self.nodes.iter_mut() {
+                if let Some(node) = n.node.as_mut()
+                    && node.role() == Role::Leader
+                    && node.id() != to
+                    && node.transfer_leader(to).is_ok()
+                {
+                    self.cov.transfers += 1;
+                }
+            }
+        }
+        if self.rng.random_range(0..100) < 10 {
+            let i = self.rng.random_range(0..self.nodes.len());
+            let applied_anywhere = self.applied.keys().next_back().copied().unwrap_or(0);
+            self.next_read += 1;
+            let ctx = self.next_read;
+            if let Some(node) = self.nodes[i].node.as_mut()
+                && node.read_index(ctx.to_le_bytes().to_vec()).is_ok()
+            {
+                self.reads.insert(ctx, applied_anywhere);
+            }
+        }
         // Ready: send, hand writes to storage, apply.
         for i in 0..self.nodes.len() {
             self.process_ready(i)?;
@@ -230,6 +264,21 @@ impl Sim {
         let Some(node) = self.nodes[i].node.as_mut() else { return Ok(()) };
         let ready = node.ready();
         node.advance(&ready);
+        // Linearizable reads: a read index covers every write applied anywhere
+        // before the read was asked.
+        for rs in &ready.read_states {
+            let ctx = u64::from_le_bytes(rs.context.clone().try_into().map_err(|_| "bad read context")?);
+            let floor = self.reads.get(&ctx).copied().ok_or("a read nobody asked for")?;
+            if rs.index.0 < floor {
+                return Err(format!(
+                    "stale read at node {}: index {} but {} was applied before the read began",
+                    i + 1,
+                    rs.index.0,
+                    floor
+                ));
+            }
+            self.cov.reads_served += 1;
+        }
         // Only entries durable here are applied (checked against the durable store).
         for e in &ready.committed_entries {
             let durable = node.store().term(e.index) == Some(e.term);
@@ -472,6 +521,8 @@ fn simulated_clusters_stay_safe_and_live() {
                 total.crashes += c.crashes;
                 total.partitions += c.partitions;
                 total.committed += c.committed;
+                total.transfers += c.transfers;
+                total.reads_served += c.reads_served;
             }
             Err(e) => panic!(
                 "seed {seed} ({n} nodes): {e}\nreplay: RAFT_SIM_SEED={seed} cargo test -p cairn-raft-core --test sim replay -- --ignored"
@@ -480,6 +531,7 @@ fn simulated_clusters_stay_safe_and_live() {
     }
     eprintln!("covered over {} seeds: {total:?}", seeds());
     assert!(total.elections > seeds() && total.crashes > seeds() && total.committed > seeds() * 100);
+    assert!(total.transfers > seeds() && total.reads_served > seeds() * 10);
 }
 
 #[test]
@@ -495,7 +547,12 @@ fn replay() {
 fn the_simulator_has_teeth() {
     // Figure 8 (Mutation::CommitEarlierTerm) needs an interleaving random faults
     // rarely build: tests/figure8.rs scripts it.
-    for m in [Mutation::VoteBeforePersist, Mutation::LeaderCountsUnpersisted, Mutation::ApplyUnpersisted] {
+    for m in [
+        Mutation::VoteBeforePersist,
+        Mutation::LeaderCountsUnpersisted,
+        Mutation::ApplyUnpersisted,
+        Mutation::ReadWithoutQuorum,
+    ] {
         let caught = (0..seeds())
             .find_map(|seed| run(seed, if seed.is_multiple_of(2) { 3 } else { 5 }, Some(m)).err().map(|e| (seed, e)));
         match caught {
