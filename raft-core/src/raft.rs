@@ -204,7 +204,10 @@ impl<S: LogStore> Raft<S> {
         if !self.cfg.peers.contains(&self.cfg.id) {
             return;
         }
-        if self.cfg.pre_vote && self.role != Role::PreCandidate {
+        // With pre-vote, every timeout starts a new pre-vote round (a round that
+        // got no answers, say while cut off, never turns into a real election);
+        // only a won pre-vote raises the term.
+        if self.cfg.pre_vote {
             self.role = Role::PreCandidate;
             self.leader = None;
             self.votes.clear();
