@@ -76,6 +76,10 @@ pub struct Config {
     pub uncommitted_bytes_max: u64,
     /// Seed of the election-timeout randomness.
     pub seed: u64,
+    /// What the state machine has durably applied when the node starts (for
+    /// Cairn, the LSM's durable marker): entries up to it are not handed out
+    /// to apply again, and the commit index starts at least there.
+    pub applied: LogIndex,
     /// Test-only: break one safety rule on purpose (see [`Mutation`]).
     #[doc(hidden)]
     pub mutation: Option<Mutation>,
@@ -97,6 +101,7 @@ impl Config {
             apply_bytes_max: 16 << 20,
             uncommitted_bytes_max: 64 << 20,
             seed,
+            applied: LogIndex(0),
             mutation: None,
         }
     }

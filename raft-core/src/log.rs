@@ -19,34 +19,70 @@ pub(crate) struct RaftLog<S> {
     pub(crate) applied_handed: LogIndex,
     /// Highest index durable here (with the term the log has there).
     pub(crate) persisted: LogIndex,
+    /// A snapshot received and not yet installed by the driver.
+    pub(crate) pending_snapshot: Option<(LogIndex, Term)>,
+    /// Whether it was handed to the driver.
+    pub(crate) snapshot_handed: bool,
 }
 
 impl<S: LogStore> RaftLog<S> {
-    pub(crate) fn new(store: S) -> Self {
+    /// A log over `store`, whose state machine has applied up to `applied`
+    /// (durably: for Cairn, the LSM's durable marker).
+    pub(crate) fn new(store: S, applied: LogIndex) -> Self {
         let hs = store.hard_state();
         let last = store.last_index();
-        let committed = hs.commit.min(last);
+        // Never hand out an entry before the snapshot or what was applied;
+        // never believe a commit beyond the durable log.
+        let applied = applied.max(store.first_index().prev()).min(last);
+        let committed = hs.commit.max(applied).min(last);
         RaftLog {
             offset: last.next(),
             store,
             unstable: Vec::new(),
             handed: 0,
             committed,
-            applied_handed: LogIndex(0),
+            applied_handed: applied,
             persisted: last,
+            pending_snapshot: None,
+            snapshot_handed: false,
         }
     }
 
+    /// The index of the first entry this log still holds.
+    pub(crate) fn first_index(&self) -> LogIndex {
+        match self.pending_snapshot {
+            Some((i, _)) => i.next(),
+            None => self.store.first_index(),
+        }
+    }
+
+    /// Replaces the whole log by a snapshot at (`index`, `term`) (Raft §7).
+    pub(crate) fn restore(&mut self, index: LogIndex, term: Term) {
+        self.unstable.clear();
+        self.handed = 0;
+        self.offset = index.next();
+        self.committed = index;
+        self.applied_handed = index;
+        self.persisted = index;
+        self.pending_snapshot = Some((index, term));
+        self.snapshot_handed = false;
+    }
+
     pub(crate) fn last_index(&self) -> LogIndex {
-        match self.unstable.last() {
-            Some(e) => e.index,
-            None => self.store.last_index(),
+        match (self.unstable.last(), self.pending_snapshot) {
+            (Some(e), _) => e.index,
+            (None, Some((i, _))) => i,
+            (None, None) => self.store.last_index(),
         }
     }
 
     pub(crate) fn term(&self, i: LogIndex) -> Option<Term> {
         if !self.unstable.is_empty() && i >= self.offset {
             return self.unstable.get((i.0 - self.offset.0) as usize).map(|e| e.term);
+        }
+        if let Some((si, st)) = self.pending_snapshot {
+            // The store still holds the old log until the driver installs the snapshot.
+            return if i == si { Some(st) } else { None };
         }
         if i > self.store.last_index() {
             return None;
@@ -63,10 +99,11 @@ impl<S: LogStore> RaftLog<S> {
         (term, index) >= (self.last_term(), self.last_index())
     }
 
-    /// Entries `[lo, hi)`, at most `bytes_max` bytes (at least one).
+    /// Entries `[lo, hi)`, at most `bytes_max` bytes (at least one); `lo` at
+    /// least `first_index`.
     pub(crate) fn slice(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry> {
         let mut out = Vec::new();
-        if lo >= hi {
+        if lo >= hi || lo < self.first_index() {
             return out;
         }
         let split = if self.unstable.is_empty() { hi } else { self.offset.min(hi) };
@@ -167,6 +204,18 @@ impl<S: LogStore> RaftLog<S> {
 
     /// The whole log as it stands (store then unstable), for tests.
     pub(crate) fn all_entries(&self) -> Vec<Entry> {
-        self.slice(self.store.first_index(), self.last_index().next(), u64::MAX)
+        self.slice(self.first_index(), self.last_index().next(), u64::MAX)
+    }
+
+    /// The snapshot to hand to the driver, if not handed yet.
+    pub(crate) fn snapshot_to_install(&self) -> Option<(LogIndex, Term)> {
+        self.pending_snapshot.filter(|_| !self.snapshot_handed)
+    }
+
+    /// The driver installed the snapshot: the store now starts after it.
+    pub(crate) fn snapshot_installed(&mut self, index: LogIndex) {
+        if self.pending_snapshot.is_some_and(|(i, _)| i == index) && self.store.first_index() == index.next() {
+            self.pending_snapshot = None;
+        }
     }
 }

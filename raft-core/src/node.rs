@@ -18,6 +18,10 @@ pub struct Ready {
     /// Send these only after the writes above (and all earlier ones) are
     /// durable. Some are addressed to this node: give them to [`RawNode::step`].
     pub persisted_messages: Vec<Message>,
+    /// Install this snapshot (index, term) before persisting `entries`: replace
+    /// the state machine with the staged checkpoint, make the log start after
+    /// it, then report with `on_persisted(index, term)` (or a later entry).
+    pub snapshot: Option<(LogIndex, Term)>,
     /// Apply these, in order. They are committed and durable here.
     pub committed_entries: Vec<Entry>,
     /// Reads now safe: serve each once the state machine has applied up to its index.
@@ -33,6 +37,7 @@ impl Ready {
             && self.persisted_messages.is_empty()
             && self.committed_entries.is_empty()
             && self.read_states.is_empty()
+            && self.snapshot.is_none()
     }
 }
 
@@ -103,6 +108,7 @@ impl<S: LogStore> RawNode<S> {
             entries: r.log.unhanded().to_vec(),
             messages: std::mem::take(&mut r.msgs),
             persisted_messages: std::mem::take(&mut r.msgs_after_persist),
+            snapshot: r.log.snapshot_to_install(),
             committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, apply_unpersisted),
             read_states: std::mem::take(&mut r.read_states),
         }
@@ -115,6 +121,9 @@ impl<S: LogStore> RawNode<S> {
             self.handed_hard_state = hs;
         }
         self.raft.log.mark_handed(ready.entries.len());
+        if ready.snapshot.is_some() {
+            self.raft.log.snapshot_handed = true;
+        }
         if let Some(last) = ready.committed_entries.last() {
             self.raft.log.applied_handed = self.raft.log.applied_handed.max(last.index);
         }
@@ -122,7 +131,18 @@ impl<S: LogStore> RawNode<S> {
 
     /// The storage made the log durable up to `index`, whose entry has `term`.
     pub fn on_persisted(&mut self, index: LogIndex, term: Term) {
+        if let Some((si, _)) = self.raft.log.pending_snapshot
+            && si <= index
+        {
+            self.raft.log.snapshot_installed(si);
+        }
         self.raft.on_persisted(index, term);
+    }
+
+    /// The driver finished sending the snapshot a `Snapshot` message asked
+    /// for to `peer` (`success`), or gave up.
+    pub fn report_snapshot(&mut self, peer: NodeId, success: bool) {
+        self.raft.report_snapshot(peer, success);
     }
 
     /// This node's id.

@@ -11,6 +11,9 @@ pub enum ProgressState {
     /// The logs match up to `matched`: appends are sent ahead, up to the
     /// in-flight bound.
     Replicate,
+    /// The follower needs entries the leader released: a snapshot at this
+    /// index is being sent; nothing else is until `report_snapshot`.
+    Snapshot(LogIndex),
 }
 
 /// A follower as the leader sees it.
@@ -77,6 +80,10 @@ impl Progress {
     /// A leader tick. Appends in flight with no progress for `limit` ticks
     /// were probably lost: send again from `matched` (probe).
     pub(crate) fn tick(&mut self, limit: u32) {
+        // A probe (or its answer) may be lost: probe again every heartbeat.
+        if self.state == ProgressState::Probe {
+            self.probe_sent = false;
+        }
         if self.state == ProgressState::Replicate && !self.inflight.is_empty() {
             self.stalled_ticks += 1;
             if self.stalled_ticks >= limit {
@@ -114,8 +121,15 @@ impl Progress {
         self.inflight.iter().map(|e| e.1).sum()
     }
 
+    pub(crate) fn become_snapshot(&mut self, index: LogIndex) {
+        self.state = ProgressState::Snapshot(index);
+        self.inflight.clear();
+        self.probe_sent = false;
+    }
+
     pub(crate) fn can_send(&self, inflight_max: usize, inflight_bytes_max: u64) -> bool {
         match self.state {
+            ProgressState::Snapshot(_) => false,
             ProgressState::Probe => !self.probe_sent,
             ProgressState::Replicate => {
                 self.inflight.len() < inflight_max && self.inflight_bytes() < inflight_bytes_max

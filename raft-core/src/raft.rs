@@ -71,7 +71,7 @@ impl<S: LogStore> Raft<S> {
             vote: hs.vote,
             role: Role::Follower,
             leader: None,
-            log: RaftLog::new(store),
+            log: RaftLog::new(store, cfg.applied),
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             election_elapsed: 0,
@@ -347,6 +347,17 @@ impl<S: LogStore> Raft<S> {
         let can = pr.can_send(inflight_max, self.cfg.inflight_bytes_max);
         let probe = pr.state == ProgressState::Probe;
         let last = self.log.last_index();
+        // The follower needs entries this leader released: send a snapshot.
+        if can && pr.next <= last && (pr.next < self.log.first_index() || self.log.term(pr.next.prev()).is_none()) {
+            let index = self.log.first_index().prev();
+            let Some(term) = self.log.term(index) else { return };
+            if let Some(pr) = self.progress.get_mut(&to) {
+                pr.become_snapshot(index);
+            }
+            let t = self.term;
+            self.send(to, t, Body::Snapshot { index, term });
+            return;
+        }
         let (prev, entries, counts) = if can && pr.next <= last {
             (pr.next.prev(), self.log.slice(pr.next, last.next(), bytes_max), true)
         } else if heartbeat && can && probe {
@@ -356,6 +367,9 @@ impl<S: LogStore> Raft<S> {
         } else {
             return;
         };
+        // A heartbeat at an index this leader released goes at the snapshot
+        // point instead: a follower that lacks it refuses, which leads to a snapshot.
+        let prev = if !counts && self.log.term(prev).is_none() { self.log.first_index().prev() } else { prev };
         let Some(prev_term) = self.log.term(prev) else { return };
         let commit = self.log.committed;
         let sent_end = entries.last().map(|e| e.index);
@@ -369,6 +383,7 @@ impl<S: LogStore> Raft<S> {
                         pr.inflight.push_back((end, sent_bytes));
                     }
                 }
+                ProgressState::Snapshot(_) => {}
             }
         }
         let (term, read_seq) = (self.term, self.read_seq);
@@ -487,6 +502,13 @@ impl<S: LogStore> Raft<S> {
                 self.confirm_reads(m.from, read_seq);
                 self.handle_append_response(m.from, success, index, hint);
             }
+            Body::Snapshot { index, term } => {
+                if self.role != Role::Follower || self.leader != Some(m.from) {
+                    self.become_follower(self.term, Some(m.from));
+                }
+                self.election_elapsed = 0;
+                self.handle_snapshot(m.from, index, term);
+            }
             Body::TimeoutNow if self.role == Role::Follower && self.leader == Some(m.from) => {
                 // Our leader hands over: campaign now, past pre-vote and leases.
                 self.start_election(true);
@@ -527,6 +549,42 @@ impl<S: LogStore> Raft<S> {
                 let hint = self.log.last_index().min(prev.prev());
                 self.send(from, term, Body::AppendResponse { success: false, index: prev, hint, read_seq });
             }
+        }
+    }
+
+    fn handle_snapshot(&mut self, from: NodeId, index: LogIndex, term: Term) {
+        let me_term = self.term;
+        if index <= self.log.committed {
+            // We have it already.
+            let c = self.log.committed;
+            let body = Body::AppendResponse { success: true, index: c, hint: c, read_seq: 0 };
+            self.send_after_persist(from, me_term, body);
+            return;
+        }
+        if self.log.term(index) == Some(term) {
+            // Our log holds the snapshot's last entry: keep what follows (Raft §7).
+            self.log.commit_to(index);
+        } else {
+            // Otherwise the whole log is discarded and the snapshot installed.
+            self.log.restore(index, term);
+        }
+        let body = Body::AppendResponse { success: true, index, hint: index, read_seq: 0 };
+        self.send_after_persist(from, me_term, body);
+    }
+
+    /// The driver finished (or gave up) sending the snapshot to `peer`.
+    pub(crate) fn report_snapshot(&mut self, peer: NodeId, success: bool) {
+        if let Some(pr) = self.progress.get_mut(&peer)
+            && let ProgressState::Snapshot(index) = pr.state
+        {
+            if success {
+                pr.next = pr.next.max(index.next());
+            } else {
+                pr.next = pr.matched.next();
+            }
+            pr.become_probe();
+            // Wait for the follower's answer (or the next heartbeat) before probing.
+            pr.probe_sent = true;
         }
     }
 
@@ -633,7 +691,9 @@ impl<S: LogStore> Raft<S> {
                 return; // not an index of our log: ignore
             }
             let moved = pr.on_success(index);
-            if pr.state == ProgressState::Probe {
+            if matches!(pr.state, ProgressState::Probe)
+                || matches!(pr.state, ProgressState::Snapshot(s) if pr.matched >= s)
+            {
                 pr.become_replicate();
             }
             if moved {

@@ -3,19 +3,21 @@
 use crate::types::{Entry, HardState, LogIndex, Term};
 
 /// What raft-core reads of the persisted log. The driver writes it (the
-/// entries and hard state of each `Ready`) and reports with
-/// `RawNode::on_persisted`; kv-server implements it over cairn-wal.
+/// entries and hard state of each `Ready`, and installs snapshots) and reports
+/// with `RawNode::on_persisted`; kv-server implements it over cairn-wal.
 pub trait LogStore {
     /// The persisted hard state.
     fn hard_state(&self) -> HardState;
-    /// Index of the first entry available (entries before were compacted away).
+    /// Index of the first entry available. Entries before it were released
+    /// because a snapshot covers them: the snapshot's index is `first_index - 1`.
     fn first_index(&self) -> LogIndex;
-    /// Index of the last persisted entry (first_index - 1 when empty).
+    /// Index of the last persisted entry (`first_index - 1` when empty).
     fn last_index(&self) -> LogIndex;
-    /// Term of the entry at `index`; `None` if it is not available
-    /// (`first_index - 1` must answer: the term before the first entry).
+    /// Term of the entry at `index`; `None` if it is not available.
+    /// `first_index - 1` must answer: it is the snapshot's term.
     fn term(&self, index: LogIndex) -> Option<Term>;
-    /// Entries `[lo, hi)`, at most `bytes_max` bytes (at least one if any).
+    /// Entries `[lo, hi)`, at most `bytes_max` bytes (at least one if any);
+    /// `lo` is at least `first_index`.
     fn entries(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry>;
 }
 
@@ -23,6 +25,8 @@ pub trait LogStore {
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     hard_state: HardState,
+    /// The snapshot the log starts after: (index, term).
+    snapshot: (LogIndex, Term),
     entries: Vec<Entry>,
 }
 
@@ -32,15 +36,17 @@ impl MemStore {
         Self::default()
     }
 
+    fn pos(&self, index: LogIndex) -> Option<usize> {
+        index.0.checked_sub(self.snapshot.0.0 + 1).map(|p| p as usize)
+    }
+
     /// Appends entries, first dropping every entry at or after the first one's
     /// index (a new leader overwrote them).
     pub fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
-        assert!(
-            first.index.0 >= 1 && first.index.0 <= self.entries.len() as u64 + 1,
-            "entries leave a hole in the log"
-        );
-        self.entries.truncate(first.index.0 as usize - 1);
+        let pos = self.pos(first.index).expect("appended entries start after the snapshot");
+        assert!(pos <= self.entries.len(), "entries leave a hole in the log");
+        self.entries.truncate(pos);
         self.entries.extend_from_slice(entries);
     }
 
@@ -49,7 +55,25 @@ impl MemStore {
         self.hard_state = hs;
     }
 
-    /// All entries.
+    /// Releases the entries up to `index` (a snapshot covers them).
+    pub fn compact(&mut self, index: LogIndex) {
+        if index <= self.snapshot.0 {
+            return;
+        }
+        let term = self.term(index).expect("compact to an index in the log");
+        let n = self.pos(index).map_or(0, |p| p + 1);
+        self.entries.drain(..n);
+        self.snapshot = (index, term);
+    }
+
+    /// Installs a snapshot at (`index`, `term`): the log is emptied and starts after it.
+    pub fn apply_snapshot(&mut self, index: LogIndex, term: Term) {
+        self.entries.clear();
+        self.snapshot = (index, term);
+        self.hard_state.commit = self.hard_state.commit.max(index);
+    }
+
+    /// The retained entries.
     pub fn all(&self) -> &[Entry] {
         &self.entries
     }
@@ -60,22 +84,22 @@ impl LogStore for MemStore {
         self.hard_state
     }
     fn first_index(&self) -> LogIndex {
-        LogIndex(1)
+        self.snapshot.0.next()
     }
     fn last_index(&self) -> LogIndex {
-        LogIndex(self.entries.len() as u64)
+        LogIndex(self.snapshot.0.0 + self.entries.len() as u64)
     }
     fn term(&self, index: LogIndex) -> Option<Term> {
-        if index.0 == 0 {
-            return Some(Term(0));
+        if index == self.snapshot.0 {
+            return Some(self.snapshot.1);
         }
-        self.entries.get(index.0 as usize - 1).map(|e| e.term)
+        self.entries.get(self.pos(index)?).map(|e| e.term)
     }
     fn entries(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut bytes = 0;
         for i in lo.0..hi.0 {
-            let Some(e) = self.entries.get(i as usize - 1) else { break };
+            let Some(e) = self.pos(LogIndex(i)).and_then(|p| self.entries.get(p)) else { break };
             bytes += e.size_bytes();
             if !out.is_empty() && bytes > bytes_max {
                 break;

@@ -155,6 +155,16 @@ pub enum Body {
         /// The `read_seq` of the append answered.
         read_seq: u64,
     },
+    /// Leader to follower: your log is behind what the leader still holds;
+    /// take the snapshot at (`index`, `term`). The driver carries the
+    /// checkpoint (cairn-snapshot-transfer) and, on the follower, steps this
+    /// message in once the checkpoint is staged.
+    Snapshot {
+        /// Last index the snapshot covers.
+        index: LogIndex,
+        /// Term of that entry.
+        term: Term,
+    },
     /// Leader to its chosen successor: campaign now (leadership transfer).
     TimeoutNow,
     /// Follower to leader: give me a read index for `context`.

@@ -48,6 +48,7 @@ fn fmt_msg(m: &Message) -> String {
         Body::AppendResponse { success, index, hint, read_seq } => {
             format!("AppendResponse success={success} index={} hint={} read_seq={read_seq}", index.0, hint.0)
         }
+        Body::Snapshot { index, term } => format!("Snapshot {}@{}", index.0, term.0),
         Body::TimeoutNow => "TimeoutNow".into(),
         Body::ReadIndex { context } => format!("ReadIndex {}", String::from_utf8_lossy(context)),
         Body::ReadIndexResponse { index, context } => {
@@ -89,12 +90,18 @@ impl Harness {
                 }
                 let n = &mut self.nodes[i];
                 n.advance(&rd);
+                if let Some((index, term)) = rd.snapshot {
+                    n.store_mut().apply_snapshot(index, term);
+                    self.applied[i].push(format!("snapshot@{}", index.0));
+                }
                 n.store_mut().append(&rd.entries);
                 if let Some(hs) = rd.hard_state {
                     n.store_mut().set_hard_state(hs);
                 }
-                if let Some(last) = rd.entries.last() {
-                    n.on_persisted(last.index, last.term);
+                match (rd.entries.last(), rd.snapshot) {
+                    (Some(last), _) => n.on_persisted(last.index, last.term),
+                    (None, Some((index, term))) => n.on_persisted(index, term),
+                    (None, None) => {}
                 }
                 self.queue.extend(rd.messages);
                 for m in rd.persisted_messages {
@@ -126,6 +133,10 @@ impl Harness {
                 if let Err(e) = self.nodes[to].step(m.clone()) {
                     let _ = writeln!(out, "  error: {e}");
                 }
+            }
+            if matches!(m.body, Body::Snapshot { .. }) {
+                // The driver's transfer ended: tell the leader how.
+                self.nodes[m.from.0 as usize - 1].report_snapshot(m.to, !dropped);
             }
         }
         self.collect();
@@ -189,6 +200,10 @@ fn run_script(text: &str) -> String {
                         .map_err(|e| e.to_string()),
                     "read" => h.nodes[node(arg(1))].read_index(w[2].as_bytes().to_vec()).map_err(|e| e.to_string()),
                     "transfer" => h.nodes[node(arg(1))].transfer_leader(NodeId(arg(2))).map_err(|e| e.to_string()),
+                    "compact" => {
+                        h.nodes[node(arg(1))].store_mut().compact(cairn_raft_core::LogIndex(arg(2)));
+                        Ok(())
+                    }
                     "isolate" => {
                         h.isolated.insert(arg(1));
                         Ok(())

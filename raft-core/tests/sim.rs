@@ -10,7 +10,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use cairn_raft_core::{Config, Entry, HardState, LogStore, MemStore, Message, Mutation, NodeId, RawNode, Role, Term};
+use cairn_raft_core::{
+    Body, Config, Entry, HardState, LogIndex, LogStore, MemStore, Message, Mutation, NodeId, RawNode, Role, Term,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -19,6 +21,7 @@ const STEPS: u64 = 2000;
 /// A write a node's storage is doing: it becomes durable at `done_at`.
 struct PendingWrite {
     done_at: u64,
+    snapshot: Option<(LogIndex, Term)>,
     entries: Vec<Entry>,
     hard_state: Option<HardState>,
     after: Vec<Message>,
@@ -45,6 +48,7 @@ struct Coverage {
     committed: u64,
     transfers: u64,
     reads_served: u64,
+    snapshots_installed: u64,
 }
 
 struct Sim {
@@ -124,7 +128,14 @@ impl Sim {
 
     fn send(&mut self, m: Message) {
         if self.faults && self.rng.random_range(0..100) < 5 {
-            return; // dropped
+            // Dropped. A lost snapshot is a failed transfer, which the driver reports.
+            let from = self.idx(m.from);
+            if matches!(m.body, Body::Snapshot { .. })
+                && let Some(leader) = self.nodes[from].node.as_mut()
+            {
+                leader.report_snapshot(m.to, false);
+            }
+            return;
         }
         let copies = if self.faults && self.rng.random_range(0..100) < 3 { 2 } else { 1 };
         for _ in 0..copies {
@@ -149,9 +160,12 @@ impl Sim {
         let mutation = self.mutation;
         let n = &mut self.nodes[i];
         if n.node.is_none() {
-            let c = cfg(n.id, &peers, seed, mutation);
+            let mut c = cfg(n.id, &peers, seed, mutation);
+            // The state machine restarts from the snapshot the store holds,
+            // then replays the log after it.
+            c.applied = n.disk.first_index().prev();
+            n.last_applied = c.applied.0;
             n.node = Some(RawNode::new(c, n.disk.clone()).expect("config"));
-            n.last_applied = 0; // the state machine is rebuilt from the log
         }
     }
 
@@ -206,11 +220,27 @@ impl Sim {
         });
         for m in due {
             let (from, to) = (self.idx(m.from), self.idx(m.to));
-            if self.group[from] != self.group[to] {
-                continue;
-            }
-            if let Some(node) = self.nodes[to].node.as_mut() {
+            let snapshot = matches!(m.body, Body::Snapshot { .. });
+            let receiver = m.to;
+            let delivered = self.group[from] == self.group[to] && self.nodes[to].node.is_some();
+            if delivered && let Some(node) = self.nodes[to].node.as_mut() {
                 node.step(m).map_err(|e| format!("step: {e}"))?;
+            }
+            if snapshot && let Some(leader) = self.nodes[from].node.as_mut() {
+                leader.report_snapshot(receiver, delivered);
+            }
+        }
+        // Compaction: now and then a node releases its log up to a little
+        // before what it applied (a flush of the state machine).
+        for n in self.nodes.iter_mut() {
+            if let Some(node) = n.node.as_mut()
+                && n.last_applied > 20
+                && self.rng.random_range(0..100) < 3
+            {
+                let to = LogIndex(n.last_applied - self.rng.random_range(0..10));
+                if to >= node.store().first_index() && to <= node.store().last_index() {
+                    node.store_mut().compact(to);
+                }
             }
         }
         // Proposals.
@@ -293,8 +323,18 @@ impl Sim {
             self.rng.random_range(0..4)
         };
         let done_at = self.nodes[i].pending.back().map_or(self.step, |p| p.done_at).max(self.step + delay);
+        if let Some((index, _)) = ready.snapshot {
+            // The state machine is replaced by the leader's at `index`: every
+            // entry up to it was committed (applied somewhere).
+            if (1..=index.0).any(|k| !self.applied.contains_key(&k)) {
+                return Err(format!("node {} installs a snapshot at {} beyond what was committed", i + 1, index.0));
+            }
+            self.nodes[i].last_applied = index.0;
+            self.cov.snapshots_installed += 1;
+        }
         self.nodes[i].pending.push_back(PendingWrite {
             done_at,
+            snapshot: ready.snapshot,
             entries: ready.entries,
             hard_state: ready.hard_state,
             after: ready.persisted_messages,
@@ -344,12 +384,29 @@ impl Sim {
                 return Ok(());
             }
             let w = n.pending.pop_front().expect("front");
+            if let Some((index, term)) = w.snapshot {
+                node.store_mut().apply_snapshot(index, term);
+            }
+            // Only committed entries are compacted, and committed entries are
+            // never overwritten: a write below the snapshot breaks both.
+            if let Some(first) = w.entries.first()
+                && first.index < node.store().first_index()
+            {
+                return Err(format!(
+                    "node {} was asked to overwrite entry {} that its snapshot (up to {}) covers",
+                    i + 1,
+                    first.index.0,
+                    node.store().first_index().0 - 1
+                ));
+            }
             node.store_mut().append(&w.entries);
             if let Some(hs) = w.hard_state {
                 node.store_mut().set_hard_state(hs);
             }
-            if let Some(last) = w.entries.last() {
-                node.on_persisted(last.index, last.term);
+            match (w.entries.last(), w.snapshot) {
+                (Some(last), _) => node.on_persisted(last.index, last.term),
+                (None, Some((index, term))) => node.on_persisted(index, term),
+                (None, None) => {}
             }
             let me = n.id;
             for m in w.after {
@@ -384,18 +441,22 @@ impl Sim {
                 }
             }
             let log = node.log_entries();
+            let first = log.first().map_or(node.last_index().next().0, |e| e.index.0);
+            let at = |idx: u64| log.get(idx.checked_sub(first)? as usize);
             if self.nodes[i].was_leader_in != Some(term) {
-                // Leader completeness: a new leader holds every entry applied anywhere.
-                for (idx, (t, _)) in &self.applied {
-                    if log.get(*idx as usize - 1).map(|e| e.term) != Some(*t) {
+                // Leader completeness: a new leader holds every entry applied
+                // anywhere (those its snapshot covers, it holds there).
+                for (idx, (t, _)) in self.applied.range(first..) {
+                    if at(*idx).map(|e| e.term) != Some(*t) {
                         return Err(format!("leader {} of term {} lacks committed entry {idx}", i + 1, term.0));
                     }
                 }
             } else {
-                // A leader never overwrites or removes its entries.
-                let old = &self.nodes[i].leader_log;
-                if log.len() < old.len() || log[..old.len()] != old[..] {
-                    return Err(format!("leader {} changed its own log in term {}", i + 1, term.0));
+                // A leader never overwrites or removes its entries (compaction aside).
+                for e in self.nodes[i].leader_log.iter().filter(|e| e.index.0 >= first) {
+                    if at(e.index.0) != Some(e) {
+                        return Err(format!("leader {} changed its own log in term {}", i + 1, term.0));
+                    }
                 }
             }
             self.nodes[i].was_leader_in = Some(term);
@@ -407,26 +468,33 @@ impl Sim {
         Ok(())
     }
 
-    /// Logs that hold an entry with the same index and term are identical up to it.
+    /// Logs that hold an entry with the same index and term are identical up
+    /// to it (where both still hold entries: prefixes may be compacted).
     fn check_log_matching(&self) -> Result<(), String> {
-        let logs: Vec<Vec<Entry>> = self
+        let logs: Vec<BTreeMap<u64, Entry>> = self
             .nodes
             .iter()
-            .map(|n| n.node.as_ref().map_or_else(|| n.disk.all().to_vec(), |x| x.log_entries()))
+            .map(|n| {
+                let v = n.node.as_ref().map_or_else(|| n.disk.all().to_vec(), |x| x.log_entries());
+                v.into_iter().map(|e| (e.index.0, e)).collect()
+            })
             .collect();
         for a in 0..logs.len() {
             for b in a + 1..logs.len() {
-                let common = logs[a].len().min(logs[b].len());
-                let last_same = (0..common).rev().find(|&k| logs[a][k].term == logs[b][k].term);
-                if let Some(k) = last_same
-                    && logs[a][..=k] != logs[b][..=k]
-                {
-                    return Err(format!(
-                        "log matching: nodes {} and {} agree at index {} but differ before",
-                        a + 1,
-                        b + 1,
-                        k + 1
-                    ));
+                // The highest index where both hold an entry of the same term...
+                let same = logs[a].iter().rev().find(|(i, e)| logs[b].get(i).is_some_and(|f| f.term == e.term));
+                let Some((&k, _)) = same else { continue };
+                // ...and every index below it that both still hold must match.
+                for (i, e) in logs[a].range(..=k) {
+                    if let Some(f) = logs[b].get(i)
+                        && f != e
+                    {
+                        return Err(format!(
+                            "log matching: nodes {} and {} agree at {k} but differ at {i}",
+                            a + 1,
+                            b + 1
+                        ));
+                    }
                 }
             }
         }
@@ -523,6 +591,7 @@ fn simulated_clusters_stay_safe_and_live() {
                 total.committed += c.committed;
                 total.transfers += c.transfers;
                 total.reads_served += c.reads_served;
+                total.snapshots_installed += c.snapshots_installed;
             }
             Err(e) => panic!(
                 "seed {seed} ({n} nodes): {e}\nreplay: RAFT_SIM_SEED={seed} cargo test -p cairn-raft-core --test sim replay -- --ignored"
@@ -532,6 +601,7 @@ fn simulated_clusters_stay_safe_and_live() {
     eprintln!("covered over {} seeds: {total:?}", seeds());
     assert!(total.elections > seeds() && total.crashes > seeds() && total.committed > seeds() * 100);
     assert!(total.transfers > seeds() && total.reads_served > seeds() * 10);
+    assert!(total.snapshots_installed > seeds() / 2, "snapshots rarely happen: {}", total.snapshots_installed);
 }
 
 #[test]
