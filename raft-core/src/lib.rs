@@ -33,6 +33,7 @@
 //!    stepping and ticking meanwhile; it learns of progress only through
 //!    `on_persisted`.
 
+mod conf;
 mod log;
 mod node;
 mod progress;
@@ -40,6 +41,7 @@ mod raft;
 mod storage;
 mod types;
 
+pub use conf::{ConfChange, ConfChangeItem, ConfState};
 pub use node::{RawNode, Ready};
 pub use progress::{Progress, ProgressState};
 pub use raft::Role;
@@ -52,8 +54,10 @@ pub use types::{Body, Entry, EntryKind, HardState, LogIndex, Message, NodeId, Re
 pub struct Config {
     /// This node.
     pub id: NodeId,
-    /// Every voter, this node included.
-    pub peers: Vec<NodeId>,
+    /// The membership when the node starts (as of `applied`): for a new
+    /// cluster, every voter. A node added later starts with the membership it
+    /// was added to, itself a learner.
+    pub conf: ConfState,
     /// Ticks without a leader before a follower campaigns (randomized up to
     /// twice this); also the check-quorum period. Default 10.
     pub election_ticks: u32,
@@ -87,10 +91,11 @@ pub struct Config {
 
 impl Config {
     /// A configuration with defaults.
+    /// A configuration with defaults; `peers` are the voters, this node among them.
     pub fn new(id: NodeId, peers: Vec<NodeId>, seed: u64) -> Self {
         Config {
             id,
-            peers,
+            conf: ConfState::with_voters(peers),
             election_ticks: 10,
             heartbeat_ticks: 1,
             pre_vote: true,
@@ -107,7 +112,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.id.0 == 0 || self.peers.contains(&NodeId(0)) {
+        if self.id.0 == 0 || self.conf.members().contains(&NodeId(0)) {
             return Err(ConfigError("node id 0 is reserved"));
         }
         if self.election_ticks <= self.heartbeat_ticks || self.heartbeat_ticks == 0 {
@@ -157,6 +162,12 @@ pub enum ProposeError {
     /// Leadership is being handed over.
     #[error("a leadership transfer is in progress; retry at the new leader")]
     TransferInProgress,
+    /// An earlier membership change is not yet applied.
+    #[error("a membership change is still pending; retry once it is applied")]
+    ConfChangePending,
+    /// The membership change does not apply to the current membership.
+    #[error("invalid membership change: {0}")]
+    InvalidConfChange(&'static str),
 }
 
 /// Why a leadership transfer was refused.
@@ -178,7 +189,8 @@ pub enum TransferError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StepError {
-    /// From a node that is not a peer, or addressed to another node.
-    #[error("message from unknown peer {0:?} (or not addressed to this node)")]
+    /// Addressed to another node, or from id 0 (reserved), or from this node
+    /// itself (other than its own vote).
+    #[error("message from {0:?} refused: misaddressed or from a reserved id")]
     UnknownPeer(NodeId),
 }

@@ -21,6 +21,7 @@ pub(crate) struct RaftLog<S> {
     pub(crate) persisted: LogIndex,
     /// A snapshot received and not yet installed by the driver.
     pub(crate) pending_snapshot: Option<(LogIndex, Term)>,
+    pub(crate) pending_snapshot_conf: crate::ConfState,
     /// Whether it was handed to the driver.
     pub(crate) snapshot_handed: bool,
 }
@@ -44,6 +45,7 @@ impl<S: LogStore> RaftLog<S> {
             applied_handed: applied,
             persisted: last,
             pending_snapshot: None,
+            pending_snapshot_conf: crate::ConfState::default(),
             snapshot_handed: false,
         }
     }
@@ -57,7 +59,8 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     /// Replaces the whole log by a snapshot at (`index`, `term`) (Raft §7).
-    pub(crate) fn restore(&mut self, index: LogIndex, term: Term) {
+    pub(crate) fn restore(&mut self, index: LogIndex, term: Term, conf: crate::ConfState) {
+        self.pending_snapshot_conf = conf;
         self.unstable.clear();
         self.handed = 0;
         self.offset = index.next();

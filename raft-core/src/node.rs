@@ -21,7 +21,7 @@ pub struct Ready {
     /// Install this snapshot (index, term) before persisting `entries`: replace
     /// the state machine with the staged checkpoint, make the log start after
     /// it, then report with `on_persisted(index, term)` (or a later entry).
-    pub snapshot: Option<(LogIndex, Term)>,
+    pub snapshot: Option<(LogIndex, Term, crate::ConfState)>,
     /// Apply these, in order. They are committed and durable here.
     pub committed_entries: Vec<Entry>,
     /// Reads now safe: serve each once the state machine has applied up to its index.
@@ -93,6 +93,17 @@ impl<S: LogStore> RawNode<S> {
         self.raft.campaign_now();
     }
 
+    /// Proposes a membership change; returns its index. Changes to voters go
+    /// through joint consensus (left automatically with `auto_leave`).
+    pub fn propose_conf_change(&mut self, cc: crate::ConfChange) -> Result<LogIndex, ProposeError> {
+        self.raft.propose_conf_change(cc)
+    }
+
+    /// The membership in force (as of the entries handed out to apply).
+    pub fn conf_state(&self) -> &crate::ConfState {
+        &self.raft.conf
+    }
+
     /// Proposes a batch of entries; returns the index of the last one.
     pub fn propose(&mut self, batch: Vec<Vec<u8>>) -> Result<LogIndex, ProposeError> {
         self.raft.propose(batch)
@@ -108,7 +119,7 @@ impl<S: LogStore> RawNode<S> {
             entries: r.log.unhanded().to_vec(),
             messages: std::mem::take(&mut r.msgs),
             persisted_messages: std::mem::take(&mut r.msgs_after_persist),
-            snapshot: r.log.snapshot_to_install(),
+            snapshot: r.log.snapshot_to_install().map(|(i, t)| (i, t, r.log.pending_snapshot_conf.clone())),
             committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, apply_unpersisted),
             read_states: std::mem::take(&mut r.read_states),
         }
@@ -126,6 +137,10 @@ impl<S: LogStore> RawNode<S> {
         }
         if let Some(last) = ready.committed_entries.last() {
             self.raft.log.applied_handed = self.raft.log.applied_handed.max(last.index);
+        }
+        // Membership changes take effect as they are handed out to apply.
+        for e in ready.committed_entries.iter().filter(|e| e.kind == crate::EntryKind::ConfChange) {
+            self.raft.apply_conf_change(e);
         }
     }
 

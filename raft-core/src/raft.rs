@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::conf::{ConfChange, ConfState};
 use crate::log::RaftLog;
 use crate::progress::{Progress, ProgressState};
 use crate::storage::LogStore;
@@ -27,6 +28,10 @@ pub enum Role {
 #[derive(Debug)]
 pub(crate) struct Raft<S> {
     pub(crate) cfg: Config,
+    /// The membership in force (as of the entries handed out to apply).
+    pub(crate) conf: ConfState,
+    /// Index of the last membership change proposed by this leader.
+    pending_conf_index: LogIndex,
     pub(crate) term: Term,
     pub(crate) vote: Option<NodeId>,
     pub(crate) role: Role,
@@ -65,7 +70,12 @@ struct PendingRead {
 impl<S: LogStore> Raft<S> {
     pub(crate) fn new(cfg: Config, store: S) -> Self {
         let hs = store.hard_state();
+        // The membership as of what the state machine holds: the snapshot's if
+        // the store's snapshot is newer than `applied`, else the configured one.
+        let conf = if store.first_index().prev() > cfg.applied { store.snapshot_conf() } else { cfg.conf.clone() };
         let mut r = Raft {
+            conf,
+            pending_conf_index: LogIndex(0),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ cfg.id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             term: hs.term,
             vote: hs.vote,
@@ -100,8 +110,9 @@ impl<S: LogStore> Raft<S> {
         HardState { term: self.term, vote: self.vote, commit: self.log.committed }
     }
 
-    fn quorum(&self) -> usize {
-        self.cfg.peers.len() / 2 + 1
+    /// Whether the nodes `yes` holds for form a quorum of the configuration.
+    fn quorum(&self, yes: impl Fn(NodeId) -> bool + Copy) -> bool {
+        self.conf.quorum(yes)
     }
 
     fn reset_timeout(&mut self) {
@@ -119,7 +130,7 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn others(&self) -> Vec<NodeId> {
-        self.cfg.peers.iter().copied().filter(|p| *p != self.cfg.id).collect()
+        self.conf.members().into_iter().filter(|p| *p != self.cfg.id).collect()
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
@@ -184,14 +195,12 @@ impl<S: LogStore> Raft<S> {
 
     fn quorum_active(&mut self) -> bool {
         let me = self.cfg.id;
-        let mut active = 0;
-        for (id, pr) in self.progress.iter_mut() {
-            if *id == me || pr.recent_active {
-                active += 1;
-            }
+        let active: BTreeSet<NodeId> =
+            self.progress.iter().filter(|(id, pr)| **id == me || pr.recent_active).map(|(id, _)| *id).collect();
+        for pr in self.progress.values_mut() {
             pr.recent_active = false;
         }
-        active >= self.quorum()
+        self.quorum(|id| active.contains(&id))
     }
 
     pub(crate) fn campaign_now(&mut self) {
@@ -201,7 +210,8 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn campaign(&mut self) {
-        if !self.cfg.peers.contains(&self.cfg.id) {
+        // Learners and removed nodes never campaign.
+        if !self.conf.is_voter(self.cfg.id) {
             return;
         }
         // With pre-vote, every timeout starts a new pre-vote round (a round that
@@ -266,15 +276,16 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn check_votes(&mut self) {
-        let granted = self.votes.values().filter(|g| **g).count();
-        let rejected = self.votes.values().filter(|g| !**g).count();
-        if granted >= self.quorum() {
+        let votes = &self.votes;
+        let granted = self.conf.quorum(|id| votes.get(&id) == Some(&true));
+        let lost = self.conf.quorum_lost(|id| votes.get(&id) == Some(&false));
+        if granted {
             match self.role {
                 Role::PreCandidate => self.start_election(false),
                 Role::Candidate => self.become_leader(),
                 _ => {}
             }
-        } else if rejected >= self.quorum() {
+        } else if lost {
             self.become_follower(self.term, None);
         }
     }
@@ -292,7 +303,7 @@ impl<S: LogStore> Raft<S> {
         self.uncommitted_bytes = 0;
         self.transferee = None;
         let next = self.log.last_index().next();
-        self.progress = self.cfg.peers.iter().map(|p| (*p, Progress::new(next))).collect();
+        self.progress = self.conf.members().into_iter().map(|p| (p, Progress::new(next))).collect();
         let me = self.cfg.id;
         if let Some(pr) = self.progress.get_mut(&me) {
             pr.matched = self.log.persisted;
@@ -354,8 +365,8 @@ impl<S: LogStore> Raft<S> {
             if let Some(pr) = self.progress.get_mut(&to) {
                 pr.become_snapshot(index);
             }
-            let t = self.term;
-            self.send(to, t, Body::Snapshot { index, term });
+            let (t, conf) = (self.term, self.log.store.snapshot_conf());
+            self.send(to, t, Body::Snapshot { index, term, conf });
             return;
         }
         let (prev, entries, counts) = if can && pr.next <= last {
@@ -392,21 +403,26 @@ impl<S: LogStore> Raft<S> {
 
     fn maybe_commit(&mut self) {
         let me = self.cfg.id;
-        let mut matched: Vec<LogIndex> = self
+        let matched: BTreeMap<NodeId, LogIndex> = self
             .progress
             .iter()
             .map(|(id, pr)| {
-                if *id != me {
+                let m = if *id != me {
                     pr.matched
                 } else if self.mutation(Mutation::LeaderCountsUnpersisted) {
                     self.log.last_index()
                 } else {
                     self.log.persisted
-                }
+                };
+                (*id, m)
             })
             .collect();
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(&n) = matched.get(self.quorum() - 1) else { return };
+        // A quorum of voters (of both configurations while joint); learners
+        // and a removed leader do not count.
+        let n = self.conf.committed(&matched);
+        if n == LogIndex(u64::MAX) {
+            return;
+        }
         // Only an entry of the current term is committed by counting replicas
         // (Raft §5.4.2, Figure 8); earlier ones are committed with it.
         let current_term = self.log.term(n) == Some(self.term);
@@ -436,7 +452,12 @@ impl<S: LogStore> Raft<S> {
     // ---- messages ----
 
     pub(crate) fn step(&mut self, m: Message) -> Result<(), crate::StepError> {
-        if !self.cfg.peers.contains(&m.from) || m.to != self.cfg.id {
+        // Messages from nodes this node does not know yet are taken: a lagging
+        // node must hear from a leader added after the membership it holds.
+        // Refusing removed nodes is the transport's job (it knows them from the
+        // replicated state); here they never count toward any quorum.
+        if m.to != self.cfg.id || m.from.0 == 0 || m.from == self.cfg.id && !matches!(m.body, Body::VoteResponse { .. })
+        {
             return Err(crate::StepError::UnknownPeer(m.from));
         }
         if m.term > self.term {
@@ -502,12 +523,12 @@ impl<S: LogStore> Raft<S> {
                 self.confirm_reads(m.from, read_seq);
                 self.handle_append_response(m.from, success, index, hint);
             }
-            Body::Snapshot { index, term } => {
+            Body::Snapshot { index, term, conf } => {
                 if self.role != Role::Follower || self.leader != Some(m.from) {
                     self.become_follower(self.term, Some(m.from));
                 }
                 self.election_elapsed = 0;
-                self.handle_snapshot(m.from, index, term);
+                self.handle_snapshot(m.from, index, term, conf);
             }
             Body::TimeoutNow if self.role == Role::Follower && self.leader == Some(m.from) => {
                 // Our leader hands over: campaign now, past pre-vote and leases.
@@ -552,7 +573,7 @@ impl<S: LogStore> Raft<S> {
         }
     }
 
-    fn handle_snapshot(&mut self, from: NodeId, index: LogIndex, term: Term) {
+    fn handle_snapshot(&mut self, from: NodeId, index: LogIndex, term: Term, conf: ConfState) {
         let me_term = self.term;
         if index <= self.log.committed {
             // We have it already.
@@ -565,8 +586,10 @@ impl<S: LogStore> Raft<S> {
             // Our log holds the snapshot's last entry: keep what follows (Raft §7).
             self.log.commit_to(index);
         } else {
-            // Otherwise the whole log is discarded and the snapshot installed.
-            self.log.restore(index, term);
+            // Otherwise the whole log is discarded and the snapshot installed,
+            // with the membership as of its index.
+            self.log.restore(index, term, conf.clone());
+            self.conf = conf;
         }
         let body = Body::AppendResponse { success: true, index, hint: index, read_seq: 0 };
         self.send_after_persist(from, me_term, body);
@@ -589,6 +612,54 @@ impl<S: LogStore> Raft<S> {
     }
 
     // ---- reads ----
+
+    // ---- membership ----
+
+    /// Proposes a membership change. One at a time: refused while an earlier
+    /// one is not yet applied.
+    pub(crate) fn propose_conf_change(&mut self, cc: ConfChange) -> Result<LogIndex, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.transferee.is_some() {
+            return Err(ProposeError::TransferInProgress);
+        }
+        if self.pending_conf_index > self.log.applied_handed {
+            return Err(ProposeError::ConfChangePending);
+        }
+        self.conf.apply(&cc).map_err(ProposeError::InvalidConfChange)?;
+        let index = self.log.last_index().next();
+        let e = Entry { term: self.term, index, kind: EntryKind::ConfChange, data: cc.encode() };
+        self.log.append(&[e]);
+        self.pending_conf_index = index;
+        self.broadcast_append(false);
+        Ok(index)
+    }
+
+    /// A committed membership change was handed out to apply: it takes effect now.
+    pub(crate) fn apply_conf_change(&mut self, e: &Entry) {
+        let Some(cc) = ConfChange::decode(&e.data) else { return };
+        let Ok(next) = self.conf.apply(&cc) else { return };
+        self.conf = next;
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let members = self.conf.members();
+        self.progress.retain(|id, _| members.contains(id));
+        for id in members {
+            self.progress.entry(id).or_insert_with(|| Progress::new(last.next()));
+        }
+        if !self.conf.is_voter(self.cfg.id) {
+            // Removed: a leader that is no longer a voter steps down.
+            self.become_follower(self.term, None);
+            return;
+        }
+        if self.conf.is_joint() && self.conf.auto_leave {
+            let _ = self.propose_conf_change(ConfChange::default());
+        }
+        self.maybe_commit();
+    }
 
     /// A linearizable read: on the leader, a read index confirmed by a quorum;
     /// on a follower, asked of the leader.
@@ -615,7 +686,8 @@ impl<S: LogStore> Raft<S> {
             return;
         }
         let index = self.log.committed;
-        if self.cfg.peers.len() == 1 || self.mutation(Mutation::ReadWithoutQuorum) {
+        let me = self.cfg.id;
+        if self.quorum(|id| id == me) || self.mutation(Mutation::ReadWithoutQuorum) {
             self.release_read(from, index, context);
             return;
         }
@@ -629,7 +701,7 @@ impl<S: LogStore> Raft<S> {
         for r in self.pending_reads.iter_mut().filter(|r| r.seq <= read_seq) {
             r.acks.insert(from);
         }
-        while self.pending_reads.front().is_some_and(|r| r.acks.len() >= self.quorum()) {
+        while self.pending_reads.front().is_some_and(|r| self.conf.quorum(|id| r.acks.contains(&id))) {
             let r = self.pending_reads.pop_front().expect("front");
             self.release_read(r.from, r.index, r.context);
         }
@@ -650,7 +722,7 @@ impl<S: LogStore> Raft<S> {
         if self.role != Role::Leader {
             return Err(TransferError::NotLeader { leader: self.leader });
         }
-        if !self.cfg.peers.contains(&to) {
+        if !self.conf.is_voter(to) {
             return Err(TransferError::UnknownPeer(to));
         }
         if to == self.cfg.id {

@@ -1,5 +1,6 @@
 //! The persisted log, as raft-core reads it.
 
+use crate::conf::ConfState;
 use crate::types::{Entry, HardState, LogIndex, Term};
 
 /// What raft-core reads of the persisted log. The driver writes it (the
@@ -19,14 +20,17 @@ pub trait LogStore {
     /// Entries `[lo, hi)`, at most `bytes_max` bytes (at least one if any);
     /// `lo` is at least `first_index`.
     fn entries(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry>;
+    /// The membership as of the snapshot (`first_index - 1`).
+    fn snapshot_conf(&self) -> ConfState;
 }
 
 /// An in-memory log store, for tests and the simulator.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     hard_state: HardState,
-    /// The snapshot the log starts after: (index, term).
+    /// The snapshot the log starts after: (index, term), and the membership then.
     snapshot: (LogIndex, Term),
+    snapshot_conf: ConfState,
     entries: Vec<Entry>,
 }
 
@@ -55,8 +59,9 @@ impl MemStore {
         self.hard_state = hs;
     }
 
-    /// Releases the entries up to `index` (a snapshot covers them).
-    pub fn compact(&mut self, index: LogIndex) {
+    /// Releases the entries up to `index` (a snapshot covers them); `conf` is
+    /// the membership as of `index`.
+    pub fn compact(&mut self, index: LogIndex, conf: ConfState) {
         if index <= self.snapshot.0 {
             return;
         }
@@ -64,12 +69,14 @@ impl MemStore {
         let n = self.pos(index).map_or(0, |p| p + 1);
         self.entries.drain(..n);
         self.snapshot = (index, term);
+        self.snapshot_conf = conf;
     }
 
     /// Installs a snapshot at (`index`, `term`): the log is emptied and starts after it.
-    pub fn apply_snapshot(&mut self, index: LogIndex, term: Term) {
+    pub fn apply_snapshot(&mut self, index: LogIndex, term: Term, conf: ConfState) {
         self.entries.clear();
         self.snapshot = (index, term);
+        self.snapshot_conf = conf;
         self.hard_state.commit = self.hard_state.commit.max(index);
     }
 
@@ -94,6 +101,9 @@ impl LogStore for MemStore {
             return Some(self.snapshot.1);
         }
         self.entries.get(self.pos(index)?).map(|e| e.term)
+    }
+    fn snapshot_conf(&self) -> ConfState {
+        self.snapshot_conf.clone()
     }
     fn entries(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry> {
         let mut out = Vec::new();

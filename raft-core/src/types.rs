@@ -6,7 +6,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 /// A node's id. 0 is never a valid id.
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[rkyv(derive(Debug, PartialEq))]
+#[rkyv(derive(Debug, PartialEq, Eq, PartialOrd, Ord))]
 pub struct NodeId(pub u64);
 
 /// A Raft term.
@@ -38,6 +38,8 @@ pub enum EntryKind {
     Normal,
     /// The empty entry a new leader appends to commit its term.
     Noop,
+    /// A membership change (`ConfChange`, rkyv-encoded).
+    ConfChange,
 }
 
 /// A log entry.
@@ -164,6 +166,8 @@ pub enum Body {
         index: LogIndex,
         /// Term of that entry.
         term: Term,
+        /// The membership as of `index`.
+        conf: crate::ConfState,
     },
     /// Leader to its chosen successor: campaign now (leadership transfer).
     TimeoutNow,

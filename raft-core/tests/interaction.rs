@@ -7,8 +7,11 @@
 //! Commands (one per line, `# ...` are comments):
 //! - `cluster n=3 [pre_vote=false] [check_quorum=false]`: a new cluster
 //! - `tick ID [N]`: N ticks (default 1) on a node
+//! - `tick-all N`: N rounds of one tick on every node, messages delivered after each (quietly)
 //! - `campaign ID`, `propose ID DATA`, `read ID CONTEXT`, `transfer ID TO`
 //! - `isolate ID` / `heal`: drop every message to and from ID, or stop dropping
+//! - `add-node ID`: start node ID, empty, with node 1's membership plus itself as a learner
+//! - `conf ID add-learner|add-voter|remove X`: propose a membership change (auto-leave)
 //! - `deliver`: persist and deliver one round of messages, printing each
 //! - `stabilize`: deliver rounds until nothing moves
 //! - `status`: each node's role, term, commit, last index, applied, reads served
@@ -17,7 +20,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use cairn_raft_core::{Body, Config, MemStore, Message, NodeId, RawNode};
+use cairn_raft_core::{Body, ConfChange, ConfChangeItem, Config, MemStore, Message, NodeId, RawNode};
 
 struct Harness {
     nodes: Vec<RawNode<MemStore>>,
@@ -48,7 +51,7 @@ fn fmt_msg(m: &Message) -> String {
         Body::AppendResponse { success, index, hint, read_seq } => {
             format!("AppendResponse success={success} index={} hint={} read_seq={read_seq}", index.0, hint.0)
         }
-        Body::Snapshot { index, term } => format!("Snapshot {}@{}", index.0, term.0),
+        Body::Snapshot { index, term, .. } => format!("Snapshot {}@{}", index.0, term.0),
         Body::TimeoutNow => "TimeoutNow".into(),
         Body::ReadIndex { context } => format!("ReadIndex {}", String::from_utf8_lossy(context)),
         Body::ReadIndexResponse { index, context } => {
@@ -90,17 +93,17 @@ impl Harness {
                 }
                 let n = &mut self.nodes[i];
                 n.advance(&rd);
-                if let Some((index, term)) = rd.snapshot {
-                    n.store_mut().apply_snapshot(index, term);
+                if let Some((index, term, conf)) = rd.snapshot.clone() {
+                    n.store_mut().apply_snapshot(index, term, conf);
                     self.applied[i].push(format!("snapshot@{}", index.0));
                 }
                 n.store_mut().append(&rd.entries);
                 if let Some(hs) = rd.hard_state {
                     n.store_mut().set_hard_state(hs);
                 }
-                match (rd.entries.last(), rd.snapshot) {
+                match (rd.entries.last(), &rd.snapshot) {
                     (Some(last), _) => n.on_persisted(last.index, last.term),
-                    (None, Some((index, term))) => n.on_persisted(index, term),
+                    (None, Some((index, term, _))) => n.on_persisted(*index, *term),
                     (None, None) => {}
                 }
                 self.queue.extend(rd.messages);
@@ -145,14 +148,21 @@ impl Harness {
 
     fn status(&self, out: &mut String) {
         for (i, n) in self.nodes.iter().enumerate() {
+            let c = n.conf_state();
+            let ids = |s: &std::collections::BTreeSet<NodeId>| {
+                s.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(",")
+            };
             let _ = writeln!(
                 out,
-                "{}: {:?} term={} commit={} last={} applied=[{}] reads=[{}]",
+                "{}: {:?} term={} commit={} last={} voters={}{} learners={} applied=[{}] reads=[{}]",
                 i + 1,
                 n.role(),
                 n.term().0,
                 n.commit_index().0,
                 n.last_index().0,
+                ids(&c.voters),
+                if c.is_joint() { format!(" outgoing={}", ids(&c.voters_outgoing)) } else { String::new() },
+                ids(&c.learners),
                 self.applied[i].join(" "),
                 self.reads[i].join(" ")
             );
@@ -190,6 +200,20 @@ fn run_script(text: &str) -> String {
                         }
                         Ok(())
                     }
+                    "tick-all" => {
+                        let mut quiet = String::new();
+                        for _ in 0..arg(1) {
+                            for n in h.nodes.iter_mut() {
+                                n.tick();
+                            }
+                            for _ in 0..100 {
+                                if !h.deliver(&mut quiet) {
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(())
+                    }
                     "campaign" => {
                         h.nodes[node(arg(1))].campaign();
                         Ok(())
@@ -201,8 +225,32 @@ fn run_script(text: &str) -> String {
                     "read" => h.nodes[node(arg(1))].read_index(w[2].as_bytes().to_vec()).map_err(|e| e.to_string()),
                     "transfer" => h.nodes[node(arg(1))].transfer_leader(NodeId(arg(2))).map_err(|e| e.to_string()),
                     "compact" => {
-                        h.nodes[node(arg(1))].store_mut().compact(cairn_raft_core::LogIndex(arg(2)));
+                        let n = &mut h.nodes[node(arg(1))];
+                        let conf = n.conf_state().clone();
+                        n.store_mut().compact(cairn_raft_core::LogIndex(arg(2)), conf);
                         Ok(())
+                    }
+                    "add-node" => {
+                        let id = NodeId(arg(1));
+                        let mut conf = h.nodes[0].conf_state().clone();
+                        conf.learners.insert(id);
+                        let mut c = Config::new(id, vec![], id.0);
+                        c.conf = conf;
+                        h.nodes.push(RawNode::new(c, MemStore::new()).expect("config"));
+                        h.applied.push(vec![]);
+                        h.reads.push(vec![]);
+                        Ok(())
+                    }
+                    "conf" => {
+                        let x = NodeId(arg(3));
+                        let item = match w[2] {
+                            "add-learner" => ConfChangeItem::AddLearner(x),
+                            "add-voter" => ConfChangeItem::AddVoter(x),
+                            "remove" => ConfChangeItem::Remove(x),
+                            other => panic!("unknown change {other}"),
+                        };
+                        let cc = ConfChange { changes: vec![item], auto_leave: true };
+                        h.nodes[node(arg(1))].propose_conf_change(cc).map(|_| ()).map_err(|e| e.to_string())
                     }
                     "isolate" => {
                         h.isolated.insert(arg(1));

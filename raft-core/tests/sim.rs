@@ -11,17 +11,20 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use cairn_raft_core::{
-    Body, Config, Entry, HardState, LogIndex, LogStore, MemStore, Message, Mutation, NodeId, RawNode, Role, Term,
+    Body, ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, LogIndex, LogStore, MemStore,
+    Message, Mutation, NodeId, RawNode, Role, StepError, Term,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const STEPS: u64 = 2000;
+/// Node slots: the initial voters, then nodes added later.
+const SLOTS: usize = 7;
 
 /// A write a node's storage is doing: it becomes durable at `done_at`.
 struct PendingWrite {
     done_at: u64,
-    snapshot: Option<(LogIndex, Term)>,
+    snapshot: Option<(LogIndex, Term, ConfState)>,
     entries: Vec<Entry>,
     hard_state: Option<HardState>,
     after: Vec<Message>,
@@ -38,6 +41,16 @@ struct SimNode {
     leader_log: Vec<Entry>,
     /// Down after a crash in the middle of a write; back at this step.
     restart_at: Option<u64>,
+    /// Started (a member at some point); nodes are added once, never reused.
+    started: bool,
+    /// The membership it started with, and after each change it applied.
+    conf_history: Vec<(u64, ConfState)>,
+}
+
+impl SimNode {
+    fn conf_at(&self, index: u64) -> ConfState {
+        self.conf_history.iter().rev().find(|(i, _)| *i <= index).map(|(_, c)| c.clone()).unwrap_or_default()
+    }
 }
 
 #[derive(Default, Debug)]
@@ -49,6 +62,7 @@ struct Coverage {
     transfers: u64,
     reads_served: u64,
     snapshots_installed: u64,
+    conf_changes: u64,
 }
 
 struct Sim {
@@ -89,25 +103,33 @@ fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> C
 }
 
 impl Sim {
+    /// `n` voters to start with; up to `SLOTS` nodes, the others added later.
     fn new(seed: u64, n: usize, mutation: Option<Mutation>) -> Sim {
         let peers: Vec<NodeId> = (1..=n as u64).map(NodeId).collect();
-        let nodes = peers
-            .iter()
-            .map(|&id| SimNode {
-                id,
-                node: Some(RawNode::new(cfg(id, &peers, seed, mutation), MemStore::new()).expect("config")),
-                disk: MemStore::new(),
-                pending: VecDeque::new(),
-                last_applied: 0,
-                was_leader_in: None,
-                leader_log: Vec::new(),
-                restart_at: None,
+        let conf0 = ConfState::with_voters(peers.clone());
+        let nodes = (1..=SLOTS as u64)
+            .map(NodeId)
+            .map(|id| {
+                let started = id.0 <= n as u64;
+                SimNode {
+                    id,
+                    node: started
+                        .then(|| RawNode::new(cfg(id, &peers, seed, mutation), MemStore::new()).expect("config")),
+                    disk: MemStore::new(),
+                    pending: VecDeque::new(),
+                    last_applied: 0,
+                    was_leader_in: None,
+                    leader_log: Vec::new(),
+                    restart_at: None,
+                    started,
+                    conf_history: vec![(0, conf0.clone())],
+                }
             })
             .collect();
         Sim {
             rng: ChaCha8Rng::seed_from_u64(seed),
             nodes,
-            group: vec![0; n],
+            group: vec![0; SLOTS],
             peers,
             net: Vec::new(),
             step: 0,
@@ -144,6 +166,41 @@ impl Sim {
         }
     }
 
+    /// At the leader: add a never-used node as a learner, promote a learner,
+    /// or remove a voter (keeping at least three), through joint consensus.
+    fn change_membership(&mut self, seed: u64) {
+        let Some(li) = self.nodes.iter().position(|n| n.node.as_ref().is_some_and(|x| x.role() == Role::Leader)) else {
+            return;
+        };
+        let conf = self.nodes[li].node.as_ref().map(|x| x.conf_state().clone()).unwrap_or_default();
+        let fresh = self.nodes.iter().find(|n| !n.started).map(|n| n.id);
+        let learner = conf.learners.iter().next().copied();
+        let voters: Vec<NodeId> = conf.voters.iter().copied().collect();
+        let item = match self.rng.random_range(0..3) {
+            0 if fresh.is_some() => ConfChangeItem::AddLearner(fresh.unwrap_or(NodeId(0))),
+            1 if learner.is_some() => ConfChangeItem::AddVoter(learner.unwrap_or(NodeId(0))),
+            2 if voters.len() > 3 => ConfChangeItem::Remove(voters[self.rng.random_range(0..voters.len())]),
+            _ => return,
+        };
+        let cc = ConfChange { changes: vec![item], auto_leave: true };
+        let Some(leader) = self.nodes[li].node.as_mut() else { return };
+        if leader.propose_conf_change(cc.clone()).is_err() {
+            return;
+        }
+        self.cov.conf_changes += 1;
+        if let ConfChangeItem::AddLearner(id) = item {
+            // The new node starts empty, with the membership it is added to.
+            let i = self.idx(id);
+            let start_conf = conf.apply(&cc).unwrap_or(conf);
+            let mut c = cfg(id, &[], seed, self.mutation);
+            c.conf = start_conf.clone();
+            let n = &mut self.nodes[i];
+            n.started = true;
+            n.conf_history = vec![(0, start_conf)];
+            n.node = Some(RawNode::new(c, MemStore::new()).expect("config"));
+        }
+    }
+
     fn crash(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         if let Some(node) = n.node.take() {
@@ -159,11 +216,13 @@ impl Sim {
         let peers = self.peers.clone();
         let mutation = self.mutation;
         let n = &mut self.nodes[i];
-        if n.node.is_none() {
+        if n.node.is_none() && n.started {
             let mut c = cfg(n.id, &peers, seed, mutation);
             // The state machine restarts from the snapshot the store holds,
-            // then replays the log after it.
+            // with the membership as of it, then replays the log after it.
             c.applied = n.disk.first_index().prev();
+            c.conf = n.conf_at(c.applied.0);
+            n.conf_history.retain(|(k, _)| *k <= c.applied.0);
             n.last_applied = c.applied.0;
             n.node = Some(RawNode::new(c, n.disk.clone()).expect("config"));
         }
@@ -224,7 +283,12 @@ impl Sim {
             let receiver = m.to;
             let delivered = self.group[from] == self.group[to] && self.nodes[to].node.is_some();
             if delivered && let Some(node) = self.nodes[to].node.as_mut() {
-                node.step(m).map_err(|e| format!("step: {e}"))?;
+                match node.step(m) {
+                    // A removed node (or one not added yet, as the receiver sees it) is refused.
+                    Ok(()) => {}
+                    Err(StepError::UnknownPeer(p)) => return Err(format!("step: a message from {p:?} refused")),
+                    Err(e) => return Err(format!("step: {e}")),
+                }
             }
             if snapshot && let Some(leader) = self.nodes[from].node.as_mut() {
                 leader.report_snapshot(receiver, delivered);
@@ -233,13 +297,20 @@ impl Sim {
         // Compaction: now and then a node releases its log up to a little
         // before what it applied (a flush of the state machine).
         for n in self.nodes.iter_mut() {
+            // Not while a snapshot install is pending: the store still holds the
+            // old log, whose tail may never have been committed.
+            let installing = n.pending.iter().any(|w| w.snapshot.is_some());
             if let Some(node) = n.node.as_mut()
+                && !installing
                 && n.last_applied > 20
                 && self.rng.random_range(0..100) < 3
             {
                 let to = LogIndex(n.last_applied - self.rng.random_range(0..10));
                 if to >= node.store().first_index() && to <= node.store().last_index() {
-                    node.store_mut().compact(to);
+                    let conf = n.conf_history.iter().rev().find(|(k, _)| *k <= to.0).map(|(_, c)| c.clone());
+                    if let Some(node) = n.node.as_mut() {
+                        node.store_mut().compact(to, conf.unwrap_or_default());
+                    }
                 }
             }
         }
@@ -254,6 +325,10 @@ impl Sim {
                     break;
                 }
             }
+        }
+        // Membership changes, at the leader, one at a time.
+        if self.faults && self.rng.random_range(0..1000) < 8 {
+            self.change_membership(seed);
         }
         // Leadership transfers and reads.
         if self.rng.random_range(0..100) < 1 {
@@ -323,7 +398,11 @@ impl Sim {
             self.rng.random_range(0..4)
         };
         let done_at = self.nodes[i].pending.back().map_or(self.step, |p| p.done_at).max(self.step + delay);
-        if let Some((index, _)) = ready.snapshot {
+        if let Some((index, _, conf)) = &ready.snapshot {
+            let index = *index;
+            // Kept with the earlier history: if the install is lost in a
+            // crash, the node restarts from its old log and membership.
+            self.nodes[i].conf_history.push((index.0, conf.clone()));
             // The state machine is replaced by the leader's at `index`: every
             // entry up to it was committed (applied somewhere).
             if (1..=index.0).any(|k| !self.applied.contains_key(&k)) {
@@ -332,20 +411,35 @@ impl Sim {
             self.nodes[i].last_applied = index.0;
             self.cov.snapshots_installed += 1;
         }
+        // Track the membership after each change handed out (for compaction).
+        for e in ready.committed_entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
+            let last = self.nodes[i].conf_history.last().map(|c| c.1.clone()).unwrap_or_default();
+            if let Some(next) = ConfChange::decode(&e.data).and_then(|cc| last.apply(&cc).ok()) {
+                self.nodes[i].conf_history.push((e.index.0, next));
+            }
+        }
         self.nodes[i].pending.push_back(PendingWrite {
             done_at,
-            snapshot: ready.snapshot,
+            snapshot: ready.snapshot.clone(),
             entries: ready.entries,
             hard_state: ready.hard_state,
             after: ready.persisted_messages,
         });
         let hard_state_changed = self.nodes[i].pending.back().is_some_and(|w| w.hard_state.is_some());
+        // A new term or vote not yet durable is the moment a crash matters most.
+        let durable = self.nodes[i].node.as_ref().map(|n| n.store().hard_state()).unwrap_or_default();
+        let vote_changed = self.nodes[i]
+            .pending
+            .back()
+            .and_then(|w| w.hard_state)
+            .is_some_and(|hs| (hs.term, hs.vote) != (durable.term, durable.vote));
         for m in ready.messages {
             self.send(m);
         }
         // A crash between handing a write to storage and its completion: what
         // was sent is out, what was not durable is lost.
-        if self.faults && hard_state_changed && self.rng.random_range(0..100) < 3 {
+        let crash_percent = if vote_changed { 15 } else { 2 };
+        if self.faults && hard_state_changed && self.rng.random_range(0..100) < crash_percent {
             self.crash(i);
             self.nodes[i].restart_at = Some(self.step + self.rng.random_range(1..8));
             return Ok(());
@@ -384,8 +478,8 @@ impl Sim {
                 return Ok(());
             }
             let w = n.pending.pop_front().expect("front");
-            if let Some((index, term)) = w.snapshot {
-                node.store_mut().apply_snapshot(index, term);
+            if let Some((index, term, conf)) = w.snapshot.clone() {
+                node.store_mut().apply_snapshot(index, term, conf);
             }
             // Only committed entries are compacted, and committed entries are
             // never overwritten: a write below the snapshot breaks both.
@@ -403,9 +497,9 @@ impl Sim {
             if let Some(hs) = w.hard_state {
                 node.store_mut().set_hard_state(hs);
             }
-            match (w.entries.last(), w.snapshot) {
+            match (w.entries.last(), &w.snapshot) {
                 (Some(last), _) => node.on_persisted(last.index, last.term),
-                (None, Some((index, term))) => node.on_persisted(index, term),
+                (None, Some((index, term, _))) => node.on_persisted(*index, *term),
                 (None, None) => {}
             }
             let me = n.id;
@@ -529,10 +623,18 @@ impl Sim {
                     }
                 }
             }
-            let everywhere = self.nodes.iter().all(|n| {
-                let applied =
-                    self.applied.iter().find(|(_, (_, d))| *d == target.to_le_bytes().to_vec()).map(|(i, _)| *i);
-                applied.is_some_and(|i| n.last_applied >= i)
+            // Every member of the leader's configuration applied it.
+            let members = self
+                .nodes
+                .iter()
+                .find_map(|n| n.node.as_ref().filter(|x| x.role() == Role::Leader).map(|x| x.conf_state().members()));
+            let target_index =
+                self.applied.iter().find(|(_, (_, d))| *d == target.to_le_bytes().to_vec()).map(|(i, _)| *i);
+            let everywhere = members.is_some_and(|m| {
+                self.nodes
+                    .iter()
+                    .filter(|n| m.contains(&n.id))
+                    .all(|n| target_index.is_some_and(|t| n.node.is_some() && n.last_applied >= t))
             });
             if everywhere {
                 return Ok(());
@@ -592,6 +694,7 @@ fn simulated_clusters_stay_safe_and_live() {
                 total.transfers += c.transfers;
                 total.reads_served += c.reads_served;
                 total.snapshots_installed += c.snapshots_installed;
+                total.conf_changes += c.conf_changes;
             }
             Err(e) => panic!(
                 "seed {seed} ({n} nodes): {e}\nreplay: RAFT_SIM_SEED={seed} cargo test -p cairn-raft-core --test sim replay -- --ignored"
@@ -602,6 +705,7 @@ fn simulated_clusters_stay_safe_and_live() {
     assert!(total.elections > seeds() && total.crashes > seeds() && total.committed > seeds() * 100);
     assert!(total.transfers > seeds() && total.reads_served > seeds() * 10);
     assert!(total.snapshots_installed > seeds() / 2, "snapshots rarely happen: {}", total.snapshots_installed);
+    assert!(total.conf_changes > seeds(), "membership rarely changes: {}", total.conf_changes);
 }
 
 #[test]
