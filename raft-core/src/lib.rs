@@ -6,32 +6,41 @@
 //!
 //! **Status: in progress.** Built: elections with randomized timeouts,
 //! pre-vote and check-quorum; log replication with per-follower progress
-//! (probe and replicate), bounded messages and bytes in flight, fast
+//! (probe, replicate, snapshot), bounded messages and bytes in flight, fast
 //! backtracking with the follower's hint; the commit rule of the current term;
 //! asynchronous persistence (votes and append responses wait for durability; a
 //! leader counts itself only for entries reported persisted; only durable
 //! entries are applied); ReadIndex reads on the leader and through followers;
-//! leadership transfer; `report_unreachable`. Not yet built: lease reads,
-//! membership changes and learners, snapshots, golden interaction tests, the
-//! benchmark.
+//! leadership transfer; snapshots (compaction, install or keep, Raft §7);
+//! membership changes (learners, joint consensus, auto-leave). Not yet built:
+//! lease reads.
 //!
 //! # The driver loop
 //!
 //! 1. Call [`RawNode::tick`] every tick, [`RawNode::step`] for every message
-//!    that arrives, [`RawNode::propose`] for client writes.
-//! 2. Take [`RawNode::ready`]; then, in this order, and report with
-//!    [`RawNode::advance`]:
+//!    that arrives, [`RawNode::propose`] / [`RawNode::propose_conf_change`] /
+//!    [`RawNode::read_index`] for clients.
+//! 2. Take [`RawNode::ready`] and at once call [`RawNode::advance`] with it
+//!    (before any `on_persisted` for it). Then, in this order:
 //!    1. send `messages` (they may go before anything is durable);
-//!    2. persist `entries` (dropping persisted entries from the first one's
-//!       index) and then `hard_state` — entries before the hard state, so a
+//!    2. if `snapshot` is set, install it: replace the state machine with the
+//!       staged checkpoint and make the log start after its index, with its
+//!       membership;
+//!    3. persist `entries` (dropping persisted entries from the first one's
+//!       index) and then `hard_state`: entries before the hard state, so a
 //!       torn write never keeps a commit index whose entries were lost;
-//!    3. once they are durable, call [`RawNode::on_persisted`] with the last
-//!       entry's index and term, and only then send `persisted_messages`
-//!       (messages addressed to this node go to [`RawNode::step`]);
-//!    4. apply `committed_entries` in order.
+//!    4. once durable, call [`RawNode::on_persisted`] with the last entry's (or
+//!       the snapshot's) index and term, and only then send
+//!       `persisted_messages` (those addressed to this node go to `step`);
+//!    5. apply `committed_entries` in order; serve each of `read_states` once
+//!       applied up to its index.
 //! 3. Persistence and apply may run on other threads: the node goes on
 //!    stepping and ticking meanwhile; it learns of progress only through
 //!    `on_persisted`.
+//! 4. A `Snapshot` message is the driver's cue to send a checkpoint (with
+//!    cairn-snapshot-transfer); report the outcome with
+//!    [`RawNode::report_snapshot`]. On the receiving side, step the message
+//!    in once the checkpoint is staged.
 
 mod conf;
 mod log;
@@ -78,6 +87,9 @@ pub struct Config {
     pub apply_bytes_max: u64,
     /// Bytes of proposals a leader holds uncommitted before it refuses more. Default 64 MiB.
     pub uncommitted_bytes_max: u64,
+    /// Reads waiting for confirmation (this node's and, on a leader, its
+    /// followers'). Default 4096.
+    pub reads_pending_max: usize,
     /// Seed of the election-timeout randomness.
     pub seed: u64,
     /// What the state machine has durably applied when the node starts (for
@@ -105,6 +117,7 @@ impl Config {
             inflight_bytes_max: 8 << 20,
             apply_bytes_max: 16 << 20,
             uncommitted_bytes_max: 64 << 20,
+            reads_pending_max: 4096,
             seed,
             applied: LogIndex(0),
             mutation: None,
@@ -118,7 +131,7 @@ impl Config {
         if self.election_ticks <= self.heartbeat_ticks || self.heartbeat_ticks == 0 {
             return Err(ConfigError("election_ticks must exceed heartbeat_ticks, which must be positive"));
         }
-        if self.inflight_msgs_max == 0 || self.msg_bytes_max == 0 {
+        if self.inflight_msgs_max == 0 || self.msg_bytes_max == 0 || self.inflight_bytes_max == 0 {
             return Err(ConfigError("flow-control bounds must be positive"));
         }
         Ok(())
@@ -159,6 +172,9 @@ pub enum ProposeError {
     /// Too many proposal bytes are waiting for commit.
     #[error("too many uncommitted bytes; retry later")]
     TooManyUncommittedBytes,
+    /// Too many reads are waiting for confirmation.
+    #[error("too many reads waiting; retry later")]
+    TooManyReads,
     /// Leadership is being handed over.
     #[error("a leadership transfer is in progress; retry at the new leader")]
     TransferInProgress,

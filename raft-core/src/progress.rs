@@ -100,7 +100,10 @@ impl Progress {
     /// reordered rejection is ignored; `next` never goes below `matched + 1`.
     /// Returns whether the rejection was taken.
     pub(crate) fn on_reject(&mut self, rejected: LogIndex, hint: LogIndex) -> bool {
-        if rejected <= self.matched {
+        // While a snapshot is on its way, refusals of heartbeats say nothing new:
+        // only `report_snapshot` ends that state (else every heartbeat would
+        // restart the transfer).
+        if rejected <= self.matched || matches!(self.state, ProgressState::Snapshot(_)) {
             return false;
         }
         if self.state == ProgressState::Probe && rejected != self.next.prev() {

@@ -53,6 +53,8 @@ pub(crate) struct Raft<S> {
     /// Reads asked before this leader committed an entry of its term.
     waiting_reads: Vec<(NodeId, Vec<u8>)>,
     pub(crate) read_states: Vec<ReadState>,
+    /// This election was started by a leadership transfer (votes are forced).
+    forced_campaign: bool,
     /// A leadership transfer in progress, and ticks since it started.
     transferee: Option<NodeId>,
     transfer_elapsed: u32,
@@ -96,6 +98,7 @@ impl<S: LogStore> Raft<S> {
             read_states: Vec::new(),
             transferee: None,
             transfer_elapsed: 0,
+            forced_campaign: false,
             cfg,
         };
         r.reset_timeout();
@@ -234,6 +237,7 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn start_election(&mut self, forced: bool) {
+        self.forced_campaign = forced;
         self.term = Term(self.term.0 + 1);
         self.vote = Some(self.cfg.id);
         self.role = Role::Candidate;
@@ -267,8 +271,8 @@ impl<S: LogStore> Raft<S> {
                     self.send(p, term, Body::PreVote { last_index, last_term });
                 }
                 Role::Candidate => {
-                    let term = self.term;
-                    self.send(p, term, Body::Vote { last_index, last_term, forced: false });
+                    let (term, forced) = (self.term, self.forced_campaign);
+                    self.send(p, term, Body::Vote { last_index, last_term, forced });
                 }
                 _ => {}
             }
@@ -465,6 +469,8 @@ impl<S: LogStore> Raft<S> {
                 // A pre-vote never changes anyone's term.
                 Body::PreVote { .. } => {}
                 Body::PreVoteResponse { granted: true } if self.role == Role::PreCandidate => {}
+                // A grant that arrives late (no longer campaigning) changes nothing.
+                Body::PreVoteResponse { granted: true } => return Ok(()),
                 Body::Vote { forced: false, .. } if self.in_lease() => return Ok(()),
                 Body::Append { .. } => self.become_follower(m.term, Some(m.from)),
                 _ => self.become_follower(m.term, None),
@@ -553,11 +559,26 @@ impl<S: LogStore> Raft<S> {
         read_seq: u64,
     ) {
         let term = self.term;
+        // Bad input from the network is ignored, never trusted: entries must
+        // follow `prev` one by one, with terms that never go down and never
+        // above the sender's.
+        let well_formed = entries.iter().enumerate().all(|(k, e)| e.index.0 == prev.0 + 1 + k as u64 && e.term <= term)
+            && entries.windows(2).all(|w| w[0].term <= w[1].term)
+            && entries.first().is_none_or(|e| e.term >= prev_term);
+        if !well_formed {
+            return;
+        }
         if prev < self.log.committed {
             // Everything up to our commit index matches any leader's log.
             let index = self.log.committed;
             let body = Body::AppendResponse { success: true, index, hint: index, read_seq };
             self.send_after_persist(from, term, body);
+            return;
+        }
+        // An entry that conflicts at or below our commit index would replace a
+        // committed entry: no correct leader sends that; ignore the message.
+        if entries.iter().any(|e| e.index <= self.log.committed && self.log.term(e.index).is_some_and(|t| t != e.term))
+        {
             return;
         }
         match self.log.maybe_append(prev, prev_term, entries) {
@@ -664,6 +685,9 @@ impl<S: LogStore> Raft<S> {
     /// A linearizable read: on the leader, a read index confirmed by a quorum;
     /// on a follower, asked of the leader.
     pub(crate) fn read_index(&mut self, context: Vec<u8>) -> Result<(), ProposeError> {
+        if self.pending_reads.len() + self.waiting_reads.len() >= self.cfg.reads_pending_max {
+            return Err(ProposeError::TooManyReads);
+        }
         match (self.role, self.leader) {
             (Role::Leader, _) => {
                 self.leader_read(self.cfg.id, context);
@@ -679,6 +703,11 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn leader_read(&mut self, from: NodeId, context: Vec<u8>) {
+        // Followers' requests count against the same bound (dropped beyond it:
+        // they retry).
+        if self.pending_reads.len() + self.waiting_reads.len() >= self.cfg.reads_pending_max {
+            return;
+        }
         // Until an entry of this term is committed, the commit index may lag
         // what earlier leaders committed (Raft thesis 6.4).
         if self.log.term(self.log.committed) != Some(self.term) {
@@ -750,6 +779,7 @@ impl<S: LogStore> Raft<S> {
         if let Some(pr) = self.progress.get_mut(&peer)
             && pr.state == ProgressState::Replicate
         {
+            pr.next = pr.matched.next();
             pr.become_probe();
         }
     }
