@@ -12,8 +12,8 @@
 //! leader counts itself only for entries reported persisted; only durable
 //! entries are applied); ReadIndex reads on the leader and through followers;
 //! leadership transfer; snapshots (compaction, install or keep, Raft §7);
-//! membership changes (learners, joint consensus, auto-leave). Not yet built:
-//! lease reads.
+//! membership changes (learners, joint consensus, auto-leave); lease reads
+//! (off by default) measured against the caller's monotonic time.
 //!
 //! # The driver loop
 //!
@@ -90,6 +90,11 @@ pub struct Config {
     /// Reads waiting for confirmation (this node's and, on a leader, its
     /// followers'). Default 4096.
     pub reads_pending_max: usize,
+    /// Lease reads: `Some(d)` lets a leader answer `read_index_at` at once
+    /// while a quorum acknowledged it within `d` of `now`. `d` must be the
+    /// shortest election timeout in real time minus the bound on clock drift
+    /// between nodes; needs check-quorum. Off (`None`) by default.
+    pub lease_read_duration: Option<std::time::Duration>,
     /// Seed of the election-timeout randomness.
     pub seed: u64,
     /// What the state machine has durably applied when the node starts (for
@@ -118,6 +123,7 @@ impl Config {
             apply_bytes_max: 16 << 20,
             uncommitted_bytes_max: 64 << 20,
             reads_pending_max: 4096,
+            lease_read_duration: None,
             seed,
             applied: LogIndex(0),
             mutation: None,
@@ -130,6 +136,9 @@ impl Config {
         }
         if self.election_ticks <= self.heartbeat_ticks || self.heartbeat_ticks == 0 {
             return Err(ConfigError("election_ticks must exceed heartbeat_ticks, which must be positive"));
+        }
+        if self.lease_read_duration.is_some() && !self.check_quorum {
+            return Err(ConfigError("lease reads need check_quorum"));
         }
         if self.inflight_msgs_max == 0 || self.msg_bytes_max == 0 || self.inflight_bytes_max == 0 {
             return Err(ConfigError("flow-control bounds must be positive"));
@@ -152,6 +161,9 @@ pub enum Mutation {
     ApplyUnpersisted,
     /// A leader serves a read index without confirming it still leads.
     ReadWithoutQuorum,
+    /// A lease measured in ticks instead of the caller's time (a frozen leader
+    /// gets no ticks, so its lease never runs out).
+    LeaseCountsTicks,
 }
 
 /// An invalid configuration.

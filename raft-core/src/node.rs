@@ -63,6 +63,18 @@ impl<S: LogStore> RawNode<S> {
         self.raft.tick();
     }
 
+    /// One tick at the caller's monotonic time `now` (needed for lease reads).
+    pub fn tick_at(&mut self, now: std::time::Instant) {
+        self.raft.tick_at(now);
+    }
+
+    /// A read at the caller's monotonic time `now`: with lease reads on and a
+    /// valid lease, answered at once (in the next `Ready`); otherwise a
+    /// ReadIndex round, as [`RawNode::read_index`].
+    pub fn read_index_at(&mut self, context: Vec<u8>, now: std::time::Instant) -> Result<(), ProposeError> {
+        self.raft.read_index_at(context, now)
+    }
+
     /// A message from a peer (or from this node, out of `persisted_messages`).
     /// Bad input is an error or ignored, never a panic.
     pub fn step(&mut self, m: Message) -> Result<(), StepError> {

@@ -55,6 +55,12 @@ pub(crate) struct Raft<S> {
     pub(crate) read_states: Vec<ReadState>,
     /// This election was started by a leadership transfer (votes are forced).
     forced_campaign: bool,
+    /// Lease rounds sent and not yet confirmed: (read_seq, when, who acknowledged).
+    lease_rounds: VecDeque<(u64, std::time::Instant, BTreeSet<NodeId>)>,
+    /// The lease lasts until then (caller's clock); with the tick mutation, the tick count then.
+    lease_until: Option<std::time::Instant>,
+    lease_until_tick: u64,
+    ticks: u64,
     /// A leadership transfer in progress, and ticks since it started.
     transferee: Option<NodeId>,
     transfer_elapsed: u32,
@@ -99,6 +105,10 @@ impl<S: LogStore> Raft<S> {
             transferee: None,
             transfer_elapsed: 0,
             forced_campaign: false,
+            lease_rounds: VecDeque::new(),
+            lease_until: None,
+            lease_until_tick: 0,
+            ticks: 0,
             cfg,
         };
         r.reset_timeout();
@@ -145,8 +155,11 @@ impl<S: LogStore> Raft<S> {
         self.leader = leader;
         self.votes.clear();
         self.progress.clear();
-        // Reads not yet confirmed are dropped: their callers retry.
+        // Reads not yet confirmed are dropped: their callers retry. The lease ends.
         self.pending_reads.clear();
+        self.lease_rounds.clear();
+        self.lease_until = None;
+        self.lease_until_tick = 0;
         self.waiting_reads.clear();
         self.transferee = None;
         self.reset_timeout();
@@ -154,7 +167,22 @@ impl<S: LogStore> Raft<S> {
 
     // ---- elections ----
 
+    /// A tick at the caller's time `now`: a leader with lease reads starts a
+    /// lease round (confirmed by the answers to the heartbeats it sends now).
+    pub(crate) fn tick_at(&mut self, now: std::time::Instant) {
+        if self.role == Role::Leader && self.cfg.lease_read_duration.is_some() {
+            self.read_seq += 1;
+            let me = self.cfg.id;
+            self.lease_rounds.push_back((self.read_seq, now, BTreeSet::from([me])));
+            while self.lease_rounds.len() > 2 * self.cfg.election_ticks as usize {
+                self.lease_rounds.pop_front();
+            }
+        }
+        self.tick();
+    }
+
     pub(crate) fn tick(&mut self) {
+        self.ticks += 1;
         match self.role {
             Role::Leader => {
                 let limit = (self.cfg.election_ticks / 2).max(1);
@@ -682,6 +710,22 @@ impl<S: LogStore> Raft<S> {
         self.maybe_commit();
     }
 
+    /// A read at the caller's time `now`: served at once under a valid lease,
+    /// otherwise as [`Raft::read_index`].
+    pub(crate) fn read_index_at(&mut self, context: Vec<u8>, now: std::time::Instant) -> Result<(), ProposeError> {
+        let lease_valid = if self.mutation(Mutation::LeaseCountsTicks) {
+            self.lease_until.is_some() && self.ticks < self.lease_until_tick
+        } else {
+            self.lease_until.is_some_and(|u| now < u)
+        };
+        if self.role == Role::Leader && lease_valid && self.log.term(self.log.committed) == Some(self.term) {
+            let index = self.log.committed;
+            self.read_states.push(ReadState { index, context });
+            return Ok(());
+        }
+        self.read_index(context)
+    }
+
     /// A linearizable read: on the leader, a read index confirmed by a quorum;
     /// on a follower, asked of the leader.
     pub(crate) fn read_index(&mut self, context: Vec<u8>) -> Result<(), ProposeError> {
@@ -727,6 +771,20 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn confirm_reads(&mut self, from: NodeId, read_seq: u64) {
+        if let Some(d) = self.cfg.lease_read_duration {
+            for r in self.lease_rounds.iter_mut().filter(|r| r.0 <= read_seq) {
+                r.2.insert(from);
+            }
+            // The newest round a quorum acknowledged: no other leader can be
+            // elected before `start + d` (they heard from us at `start` or later).
+            let conf = &self.conf;
+            if let Some(pos) = self.lease_rounds.iter().rposition(|r| conf.quorum(|id| r.2.contains(&id))) {
+                let start = self.lease_rounds[pos].1;
+                self.lease_until = Some(self.lease_until.map_or(start + d, |u| u.max(start + d)));
+                self.lease_until_tick = self.ticks + u64::from(self.cfg.election_ticks);
+                self.lease_rounds.drain(..=pos);
+            }
+        }
         for r in self.pending_reads.iter_mut().filter(|r| r.seq <= read_seq) {
             r.acks.insert(from);
         }
@@ -759,6 +817,10 @@ impl<S: LogStore> Raft<S> {
         }
         self.transferee = Some(to);
         self.transfer_elapsed = 0;
+        // The successor's forced votes pass the followers' leases: ours ends.
+        self.lease_until = None;
+        self.lease_until_tick = 0;
+        self.lease_rounds.clear();
         self.maybe_send_timeout_now(to);
         Ok(())
     }

@@ -14,6 +14,8 @@ use cairn_raft_core::{
     Body, ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, LogIndex, LogStore, MemStore,
     Message, Mutation, NodeId, RawNode, Role, StepError, Term,
 };
+use std::time::{Duration, Instant};
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -41,6 +43,8 @@ struct SimNode {
     leader_log: Vec<Entry>,
     /// Down after a crash in the middle of a write; back at this step.
     restart_at: Option<u64>,
+    /// Frozen (SIGSTOP) until this step: no ticks, no messages, no progress.
+    paused_until: Option<u64>,
     /// Started (a member at some point); nodes are added once, never reused.
     started: bool,
     /// The membership it started with, and after each change it applied.
@@ -83,6 +87,8 @@ struct Sim {
     /// Reads asked: context -> the highest index applied anywhere when asked.
     reads: BTreeMap<u64, u64>,
     next_read: u64,
+    /// The monotonic clock: one millisecond per step.
+    base: Instant,
 }
 
 fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> Config {
@@ -99,6 +105,12 @@ fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> C
         c.msg_bytes_max = 1;
     }
     c.inflight_msgs_max = 8;
+    // A quarter of the seeds serve reads from leases: ticks are 2 ms apart, the
+    // shortest election timeout is 10 ticks (20 ms), the drift bound 4 ms.
+    if seed % 4 == 1 {
+        c.check_quorum = true;
+        c.lease_read_duration = Some(Duration::from_millis(16));
+    }
     c
 }
 
@@ -121,6 +133,7 @@ impl Sim {
                     was_leader_in: None,
                     leader_log: Vec::new(),
                     restart_at: None,
+                    paused_until: None,
                     started,
                     conf_history: vec![(0, conf0.clone())],
                 }
@@ -141,7 +154,22 @@ impl Sim {
             faults: true,
             reads: BTreeMap::new(),
             next_read: 0,
+            base: Instant::now(),
         }
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.step)
+    }
+
+    fn paused(&self, i: usize) -> bool {
+        self.nodes[i].paused_until.is_some_and(|t| t > self.step)
+    }
+
+    /// The node that leads and is not frozen (a frozen one takes no requests).
+    fn live_leader(&self) -> Option<usize> {
+        (0..self.nodes.len())
+            .find(|&i| !self.paused(i) && self.nodes[i].node.as_ref().is_some_and(|x| x.role() == Role::Leader))
     }
 
     fn idx(&self, id: NodeId) -> usize {
@@ -149,7 +177,9 @@ impl Sim {
     }
 
     fn send(&mut self, m: Message) {
-        if self.faults && self.rng.random_range(0..100) < 5 {
+        // A frozen node's buffers are not drained: what is sent to it meanwhile is lost.
+        let to = self.idx(m.to);
+        if self.faults && (self.paused(to) || self.rng.random_range(0..100) < 5) {
             // Dropped. A lost snapshot is a failed transfer, which the driver reports.
             let from = self.idx(m.from);
             if matches!(m.body, Body::Snapshot { .. })
@@ -169,7 +199,7 @@ impl Sim {
     /// At the leader: add a never-used node as a learner, promote a learner,
     /// or remove a voter (keeping at least three), through joint consensus.
     fn change_membership(&mut self, seed: u64) {
-        let Some(li) = self.nodes.iter().position(|n| n.node.as_ref().is_some_and(|x| x.role() == Role::Leader)) else {
+        let Some(li) = self.live_leader() else {
             return;
         };
         let conf = self.nodes[li].node.as_ref().map(|x| x.conf_state().clone()).unwrap_or_default();
@@ -240,9 +270,19 @@ impl Sim {
         if r < 10 {
             let i = self.rng.random_range(0..n);
             self.crash(i);
-        } else if r < 40 {
+        } else if r < 39 {
             let i = self.rng.random_range(0..n);
             self.restart(i, seed);
+        } else if r < 41 {
+            // A node freezes (SIGSTOP) for a while; time goes on without it.
+            let i = self.rng.random_range(0..n);
+            self.nodes[i].paused_until = Some(self.step + self.rng.random_range(30..80));
+        } else if r < 42 {
+            // The leader freezes, long enough for another to be elected; it
+            // wakes up still believing it leads.
+            if let Some(i) = self.live_leader() {
+                self.nodes[i].paused_until = Some(self.step + self.rng.random_range(40..90));
+            }
         } else if r < 43 {
             for g in self.group.iter_mut() {
                 *g = self.rng.random_range(0..2);
@@ -260,9 +300,13 @@ impl Sim {
         }
         // Ticks.
         if self.step.is_multiple_of(2) {
-            for n in self.nodes.iter_mut() {
-                if let Some(node) = n.node.as_mut() {
-                    node.tick();
+            let now = self.now();
+            for i in 0..self.nodes.len() {
+                if self.paused(i) {
+                    continue;
+                }
+                if let Some(node) = self.nodes[i].node.as_mut() {
+                    node.tick_at(now);
                 }
             }
         }
@@ -281,7 +325,7 @@ impl Sim {
             let (from, to) = (self.idx(m.from), self.idx(m.to));
             let snapshot = matches!(m.body, Body::Snapshot { .. });
             let receiver = m.to;
-            let delivered = self.group[from] == self.group[to] && self.nodes[to].node.is_some();
+            let delivered = self.group[from] == self.group[to] && self.nodes[to].node.is_some() && !self.paused(to);
             if delivered && let Some(node) = self.nodes[to].node.as_mut() {
                 match node.step(m) {
                     // A removed node (or one not added yet, as the receiver sees it) is refused.
@@ -315,16 +359,12 @@ impl Sim {
             }
         }
         // Proposals.
-        if self.rng.random_range(0..100) < 30 {
-            for n in self.nodes.iter_mut() {
-                if let Some(node) = n.node.as_mut()
-                    && node.role() == Role::Leader
-                {
-                    self.next_data += 1;
-                    let _ = node.propose(vec![self.next_data.to_le_bytes().to_vec()]);
-                    break;
-                }
-            }
+        if self.rng.random_range(0..100) < 30
+            && let Some(li) = self.live_leader()
+            && let Some(node) = self.nodes[li].node.as_mut()
+        {
+            self.next_data += 1;
+            let _ = node.propose(vec![self.next_data.to_le_bytes().to_vec()]);
         }
         // Membership changes, at the leader, one at a time.
         if self.faults && self.rng.random_range(0..1000) < 8 {
@@ -333,14 +373,12 @@ impl Sim {
         // Leadership transfers and reads.
         if self.rng.random_range(0..100) < 1 {
             let to = NodeId(self.rng.random_range(1..=self.nodes.len() as u64));
-            for n in self.nodes.iter_mut() {
-                if let Some(node) = n.node.as_mut()
-                    && node.role() == Role::Leader
-                    && node.id() != to
-                    && node.transfer_leader(to).is_ok()
-                {
-                    self.cov.transfers += 1;
-                }
+            if let Some(li) = self.live_leader()
+                && let Some(node) = self.nodes[li].node.as_mut()
+                && node.id() != to
+                && node.transfer_leader(to).is_ok()
+            {
+                self.cov.transfers += 1;
             }
         }
         if self.rng.random_range(0..100) < 10 {
@@ -348,19 +386,25 @@ impl Sim {
             let applied_anywhere = self.applied.keys().next_back().copied().unwrap_or(0);
             self.next_read += 1;
             let ctx = self.next_read;
-            if let Some(node) = self.nodes[i].node.as_mut()
-                && node.read_index(ctx.to_le_bytes().to_vec()).is_ok()
+            let now = self.now();
+            let paused = self.paused(i);
+            if let Some(node) = self.nodes[i].node.as_mut().filter(|_| !paused)
+                && node.read_index_at(ctx.to_le_bytes().to_vec(), now).is_ok()
             {
                 self.reads.insert(ctx, applied_anywhere);
             }
         }
         // Ready: send, hand writes to storage, apply.
         for i in 0..self.nodes.len() {
-            self.process_ready(i)?;
+            if !self.paused(i) {
+                self.process_ready(i)?;
+            }
         }
         // Storage completes writes in order.
         for i in 0..self.nodes.len() {
-            self.complete_writes(i)?;
+            if !self.paused(i) {
+                self.complete_writes(i)?;
+            }
         }
         self.check()
     }
@@ -599,6 +643,7 @@ impl Sim {
     /// emerge and a new proposal must commit on every node.
     fn liveness(&mut self, seed: u64) -> Result<(), String> {
         self.faults = false;
+        self.nodes.iter_mut().for_each(|n| n.paused_until = None);
         self.group.iter_mut().for_each(|g| *g = 0);
         for i in 0..self.nodes.len() {
             self.restart(i, seed);
@@ -719,8 +764,9 @@ fn replay() {
 /// Each mutation breaks a safety rule; the simulator must catch it within the CI seeds.
 #[test]
 fn the_simulator_has_teeth() {
-    // Figure 8 (Mutation::CommitEarlierTerm) needs an interleaving random faults
-    // rarely build: tests/figure8.rs scripts it.
+    // Figure 8 (Mutation::CommitEarlierTerm) and a lease counted in ticks
+    // (Mutation::LeaseCountsTicks) need interleavings random faults rarely
+    // build: tests/figure8.rs and tests/lease.rs script them.
     for m in [
         Mutation::VoteBeforePersist,
         Mutation::LeaderCountsUnpersisted,

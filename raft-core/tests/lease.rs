@@ -1,0 +1,125 @@
+//! Lease reads, scripted: served at once while a quorum recently acknowledged
+//! the leader (by the caller's clock); a leader frozen past its lease, woken
+//! up still believing it leads, must not serve from the lease. With the
+//! test-only mutation that measures the lease in ticks (a frozen leader gets
+//! none), it does, and the read is stale.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use cairn_raft_core::{Config, LogIndex, MemStore, Message, Mutation, NodeId, RawNode, Role};
+
+struct Cluster {
+    nodes: Vec<RawNode<MemStore>>,
+    queue: VecDeque<Message>,
+    t0: Instant,
+}
+
+impl Cluster {
+    fn new(mutation: Option<Mutation>) -> Cluster {
+        let peers: Vec<NodeId> = (1..=3).map(NodeId).collect();
+        let nodes = peers
+            .iter()
+            .map(|&id| {
+                let mut c = Config::new(id, peers.clone(), id.0);
+                c.lease_read_duration = Some(Duration::from_millis(16)); // 10 ticks of 2 ms, minus drift
+                c.mutation = mutation;
+                RawNode::new(c, MemStore::new()).expect("config")
+            })
+            .collect();
+        Cluster { nodes, queue: VecDeque::new(), t0: Instant::now() }
+    }
+
+    fn flush(&mut self, i: usize) -> Vec<LogIndex> {
+        let mut reads = Vec::new();
+        loop {
+            let rd = self.nodes[i].ready();
+            if rd.is_empty() {
+                return reads;
+            }
+            let n = &mut self.nodes[i];
+            n.advance(&rd);
+            n.store_mut().append(&rd.entries);
+            if let Some(hs) = rd.hard_state {
+                n.store_mut().set_hard_state(hs);
+            }
+            if let Some(last) = rd.entries.last() {
+                n.on_persisted(last.index, last.term);
+            }
+            self.queue.extend(rd.messages);
+            for m in rd.persisted_messages {
+                if m.to == n.id() {
+                    n.step(m).expect("self");
+                } else {
+                    self.queue.push_back(m);
+                }
+            }
+            reads.extend(rd.read_states.iter().map(|r| r.index));
+        }
+    }
+
+    /// Delivers until quiet among `up` (others' messages are lost).
+    fn settle(&mut self, up: &[usize]) {
+        for &i in up {
+            self.flush(i);
+        }
+        while let Some(m) = self.queue.pop_front() {
+            let to = m.to.0 as usize - 1;
+            if up.contains(&to) && up.contains(&(m.from.0 as usize - 1)) {
+                self.nodes[to].step(m).expect("step");
+                self.flush(to);
+            }
+        }
+    }
+
+    /// `ticks` ticks of 2 ms on the nodes in `up`, messages delivered among them.
+    fn run(&mut self, up: &[usize], from_ms: u64, ticks: u64) -> u64 {
+        let mut ms = from_ms;
+        for _ in 0..ticks {
+            ms += 2;
+            let now = self.t0 + Duration::from_millis(ms);
+            for &i in up {
+                self.nodes[i].tick_at(now);
+            }
+            self.settle(up);
+        }
+        ms
+    }
+}
+
+/// Returns the index a read at the woken-up old leader was served at right
+/// away, if it was, and the commit index of the new leader.
+fn frozen_leader(mutation: Option<Mutation>) -> (Option<LogIndex>, LogIndex) {
+    let mut c = Cluster::new(mutation);
+    let all = [0, 1, 2];
+    c.nodes[0].campaign();
+    c.settle(&all);
+    let mut ms = c.run(&all, 0, 3);
+    assert_eq!(c.nodes[0].role(), Role::Leader);
+    // While the lease holds, a read is served at once.
+    c.nodes[0].read_index_at(b"r1".to_vec(), c.t0 + Duration::from_millis(ms)).expect("leader");
+    assert_eq!(c.flush(0).len(), 1, "a read under a valid lease is served at once");
+    // The leader freezes; the others elect a new leader and commit.
+    ms = c.run(&[1, 2], ms, 60);
+    let new = (1..3).find(|&i| c.nodes[i].role() == Role::Leader).expect("a new leader among 2 and 3");
+    c.nodes[new].propose(vec![b"w".to_vec()]).expect("new leader");
+    c.settle(&[1, 2]);
+    let new_commit = c.nodes[new].commit_index();
+    // The old leader wakes up, still believing it leads, and gets a read first.
+    assert_eq!(c.nodes[0].role(), Role::Leader);
+    c.nodes[0].read_index_at(b"r2".to_vec(), c.t0 + Duration::from_millis(ms + 2)).expect("still thinks it leads");
+    (c.flush(0).first().copied(), new_commit)
+}
+
+#[test]
+fn a_frozen_leader_does_not_read_from_an_expired_lease() {
+    let (served, _) = frozen_leader(None);
+    assert_eq!(served, None, "the lease ran out while the leader was frozen");
+}
+
+#[test]
+fn a_lease_counted_in_ticks_is_caught() {
+    let (served, new_commit) = frozen_leader(Some(Mutation::LeaseCountsTicks));
+    let served = served.expect("with the mutation the stale leader serves from its lease");
+    assert!(served < new_commit, "stale: served at {served:?}, the new leader committed {new_commit:?}");
+}
