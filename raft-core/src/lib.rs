@@ -90,6 +90,9 @@ pub struct Config {
     /// Reads waiting for confirmation (this node's and, on a leader, its
     /// followers'). Default 4096.
     pub reads_pending_max: usize,
+    /// Entries a leader asks the driver to keep for followers that lag (see
+    /// [`RawNode::retain_from`]), at most. Default 100,000.
+    pub retain_entries_max: u64,
     /// Lease reads: `Some(d)` lets a leader answer `read_index_at` at once
     /// while a quorum acknowledged it within `d` of `now`. `d` must be the
     /// shortest election timeout in real time minus the bound on clock drift
@@ -124,6 +127,7 @@ impl Config {
             uncommitted_bytes_max: 64 << 20,
             reads_pending_max: 4096,
             lease_read_duration: None,
+            retain_entries_max: 100_000,
             seed,
             applied: LogIndex(0),
             mutation: None,

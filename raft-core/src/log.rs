@@ -17,6 +17,8 @@ pub(crate) struct RaftLog<S> {
     pub(crate) committed: LogIndex,
     /// Highest index handed to the driver to apply.
     pub(crate) applied_handed: LogIndex,
+    /// Highest index the driver reported applied.
+    pub(crate) applied: LogIndex,
     /// Highest index durable here (with the term the log has there).
     pub(crate) persisted: LogIndex,
     /// A snapshot received and not yet installed by the driver.
@@ -43,6 +45,7 @@ impl<S: LogStore> RaftLog<S> {
             handed: 0,
             committed,
             applied_handed: applied,
+            applied,
             persisted: last,
             pending_snapshot: None,
             pending_snapshot_conf: crate::ConfState::default(),
@@ -66,6 +69,7 @@ impl<S: LogStore> RaftLog<S> {
         self.offset = index.next();
         self.committed = index;
         self.applied_handed = index;
+        self.applied = index;
         self.persisted = index;
         self.pending_snapshot = Some((index, term));
         self.snapshot_handed = false;

@@ -166,6 +166,39 @@ impl<S: LogStore> RawNode<S> {
         self.raft.on_persisted(index, term);
     }
 
+    /// The state machine has applied up to `index` (the driver's report).
+    pub fn on_applied(&mut self, index: LogIndex) {
+        let log = &mut self.raft.log;
+        log.applied = log.applied.max(index.min(log.applied_handed));
+    }
+
+    /// What the driver reported applied.
+    pub fn applied(&self) -> LogIndex {
+        self.raft.log.applied
+    }
+
+    /// The lowest index the driver should keep when it releases the log (a
+    /// flush made entries unneeded): on a leader, entries from a follower's
+    /// match on are kept for it (a slow snapshot transfer then does not end
+    /// behind the log and loop, etcd#4055), but never more than
+    /// `retain_entries_max` below the last index. Never above what was applied.
+    pub fn retain_from(&self) -> LogIndex {
+        let r = &self.raft;
+        let applied = r.log.applied.max(r.log.first_index().prev());
+        let floor = LogIndex(r.log.last_index().0.saturating_sub(r.cfg.retain_entries_max));
+        let me = r.cfg.id;
+        let lagging = r
+            .progress
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, p)| match p.state {
+                crate::ProgressState::Snapshot(i) => i.next(),
+                _ => p.matched.next(),
+            })
+            .min();
+        lagging.map_or(applied, |l| l.max(floor)).min(applied)
+    }
+
     /// The driver finished sending the snapshot a `Snapshot` message asked
     /// for to `peer` (`success`), or gave up.
     pub fn report_snapshot(&mut self, peer: NodeId, success: bool) {

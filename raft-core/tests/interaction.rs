@@ -5,7 +5,7 @@
 //! commit a changed trace only once you understand why it changed.
 //!
 //! Commands (one per line, `# ...` are comments):
-//! - `cluster n=3 [pre_vote=false] [check_quorum=false]`: a new cluster
+//! - `cluster n=3 [pre_vote=false] [check_quorum=false] [inflight=N] [msg_bytes=N]`: a new cluster
 //! - `tick ID [N]`: N ticks (default 1) on a node
 //! - `tick-all N`: N rounds of one tick on every node, messages delivered after each (quietly)
 //! - `campaign ID`, `propose ID DATA`, `read ID CONTEXT`, `transfer ID TO`
@@ -62,7 +62,7 @@ fn fmt_msg(m: &Message) -> String {
 }
 
 impl Harness {
-    fn new(n: u64, pre_vote: bool, check_quorum: bool) -> Harness {
+    fn new(n: u64, pre_vote: bool, check_quorum: bool, inflight: usize, msg_bytes: u64) -> Harness {
         let peers: Vec<NodeId> = (1..=n).map(NodeId).collect();
         let nodes = peers
             .iter()
@@ -71,6 +71,8 @@ impl Harness {
                 c.pre_vote = pre_vote;
                 c.check_quorum = check_quorum;
                 c.election_ticks = 10;
+                c.inflight_msgs_max = inflight;
+                c.msg_bytes_max = msg_bytes;
                 RawNode::new(c, MemStore::new()).expect("config")
             })
             .collect();
@@ -188,7 +190,19 @@ fn run_script(text: &str) -> String {
         match w[0] {
             "cluster" => {
                 let n = w.iter().find_map(|x| x.strip_prefix("n=")).and_then(|x| x.parse().ok()).unwrap_or(3);
-                h = Some(Harness::new(n, flag("pre_vote"), flag("check_quorum")));
+                let num = |name: &str, default: u64| {
+                    w.iter()
+                        .find_map(|x| x.strip_prefix(&format!("{name}=")))
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(default)
+                };
+                h = Some(Harness::new(
+                    n,
+                    flag("pre_vote"),
+                    flag("check_quorum"),
+                    num("inflight", 64) as usize,
+                    num("msg_bytes", 1 << 20),
+                ));
             }
             _ => {
                 let h = h.as_mut().expect("a cluster first");

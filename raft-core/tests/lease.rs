@@ -16,13 +16,14 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(mutation: Option<Mutation>) -> Cluster {
+    fn new(mutation: Option<Mutation>, lease: bool) -> Cluster {
         let peers: Vec<NodeId> = (1..=3).map(NodeId).collect();
         let nodes = peers
             .iter()
             .map(|&id| {
                 let mut c = Config::new(id, peers.clone(), id.0);
-                c.lease_read_duration = Some(Duration::from_millis(16)); // 10 ticks of 2 ms, minus drift
+                // 10 ticks of 2 ms, minus drift.
+                c.lease_read_duration = lease.then_some(Duration::from_millis(16));
                 c.mutation = mutation;
                 RawNode::new(c, MemStore::new()).expect("config")
             })
@@ -89,16 +90,18 @@ impl Cluster {
 
 /// Returns the index a read at the woken-up old leader was served at right
 /// away, if it was, and the commit index of the new leader.
-fn frozen_leader(mutation: Option<Mutation>) -> (Option<LogIndex>, LogIndex) {
-    let mut c = Cluster::new(mutation);
+fn frozen_leader(mutation: Option<Mutation>, lease: bool) -> (Option<LogIndex>, LogIndex) {
+    let mut c = Cluster::new(mutation, lease);
     let all = [0, 1, 2];
     c.nodes[0].campaign();
     c.settle(&all);
     let mut ms = c.run(&all, 0, 3);
     assert_eq!(c.nodes[0].role(), Role::Leader);
     // While the lease holds, a read is served at once.
-    c.nodes[0].read_index_at(b"r1".to_vec(), c.t0 + Duration::from_millis(ms)).expect("leader");
-    assert_eq!(c.flush(0).len(), 1, "a read under a valid lease is served at once");
+    if lease {
+        c.nodes[0].read_index_at(b"r1".to_vec(), c.t0 + Duration::from_millis(ms)).expect("leader");
+        assert_eq!(c.flush(0).len(), 1, "a read under a valid lease is served at once");
+    }
     // The leader freezes; the others elect a new leader and commit.
     ms = c.run(&[1, 2], ms, 60);
     let new = (1..3).find(|&i| c.nodes[i].role() == Role::Leader).expect("a new leader among 2 and 3");
@@ -113,13 +116,27 @@ fn frozen_leader(mutation: Option<Mutation>) -> (Option<LogIndex>, LogIndex) {
 
 #[test]
 fn a_frozen_leader_does_not_read_from_an_expired_lease() {
-    let (served, _) = frozen_leader(None);
+    let (served, _) = frozen_leader(None, true);
     assert_eq!(served, None, "the lease ran out while the leader was frozen");
 }
 
 #[test]
+fn a_frozen_leader_confirms_before_it_serves_a_read_index() {
+    let (served, _) = frozen_leader(None, false);
+    assert_eq!(served, None, "no quorum confirms the woken leader");
+}
+
+/// The seed's third bug: a leader serving reads without confirming it still leads.
+#[test]
+fn reading_without_a_quorum_is_caught() {
+    let (served, new_commit) = frozen_leader(Some(Mutation::ReadWithoutQuorum), false);
+    let served = served.expect("with the mutation the stale leader serves at once");
+    assert!(served < new_commit, "stale: served at {served:?}, the new leader committed {new_commit:?}");
+}
+
+#[test]
 fn a_lease_counted_in_ticks_is_caught() {
-    let (served, new_commit) = frozen_leader(Some(Mutation::LeaseCountsTicks));
+    let (served, new_commit) = frozen_leader(Some(Mutation::LeaseCountsTicks), true);
     let served = served.expect("with the mutation the stale leader serves from its lease");
     assert!(served < new_commit, "stale: served at {served:?}, the new leader committed {new_commit:?}");
 }
