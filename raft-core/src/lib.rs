@@ -90,6 +90,10 @@ pub struct Config {
     /// Reads waiting for confirmation (this node's and, on a leader, its
     /// followers'). Default 4096.
     pub reads_pending_max: usize,
+    /// The log index `conf` is as of: membership changes at or before it are
+    /// already in `conf` and are not applied again (a node added later starts
+    /// with the membership it was added to, as of the change that added it).
+    pub conf_index: LogIndex,
     /// Entries a leader asks the driver to keep for followers that lag (see
     /// [`RawNode::retain_from`]), at most. Default 100,000.
     pub retain_entries_max: u64,
@@ -128,6 +132,7 @@ impl Config {
             reads_pending_max: 4096,
             lease_read_duration: None,
             retain_entries_max: 100_000,
+            conf_index: LogIndex(0),
             seed,
             applied: LogIndex(0),
             mutation: None,

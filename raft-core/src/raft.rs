@@ -32,6 +32,8 @@ pub(crate) struct Raft<S> {
     pub(crate) conf: ConfState,
     /// Index of the last membership change proposed by this leader.
     pending_conf_index: LogIndex,
+    /// Membership changes at or before this index are already in `conf`.
+    conf_index: LogIndex,
     pub(crate) term: Term,
     pub(crate) vote: Option<NodeId>,
     pub(crate) role: Role,
@@ -80,9 +82,15 @@ impl<S: LogStore> Raft<S> {
         let hs = store.hard_state();
         // The membership as of what the state machine holds: the snapshot's if
         // the store's snapshot is newer than `applied`, else the configured one.
-        let conf = if store.first_index().prev() > cfg.applied { store.snapshot_conf() } else { cfg.conf.clone() };
+        let snap = store.first_index().prev();
+        let (conf, conf_index) = if snap > cfg.applied {
+            (store.snapshot_conf(), snap)
+        } else {
+            (cfg.conf.clone(), cfg.conf_index.max(cfg.applied))
+        };
         let mut r = Raft {
             conf,
+            conf_index,
             pending_conf_index: LogIndex(0),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ cfg.id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             term: hs.term,
@@ -200,6 +208,11 @@ impl<S: LogStore> Raft<S> {
                         self.transferee = None; // abandoned: the leader goes on
                     }
                 }
+                // Leave joint consensus if that is due and was missed (a leader
+                // change between the joint entry and its leave).
+                if self.conf.is_joint() && self.conf.auto_leave && self.pending_conf_index <= self.log.applied_handed {
+                    let _ = self.propose_conf_change(ConfChange::default());
+                }
                 if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
                     self.heartbeat_elapsed = 0;
                     self.broadcast_append(true);
@@ -241,8 +254,10 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn campaign(&mut self) {
-        // Learners and removed nodes never campaign.
-        if !self.conf.is_voter(self.cfg.id) {
+        // Learners and removed nodes never campaign; nor does a node whose
+        // membership may be stale: committed changes not yet applied, or a
+        // snapshot received and not yet installed.
+        if !self.conf.is_voter(self.cfg.id) || self.log.pending_snapshot.is_some() || self.unapplied_conf_change() {
             return;
         }
         // With pre-vote, every timeout starts a new pre-vote round (a round that
@@ -326,8 +341,17 @@ impl<S: LogStore> Raft<S> {
         self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks
     }
 
+    /// Whether a committed membership change is not yet handed out to apply.
+    fn unapplied_conf_change(&self) -> bool {
+        let (from, to) = (self.log.applied_handed.next(), self.log.committed.next());
+        from < to && self.log.slice(from, to, u64::MAX).iter().any(|e| e.kind == EntryKind::ConfChange)
+    }
+
     fn become_leader(&mut self) {
         self.role = Role::Leader;
+        // Any entry in our log may be a membership change not yet applied: no
+        // new change until all of it is applied (as etcd does).
+        self.pending_conf_index = self.log.last_index().next();
         self.leader = Some(self.cfg.id);
         self.votes.clear();
         self.election_elapsed = 0;
@@ -639,6 +663,7 @@ impl<S: LogStore> Raft<S> {
             // with the membership as of its index.
             self.log.restore(index, term, conf.clone());
             self.conf = conf;
+            self.conf_index = index;
         }
         let body = Body::AppendResponse { success: true, index, hint: index, read_seq: 0 };
         self.send_after_persist(from, me_term, body);
@@ -687,6 +712,10 @@ impl<S: LogStore> Raft<S> {
 
     /// A committed membership change was handed out to apply: it takes effect now.
     pub(crate) fn apply_conf_change(&mut self, e: &Entry) {
+        if e.index <= self.conf_index {
+            return; // already in the membership this node started with
+        }
+        self.conf_index = e.index;
         let Some(cc) = ConfChange::decode(&e.data) else { return };
         let Ok(next) = self.conf.apply(&cc) else { return };
         self.conf = next;

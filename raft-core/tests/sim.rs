@@ -49,6 +49,8 @@ struct SimNode {
     started: bool,
     /// The membership it started with, and after each change it applied.
     conf_history: Vec<(u64, ConfState)>,
+    /// The index its starting membership is as of (0 for the first voters).
+    start_index: u64,
 }
 
 impl SimNode {
@@ -138,6 +140,7 @@ impl Sim {
                     paused_until: None,
                     started,
                     conf_history: vec![(0, conf0.clone())],
+                    start_index: 0,
                 }
             })
             .collect();
@@ -216,9 +219,9 @@ impl Sim {
         };
         let cc = ConfChange { changes: vec![item], auto_leave: true };
         let Some(leader) = self.nodes[li].node.as_mut() else { return };
-        if leader.propose_conf_change(cc.clone()).is_err() {
+        let Ok(index) = leader.propose_conf_change(cc.clone()) else {
             return;
-        }
+        };
         self.cov.conf_changes += 1;
         if let ConfChangeItem::AddLearner(id) = item {
             // The new node starts empty, with the membership it is added to.
@@ -226,9 +229,11 @@ impl Sim {
             let start_conf = conf.apply(&cc).unwrap_or(conf);
             let mut c = cfg(id, &[], seed, self.mutation);
             c.conf = start_conf.clone();
+            c.conf_index = index;
             let n = &mut self.nodes[i];
             n.started = true;
-            n.conf_history = vec![(0, start_conf)];
+            n.start_index = index.0;
+            n.conf_history = vec![(index.0, start_conf)];
             n.node = Some(RawNode::new(c, MemStore::new()).expect("config"));
         }
     }
@@ -253,8 +258,10 @@ impl Sim {
             // The state machine restarts from the snapshot the store holds,
             // with the membership as of it, then replays the log after it.
             c.applied = n.disk.first_index().prev();
-            c.conf = n.conf_at(c.applied.0);
-            n.conf_history.retain(|(k, _)| *k <= c.applied.0);
+            let as_of = c.applied.0.max(n.start_index);
+            c.conf = n.conf_at(as_of);
+            c.conf_index = LogIndex(as_of);
+            n.conf_history.retain(|(k, _)| *k <= as_of);
             n.last_applied = c.applied.0;
             n.node = Some(RawNode::new(c, n.disk.clone()).expect("config"));
         }
@@ -460,7 +467,10 @@ impl Sim {
         }
         // Track the membership after each change handed out (for compaction).
         for e in ready.committed_entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
-            let last = self.nodes[i].conf_history.last().map(|c| c.1.clone()).unwrap_or_default();
+            let (since, last) = self.nodes[i].conf_history.last().cloned().unwrap_or_default();
+            if e.index.0 <= since {
+                continue; // already in the membership it holds
+            }
             if let Some(next) = ConfChange::decode(&e.data).and_then(|cc| last.apply(&cc).ok()) {
                 self.nodes[i].conf_history.push((e.index.0, next));
             }
