@@ -247,3 +247,25 @@ impl<S: LogStore> RawNode<S> {
         self.raft.log.all_entries()
     }
 }
+
+impl RawNode<crate::MemStore> {
+    /// The persistence steps of the driver loop for an in-memory store, all at
+    /// once (tests, simulations, benchmarks): install `rd.snapshot`, append
+    /// `rd.entries`, set `rd.hard_state`, then report them persisted. Call after
+    /// [`RawNode::advance`]; sending `persisted_messages` remains the caller's.
+    pub fn persist_in_memory(&mut self, rd: &Ready) {
+        let store = self.store_mut();
+        if let Some((index, term, conf)) = rd.snapshot.clone() {
+            store.apply_snapshot(index, term, conf);
+        }
+        store.append(&rd.entries);
+        if let Some(hs) = rd.hard_state {
+            store.set_hard_state(hs);
+        }
+        match (rd.entries.last(), &rd.snapshot) {
+            (Some(last), _) => self.on_persisted(last.index, last.term),
+            (None, Some((index, term, _))) => self.on_persisted(*index, *term),
+            (None, None) => {}
+        }
+    }
+}

@@ -86,16 +86,7 @@ proptest! {
             // The driver side: persist and report, as a real one would.
             let rd = n.ready();
             n.advance(&rd);
-            if let Some((index, term, conf)) = rd.snapshot.clone() {
-                n.store_mut().apply_snapshot(index, term, conf);
-            }
-            n.store_mut().append(&rd.entries);
-            if let Some(hs) = rd.hard_state {
-                n.store_mut().set_hard_state(hs);
-            }
-            if let Some(last) = rd.entries.last() {
-                n.on_persisted(last.index, last.term);
-            }
+            n.persist_in_memory(&rd);
             for m in rd.persisted_messages {
                 let _ = n.step(m);
             }

@@ -43,13 +43,7 @@ impl Cluster {
             }
             let n = &mut self.nodes[i];
             n.advance(&rd);
-            n.store_mut().append(&rd.entries);
-            if let Some(hs) = rd.hard_state {
-                n.store_mut().set_hard_state(hs);
-            }
-            if let Some(last) = rd.entries.last() {
-                n.on_persisted(last.index, last.term);
-            }
+            n.persist_in_memory(&rd);
             self.queue.extend(rd.messages);
             for m in rd.persisted_messages {
                 if m.to == n.id() {

@@ -95,18 +95,9 @@ impl Harness {
                 }
                 let n = &mut self.nodes[i];
                 n.advance(&rd);
-                if let Some((index, term, conf)) = rd.snapshot.clone() {
-                    n.store_mut().apply_snapshot(index, term, conf);
+                n.persist_in_memory(&rd);
+                if let Some((index, _, _)) = &rd.snapshot {
                     self.applied[i].push(format!("snapshot@{}", index.0));
-                }
-                n.store_mut().append(&rd.entries);
-                if let Some(hs) = rd.hard_state {
-                    n.store_mut().set_hard_state(hs);
-                }
-                match (rd.entries.last(), &rd.snapshot) {
-                    (Some(last), _) => n.on_persisted(last.index, last.term),
-                    (None, Some((index, term, _))) => n.on_persisted(*index, *term),
-                    (None, None) => {}
                 }
                 self.queue.extend(rd.messages);
                 for m in rd.persisted_messages {
