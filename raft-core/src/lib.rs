@@ -4,22 +4,24 @@
 //! etcd-raft's `RawNode` and quinn-proto: no threads, no clock, no files, no
 //! randomness but what the configuration seeds.
 //!
-//! **Status: in progress.** Built: elections with randomized timeouts,
-//! pre-vote and check-quorum; log replication with per-follower progress
-//! (probe, replicate, snapshot), bounded messages and bytes in flight, fast
-//! backtracking with the follower's hint; the commit rule of the current term;
-//! asynchronous persistence (votes and append responses wait for durability; a
-//! leader counts itself only for entries reported persisted; only durable
-//! entries are applied); ReadIndex reads on the leader and through followers;
-//! leadership transfer; snapshots (compaction, install or keep, Raft §7);
-//! membership changes (learners, joint consensus, auto-leave); lease reads
-//! (off by default) measured against the caller's monotonic time.
+//! Built: elections with randomized timeouts, pre-vote and check-quorum; log
+//! replication with per-follower progress (probe, replicate, snapshot),
+//! bounded messages and bytes in flight, fast backtracking with the follower's
+//! hint; the commit rule of the current term; asynchronous persistence (votes
+//! and append responses wait for durability; a leader counts itself only for
+//! entries reported persisted; only durable entries are applied); ReadIndex
+//! reads on the leader and through followers; lease reads (off by default)
+//! measured against the caller's monotonic time; leadership transfer;
+//! snapshots (compaction, install or keep, Raft §7); membership changes
+//! (learners, joint consensus, auto-leave). Limitations are listed in
+//! `docs/design/raft-core.md`.
 //!
 //! # The driver loop
 //!
-//! 1. Call [`RawNode::tick`] every tick, [`RawNode::step`] for every message
+//! 1. Call [`RawNode::tick`] (or [`RawNode::tick_at`] with the monotonic time,
+//!    needed for lease reads) every tick, [`RawNode::step`] for every message
 //!    that arrives, [`RawNode::propose`] / [`RawNode::propose_conf_change`] /
-//!    [`RawNode::read_index`] for clients.
+//!    [`RawNode::read_index`] (or [`RawNode::read_index_at`]) for clients.
 //! 2. Take [`RawNode::ready`] and at once call [`RawNode::advance`] with it
 //!    (before any `on_persisted` for it). Then, in this order:
 //!    1. send `messages` (they may go before anything is durable);
@@ -32,12 +34,15 @@
 //!    4. once durable, call [`RawNode::on_persisted`] with the last entry's (or
 //!       the snapshot's) index and term, and only then send
 //!       `persisted_messages` (those addressed to this node go to `step`);
-//!    5. apply `committed_entries` in order; serve each of `read_states` once
-//!       applied up to its index.
+//!    5. apply `committed_entries` in order and report with
+//!       [`RawNode::on_applied`]; serve each of `read_states` once applied up
+//!       to its index.
 //! 3. Persistence and apply may run on other threads: the node goes on
 //!    stepping and ticking meanwhile; it learns of progress only through
 //!    `on_persisted`.
-//! 4. A `Snapshot` message is the driver's cue to send a checkpoint (with
+//! 4. When a flush makes log entries unneeded, release the log no lower than
+//!    [`RawNode::retain_from`] (it keeps entries for lagging followers).
+//! 5. A `Snapshot` message is the driver's cue to send a checkpoint (with
 //!    cairn-snapshot-transfer); report the outcome with
 //!    [`RawNode::report_snapshot`]. On the receiving side, step the message
 //!    in once the checkpoint is staged.
