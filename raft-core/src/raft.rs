@@ -178,7 +178,9 @@ impl<S: LogStore> Raft<S> {
     /// A tick at the caller's time `now`: a leader with lease reads starts a
     /// lease round (confirmed by the answers to the heartbeats it sends now).
     pub(crate) fn tick_at(&mut self, now: std::time::Instant) {
-        if self.role == Role::Leader && self.cfg.lease_read_duration.is_some() {
+        // No lease rounds during a leadership transfer: the successor's forced
+        // votes pass the followers' leases.
+        if self.role == Role::Leader && self.cfg.lease_read_duration.is_some() && self.transferee.is_none() {
             self.read_seq += 1;
             let me = self.cfg.id;
             self.lease_rounds.push_back((self.read_seq, now, BTreeSet::from([me])));
@@ -338,7 +340,12 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn in_lease(&self) -> bool {
-        self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks
+        // With lease reads, a node that just started may be inside a leader's
+        // lease it cannot know of: it respects one for an election timeout.
+        let just_started = self.cfg.lease_read_duration.is_some() && self.ticks < u64::from(self.cfg.election_ticks);
+        self.cfg.check_quorum
+            && (self.leader.is_some() || just_started)
+            && self.election_elapsed < self.cfg.election_ticks
     }
 
     /// Whether a committed membership change is not yet handed out to apply.
@@ -588,8 +595,15 @@ impl<S: LogStore> Raft<S> {
                 self.election_elapsed = 0;
                 self.handle_snapshot(m.from, index, term, conf);
             }
-            Body::TimeoutNow if self.role == Role::Follower && self.leader == Some(m.from) => {
-                // Our leader hands over: campaign now, past pre-vote and leases.
+            // Our leader hands over: campaign now, past pre-vote and leases
+            // (unless this node may not campaign at all).
+            Body::TimeoutNow
+                if self.role == Role::Follower
+                    && self.leader == Some(m.from)
+                    && self.conf.is_voter(self.cfg.id)
+                    && self.log.pending_snapshot.is_none()
+                    && !self.unapplied_conf_change() =>
+            {
                 self.start_election(true);
             }
             Body::ReadIndex { context } if self.role == Role::Leader => self.leader_read(m.from, context),
@@ -747,7 +761,11 @@ impl<S: LogStore> Raft<S> {
         } else {
             self.lease_until.is_some_and(|u| now < u)
         };
-        if self.role == Role::Leader && lease_valid && self.log.term(self.log.committed) == Some(self.term) {
+        if self.role == Role::Leader
+            && lease_valid
+            && self.transferee.is_none()
+            && self.log.term(self.log.committed) == Some(self.term)
+        {
             let index = self.log.committed;
             self.read_states.push(ReadState { index, context });
             return Ok(());
