@@ -30,21 +30,10 @@ impl Cluster {
     }
 
     fn handle_ready(&mut self, i: usize) -> bool {
-        let rd = self.nodes[i].ready();
-        if rd.is_empty() {
+        let Some(rd) = self.nodes[i].ready_in_memory().expect("self") else {
             return false;
-        }
-        let n = &mut self.nodes[i];
-        n.advance(&rd);
-        n.persist_in_memory(&rd);
+        };
         self.queue.extend(rd.messages);
-        for m in rd.persisted_messages {
-            if m.to == n.id() {
-                n.step(m).expect("self");
-            } else {
-                self.queue.push_back(m);
-            }
-        }
         if let Some(e) = rd.committed_entries.last() {
             self.applied[i] = e.index.0;
         }

@@ -268,4 +268,30 @@ impl RawNode<crate::MemStore> {
             (None, None) => {}
         }
     }
+
+    /// One whole turn of the driver loop for an in-memory store: take the
+    /// [`Ready`] (`None` if there is nothing to do), [`advance`](RawNode::advance),
+    /// [`persist_in_memory`](RawNode::persist_in_memory), and step the
+    /// `persisted_messages` addressed to this node. The returned `Ready` has
+    /// every message still to send in `messages` (the unpersisted ones first,
+    /// then the persisted ones for other nodes, in order) and an empty
+    /// `persisted_messages`; its entries, committed entries, snapshot and read
+    /// states are left for the caller to inspect.
+    pub fn ready_in_memory(&mut self) -> Result<Option<Ready>, StepError> {
+        let mut rd = self.ready();
+        if rd.is_empty() {
+            return Ok(None);
+        }
+        self.advance(&rd);
+        self.persist_in_memory(&rd);
+        let me = self.id();
+        for m in std::mem::take(&mut rd.persisted_messages) {
+            if m.to == me {
+                self.step(m)?;
+            } else {
+                rd.messages.push(m);
+            }
+        }
+        Ok(Some(rd))
+    }
 }

@@ -33,24 +33,11 @@ impl Cluster {
 
     fn flush(&mut self, i: usize) -> Vec<LogIndex> {
         let mut reads = Vec::new();
-        loop {
-            let rd = self.nodes[i].ready();
-            if rd.is_empty() {
-                return reads;
-            }
-            let n = &mut self.nodes[i];
-            n.advance(&rd);
-            n.persist_in_memory(&rd);
+        while let Some(rd) = self.nodes[i].ready_in_memory().expect("self") {
             self.queue.extend(rd.messages);
-            for m in rd.persisted_messages {
-                if m.to == n.id() {
-                    n.step(m).expect("self");
-                } else {
-                    self.queue.push_back(m);
-                }
-            }
             reads.extend(rd.read_states.iter().map(|r| r.index));
         }
+        reads
     }
 
     /// Delivers until quiet among `up` (others' messages are lost).
