@@ -1,0 +1,49 @@
+//! Criterion benchmarks of cairn-lsm's hot paths (see also `src/bin/lsm-bench.rs`).
+#![allow(missing_docs)] // the criterion macros generate an undocumented function
+
+use std::hint::black_box;
+
+use cairn_lsm::{Db, DurabilityMode, Options, SyncPolicy};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+fn options() -> Options {
+    let mut o = Options::default();
+    o.durability = DurabilityMode::Standalone(SyncPolicy::None);
+    o
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = Db::open(dir.path(), options()).expect("open");
+    let value = vec![7u8; 100];
+    let mut i = 0u64;
+    c.bench_function("put_16B_100B_memtable", |b| {
+        b.iter(|| {
+            i += 1;
+            db.put(format!("{:016}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % 1_000_000_000), value.clone())
+                .expect("put");
+        })
+    });
+    for k in 0..100_000u64 {
+        db.put(format!("k{k:015}"), value.clone()).expect("put");
+    }
+    db.flush().expect("flush");
+    db.wait_idle().expect("idle");
+    let mut j = 0u64;
+    c.bench_function("get_hit_table", |b| {
+        b.iter(|| {
+            j = (j + 7919) % 100_000;
+            black_box(db.get(format!("k{j:015}").as_bytes()).expect("get"));
+        })
+    });
+    c.bench_function("scan_100", |b| {
+        b.iter(|| {
+            j = (j + 7919) % 100_000;
+            let n = db.range(format!("k{j:015}").into_bytes()..).take(100).count();
+            black_box(n);
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,1607 @@
+//! The engine: write path, read path, background flush and compaction,
+//! checkpoints and ingest.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use cairn_wal::{Durability, Fs, FsLock, StdFs, UserKind, Wal, WalOptions};
+
+use crate::batch::{Op, WriteBatch};
+use crate::bloom;
+use crate::cache::BlockCache;
+use crate::choose::{self, Choice, ChooseConfig, TableSummary};
+use crate::compaction::{self, Job, Output};
+use crate::error::{Error, Result, io};
+use crate::iter::{Fragments, Iter, LevelIter, Merge, Pin, Source};
+use crate::manifest::{Manifest, manifest_dir};
+use crate::memtable::{MemIter, Memtable, sorted_range_deletes};
+use crate::options::{Background, DurabilityMode, HookPoint, Options, SyncPolicy};
+use crate::table::{Table, TableIter, TableWriter, WriteSettings, parse_table_file_name, table_file_name};
+use crate::types::{Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer_kind, trailer_seq};
+use crate::version::{Added, Edit, Version};
+
+const WAL_BATCH_KIND: UserKind = UserKind::new(1);
+const LOCK_FILE: &str = "LOCK";
+const TABLES_DIR: &str = "tables";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What readers see: the memtables and the version, swapped atomically.
+struct SuperVersion {
+    active: Arc<Memtable>,
+    /// Newest first.
+    sealed: Vec<Arc<Memtable>>,
+    version: Arc<Version>,
+}
+
+struct WriteState {
+    last_seq: Seqno,
+    last_marker: Option<Marker>,
+    next_mem_id: u64,
+    buf: Vec<u8>,
+}
+
+struct VersionState {
+    manifest: Manifest,
+    next_table_id: TableId,
+    compacting: HashSet<TableId>,
+}
+
+#[derive(Default)]
+struct BgState {
+    stop: bool,
+    /// Bumped whenever flush or compaction installs something.
+    installs: u64,
+    flushing: bool,
+    compactions_running: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    user_bytes: AtomicU64,
+    flush_bytes: AtomicU64,
+    compaction_read_bytes: AtomicU64,
+    compaction_write_bytes: AtomicU64,
+    compactions: AtomicU64,
+    trivial_moves: AtomicU64,
+    flushes: AtomicU64,
+    stall_micros: AtomicU64,
+    slowdowns: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    tables_dir: PathBuf,
+    opts: Options,
+    _lock: Box<dyn FsLock>,
+    cache: BlockCache,
+    wal: Option<Wal>,
+    write: Mutex<WriteState>,
+    sv: ArcSwap<SuperVersion>,
+    sv_lock: Mutex<()>,
+    visible_seq: AtomicU64,
+    views: Mutex<BTreeMap<Seqno, usize>>,
+    vstate: Mutex<VersionState>,
+    bg: Mutex<BgState>,
+    bg_cond: Condvar,
+    poisoned: Mutex<Option<String>>,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+/// Stops the background threads when the last [`Db`] handle is dropped.
+struct Guard {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.inner.stop_threads(&mut lock(&self.threads));
+        if let Some(w) = &self.inner.wal {
+            let _ = w.sync();
+        }
+    }
+}
+
+/// An open engine. Cheap to clone; the last clone dropped (or [`Db::close`])
+/// stops the background threads.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("dir", &self.inner.dir).finish_non_exhaustive()
+    }
+}
+
+/// What a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The checkpoint's directory (open it with [`Db::open`]).
+    pub dir: PathBuf,
+    /// The durable marker of the checkpoint (embedded mode).
+    pub marker: Option<Marker>,
+    /// The highest sequence number it holds.
+    pub last_seq: Seqno,
+    /// Its table files, relative to `dir`.
+    pub tables: Vec<PathBuf>,
+}
+
+/// How [`Db::ingest`] treats the memtables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IngestOptions {
+    /// Drop every memtable, sealed ones too (embedded mode only: their writes
+    /// are covered by the ingested tables). Otherwise they are flushed first.
+    pub discard_memtables: bool,
+    /// The marker to set, in the same manifest edit.
+    pub marker: Option<Marker>,
+}
+
+/// Per-level figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LevelStats {
+    /// Tables in the level.
+    pub tables: usize,
+    /// Bytes of those tables.
+    pub bytes: u64,
+}
+
+/// Engine statistics.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Per level, L0 first.
+    pub levels: Vec<LevelStats>,
+    /// Bytes of keys and values written by the user.
+    pub user_bytes: u64,
+    /// Bytes of tables written by flushes.
+    pub flush_bytes: u64,
+    /// Bytes of tables read by compactions.
+    pub compaction_read_bytes: u64,
+    /// Bytes of tables written by compactions.
+    pub compaction_write_bytes: u64,
+    /// (flush + compaction bytes written) / user bytes.
+    pub write_amplification: f64,
+    /// Flushes done.
+    pub flushes: u64,
+    /// Compactions done (trivial moves counted apart).
+    pub compactions: u64,
+    /// Tables moved down without a rewrite.
+    pub trivial_moves: u64,
+    /// Total time writes waited in stalls and slowdowns.
+    pub stall_time: Duration,
+    /// Writes delayed by a slowdown.
+    pub slowdowns: u64,
+    /// Block cache hits / (hits + misses).
+    pub cache_hit_ratio: f64,
+    /// Bytes in the block cache.
+    pub cache_bytes: u64,
+    /// Bytes in memtables (active and sealed).
+    pub memtable_bytes: u64,
+    /// Sealed memtables waiting for their flush.
+    pub sealed_memtables: usize,
+    /// Index, filter and range-delete bytes held for open tables.
+    pub table_memory_bytes: u64,
+}
+
+/// A consistent view of the engine at one sequence number: every read through
+/// it sees exactly the writes up to that number, across flushes and
+/// compactions, until it is dropped.
+pub struct ReadView {
+    inner: Arc<Inner>,
+    seq: Seqno,
+}
+
+impl std::fmt::Debug for ReadView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadView").field("seq", &self.seq).finish()
+    }
+}
+
+impl Drop for ReadView {
+    fn drop(&mut self) {
+        let mut v = lock(&self.inner.views);
+        if let Some(n) = v.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                v.remove(&self.seq);
+            }
+        }
+    }
+}
+
+impl ReadView {
+    /// The view's sequence number.
+    pub fn seq(&self) -> Seqno {
+        self.seq
+    }
+    /// The value of `key` in this view.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        self.inner.get_at(key, self.seq)
+    }
+    /// Keys in `range`, ascending, in this view.
+    pub fn range<R: RangeBounds<K>, K: AsRef<[u8]>>(&self, range: R) -> Iter {
+        self.inner.iter_at(bounds(&range), true, self.seq)
+    }
+    /// Keys in `range`, descending, in this view.
+    pub fn range_rev<R: RangeBounds<K>, K: AsRef<[u8]>>(&self, range: R) -> Iter {
+        self.inner.iter_at(bounds(&range), false, self.seq)
+    }
+    /// Keys starting with `prefix`, ascending, in this view.
+    pub fn prefix(&self, prefix: &[u8]) -> Iter {
+        self.inner.iter_at(prefix_bounds(prefix), true, self.seq)
+    }
+    /// Keys starting with `prefix`, descending, in this view.
+    pub fn prefix_rev(&self, prefix: &[u8]) -> Iter {
+        self.inner.iter_at(prefix_bounds(prefix), false, self.seq)
+    }
+}
+
+fn bound_bytes<K: AsRef<[u8]>>(b: Bound<&K>) -> Bound<Bytes> {
+    match b {
+        Bound::Included(k) => Bound::Included(Bytes::copy_from_slice(k.as_ref())),
+        Bound::Excluded(k) => Bound::Excluded(Bytes::copy_from_slice(k.as_ref())),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+fn bounds<R: RangeBounds<K>, K: AsRef<[u8]>>(r: &R) -> (Bound<Bytes>, Bound<Bytes>) {
+    (bound_bytes(r.start_bound()), bound_bytes(r.end_bound()))
+}
+
+/// The smallest key after every key that starts with `prefix`, if any.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut p = prefix.to_vec();
+    while let Some(last) = p.pop() {
+        if last != 0xff {
+            p.push(last + 1);
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn prefix_bounds(prefix: &[u8]) -> (Bound<Bytes>, Bound<Bytes>) {
+    let lo = Bound::Included(Bytes::copy_from_slice(prefix));
+    let hi = match prefix_end(prefix) {
+        Some(e) => Bound::Excluded(Bytes::from(e)),
+        None => Bound::Unbounded,
+    };
+    (lo, hi)
+}
+
+fn wal_err(what: &'static str) -> impl FnOnce(cairn_wal::Error) -> Error {
+    move |source| Error::Log { what, source }
+}
+
+impl Db {
+    /// Opens (or creates) an engine in `dir` on the real file system.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Db> {
+        Self::open_with_fs(Arc::new(StdFs), dir, opts)
+    }
+
+    /// Opens (or creates) an engine in `dir` through `fs` (for example cairn-wal's simulated disk).
+    pub fn open_with_fs(fs: Arc<dyn Fs>, dir: impl AsRef<Path>, opts: Options) -> Result<Db> {
+        let dir = dir.as_ref().to_path_buf();
+        let _span = tracing::info_span!("lsm_open", dir = %dir.display()).entered();
+        assert!(opts.levels >= 2, "an engine needs at least two levels");
+        let exists = fs.exists(&manifest_dir(&dir)).map_err(io("stat manifest", &dir))?;
+        if !exists && !opts.create_if_missing {
+            return Err(Error::NotFound { dir });
+        }
+        let made_dir = !fs.exists(&dir).map_err(io("stat directory", &dir))?;
+        fs.create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        if made_dir {
+            let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            fs.sync_dir(&parent).map_err(io("fsync parent directory", &parent))?;
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs.try_lock_exclusive(&lock_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked { dir: dir.clone() }
+            } else {
+                Error::Io { op: "lock directory", path: lock_path.clone(), source: e }
+            }
+        })?;
+        let tables_dir = dir.join(TABLES_DIR);
+        if !fs.exists(&tables_dir).map_err(io("stat tables directory", &tables_dir))? {
+            fs.create_dir_all(&tables_dir).map_err(io("create tables directory", &tables_dir))?;
+            fs.sync_dir(&dir).map_err(io("fsync directory", &dir))?;
+        }
+        let cache = BlockCache::new(opts.block_cache_bytes);
+        let (manifest, version, next_table_id) = if exists {
+            let (m, edits) = Manifest::open(
+                Arc::clone(&fs),
+                &dir,
+                opts.manifest_segment_bytes,
+                opts.manifest_edits_per_snapshot,
+                opts.levels,
+            )?;
+            // Fold the edits first: only the tables live at the end are opened.
+            let mut live: std::collections::BTreeMap<TableId, (u8, u64)> = std::collections::BTreeMap::new();
+            let mut v = Version::empty(opts.levels);
+            let mut next_id = 1;
+            for e in &edits {
+                if e.full {
+                    live.clear();
+                }
+                for id in &e.removed {
+                    live.remove(id);
+                }
+                for a in &e.added {
+                    live.insert(a.id, (a.level, a.seq_offset));
+                    next_id = next_id.max(a.id + 1);
+                }
+                if let Some(n) = e.next_table_id {
+                    next_id = next_id.max(n);
+                }
+                let meta_only = Edit { added: Vec::new(), removed: Vec::new(), full: false, ..e.clone() };
+                v = v.apply(&meta_only, &[]);
+            }
+            for (id, (level, seq_offset)) in live {
+                let t =
+                    Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?;
+                v.levels[level as usize].push(Arc::new(t));
+            }
+            v.sort();
+            (m, v, next_id)
+        } else {
+            let v = Version::empty(opts.levels);
+            let m = Manifest::create(
+                Arc::clone(&fs),
+                &dir,
+                opts.manifest_segment_bytes,
+                opts.manifest_edits_per_snapshot,
+                &v.full_edit(1),
+            )?;
+            (m, v, 1)
+        };
+        // Tables not in the manifest are leftovers of an interrupted flush,
+        // compaction or ingest: remove them.
+        let live: HashSet<TableId> = version.tables().map(|(_, t)| t.id).collect();
+        for name in fs.read_dir(&tables_dir).map_err(io("list tables", &tables_dir))? {
+            let p = tables_dir.join(&name);
+            match parse_table_file_name(&name) {
+                Some(id) if live.contains(&id) => {}
+                _ => {
+                    tracing::info!(path = %p.display(), "removing a table file the manifest does not list");
+                    fs.remove_file(&p).map_err(io("remove leftover table", &p))?;
+                }
+            }
+        }
+        let mut last_seq = version.last_seq;
+        let mut last_marker = version.marker;
+        let active = Arc::new(Memtable::new(1));
+        let mut sealed: Vec<Arc<Memtable>> = Vec::new();
+        let mut next_mem_id = 2;
+        let wal = match opts.durability {
+            DurabilityMode::Embedded => None,
+            DurabilityMode::Standalone(_) => {
+                let mut wo = WalOptions::default();
+                wo.segment_bytes_max = opts.wal_segment_bytes;
+                let (wal, report) = Wal::open_or_create(Arc::clone(&fs), dir.join("wal"), wo, b"cairn-lsm wal v1")
+                    .map_err(wal_err("open WAL"))?;
+                if report.torn_tail.is_some() {
+                    tracing::warn!(?report, "the WAL had a torn tail (a crash during a write); it was dropped");
+                }
+                let mut mem = active.clone();
+                for batch in wal.replay_from(None).map_err(wal_err("replay WAL"))? {
+                    let batch = batch.map_err(wal_err("read WAL"))?;
+                    for r in batch.iter() {
+                        if r.position <= version.flushed_seq {
+                            continue;
+                        }
+                        let (first, b) = WriteBatch::decode(r.payload)
+                            .map_err(|e| crate::error::corrupt(&dir.join("wal"), r.position, e))?;
+                        if mem.approximate_bytes() >= opts.write_buffer_bytes {
+                            sealed.insert(0, Arc::clone(&mem));
+                            mem = Arc::new(Memtable::new(next_mem_id));
+                            next_mem_id += 1;
+                        }
+                        apply_batch(&mem, &b, first);
+                        last_seq = last_seq.max(first + b.len() as u64 - 1);
+                        if let Some(m) = b.marker {
+                            last_marker = Some(last_marker.map_or(m, |x| x.max(m)));
+                        }
+                    }
+                }
+                if !Arc::ptr_eq(&mem, &active) {
+                    // The replayed memtables: the newest is active, the rest sealed.
+                    let sv_active = mem;
+                    let inner_active = sv_active;
+                    return Self::start(
+                        fs,
+                        dir,
+                        tables_dir,
+                        opts,
+                        lock,
+                        cache,
+                        Some(wal),
+                        manifest,
+                        version,
+                        next_table_id,
+                        inner_active,
+                        sealed,
+                        last_seq,
+                        last_marker,
+                        next_mem_id,
+                    );
+                }
+                Some(wal)
+            }
+        };
+        Self::start(
+            fs,
+            dir,
+            tables_dir,
+            opts,
+            lock,
+            cache,
+            wal,
+            manifest,
+            version,
+            next_table_id,
+            active,
+            sealed,
+            last_seq,
+            last_marker,
+            next_mem_id,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        tables_dir: PathBuf,
+        opts: Options,
+        lock: Box<dyn FsLock>,
+        cache: BlockCache,
+        wal: Option<Wal>,
+        manifest: Manifest,
+        version: Version,
+        next_table_id: TableId,
+        active: Arc<Memtable>,
+        sealed: Vec<Arc<Memtable>>,
+        last_seq: Seqno,
+        last_marker: Option<Marker>,
+        next_mem_id: u64,
+    ) -> Result<Db> {
+        let inner = Arc::new(Inner {
+            fs,
+            dir,
+            tables_dir,
+            cache,
+            wal,
+            write: Mutex::new(WriteState { last_seq, last_marker, next_mem_id, buf: Vec::new() }),
+            sv: ArcSwap::from_pointee(SuperVersion { active, sealed, version: Arc::new(version) }),
+            sv_lock: Mutex::new(()),
+            visible_seq: AtomicU64::new(last_seq),
+            views: Mutex::new(BTreeMap::new()),
+            vstate: Mutex::new(VersionState { manifest, next_table_id, compacting: HashSet::new() }),
+            bg: Mutex::new(BgState::default()),
+            bg_cond: Condvar::new(),
+            poisoned: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+            _lock: lock,
+            opts,
+        });
+        let mut threads = Vec::new();
+        if inner.opts.background == Background::Threads {
+            let i = Arc::clone(&inner);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("lsm-flush".into())
+                    .spawn(move || i.flush_loop())
+                    .map_err(io("spawn flush thread", &PathBuf::new()))?,
+            );
+            for n in 0..inner.opts.compaction_threads.max(1) {
+                let i = Arc::clone(&inner);
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("lsm-compact-{n}"))
+                        .spawn(move || i.compaction_loop())
+                        .map_err(io("spawn compaction thread", &PathBuf::new()))?,
+                );
+            }
+            if let DurabilityMode::Standalone(SyncPolicy::Interval(every)) = inner.opts.durability {
+                let i = Arc::clone(&inner);
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("lsm-wal-sync".into())
+                        .spawn(move || i.sync_loop(every))
+                        .map_err(io("spawn sync thread", &PathBuf::new()))?,
+                );
+            }
+        }
+        let db = Db { guard: Arc::new(Guard { inner: Arc::clone(&inner), threads: Mutex::new(threads) }), inner };
+        db.inner.wake_background();
+        if db.inner.opts.background == Background::Inline {
+            db.inner.run_inline()?;
+        }
+        Ok(db)
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<()> {
+        let mut b = WriteBatch::new();
+        b.put(key, value);
+        self.write(&b)
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&self, key: impl Into<Bytes>) -> Result<()> {
+        let mut b = WriteBatch::new();
+        b.delete(key);
+        self.write(&b)
+    }
+
+    /// Deletes every key in `[start, end)` (one range tombstone).
+    pub fn delete_range(&self, start: impl Into<Bytes>, end: impl Into<Bytes>) -> Result<()> {
+        let mut b = WriteBatch::new();
+        b.delete_range(start, end);
+        self.write(&b)
+    }
+
+    /// Deletes every key starting with `prefix` (one range tombstone).
+    pub fn delete_prefix(&self, prefix: &[u8]) -> Result<()> {
+        crate::types::check_key(prefix)?;
+        match prefix_end(prefix) {
+            Some(end) => self.delete_range(Bytes::copy_from_slice(prefix), end),
+            None => {
+                // Every byte is 0xff: no finite end; delete the range up to
+                // the largest possible key, then that key.
+                let mut b = WriteBatch::new();
+                b.delete_range(Bytes::copy_from_slice(prefix), vec![0xff; crate::KEY_BYTES_MAX]);
+                b.delete(vec![0xff; crate::KEY_BYTES_MAX]);
+                self.write(&b)
+            }
+        }
+    }
+
+    /// Applies a batch atomically.
+    pub fn write(&self, batch: &WriteBatch) -> Result<()> {
+        self.inner.write(batch)
+    }
+
+    /// The value of `key`, as of the latest write.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        crate::types::check_key(key)?;
+        self.inner.get_at(key, self.inner.visible_seq.load(Ordering::Acquire))
+    }
+
+    /// Keys in `range`, ascending.
+    pub fn range<R: RangeBounds<K>, K: AsRef<[u8]>>(&self, range: R) -> Iter {
+        self.inner.iter_at(bounds(&range), true, self.inner.visible_seq.load(Ordering::Acquire))
+    }
+
+    /// Keys in `range`, descending.
+    pub fn range_rev<R: RangeBounds<K>, K: AsRef<[u8]>>(&self, range: R) -> Iter {
+        self.inner.iter_at(bounds(&range), false, self.inner.visible_seq.load(Ordering::Acquire))
+    }
+
+    /// Keys starting with `prefix`, ascending.
+    pub fn prefix(&self, prefix: &[u8]) -> Iter {
+        self.inner.iter_at(prefix_bounds(prefix), true, self.inner.visible_seq.load(Ordering::Acquire))
+    }
+
+    /// Keys starting with `prefix`, descending.
+    pub fn prefix_rev(&self, prefix: &[u8]) -> Iter {
+        self.inner.iter_at(prefix_bounds(prefix), false, self.inner.visible_seq.load(Ordering::Acquire))
+    }
+
+    /// A read view pinned at the latest write.
+    pub fn read_view(&self) -> ReadView {
+        let mut v = lock(&self.inner.views);
+        let seq = self.inner.visible_seq.load(Ordering::Acquire);
+        *v.entry(seq).or_insert(0) += 1;
+        ReadView { inner: Arc::clone(&self.inner), seq }
+    }
+
+    /// The sequence number of the latest visible write.
+    pub fn last_seq(&self) -> Seqno {
+        self.inner.visible_seq.load(Ordering::Acquire)
+    }
+
+    /// The durable marker: every batch whose marker is at or below it is in a
+    /// table, synced, and survives a crash (embedded mode).
+    pub fn durable_marker(&self) -> Option<Marker> {
+        self.inner.sv.load().version.marker
+    }
+
+    /// Seals the active memtable and waits until every memtable is flushed;
+    /// in standalone mode also syncs the WAL.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush_all()
+    }
+
+    /// Syncs the standalone WAL (a no-op in embedded mode).
+    pub fn sync_wal(&self) -> Result<()> {
+        match &self.inner.wal {
+            Some(w) => w.sync().map_err(|e| self.inner.poison(wal_err("sync WAL")(e))),
+            None => Ok(()),
+        }
+    }
+
+    /// Compacts every table overlapping `range`, level by level, down to the
+    /// last level that holds data, dropping what no read view needs.
+    pub fn compact_range<R: RangeBounds<K>, K: AsRef<[u8]>>(&self, range: R) -> Result<()> {
+        let (lo, hi) = bounds(&range);
+        self.inner.flush_all()?;
+        self.inner.compact_range(lo, hi)
+    }
+
+    /// Writes a checkpoint into `dest` (which must not exist): a forced flush,
+    /// then hard links of the live tables and a new manifest holding their
+    /// version. Open it with [`Db::open`]; its marker is the durable marker.
+    pub fn checkpoint(&self, dest: impl AsRef<Path>) -> Result<CheckpointInfo> {
+        self.inner.checkpoint(dest.as_ref())
+    }
+
+    /// Adds externally built tables (for example another engine's L0 tables)
+    /// as L0 tables, their sequence numbers shifted by one offset above all
+    /// local data, in one manifest edit. The files are hard-linked (copied if
+    /// linking fails).
+    pub fn ingest(&self, tables: &[PathBuf], opts: IngestOptions) -> Result<()> {
+        self.inner.ingest(tables, opts)
+    }
+
+    /// Statistics, also published as `metrics` gauges.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// Waits until no flush or compaction is pending or running.
+    pub fn wait_idle(&self) -> Result<()> {
+        self.inner.wait_idle()
+    }
+
+    /// The engine's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Stops background work, syncs the standalone WAL and closes. In embedded
+    /// mode, unflushed writes are dropped (call [`Db::flush`] first to keep them).
+    pub fn close(self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.guard.inner.stop_threads(&mut lock(&self.guard.threads));
+        if let Some(w) = &self.inner.wal {
+            w.sync().map_err(wal_err("sync WAL at close"))?;
+        }
+        Ok(())
+    }
+
+    /// The table files live now with their levels (for tests and tools).
+    pub fn live_tables(&self) -> Vec<(usize, PathBuf)> {
+        let sv = self.inner.sv.load();
+        sv.version.tables().map(|(l, t)| (l, t.path().to_path_buf())).collect()
+    }
+}
+
+fn apply_batch(mem: &Memtable, b: &WriteBatch, first: Seqno) {
+    for (seq, op) in (first..).zip(b.ops.iter()) {
+        match op {
+            Op::Put(k, v) => mem.insert(k.clone(), seq, ValueKind::Put, v.clone()),
+            Op::Delete(k) => mem.insert(k.clone(), seq, ValueKind::Delete, Bytes::new()),
+            Op::DeleteRange(s, e) => mem.insert_range_delete(RangeTombstone { start: s.clone(), end: e.clone(), seq }),
+        }
+    }
+    if let Some(m) = b.marker {
+        mem.note_marker(m);
+    }
+}
+
+impl Inner {
+    fn check_usable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if let Some(p) = lock(&self.poisoned).clone() {
+            return Err(Error::Poisoned(p));
+        }
+        Ok(())
+    }
+
+    /// Records a failure of a write or fsync: no further writes.
+    fn poison(&self, e: Error) -> Error {
+        tracing::error!(error = %e, "the engine stops accepting writes");
+        let mut p = lock(&self.poisoned);
+        if p.is_none() {
+            *p = Some(e.to_string());
+        }
+        drop(p);
+        self.bg_cond.notify_all();
+        e
+    }
+
+    fn wake_background(&self) {
+        self.bg_cond.notify_all();
+    }
+
+    fn stop_threads(&self, threads: &mut Vec<JoinHandle<()>>) {
+        lock(&self.bg).stop = true;
+        self.bg_cond.notify_all();
+        for t in threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn write(&self, batch: &WriteBatch) -> Result<()> {
+        self.check_usable()?;
+        batch.validate()?;
+        let embedded = self.opts.durability == DurabilityMode::Embedded;
+        if batch.is_empty() && batch.marker.is_none() {
+            return Ok(());
+        }
+        if self.opts.background == Background::Threads {
+            self.maybe_stall()?;
+        }
+        let mut w = lock(&self.write);
+        self.check_usable()?;
+        if let (Some(m), Some(last)) = (batch.marker, w.last_marker)
+            && m <= last
+        {
+            return Err(Error::MarkerNotRising { given: m, last });
+        }
+        if embedded && batch.marker.is_none() {
+            return Err(Error::WrongMode("in embedded mode every batch carries a marker"));
+        }
+        let first = w.last_seq + 1;
+        let last = w.last_seq + batch.len() as u64;
+        if last > crate::types::SEQNO_MAX {
+            return Err(Error::WrongMode("sequence numbers exhausted"));
+        }
+        let sv = self.sv.load_full();
+        if sv.active.approximate_bytes() >= self.opts.write_buffer_bytes {
+            self.seal(&mut w, &sv)?;
+        }
+        let mut ticket = None;
+        if let (Some(wal), DurabilityMode::Standalone(policy)) = (&self.wal, self.opts.durability)
+            && !batch.is_empty()
+        {
+            let mut buf = std::mem::take(&mut w.buf);
+            batch.encode(first, &mut buf);
+            let mut wb = cairn_wal::Batch::new();
+            wb.append(WAL_BATCH_KIND, last, &buf);
+            w.buf = buf;
+            let d = if policy == SyncPolicy::EveryWrite { Durability::Sync } else { Durability::Buffered };
+            let t = wal.submit(&wb, d).map_err(|e| self.poison(wal_err("write WAL")(e)))?;
+            ticket = Some(t);
+        }
+        let sv = self.sv.load();
+        apply_batch(&sv.active, batch, first);
+        if !batch.is_empty() {
+            w.last_seq = last;
+        }
+        if batch.marker.is_some() {
+            w.last_marker = batch.marker;
+        }
+        let sync_each = self.opts.durability == DurabilityMode::Standalone(SyncPolicy::EveryWrite);
+        if !sync_each {
+            self.visible_seq.store(w.last_seq, Ordering::Release);
+        }
+        drop(w);
+        if let (Some(wal), Some(t)) = (&self.wal, ticket) {
+            wal.wait(t).map_err(|e| self.poison(wal_err("write WAL")(e)))?;
+        }
+        if sync_each {
+            self.visible_seq.fetch_max(last, Ordering::AcqRel);
+        }
+        self.counters.user_bytes.fetch_add(batch.payload_bytes() as u64, Ordering::Relaxed);
+        if self.opts.background == Background::Inline {
+            self.run_inline()?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active memtable (the write lock is held). Waits while too
+    /// many sealed memtables wait for their flush.
+    fn seal(&self, _w: &mut MutexGuard<'_, WriteState>, sv: &SuperVersion) -> Result<()> {
+        if self.opts.background == Background::Threads {
+            let start = Instant::now();
+            let mut bg = lock(&self.bg);
+            while self.sv.load().sealed.len() >= self.opts.sealed_memtables_max.max(1) {
+                self.check_usable()?;
+                if start.elapsed() > self.opts.stall_duration_max {
+                    return Err(Error::StallTimeout {
+                        waited_ms: start.elapsed().as_millis() as u64,
+                        reason: "sealed memtables to flush",
+                    });
+                }
+                bg = self.bg_cond.wait_timeout(bg, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            drop(bg);
+            let waited = start.elapsed();
+            if waited > Duration::from_micros(100) {
+                self.counters.stall_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+            }
+        }
+        let _g = lock(&self.sv_lock);
+        let cur = self.sv.load_full();
+        let _ = sv;
+        let id = _w.next_mem_id;
+        _w.next_mem_id += 1;
+        let mut sealed = Vec::with_capacity(cur.sealed.len() + 1);
+        sealed.push(Arc::clone(&cur.active));
+        sealed.extend(cur.sealed.iter().cloned());
+        self.sv.store(Arc::new(SuperVersion {
+            active: Arc::new(Memtable::new(id)),
+            sealed,
+            version: Arc::clone(&cur.version),
+        }));
+        drop(_g);
+        self.bg_cond.notify_all();
+        Ok(())
+    }
+
+    fn summaries(v: &Version) -> Vec<Vec<TableSummary>> {
+        v.levels
+            .iter()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| TableSummary {
+                        id: t.id,
+                        smallest: t.props.smallest.clone(),
+                        largest: t.props.largest.clone(),
+                        bytes: t.file_bytes,
+                        seq_max: t.seq_max(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn choose_config(&self) -> ChooseConfig {
+        ChooseConfig {
+            l0_trigger: self.opts.l0_compaction_trigger,
+            level_targets: (0..self.opts.levels)
+                .map(|l| if l == 0 { 0 } else { self.opts.level_bytes_target(l) })
+                .collect(),
+        }
+    }
+
+    /// Delays or stalls a write while background work lags (bounded).
+    fn maybe_stall(&self) -> Result<()> {
+        let start = Instant::now();
+        let mut slowed = false;
+        loop {
+            let sv = self.sv.load();
+            let l0 = sv.version.levels[0].len();
+            let pending = choose::pending_bytes(&Self::summaries(&sv.version), &self.choose_config());
+            drop(sv);
+            let stop = l0 >= self.opts.l0_stop_tables || pending >= self.opts.pending_compaction_bytes_stop;
+            if stop {
+                self.check_usable()?;
+                if start.elapsed() > self.opts.stall_duration_max {
+                    return Err(Error::StallTimeout {
+                        waited_ms: start.elapsed().as_millis() as u64,
+                        reason: if l0 >= self.opts.l0_stop_tables {
+                            "L0 tables to compact"
+                        } else {
+                            "pending compaction bytes"
+                        },
+                    });
+                }
+                let bg = lock(&self.bg);
+                let _ = self.bg_cond.wait_timeout(bg, Duration::from_millis(10));
+                continue;
+            }
+            if !slowed && (l0 >= self.opts.l0_slowdown_tables || pending >= self.opts.pending_compaction_bytes_slowdown)
+            {
+                slowed = true;
+                self.counters.slowdowns.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(self.opts.slowdown_delay);
+                continue;
+            }
+            break;
+        }
+        let waited = start.elapsed();
+        if waited > Duration::from_micros(50) {
+            self.counters.stall_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn get_at(&self, key: &[u8], snap: Seqno) -> Result<Option<Bytes>> {
+        let sv = self.sv.load_full();
+        let mut found: Option<(u64, Bytes)> = None;
+        for m in std::iter::once(&sv.active).chain(sv.sealed.iter()) {
+            if let Some(x) = m.get(key, snap) {
+                found = Some(x);
+                break;
+            }
+        }
+        if found.is_none() {
+            let h = bloom::hash(key);
+            'levels: for (l, ts) in sv.version.levels.iter().enumerate() {
+                if l == 0 {
+                    for t in ts {
+                        if let Some(x) = t.get(key, h, snap)? {
+                            found = Some(x);
+                            break 'levels;
+                        }
+                    }
+                } else {
+                    let i = ts.partition_point(|t| t.props.largest.as_ref() < key);
+                    for t in ts[i..].iter().take_while(|t| t.props.smallest.as_ref() <= key) {
+                        if let Some(x) = t.get(key, h, snap)? {
+                            found = Some(x);
+                            break 'levels;
+                        }
+                    }
+                }
+            }
+        }
+        let Some((trailer, value)) = found else { return Ok(None) };
+        let seq = trailer_seq(trailer);
+        let mut tomb = 0;
+        for m in std::iter::once(&sv.active).chain(sv.sealed.iter()) {
+            if let Some(s) = m.covering_range_delete(key, snap) {
+                tomb = tomb.max(s);
+            }
+        }
+        for t in sv.version.range_delete_tables() {
+            for r in &t.range_dels {
+                if r.seq <= snap && r.covers(key) {
+                    tomb = tomb.max(r.seq);
+                }
+            }
+        }
+        if tomb > seq || trailer_kind(trailer) != Some(ValueKind::Put) {
+            return Ok(None);
+        }
+        Ok(Some(value))
+    }
+
+    fn iter_at(&self, (lo, hi): (Bound<Bytes>, Bound<Bytes>), forward: bool, snap: Seqno) -> Iter {
+        let sv = self.sv.load_full();
+        let start: Option<&[u8]> = match (forward, &lo, &hi) {
+            (true, Bound::Included(k) | Bound::Excluded(k), _) => Some(k),
+            (false, _, Bound::Included(k) | Bound::Excluded(k)) => Some(k),
+            _ => None,
+        };
+        let mut sources = Vec::new();
+        let mut tombs: Vec<RangeTombstone> = Vec::new();
+        for m in std::iter::once(&sv.active).chain(sv.sealed.iter()) {
+            sources.push(Source::Mem(MemIter::new(Arc::clone(m), forward, start)));
+            tombs.extend(m.range_deletes());
+        }
+        let in_range = |t: &Table| {
+            let below_lo = match &lo {
+                Bound::Included(k) | Bound::Excluded(k) => t.props.largest.as_ref() < k.as_ref(),
+                Bound::Unbounded => false,
+            };
+            let above_hi = match &hi {
+                Bound::Included(k) | Bound::Excluded(k) => t.props.smallest.as_ref() > k.as_ref(),
+                Bound::Unbounded => false,
+            };
+            !below_lo && !above_hi
+        };
+        for (l, ts) in sv.version.levels.iter().enumerate() {
+            let ts: Vec<Arc<Table>> = ts.iter().filter(|t| in_range(t)).cloned().collect();
+            for t in &ts {
+                tombs.extend(t.range_dels.iter().cloned());
+            }
+            if l == 0 {
+                for t in ts {
+                    sources.push(Source::Table(TableIter::new(t, forward, start)));
+                }
+            } else if !ts.is_empty() {
+                sources.push(Source::Level(LevelIter::new(ts, forward, start)));
+            }
+        }
+        let fragments = Fragments::new(&tombs, snap);
+        let pin: Pin = sv;
+        Iter::new(pin, Merge::new(sources, forward), snap, lo, hi, forward, fragments)
+    }
+
+    fn settings(&self, level: usize) -> WriteSettings {
+        WriteSettings {
+            block_bytes: self.opts.block_bytes,
+            restart_interval: self.opts.block_restart_interval,
+            bloom_bits_per_key: self.opts.bloom_bits_per_key,
+            compression: self.opts.compression_for(level),
+            skip_sync: self.opts.skip_table_sync_for_tests,
+        }
+    }
+
+    fn new_table_id(&self) -> (TableId, PathBuf) {
+        let mut vs = lock(&self.vstate);
+        let id = vs.next_table_id;
+        vs.next_table_id += 1;
+        (id, self.tables_dir.join(table_file_name(id)))
+    }
+
+    fn sync_tables_dir(&self) -> Result<()> {
+        if self.opts.skip_table_sync_for_tests {
+            return Ok(());
+        }
+        self.fs.sync_dir(&self.tables_dir).map_err(io("fsync tables directory", &self.tables_dir))
+    }
+
+    /// Installs `edit` (tables in `opened`) under the version lock: manifest
+    /// first, then the in-memory version. `change_sv` adjusts the memtables.
+    fn install(
+        &self,
+        vs: &mut VersionState,
+        edit: Edit,
+        opened: &[Arc<Table>],
+        change_sv: impl FnOnce(&SuperVersion) -> (Arc<Memtable>, Vec<Arc<Memtable>>),
+    ) -> Result<Arc<Version>> {
+        let cur = self.sv.load_full();
+        let next = Arc::new(cur.version.apply(&edit, opened));
+        let mut edit = edit;
+        edit.next_table_id = Some(vs.next_table_id);
+        let next_id = vs.next_table_id;
+        let full = || next.full_edit(next_id);
+        vs.manifest.append(&edit, full).map_err(|e| self.poison(e))?;
+        let _g = lock(&self.sv_lock);
+        let cur = self.sv.load_full();
+        let (active, sealed) = change_sv(&cur);
+        self.sv.store(Arc::new(SuperVersion { active, sealed, version: Arc::clone(&next) }));
+        drop(_g);
+        for id in &edit.removed {
+            if !edit.added.iter().any(|a| a.id == *id)
+                && let Some((_, t)) = cur.version.tables().find(|(_, t)| t.id == *id)
+            {
+                t.mark_obsolete();
+            }
+        }
+        lock(&self.bg).installs += 1;
+        self.bg_cond.notify_all();
+        self.publish_metrics(&next);
+        Ok(next)
+    }
+
+    /// Flushes the oldest sealed memtable. Returns false if there is none.
+    fn flush_one(&self) -> Result<bool> {
+        let sv = self.sv.load_full();
+        let Some(mem) = sv.sealed.last().cloned() else { return Ok(false) };
+        drop(sv);
+        let _span = tracing::info_span!("lsm_flush", memtable = mem.id).entered();
+        let mut written: Option<(TableId, PathBuf)> = None;
+        let mut opened = Vec::new();
+        let has_data = mem.entry_count() > 0 || mem.has_range_deletes();
+        if has_data {
+            let (id, path) = self.new_table_id();
+            let mut w = TableWriter::create(&*self.fs, &path, self.settings(0)).map_err(|e| self.poison(e))?;
+            written = Some((id, path.clone()));
+            let res = (|| {
+                let mut it = MemIter::new(Arc::clone(&mem), true, None);
+                while let Some(e) = it.next_entry() {
+                    w.add(&e.user, e.trailer, &e.value)?;
+                }
+                for t in sorted_range_deletes(&mem) {
+                    w.add_range_delete(t);
+                }
+                w.set_markers(mem.markers());
+                self.opts.hook(HookPoint::FlushTableWritten)?;
+                let (_props, bytes) = w.finish()?;
+                self.sync_tables_dir()?;
+                self.opts.hook(HookPoint::FlushTableSynced)?;
+                self.counters.flush_bytes.fetch_add(bytes, Ordering::Relaxed);
+                Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())
+            })();
+            match res {
+                Ok(t) => opened.push(Arc::new(t)),
+                Err(e) => return Err(self.poison(e)),
+            }
+        }
+        let mut vs = lock(&self.vstate);
+        // Ingest may have discarded this memtable meanwhile.
+        if !self.sv.load().sealed.last().is_some_and(|m| Arc::ptr_eq(m, &mem)) {
+            drop(vs);
+            if let Some(t) = opened.pop() {
+                t.mark_obsolete();
+            }
+            return Ok(true);
+        }
+        let (_, seq_max) = mem.seq_range();
+        let edit = Edit {
+            added: written.iter().map(|(id, _)| Added { level: 0, id: *id, seq_offset: 0 }).collect(),
+            marker: mem.markers().map(|(_, hi)| hi),
+            flushed_seq: has_data.then_some(seq_max),
+            last_seq: has_data.then_some(seq_max),
+            ..Edit::default()
+        };
+        let flushed = edit.flushed_seq;
+        self.install(&mut vs, edit, &opened, |cur| {
+            let mut sealed = cur.sealed.clone();
+            let gone = sealed.pop();
+            debug_assert!(gone.is_some_and(|g| Arc::ptr_eq(&g, &mem)));
+            (Arc::clone(&cur.active), sealed)
+        })?;
+        drop(vs);
+        self.opts.hook(HookPoint::FlushInstalled).map_err(|e| self.poison(e))?;
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        if let (Some(wal), Some(s)) = (&self.wal, flushed) {
+            wal.release_to(s + 1).map_err(|e| self.poison(wal_err("release WAL")(e)))?;
+        }
+        Ok(true)
+    }
+
+    fn live_views(&self) -> Vec<Seqno> {
+        lock(&self.views).keys().copied().collect()
+    }
+
+    /// Picks and marks a compaction.
+    fn pick(&self) -> Option<(Choice, Vec<Arc<Table>>)> {
+        let mut vs = lock(&self.vstate);
+        let v = Arc::clone(&self.sv.load().version);
+        let c = choose::choose(&Self::summaries(&v), &vs.compacting, &self.choose_config())?;
+        let tables: Vec<Arc<Table>> = c
+            .upper
+            .iter()
+            .chain(c.lower.iter())
+            .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
+            .collect();
+        vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
+        Some((c, tables))
+    }
+
+    fn unmark(&self, c: &Choice) {
+        let mut vs = lock(&self.vstate);
+        for id in c.upper.iter().chain(c.lower.iter()) {
+            vs.compacting.remove(id);
+        }
+    }
+
+    /// Runs one chosen compaction to its install.
+    fn execute(&self, c: &Choice, inputs: Vec<Arc<Table>>) -> Result<()> {
+        let _span =
+            tracing::info_span!("lsm_compaction", level = c.level, upper = c.upper.len(), lower = c.lower.len())
+                .entered();
+        if c.trivial_move {
+            let t = &inputs[0];
+            let edit = Edit {
+                added: vec![Added { level: c.output_level as u8, id: t.id, seq_offset: t.seq_offset }],
+                removed: vec![t.id],
+                ..Edit::default()
+            };
+            let mut vs = lock(&self.vstate);
+            self.install(&mut vs, edit, std::slice::from_ref(t), |cur| (Arc::clone(&cur.active), cur.sealed.clone()))?;
+            self.counters.trivial_moves.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let views = self.live_views();
+        let mut outputs: Vec<Output> = Vec::new();
+        let mut alloc = || self.new_table_id();
+        let job = Job {
+            fs: &*self.fs,
+            views: &views,
+            bottommost: c.bottommost,
+            settings: self.settings(c.output_level),
+            table_bytes_target: self.opts.table_bytes_target,
+            new_table: &mut alloc,
+        };
+        let read: u64 = inputs.iter().map(|t| t.file_bytes).sum();
+        let res = compaction::run(&inputs, job, &mut outputs)
+            .and_then(|()| self.sync_tables_dir())
+            .and_then(|()| self.opts.hook(HookPoint::CompactionTablesWritten))
+            .and_then(|()| {
+                outputs
+                    .iter()
+                    .map(|o| Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone()).map(Arc::new))
+                    .collect::<Result<Vec<_>>>()
+            });
+        let opened = match res {
+            Ok(o) => o,
+            Err(e) => return Err(self.poison(e)),
+        };
+        let written: u64 = outputs.iter().map(|o| o.bytes).sum();
+        let edit = Edit {
+            added: outputs.iter().map(|o| Added { level: c.output_level as u8, id: o.id, seq_offset: 0 }).collect(),
+            removed: c.upper.iter().chain(c.lower.iter()).copied().collect(),
+            ..Edit::default()
+        };
+        let mut vs = lock(&self.vstate);
+        self.install(&mut vs, edit, &opened, |cur| (Arc::clone(&cur.active), cur.sealed.clone()))?;
+        drop(vs);
+        self.opts.hook(HookPoint::CompactionInstalled).map_err(|e| self.poison(e))?;
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.compaction_read_bytes.fetch_add(read, Ordering::Relaxed);
+        self.counters.compaction_write_bytes.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn compact_once(&self) -> Result<bool> {
+        let Some((c, inputs)) = self.pick() else { return Ok(false) };
+        lock(&self.bg).compactions_running += 1;
+        let r = self.execute(&c, inputs);
+        self.unmark(&c);
+        lock(&self.bg).compactions_running -= 1;
+        self.bg_cond.notify_all();
+        r.map(|()| true)
+    }
+
+    fn run_inline(&self) -> Result<()> {
+        while self.flush_one()? {}
+        while self.compact_once()? {}
+        Ok(())
+    }
+
+    fn flush_loop(&self) {
+        loop {
+            {
+                let mut bg = lock(&self.bg);
+                loop {
+                    if bg.stop {
+                        return;
+                    }
+                    if lock(&self.poisoned).is_none() && !self.sv.load().sealed.is_empty() {
+                        bg.flushing = true;
+                        break;
+                    }
+                    bg = self.bg_cond.wait(bg).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let r = self.flush_one();
+            lock(&self.bg).flushing = false;
+            self.bg_cond.notify_all();
+            if let Err(e) = r {
+                tracing::error!(error = %e, "flush failed");
+            }
+        }
+    }
+
+    fn compaction_loop(&self) {
+        loop {
+            {
+                let mut bg = lock(&self.bg);
+                if bg.stop {
+                    return;
+                }
+                if lock(&self.poisoned).is_some() {
+                    bg = self.bg_cond.wait(bg).unwrap_or_else(|e| e.into_inner());
+                    drop(bg);
+                    continue;
+                }
+            }
+            match self.compact_once() {
+                Ok(true) => continue,
+                Ok(false) => {
+                    let bg = lock(&self.bg);
+                    if bg.stop {
+                        return;
+                    }
+                    let seen = bg.installs;
+                    let _ =
+                        self.bg_cond.wait_timeout_while(bg, Duration::from_secs(1), |b| !b.stop && b.installs == seen);
+                }
+                Err(e) => tracing::error!(error = %e, "compaction failed"),
+            }
+        }
+    }
+
+    fn sync_loop(&self, every: Duration) {
+        let mut bg = lock(&self.bg);
+        while !bg.stop {
+            bg = self.bg_cond.wait_timeout(bg, every).unwrap_or_else(|e| e.into_inner()).0;
+            if let Some(w) = &self.wal
+                && let Err(e) = w.sync()
+            {
+                drop(bg);
+                self.poison(wal_err("sync WAL")(e));
+                bg = lock(&self.bg);
+            }
+        }
+    }
+
+    fn seal_if_needed(&self) -> Result<()> {
+        let mut w = lock(&self.write);
+        let sv = self.sv.load_full();
+        if !sv.active.is_empty() || sv.active.markers().is_some() {
+            self.seal(&mut w, &sv)?;
+        }
+        Ok(())
+    }
+
+    fn wait_flushed(&self) -> Result<()> {
+        if self.opts.background == Background::Inline {
+            while self.flush_one()? {}
+            return Ok(());
+        }
+        let mut bg = lock(&self.bg);
+        loop {
+            self.check_usable()?;
+            if self.sv.load().sealed.is_empty() && !bg.flushing {
+                return Ok(());
+            }
+            bg = self.bg_cond.wait_timeout(bg, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn flush_all(&self) -> Result<()> {
+        self.check_usable()?;
+        self.seal_if_needed()?;
+        self.wait_flushed()?;
+        if let Some(w) = &self.wal {
+            w.sync().map_err(|e| self.poison(wal_err("sync WAL")(e)))?;
+        }
+        Ok(())
+    }
+
+    fn wait_idle(&self) -> Result<()> {
+        if self.opts.background == Background::Inline {
+            return self.run_inline();
+        }
+        let mut bg = lock(&self.bg);
+        loop {
+            self.check_usable()?;
+            let sv = self.sv.load();
+            let work = !sv.sealed.is_empty()
+                || bg.flushing
+                || bg.compactions_running > 0
+                || choose::choose(&Self::summaries(&sv.version), &HashSet::new(), &self.choose_config()).is_some();
+            drop(sv);
+            if !work {
+                return Ok(());
+            }
+            bg = self.bg_cond.wait_timeout(bg, Duration::from_millis(20)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn compact_range(&self, lo: Bound<Bytes>, hi: Bound<Bytes>) -> Result<()> {
+        let overlaps = |t: &TableSummary| {
+            let below = match &lo {
+                Bound::Included(k) | Bound::Excluded(k) => t.largest < *k,
+                Bound::Unbounded => false,
+            };
+            let above = match &hi {
+                Bound::Included(k) | Bound::Excluded(k) => t.smallest > *k,
+                Bound::Unbounded => false,
+            };
+            !below && !above
+        };
+        for level in 0..self.opts.levels - 1 {
+            loop {
+                let picked = {
+                    let mut vs = lock(&self.vstate);
+                    let v = Arc::clone(&self.sv.load().version);
+                    let sums = Self::summaries(&v);
+                    let deepest = sums.iter().rposition(|l| !l.is_empty()).unwrap_or(0);
+                    if level >= deepest.max(1) && sums[level].is_empty() {
+                        None
+                    } else {
+                        let upper: Vec<TableId> = sums[level].iter().filter(|t| overlaps(t)).map(|t| t.id).collect();
+                        if upper.is_empty() {
+                            None
+                        } else if level >= deepest {
+                            // The deepest level: rewrite it in place one level down.
+                            choose::expand(&sums, level, upper, &vs.compacting, 0)
+                        } else {
+                            choose::expand(&sums, level, upper, &vs.compacting, 0)
+                        }
+                        .map(|mut c| {
+                            c.trivial_move = false;
+                            let tables: Vec<Arc<Table>> = c
+                                .upper
+                                .iter()
+                                .chain(c.lower.iter())
+                                .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
+                                .collect();
+                            vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
+                            (c, tables)
+                        })
+                    }
+                };
+                match picked {
+                    None => {
+                        // A table involved may be busy with a background compaction: wait for it.
+                        let busy = {
+                            let vs = lock(&self.vstate);
+                            let v = Arc::clone(&self.sv.load().version);
+                            v.levels[level].iter().any(|t| vs.compacting.contains(&t.id))
+                        };
+                        if busy {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        break;
+                    }
+                    Some((c, tables)) => {
+                        lock(&self.bg).compactions_running += 1;
+                        let r = self.execute(&c, tables);
+                        self.unmark(&c);
+                        lock(&self.bg).compactions_running -= 1;
+                        self.bg_cond.notify_all();
+                        r?;
+                        // One pass per level: the outputs are below.
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, dest: &Path) -> Result<CheckpointInfo> {
+        let _span = tracing::info_span!("lsm_checkpoint", dest = %dest.display()).entered();
+        self.flush_all()?;
+        let vs = lock(&self.vstate);
+        let v = Arc::clone(&self.sv.load().version);
+        if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {
+            return Err(Error::AlreadyExists { dir: dest.to_path_buf() });
+        }
+        let tdir = dest.join(TABLES_DIR);
+        self.fs.create_dir_all(&tdir).map_err(io("create checkpoint", &tdir))?;
+        let mut tables = Vec::new();
+        for (_, t) in v.tables() {
+            let name = table_file_name(t.id);
+            let to = tdir.join(&name);
+            self.fs.hard_link(t.path(), &to).map_err(io("link table into checkpoint", &to))?;
+            tables.push(PathBuf::from(TABLES_DIR).join(name));
+        }
+        self.fs.sync_dir(&tdir).map_err(io("fsync checkpoint tables", &tdir))?;
+        self.opts.hook(HookPoint::CheckpointLinked)?;
+        let m = Manifest::create(
+            Arc::clone(&self.fs),
+            dest,
+            self.opts.manifest_segment_bytes,
+            self.opts.manifest_edits_per_snapshot,
+            &v.full_edit(vs.next_table_id),
+        )?;
+        drop(m);
+        self.fs.sync_dir(dest).map_err(io("fsync checkpoint", dest))?;
+        self.opts.hook(HookPoint::CheckpointDone)?;
+        Ok(CheckpointInfo { dir: dest.to_path_buf(), marker: v.marker, last_seq: v.last_seq, tables })
+    }
+
+    fn ingest(&self, paths: &[PathBuf], o: IngestOptions) -> Result<()> {
+        let _span = tracing::info_span!("lsm_ingest", tables = paths.len()).entered();
+        self.check_usable()?;
+        if o.discard_memtables && self.wal.is_some() {
+            return Err(Error::WrongMode("discard_memtables needs embedded mode (the WAL would bring them back)"));
+        }
+        if !o.discard_memtables {
+            self.flush_all()?;
+        }
+        let mut w = lock(&self.write);
+        if !o.discard_memtables {
+            // Writes that arrived since the flush: flush them too, holding the write lock.
+            let sv = self.sv.load_full();
+            if !sv.active.is_empty() || sv.active.markers().is_some() {
+                self.seal(&mut w, &sv)?;
+            }
+            self.wait_flushed()?;
+        }
+        if let (Some(m), Some(last)) = (o.marker, w.last_marker)
+            && m < last
+            && !o.discard_memtables
+        {
+            return Err(Error::MarkerNotRising { given: m, last });
+        }
+        // Read each table's properties to learn its sequence numbers.
+        let mut ranges = Vec::new();
+        for p in paths {
+            let t = Table::open(Arc::clone(&self.fs), p, u64::MAX, 0, BlockCache::new(0))
+                .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
+            ranges.push((t.props.seq_min, t.props.seq_max));
+        }
+        let Some(seq_min) = ranges.iter().map(|r| r.0).min() else { return Ok(()) };
+        let seq_max = ranges.iter().map(|r| r.1).max().unwrap_or(seq_min);
+        let offset = (w.last_seq + 1).saturating_sub(seq_min);
+        let new_last = (seq_max + offset).max(w.last_seq);
+        let mut opened = Vec::new();
+        let mut added = Vec::new();
+        for p in paths {
+            let (id, to) = self.new_table_id();
+            if self.fs.hard_link(p, &to).is_err() {
+                copy_file(&*self.fs, p, &to)?;
+            }
+            let t = Table::open(Arc::clone(&self.fs), &to, id, offset, self.cache.clone())?;
+            added.push(Added { level: 0, id, seq_offset: offset });
+            opened.push(Arc::new(t));
+        }
+        self.sync_tables_dir()?;
+        self.opts.hook(HookPoint::IngestLinked)?;
+        let mut vs = lock(&self.vstate);
+        let edit =
+            Edit { added, marker: o.marker, flushed_seq: Some(new_last), last_seq: Some(new_last), ..Edit::default() };
+        let next_mem = w.next_mem_id;
+        w.next_mem_id += 1;
+        self.install(&mut vs, edit, &opened, |cur| {
+            if o.discard_memtables {
+                (Arc::new(Memtable::new(next_mem)), Vec::new())
+            } else {
+                (Arc::clone(&cur.active), cur.sealed.clone())
+            }
+        })?;
+        drop(vs);
+        w.last_seq = new_last;
+        if let Some(m) = o.marker {
+            w.last_marker = Some(w.last_marker.map_or(m, |x| x.max(m)));
+        }
+        self.visible_seq.store(new_last, Ordering::Release);
+        drop(w);
+        self.opts.hook(HookPoint::IngestInstalled)?;
+        self.wake_background();
+        if self.opts.background == Background::Inline {
+            self.run_inline()?;
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Stats {
+        let sv = self.sv.load();
+        let c = &self.counters;
+        let user = c.user_bytes.load(Ordering::Relaxed);
+        let flush = c.flush_bytes.load(Ordering::Relaxed);
+        let cw = c.compaction_write_bytes.load(Ordering::Relaxed);
+        let (hits, misses) = self.cache.counts();
+        Stats {
+            levels: sv
+                .version
+                .levels
+                .iter()
+                .map(|ts| LevelStats { tables: ts.len(), bytes: ts.iter().map(|t| t.file_bytes).sum() })
+                .collect(),
+            user_bytes: user,
+            flush_bytes: flush,
+            compaction_read_bytes: c.compaction_read_bytes.load(Ordering::Relaxed),
+            compaction_write_bytes: cw,
+            write_amplification: if user == 0 { 0.0 } else { (flush + cw) as f64 / user as f64 },
+            flushes: c.flushes.load(Ordering::Relaxed),
+            compactions: c.compactions.load(Ordering::Relaxed),
+            trivial_moves: c.trivial_moves.load(Ordering::Relaxed),
+            stall_time: Duration::from_micros(c.stall_micros.load(Ordering::Relaxed)),
+            slowdowns: c.slowdowns.load(Ordering::Relaxed),
+            cache_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+            cache_bytes: self.cache.bytes(),
+            memtable_bytes: std::iter::once(&sv.active)
+                .chain(sv.sealed.iter())
+                .map(|m| m.approximate_bytes() as u64)
+                .sum(),
+            sealed_memtables: sv.sealed.len(),
+            table_memory_bytes: sv.version.tables().map(|(_, t)| t.memory_bytes() as u64).sum(),
+        }
+    }
+
+    fn publish_metrics(&self, v: &Version) {
+        for (l, ts) in v.levels.iter().enumerate() {
+            let level = l.to_string();
+            metrics::gauge!("cairn_lsm_level_tables", "level" => level.clone()).set(ts.len() as f64);
+            metrics::gauge!("cairn_lsm_level_bytes", "level" => level)
+                .set(ts.iter().map(|t| t.file_bytes).sum::<u64>() as f64);
+        }
+        let c = &self.counters;
+        metrics::gauge!("cairn_lsm_stall_seconds").set(c.stall_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let (h, m) = self.cache.counts();
+        if h + m > 0 {
+            metrics::gauge!("cairn_lsm_cache_hit_ratio").set(h as f64 / (h + m) as f64);
+        }
+    }
+}
+
+fn copy_file(fs: &dyn Fs, from: &Path, to: &Path) -> Result<()> {
+    let src = fs.open(from, cairn_wal::OpenMode::Read).map_err(io("open table to copy", from))?;
+    let dst = fs.open(to, cairn_wal::OpenMode::CreateNew).map_err(io("create table copy", to))?;
+    let len = src.len().map_err(io("stat table to copy", from))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off).map_err(io("read table to copy", from))?;
+        dst.write_all_at(&buf[..n], off).map_err(io("write table copy", to))?;
+        off += n as u64;
+    }
+    dst.sync_data().map_err(io("fsync table copy", to))?;
+    Ok(())
+}

@@ -1,0 +1,29 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod batch;
+mod block;
+mod bloom;
+mod cache;
+pub mod choose;
+mod compaction;
+mod db;
+mod error;
+mod iter;
+mod manifest;
+mod memtable;
+mod options;
+mod table;
+mod types;
+mod version;
+
+#[doc(hidden)]
+pub mod fuzzing;
+
+pub use batch::WriteBatch;
+pub use db::{CheckpointInfo, Db, IngestOptions, LevelStats, ReadView, Stats};
+pub use error::{Error, Result};
+pub use iter::Iter;
+pub use options::{Background, Compression, DurabilityMode, Hook, HookPoint, Options, SyncPolicy};
+pub use types::{KEY_BYTES_MAX, Marker, SEQNO_MAX, Seqno, TableId, VALUE_BYTES_MAX, ValueKind};

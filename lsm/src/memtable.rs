@@ -1,0 +1,207 @@
+//! The memtable: a lock-free skip list (crossbeam-skiplist) of internal keys,
+//! plus the range tombstones written into it. Kept behind this small type so
+//! the skip list could be swapped.
+
+use std::cmp::Ordering;
+use std::ops::Bound;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtOrd};
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+
+use crate::types::{InternalEntry, Marker, RangeTombstone, Seqno, ValueKind, trailer};
+
+/// Per-entry bytes charged on top of key and value (skip-list node, tower, `Bytes` headers).
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 80;
+const ITER_CHUNK: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MemKey {
+    user: Bytes,
+    trailer: u64,
+}
+
+impl Ord for MemKey {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.user.cmp(&o.user).then(o.trailer.cmp(&self.trailer))
+    }
+}
+
+impl PartialOrd for MemKey {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// One memtable.
+#[derive(Debug)]
+pub(crate) struct Memtable {
+    pub(crate) id: u64,
+    map: SkipMap<MemKey, Bytes>,
+    range_dels: Mutex<Vec<RangeTombstone>>,
+    range_del_count: AtomicUsize,
+    bytes: AtomicUsize,
+    seq_min: AtomicU64,
+    seq_max: AtomicU64,
+    markers: Mutex<Option<(Marker, Marker)>>,
+}
+
+impl Memtable {
+    pub(crate) fn new(id: u64) -> Memtable {
+        Memtable {
+            id,
+            map: SkipMap::new(),
+            range_dels: Mutex::new(Vec::new()),
+            range_del_count: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            seq_min: AtomicU64::new(u64::MAX),
+            seq_max: AtomicU64::new(0),
+            markers: Mutex::new(None),
+        }
+    }
+
+    fn note_seq(&self, seq: Seqno, bytes: usize) {
+        self.seq_min.fetch_min(seq, AtOrd::Relaxed);
+        self.seq_max.fetch_max(seq, AtOrd::Relaxed);
+        self.bytes.fetch_add(bytes, AtOrd::Relaxed);
+    }
+
+    pub(crate) fn insert(&self, user: Bytes, seq: Seqno, kind: ValueKind, value: Bytes) {
+        let n = user.len() + value.len() + ENTRY_OVERHEAD_BYTES;
+        self.map.insert(MemKey { user, trailer: trailer(seq, kind) }, value);
+        self.note_seq(seq, n);
+    }
+
+    pub(crate) fn insert_range_delete(&self, t: RangeTombstone) {
+        let n = t.start.len() + t.end.len() + ENTRY_OVERHEAD_BYTES;
+        let seq = t.seq;
+        self.range_dels.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        self.range_del_count.fetch_add(1, AtOrd::Release);
+        self.note_seq(seq, n);
+    }
+
+    /// Records that writes up to `m` are in this memtable.
+    pub(crate) fn note_marker(&self, m: Marker) {
+        let mut g = self.markers.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(match *g {
+            None => (m, m),
+            Some((lo, hi)) => (lo.min(m), hi.max(m)),
+        });
+    }
+
+    pub(crate) fn markers(&self) -> Option<(Marker, Marker)> {
+        *self.markers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn approximate_bytes(&self) -> usize {
+        self.bytes.load(AtOrd::Relaxed)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.range_del_count.load(AtOrd::Acquire) == 0
+    }
+
+    pub(crate) fn seq_range(&self) -> (Seqno, Seqno) {
+        (self.seq_min.load(AtOrd::Relaxed), self.seq_max.load(AtOrd::Relaxed))
+    }
+
+    /// The newest version of `key` with sequence number ≤ `snap`.
+    pub(crate) fn get(&self, key: &[u8], snap: Seqno) -> Option<(u64, Bytes)> {
+        let probe = MemKey { user: Bytes::copy_from_slice(key), trailer: (snap << 8) | 0xff };
+        let e = self.map.lower_bound(Bound::Included(&probe))?;
+        (e.key().user.as_ref() == key).then(|| (e.key().trailer, e.value().clone()))
+    }
+
+    pub(crate) fn has_range_deletes(&self) -> bool {
+        self.range_del_count.load(AtOrd::Acquire) > 0
+    }
+
+    /// Copies of the range tombstones.
+    pub(crate) fn range_deletes(&self) -> Vec<RangeTombstone> {
+        if !self.has_range_deletes() {
+            return Vec::new();
+        }
+        self.range_dels.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The highest sequence number ≤ `snap` of a range tombstone covering `key`.
+    pub(crate) fn covering_range_delete(&self, key: &[u8], snap: Seqno) -> Option<Seqno> {
+        if !self.has_range_deletes() {
+            return None;
+        }
+        let g = self.range_dels.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().filter(|t| t.seq <= snap && t.covers(key)).map(|t| t.seq).max()
+    }
+
+    pub(crate) fn entry_count(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Iterates a memtable in chunks copied out under short borrows, so the
+/// iterator owns its memtable handle.
+pub(crate) struct MemIter {
+    mem: std::sync::Arc<Memtable>,
+    forward: bool,
+    /// The last key handed out (exclusive bound of the next chunk).
+    after: Option<MemKey>,
+    start: Option<MemKey>,
+    buf: std::collections::VecDeque<InternalEntry>,
+    done: bool,
+}
+
+impl MemIter {
+    /// Forward from the first version of `start`, or backward from the last version of `start`.
+    pub(crate) fn new(mem: std::sync::Arc<Memtable>, forward: bool, start: Option<&[u8]>) -> MemIter {
+        let start =
+            start.map(|k| MemKey { user: Bytes::copy_from_slice(k), trailer: if forward { u64::MAX } else { 0 } });
+        MemIter { mem, forward, after: None, start, buf: Default::default(), done: false }
+    }
+
+    fn refill(&mut self) {
+        let mut push = |k: &MemKey, v: &Bytes| {
+            self.buf.push_back(InternalEntry { user: k.user.clone(), trailer: k.trailer, value: v.clone() });
+        };
+        let map = &self.mem.map;
+        let lo: Bound<&MemKey>;
+        let hi: Bound<&MemKey>;
+        if self.forward {
+            lo = match (&self.after, &self.start) {
+                (Some(a), _) => Bound::Excluded(a),
+                (None, Some(s)) => Bound::Included(s),
+                (None, None) => Bound::Unbounded,
+            };
+            for e in map.range::<MemKey, _>((lo, Bound::Unbounded)).take(ITER_CHUNK) {
+                push(e.key(), e.value());
+            }
+        } else {
+            hi = match (&self.after, &self.start) {
+                (Some(a), _) => Bound::Excluded(a),
+                (None, Some(s)) => Bound::Included(s),
+                (None, None) => Bound::Unbounded,
+            };
+            for e in map.range::<MemKey, _>((Bound::Unbounded, hi)).rev().take(ITER_CHUNK) {
+                push(e.key(), e.value());
+            }
+        }
+        match self.buf.back() {
+            Some(e) => self.after = Some(MemKey { user: e.user.clone(), trailer: e.trailer }),
+            None => self.done = true,
+        }
+    }
+
+    pub(crate) fn next_entry(&mut self) -> Option<InternalEntry> {
+        if self.buf.is_empty() && !self.done {
+            self.refill();
+        }
+        self.buf.pop_front()
+    }
+}
+
+/// Iterates a memtable's range tombstones, ordered by start key.
+pub(crate) fn sorted_range_deletes(mem: &Memtable) -> Vec<RangeTombstone> {
+    let mut v = mem.range_deletes();
+    v.sort_by(|a, b| a.start.cmp(&b.start).then(b.seq.cmp(&a.seq)));
+    v
+}

@@ -1,0 +1,214 @@
+//! Options. Every bound is here, with its unit.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a block is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as is.
+    None,
+    /// zstd at this level (1 is fast, 19 is small).
+    Zstd(i32),
+}
+
+/// How writes become durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurabilityMode {
+    /// The engine keeps its own write-ahead log (a cairn-wal log in `wal/`).
+    Standalone(SyncPolicy),
+    /// No WAL: every batch carries an embedder's [`crate::Marker`]; the
+    /// embedder keeps its own log and replays it from the durable marker that
+    /// [`crate::Db::durable_marker`] reports after open. Unflushed writes are
+    /// lost at a crash or a close, by design.
+    Embedded,
+}
+
+/// When the standalone WAL is synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Each write returns once durable; concurrent writers share one fdatasync
+    /// (cairn-wal's group commit).
+    EveryWrite,
+    /// Writes return once in the OS page cache; a background thread syncs the
+    /// log at this interval, so a machine crash loses at most that much.
+    Interval(Duration),
+    /// Writes return once in the OS page cache; the log is synced only by
+    /// `flush`, `sync_wal` and `close`. A process crash loses nothing; a
+    /// machine crash may lose writes since the last sync.
+    None,
+}
+
+/// Where flushes and table compactions run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Background {
+    /// One flush thread and `compaction_threads` compaction threads.
+    Threads,
+    /// On the writing thread, synchronously, in a deterministic order (for
+    /// simulation and crash tests; slow writes, no stalls).
+    Inline,
+}
+
+/// A step of a durable operation, given to the [`Hook`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HookPoint {
+    /// A flush wrote its table file (not yet synced).
+    FlushTableWritten,
+    /// A flush synced its table file and the tables directory.
+    FlushTableSynced,
+    /// A flush's manifest edit is durable.
+    FlushInstalled,
+    /// A compaction wrote and synced its output tables.
+    CompactionTablesWritten,
+    /// A compaction's manifest edit is durable (inputs not yet deleted).
+    CompactionInstalled,
+    /// A checkpoint linked its tables (manifest not yet written).
+    CheckpointLinked,
+    /// A checkpoint is complete and durable.
+    CheckpointDone,
+    /// Ingest linked or copied the tables into the engine (not yet installed).
+    IngestLinked,
+    /// Ingest's manifest edit is durable.
+    IngestInstalled,
+}
+
+/// A test hook called at each [`HookPoint`]; returning `Err` makes the
+/// operation fail there, as a crash would (the server's fault tests kill the
+/// process from it). Inert unless set.
+#[derive(Clone)]
+pub struct Hook(pub Arc<dyn Fn(HookPoint) -> Result<(), ()> + Send + Sync>);
+
+impl fmt::Debug for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+/// Options of an engine.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Options {
+    /// Create the directory and an empty engine if none exists. Default true.
+    pub create_if_missing: bool,
+    /// How writes become durable. Default standalone, [`SyncPolicy::EveryWrite`].
+    pub durability: DurabilityMode,
+    /// A memtable is sealed once it holds this many bytes (keys, values and
+    /// per-entry overhead). Default 64 MiB.
+    pub write_buffer_bytes: usize,
+    /// Sealed memtables that may wait for their flush while serving reads;
+    /// writes stall beyond it. Default 2.
+    pub sealed_memtables_max: usize,
+    /// Uncompressed bytes of a data block before it is cut. Default 4 KiB.
+    pub block_bytes: usize,
+    /// Keys between two restart points of a data block. Default 16.
+    pub block_restart_interval: usize,
+    /// Bloom filter bits per key (0: no filter). Default 10 (about 1% false positives).
+    pub bloom_bits_per_key: u32,
+    /// Compression of each level's data blocks; the last entry applies to
+    /// every deeper level. Default: none on L0, zstd level 1 below.
+    pub compression_per_level: Vec<Compression>,
+    /// Bytes of uncompressed blocks the block cache holds. Default 64 MiB.
+    pub block_cache_bytes: u64,
+    /// Target size of a table written by a compaction. Default 64 MiB.
+    pub table_bytes_target: u64,
+    /// Number of levels (L0 included). Default 7.
+    pub levels: usize,
+    /// L0 tables that start a compaction into L1. Default 4.
+    pub l0_compaction_trigger: usize,
+    /// L0 tables from which every write is delayed by `slowdown_delay`. Default 20.
+    pub l0_slowdown_tables: usize,
+    /// L0 tables from which writes stall. Default 36.
+    pub l0_stop_tables: usize,
+    /// Target size of L1; each deeper level is `level_size_multiplier` times
+    /// the one above. Default 256 MiB.
+    pub l1_bytes_target: u64,
+    /// Growth factor between levels. Default 10.
+    pub level_size_multiplier: u64,
+    /// Bytes above the level targets from which writes are delayed. Default 64 GiB.
+    pub pending_compaction_bytes_slowdown: u64,
+    /// Bytes above the level targets from which writes stall. Default 256 GiB.
+    pub pending_compaction_bytes_stop: u64,
+    /// Delay added to a write while a slowdown limit is passed. Default 1 ms.
+    pub slowdown_delay: Duration,
+    /// Longest a write waits in a stall before failing with `StallTimeout`. Default 60 s.
+    pub stall_duration_max: Duration,
+    /// Compaction threads (with [`Background::Threads`]). Default 1.
+    pub compaction_threads: usize,
+    /// Where background work runs. Default [`Background::Threads`].
+    pub background: Background,
+    /// Segment size of the standalone WAL. Default 64 MiB.
+    pub wal_segment_bytes: u64,
+    /// Segment size of the manifest log. Default 1 MiB.
+    pub manifest_segment_bytes: u64,
+    /// Manifest edits after which a full version is written and older
+    /// manifest segments are released. Default 1000.
+    pub manifest_edits_per_snapshot: u64,
+    /// Test hook. Default none.
+    pub hook: Option<Hook>,
+    /// Test-only: skip the fdatasync of new tables, to show the crash tests fail.
+    #[doc(hidden)]
+    pub skip_table_sync_for_tests: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            create_if_missing: true,
+            durability: DurabilityMode::Standalone(SyncPolicy::EveryWrite),
+            write_buffer_bytes: 64 << 20,
+            sealed_memtables_max: 2,
+            block_bytes: 4 << 10,
+            block_restart_interval: 16,
+            bloom_bits_per_key: 10,
+            compression_per_level: vec![Compression::None, Compression::Zstd(1)],
+            block_cache_bytes: 64 << 20,
+            table_bytes_target: 64 << 20,
+            levels: 7,
+            l0_compaction_trigger: 4,
+            l0_slowdown_tables: 20,
+            l0_stop_tables: 36,
+            l1_bytes_target: 256 << 20,
+            level_size_multiplier: 10,
+            pending_compaction_bytes_slowdown: 64 << 30,
+            pending_compaction_bytes_stop: 256 << 30,
+            slowdown_delay: Duration::from_millis(1),
+            stall_duration_max: Duration::from_secs(60),
+            compaction_threads: 1,
+            background: Background::Threads,
+            wal_segment_bytes: 64 << 20,
+            manifest_segment_bytes: 1 << 20,
+            manifest_edits_per_snapshot: 1000,
+            hook: None,
+            skip_table_sync_for_tests: false,
+        }
+    }
+}
+
+impl Options {
+    /// The compression of `level`'s data blocks.
+    pub fn compression_for(&self, level: usize) -> Compression {
+        self.compression_per_level
+            .get(level)
+            .or(self.compression_per_level.last())
+            .copied()
+            .unwrap_or(Compression::None)
+    }
+
+    /// The target size of level `level` (≥ 1).
+    pub fn level_bytes_target(&self, level: usize) -> u64 {
+        let mut t = self.l1_bytes_target;
+        for _ in 1..level {
+            t = t.saturating_mul(self.level_size_multiplier);
+        }
+        t
+    }
+
+    pub(crate) fn hook(&self, p: HookPoint) -> crate::Result<()> {
+        match &self.hook {
+            Some(h) => (h.0)(p).map_err(|()| crate::Error::Hook(p)),
+            None => Ok(()),
+        }
+    }
+}

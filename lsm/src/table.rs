@@ -1,0 +1,686 @@
+//! Tables (SSTables): writer, reader, properties and footer.
+//!
+//! ```text
+//! data block*   (payload + 9-byte trailer each)
+//! filter block  (bloom over user keys; never compressed)
+//! range-del block (block format: key = start ++ trailer(seq), value = end)
+//! index block   (block format: key = last internal key of a data block,
+//!                value = offset u64 LE ++ payload length u32 LE)
+//! props block   (see `Props::encode`)
+//! footer, 64 bytes:
+//!   0 filter offset u64 | 8 filter len u32 | 12 range-del offset u64 | 20 len u32
+//!  24 index offset u64  | 32 index len u32  | 36 props offset u64     | 44 len u32
+//!  48 format version u32 | 52 crc32c of bytes 0..52 u32 | 56 magic u64
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use cairn_wal::{Fs, FsFile, OpenMode};
+
+use crate::block::{
+    self, Block, BlockBuilder, BlockIter, KEY_TRAILER_BYTES, TRAILER_BYTES, make_internal, split_internal,
+};
+use crate::bloom::{self, Bloom};
+use crate::cache::BlockCache;
+use crate::error::{Error, Result, corrupt, io};
+use crate::options::Compression;
+use crate::types::{
+    InternalEntry, Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer, trailer_kind, trailer_seq,
+};
+
+/// Table format version this build writes and reads.
+pub(crate) const TABLE_FORMAT_VERSION: u32 = 1;
+/// "CAIRNSST" little-endian.
+pub(crate) const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNSST");
+const FOOTER_BYTES: usize = 64;
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Bound on one block's uncompressed size: a 16 MiB value plus a 64 KiB key
+/// and headers fits.
+const BLOCK_BYTES_MAX: usize = 17 << 20;
+
+/// Name of table `id`'s file.
+pub(crate) fn table_file_name(id: TableId) -> String {
+    format!("{id:016x}.sst")
+}
+
+/// Parses a table file name.
+pub(crate) fn parse_table_file_name(name: &str) -> Option<TableId> {
+    let hex = name.strip_suffix(".sst")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// What a table holds, stored in its props block and in the manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Props {
+    pub(crate) entries: u64,
+    pub(crate) point_deletes: u64,
+    pub(crate) range_deletes: u64,
+    /// Smallest and largest sequence numbers stored (before any offset).
+    pub(crate) seq_min: Seqno,
+    pub(crate) seq_max: Seqno,
+    /// Smallest and largest user key covered (points and range-delete bounds,
+    /// inclusive; a range delete's exclusive end counts as covered).
+    pub(crate) smallest: Bytes,
+    pub(crate) largest: Bytes,
+    /// The embedder markers the table's writes carry (L0 tables from a flush).
+    pub(crate) markers: Option<(Marker, Marker)>,
+    pub(crate) key_bytes: u64,
+    pub(crate) value_bytes: u64,
+}
+
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// A little-endian reader that reports truncation.
+pub(crate) struct Reader<'a> {
+    pub(crate) data: &'a [u8],
+    pub(crate) pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
+        Reader { data, pos: 0 }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
+        let end = end.ok_or_else(|| format!("truncated at byte {} (wanted {n} more)", self.pos))?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub(crate) fn bytes(&mut self, max: usize) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(format!("length {n} above the bound {max}"));
+        }
+        self.take(n)
+    }
+    pub(crate) fn done(&self) -> bool {
+        self.pos == self.data.len()
+    }
+}
+
+impl Props {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.entries, self.point_deletes, self.range_deletes, self.seq_min, self.seq_max] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        put_bytes(out, &self.smallest);
+        put_bytes(out, &self.largest);
+        match self.markers {
+            None => out.push(0),
+            Some((lo, hi)) => {
+                out.push(1);
+                for v in [lo.index, lo.term, hi.index, hi.term] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        out.extend_from_slice(&self.key_bytes.to_le_bytes());
+        out.extend_from_slice(&self.value_bytes.to_le_bytes());
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Props, String> {
+        let entries = r.u64()?;
+        let point_deletes = r.u64()?;
+        let range_deletes = r.u64()?;
+        let seq_min = r.u64()?;
+        let seq_max = r.u64()?;
+        let smallest = Bytes::copy_from_slice(r.bytes(crate::KEY_BYTES_MAX)?);
+        let largest = Bytes::copy_from_slice(r.bytes(crate::KEY_BYTES_MAX)?);
+        let markers = match r.u8()? {
+            0 => None,
+            1 => {
+                let (a, b, c, d) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                Some((Marker::new(a, b), Marker::new(c, d)))
+            }
+            x => return Err(format!("marker flag {x}")),
+        };
+        let key_bytes = r.u64()?;
+        let value_bytes = r.u64()?;
+        if seq_min > seq_max || smallest > largest {
+            return Err("inverted sequence or key range".into());
+        }
+        Ok(Props {
+            entries,
+            point_deletes,
+            range_deletes,
+            seq_min,
+            seq_max,
+            smallest,
+            largest,
+            markers,
+            key_bytes,
+            value_bytes,
+        })
+    }
+}
+
+/// Settings of one table being written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteSettings {
+    pub(crate) block_bytes: usize,
+    pub(crate) restart_interval: usize,
+    pub(crate) bloom_bits_per_key: u32,
+    pub(crate) compression: Compression,
+    pub(crate) skip_sync: bool,
+}
+
+/// Writes one table. Entries must come in internal-key order.
+pub(crate) struct TableWriter {
+    file: Box<dyn FsFile>,
+    path: PathBuf,
+    settings: WriteSettings,
+    file_offset: u64,
+    out: Vec<u8>,
+    block: BlockBuilder,
+    index: BlockBuilder,
+    raw: Vec<u8>,
+    scratch: Vec<u8>,
+    key_buf: Vec<u8>,
+    hashes: Vec<u64>,
+    last_user: Vec<u8>,
+    has_last: bool,
+    range_dels: Vec<RangeTombstone>,
+    props: Props,
+    has_any: bool,
+}
+
+impl std::fmt::Debug for TableWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableWriter").field("path", &self.path).finish()
+    }
+}
+
+impl TableWriter {
+    pub(crate) fn create(fs: &dyn Fs, path: &Path, settings: WriteSettings) -> Result<TableWriter> {
+        let file = fs.open(path, OpenMode::CreateNew).map_err(io("create table", path))?;
+        Ok(TableWriter {
+            file,
+            path: path.to_path_buf(),
+            settings,
+            file_offset: 0,
+            out: Vec::with_capacity(WRITE_BUFFER_BYTES + settings.block_bytes * 2),
+            block: BlockBuilder::new(settings.restart_interval),
+            index: BlockBuilder::new(1),
+            raw: Vec::new(),
+            scratch: Vec::new(),
+            key_buf: Vec::new(),
+            hashes: Vec::new(),
+            last_user: Vec::new(),
+            has_last: false,
+            range_dels: Vec::new(),
+            props: Props { seq_min: Seqno::MAX, ..Props::default() },
+            has_any: false,
+        })
+    }
+
+    fn note_key(&mut self, key: &[u8]) {
+        if !self.has_any || key < self.props.smallest.as_ref() {
+            self.props.smallest = Bytes::copy_from_slice(key);
+        }
+        if !self.has_any || key > self.props.largest.as_ref() {
+            self.props.largest = Bytes::copy_from_slice(key);
+        }
+        self.has_any = true;
+    }
+
+    fn note_seq(&mut self, seq: Seqno) {
+        self.props.seq_min = self.props.seq_min.min(seq);
+        self.props.seq_max = self.props.seq_max.max(seq);
+    }
+
+    /// Adds one version of a key.
+    pub(crate) fn add(&mut self, user: &[u8], trailer_: u64, value: &[u8]) -> Result<()> {
+        if !self.has_last || self.last_user != user {
+            self.hashes.push(bloom::hash(user));
+            if self.has_any && self.has_last {
+                debug_assert!(self.last_user.as_slice() < user, "keys out of order");
+            }
+            self.last_user.clear();
+            self.last_user.extend_from_slice(user);
+            self.has_last = true;
+        }
+        self.props.entries += 1;
+        if trailer_kind(trailer_) == Some(ValueKind::Delete) {
+            self.props.point_deletes += 1;
+        }
+        self.props.key_bytes += user.len() as u64;
+        self.props.value_bytes += value.len() as u64;
+        self.note_seq(trailer_seq(trailer_));
+        if !self.has_any || user < self.props.smallest.as_ref() {
+            self.props.smallest = Bytes::copy_from_slice(user);
+        }
+        if !self.has_any || user > self.props.largest.as_ref() {
+            self.props.largest = Bytes::copy_from_slice(user);
+        }
+        self.has_any = true;
+        self.key_buf.clear();
+        make_internal(&mut self.key_buf, user, trailer_);
+        self.block.add(&self.key_buf, value);
+        if self.block.estimated_bytes() >= self.settings.block_bytes {
+            self.finish_data_block()?;
+        }
+        Ok(())
+    }
+
+    /// Adds a range tombstone.
+    pub(crate) fn add_range_delete(&mut self, t: RangeTombstone) {
+        self.note_key(&t.start.clone());
+        self.note_key(&t.end.clone());
+        self.note_seq(t.seq);
+        self.props.range_deletes += 1;
+        self.range_dels.push(t);
+    }
+
+    /// Records the markers of the writes this table holds.
+    pub(crate) fn set_markers(&mut self, m: Option<(Marker, Marker)>) {
+        self.props.markers = m;
+    }
+
+    /// Bytes written so far (approximately the file size).
+    pub(crate) fn bytes_written(&self) -> u64 {
+        self.file_offset + self.out.len() as u64 + self.block.estimated_bytes() as u64
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.has_any
+    }
+
+    fn finish_data_block(&mut self) -> Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let last_key = self.block.last_key().to_vec();
+        self.block.finish_into(&mut self.raw);
+        let offset = self.file_offset + self.out.len() as u64;
+        let len = block::write_block(&mut self.out, &self.raw, self.settings.compression, &mut self.scratch);
+        let mut handle = Vec::with_capacity(12);
+        handle.extend_from_slice(&offset.to_le_bytes());
+        handle.extend_from_slice(&len.to_le_bytes());
+        self.index.add(&last_key, &handle);
+        if self.out.len() >= WRITE_BUFFER_BYTES {
+            self.flush_buffer()?;
+        }
+        Ok(())
+    }
+
+    fn flush_buffer(&mut self) -> Result<()> {
+        self.file.write_all_at(&self.out, self.file_offset).map_err(io("write table", &self.path))?;
+        self.file_offset += self.out.len() as u64;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn write_meta_block(&mut self, raw: &[u8]) -> (u64, u32) {
+        let offset = self.file_offset + self.out.len() as u64;
+        let len = block::write_block(&mut self.out, raw, Compression::None, &mut self.scratch);
+        (offset, len)
+    }
+
+    /// Writes the filter, range-delete, index and props blocks and the footer,
+    /// syncs the file, and returns its props and size.
+    pub(crate) fn finish(mut self) -> Result<(Props, u64)> {
+        assert!(self.has_any, "an empty table is never written");
+        self.finish_data_block()?;
+        let filter = bloom::build(&self.hashes, self.settings.bloom_bits_per_key);
+        let (f_off, f_len) = self.write_meta_block(&filter);
+        let mut rd = BlockBuilder::new(1);
+        self.range_dels.sort_by(|a, b| a.start.cmp(&b.start).then(b.seq.cmp(&a.seq)));
+        for t in &self.range_dels {
+            let mut k = Vec::new();
+            make_internal(&mut k, &t.start, trailer(t.seq, ValueKind::Delete));
+            rd.add(&k, &t.end);
+        }
+        let mut raw = Vec::new();
+        rd.finish_into(&mut raw);
+        let (r_off, r_len) = self.write_meta_block(&raw);
+        self.index.finish_into(&mut raw);
+        let (i_off, i_len) = self.write_meta_block(&raw);
+        raw.clear();
+        if self.props.seq_min == Seqno::MAX {
+            self.props.seq_min = 0;
+        }
+        self.props.encode(&mut raw);
+        let (p_off, p_len) = self.write_meta_block(&raw);
+        let mut footer = Vec::with_capacity(FOOTER_BYTES);
+        for (off, len) in [(f_off, f_len), (r_off, r_len), (i_off, i_len), (p_off, p_len)] {
+            footer.extend_from_slice(&off.to_le_bytes());
+            footer.extend_from_slice(&len.to_le_bytes());
+        }
+        footer.extend_from_slice(&TABLE_FORMAT_VERSION.to_le_bytes());
+        let crc = crc32c::crc32c(&footer);
+        footer.extend_from_slice(&crc.to_le_bytes());
+        footer.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
+        debug_assert_eq!(footer.len(), FOOTER_BYTES);
+        self.out.extend_from_slice(&footer);
+        self.flush_buffer()?;
+        if !self.settings.skip_sync {
+            self.file.sync_data().map_err(io("fsync table", &self.path))?;
+        }
+        Ok((self.props, self.file_offset))
+    }
+}
+
+#[derive(Debug)]
+struct IndexEntry {
+    last_user: Bytes,
+    last_trailer: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// An open table.
+pub(crate) struct Table {
+    pub(crate) id: TableId,
+    path: PathBuf,
+    fs: Arc<dyn Fs>,
+    file: Box<dyn FsFile>,
+    index: Vec<IndexEntry>,
+    bloom: Bloom,
+    /// Range tombstones, sequence numbers shifted by `seq_offset`.
+    pub(crate) range_dels: Vec<RangeTombstone>,
+    pub(crate) props: Props,
+    pub(crate) file_bytes: u64,
+    /// Added to every stored sequence number (tables ingested from elsewhere).
+    pub(crate) seq_offset: u64,
+    cache: BlockCache,
+    obsolete: AtomicBool,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("id", &self.id).field("path", &self.path).finish()
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        if self.obsolete.load(Ordering::Acquire)
+            && let Err(e) = self.fs.remove_file(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove an obsolete table");
+        }
+    }
+}
+
+impl Table {
+    /// Opens a table: reads and checks the footer, props, index, filter and
+    /// range deletes. Every error names the file.
+    pub(crate) fn open(fs: Arc<dyn Fs>, path: &Path, id: TableId, seq_offset: u64, cache: BlockCache) -> Result<Table> {
+        let file = fs.open(path, OpenMode::Read).map_err(io("open table", path))?;
+        let size = file.len().map_err(io("stat table", path))?;
+        if size < FOOTER_BYTES as u64 {
+            return Err(corrupt(path, 0, format!("{size} bytes is too short for a table")));
+        }
+        let mut footer = [0u8; FOOTER_BYTES];
+        file.read_exact_at(&mut footer, size - FOOTER_BYTES as u64).map_err(io("read table footer", path))?;
+        let foot_at = size - FOOTER_BYTES as u64;
+        let magic = u64::from_le_bytes(footer[56..64].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
+        if magic != TABLE_MAGIC {
+            return Err(corrupt(path, foot_at + 56, "bad magic: not a cairn-lsm table"));
+        }
+        let crc = u32::from_le_bytes(footer[52..56].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
+        if crc32c::crc32c(&footer[..52]) != crc {
+            return Err(corrupt(path, foot_at, "footer checksum mismatch"));
+        }
+        let mut r = Reader::new(&footer[..52]);
+        let mut handles = [(0u64, 0u32); 4];
+        for h in &mut handles {
+            let off = r.u64().map_err(|e| corrupt(path, foot_at, e))?;
+            let len = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
+            if off.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_none_or(|end| end > foot_at) {
+                return Err(corrupt(path, foot_at, format!("block handle {off}+{len} lies outside the file")));
+            }
+            *h = (off, len);
+        }
+        let version = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
+        if version != TABLE_FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: TABLE_FORMAT_VERSION,
+            });
+        }
+        let read = |(off, len): (u64, u32)| -> Result<Bytes> {
+            let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
+            file.read_exact_at(&mut buf, off).map_err(io("read table block", path))?;
+            block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|e| corrupt(path, off, e))
+        };
+        let [f, rd, ix, pr] = handles;
+        let props_raw = read(pr)?;
+        let mut pr_reader = Reader::new(&props_raw);
+        let props = Props::decode(&mut pr_reader).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
+        let bloom = Bloom::new(read(f)?.to_vec()).map_err(|e| corrupt(path, f.0, e))?;
+        let bad_ix = |e: String| corrupt(path, ix.0, format!("index block: {e}"));
+        let index_block = Arc::new(Block::new(read(ix)?).map_err(bad_ix)?);
+        let mut index = Vec::new();
+        let mut it = BlockIter::new(Arc::clone(&index_block));
+        while it.advance().map_err(bad_ix)? {
+            let (u, t) = split_internal(it.key());
+            let v = it.value();
+            if v.len() != 12 {
+                return Err(bad_ix(format!("handle of {} bytes", v.len())));
+            }
+            let offset = u64::from_le_bytes(v[..8].try_into().map_err(|_| bad_ix("handle".into()))?);
+            let len = u32::from_le_bytes(v[8..12].try_into().map_err(|_| bad_ix("handle".into()))?);
+            if offset.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_none_or(|end| end > f.0) {
+                return Err(bad_ix(format!("data block handle {offset}+{len} lies outside the data")));
+            }
+            if let Some(prev) = index.last() {
+                let prev: &IndexEntry = prev;
+                if crate::types::cmp_internal(&prev.last_user, prev.last_trailer, u, t) != std::cmp::Ordering::Less {
+                    return Err(bad_ix("index keys out of order".into()));
+                }
+            }
+            index.push(IndexEntry { last_user: Bytes::copy_from_slice(u), last_trailer: t, offset, len });
+        }
+        let bad_rd = |e: String| corrupt(path, rd.0, format!("range-delete block: {e}"));
+        let rd_block = Arc::new(Block::new(read(rd)?).map_err(bad_rd)?);
+        let mut range_dels = Vec::new();
+        let mut it = BlockIter::new(rd_block);
+        while it.advance().map_err(bad_rd)? {
+            let (u, t) = split_internal(it.key());
+            let end = it.value();
+            if end.as_ref() <= u {
+                return Err(bad_rd("empty range".into()));
+            }
+            range_dels.push(RangeTombstone { start: Bytes::copy_from_slice(u), end, seq: trailer_seq(t) + seq_offset });
+        }
+        if range_dels.len() as u64 != props.range_deletes {
+            return Err(bad_rd(format!("{} range deletes, props say {}", range_dels.len(), props.range_deletes)));
+        }
+        Ok(Table {
+            id,
+            path: path.to_path_buf(),
+            fs,
+            file,
+            index,
+            bloom,
+            range_dels,
+            props,
+            file_bytes: size,
+            seq_offset,
+            cache,
+            obsolete: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Deletes the file once the last reader lets go.
+    pub(crate) fn mark_obsolete(&self) {
+        self.obsolete.store(true, Ordering::Release);
+    }
+
+    /// Smallest sequence number, after the offset.
+    pub(crate) fn seq_min(&self) -> Seqno {
+        self.props.seq_min + self.seq_offset
+    }
+
+    /// Largest sequence number, after the offset.
+    pub(crate) fn seq_max(&self) -> Seqno {
+        self.props.seq_max + self.seq_offset
+    }
+
+    /// Memory held outside the block cache (index, filter, range deletes).
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.bloom.memory_bytes()
+            + self.index.iter().map(|e| e.last_user.len() + 48).sum::<usize>()
+            + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
+    }
+
+    fn block(&self, i: usize) -> Result<Arc<Block>> {
+        let e = &self.index[i];
+        self.cache.get_or_load(self.id, e.offset, || {
+            let mut buf = vec![0u8; e.len as usize + TRAILER_BYTES];
+            self.file.read_exact_at(&mut buf, e.offset).map_err(io("read table block", &self.path))?;
+            let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, e.offset, m))?;
+            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, e.offset, m))
+        })
+    }
+
+    fn shift(&self, t: u64) -> u64 {
+        t + (self.seq_offset << 8)
+    }
+
+    /// The newest version of `key` with sequence number ≤ `snap`, if any.
+    pub(crate) fn get(&self, key: &[u8], hash: u64, snap: Seqno) -> Result<Option<(u64, Bytes)>> {
+        if snap < self.seq_min() || key < self.props.smallest.as_ref() || key > self.props.largest.as_ref() {
+            return Ok(None);
+        }
+        if !self.bloom.may_contain(hash) {
+            return Ok(None);
+        }
+        let stored_snap = (snap - self.seq_offset).min(crate::types::SEQNO_MAX);
+        let target = (stored_snap << 8) | 0xff;
+        let i = self.index.partition_point(|e| {
+            crate::types::cmp_internal(&e.last_user, e.last_trailer, key, target) == std::cmp::Ordering::Less
+        });
+        if i == self.index.len() {
+            return Ok(None);
+        }
+        let block = self.block(i)?;
+        let mut it = BlockIter::new(block);
+        let at = self.index[i].offset;
+        if !it.seek(key, target).map_err(|m| corrupt(&self.path, at, m))? {
+            return Ok(None);
+        }
+        let (u, t) = split_internal(it.key());
+        if u != key {
+            return Ok(None);
+        }
+        if trailer_kind(t).is_none() {
+            return Err(corrupt(&self.path, at, format!("unknown value kind {}", t & 0xff)));
+        }
+        Ok(Some((self.shift(t), it.value())))
+    }
+}
+
+/// Iterates one table forward or backward, yielding every version.
+pub(crate) struct TableIter {
+    table: Arc<Table>,
+    forward: bool,
+    /// Next block to load (forward), or one past it (backward).
+    next_block: usize,
+    cur: Option<BlockIter>,
+    back: Vec<(Vec<u8>, Bytes)>,
+    seek: Option<Vec<u8>>,
+}
+
+impl TableIter {
+    /// A forward iterator from the first key ≥ `start`, or a backward one from
+    /// the last block that may hold keys ≤ `start` (the caller skips the rest).
+    pub(crate) fn new(table: Arc<Table>, forward: bool, start: Option<&[u8]>) -> TableIter {
+        let n = table.index.len();
+        let next_block = match (forward, start) {
+            (true, None) => 0,
+            (false, None) => n,
+            (true, Some(k)) => table.index.partition_point(|e| e.last_user.as_ref() < k),
+            (false, Some(k)) => (table.index.partition_point(|e| e.last_user.as_ref() <= k) + 1).min(n),
+        };
+        TableIter { table, forward, next_block, cur: None, back: Vec::new(), seek: start.map(<[u8]>::to_vec) }
+    }
+
+    fn entry(&self, key: &[u8], value: Bytes) -> Result<InternalEntry> {
+        if key.len() < KEY_TRAILER_BYTES + 1 {
+            return Err(corrupt(&self.table.path, 0, "short key"));
+        }
+        let (u, t) = split_internal(key);
+        if trailer_kind(t).is_none() {
+            return Err(corrupt(&self.table.path, 0, format!("unknown value kind {}", t & 0xff)));
+        }
+        Ok(InternalEntry { user: Bytes::copy_from_slice(u), trailer: self.table.shift(t), value })
+    }
+
+    /// The next version, or `None` at the end.
+    pub(crate) fn next_entry(&mut self) -> Result<Option<InternalEntry>> {
+        if self.forward {
+            loop {
+                if let Some(it) = &mut self.cur {
+                    let at = self.table.index[self.next_block - 1].offset;
+                    if it.advance().map_err(|m| corrupt(&self.table.path, at, m))? {
+                        if let Some(s) = &self.seek {
+                            if split_internal(it.key()).0 < s.as_slice() {
+                                continue;
+                            }
+                            self.seek = None;
+                        }
+                        let (u, t) = split_internal(it.key());
+                        if trailer_kind(t).is_none() {
+                            return Err(corrupt(&self.table.path, at, format!("unknown value kind {}", t & 0xff)));
+                        }
+                        return Ok(Some(InternalEntry {
+                            user: Bytes::copy_from_slice(u),
+                            trailer: self.table.shift(t),
+                            value: it.value(),
+                        }));
+                    }
+                    self.cur = None;
+                }
+                if self.next_block >= self.table.index.len() {
+                    return Ok(None);
+                }
+                let b = self.table.block(self.next_block)?;
+                self.next_block += 1;
+                self.cur = Some(BlockIter::new(b));
+            }
+        } else {
+            loop {
+                if let Some((k, v)) = self.back.pop() {
+                    return self.entry(&k, v).map(Some);
+                }
+                if self.next_block == 0 {
+                    return Ok(None);
+                }
+                self.next_block -= 1;
+                let at = self.table.index[self.next_block].offset;
+                let b = self.table.block(self.next_block)?;
+                self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(&self.table.path, at, m))?;
+            }
+        }
+    }
+}
