@@ -152,6 +152,23 @@ pub struct IngestOptions {
     pub marker: Option<Marker>,
 }
 
+impl IngestOptions {
+    /// Defaults: memtables flushed first, marker unchanged.
+    pub fn new() -> IngestOptions {
+        IngestOptions::default()
+    }
+    /// Drop the memtables instead of flushing them (embedded mode).
+    pub fn discard_memtables(mut self, discard: bool) -> IngestOptions {
+        self.discard_memtables = discard;
+        self
+    }
+    /// Set this marker in the same manifest edit.
+    pub fn marker(mut self, marker: Marker) -> IngestOptions {
+        self.marker = Some(marker);
+        self
+    }
+}
+
 /// Per-level figures.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LevelStats {
@@ -304,11 +321,17 @@ impl Db {
         if !exists && !opts.create_if_missing {
             return Err(Error::NotFound { dir });
         }
-        let made_dir = !fs.exists(&dir).map_err(io("stat directory", &dir))?;
+        // Every directory made here must survive a crash: sync each one's parent, top down.
+        let mut made = Vec::new();
+        let mut p = dir.clone();
+        while !p.as_os_str().is_empty() && !fs.exists(&p).map_err(io("stat directory", &p))? {
+            made.push(p.clone());
+            p = p.parent().map(Path::to_path_buf).unwrap_or_default();
+        }
         fs.create_dir_all(&dir).map_err(io("create directory", &dir))?;
-        if made_dir {
-            let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-            fs.sync_dir(&parent).map_err(io("fsync parent directory", &parent))?;
+        for m in made.iter().rev() {
+            let parent = m.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            fs.sync_dir(parent).map_err(io("fsync parent directory", parent))?;
         }
         let lock_path = dir.join(LOCK_FILE);
         let lock = fs.try_lock_exclusive(&lock_path).map_err(|e| {
@@ -324,14 +347,26 @@ impl Db {
             fs.sync_dir(&dir).map_err(io("fsync directory", &dir))?;
         }
         let cache = BlockCache::new(opts.block_cache_bytes);
-        let (manifest, version, next_table_id) = if exists {
-            let (m, edits) = Manifest::open(
+        let opened = if exists {
+            match Manifest::open(
                 Arc::clone(&fs),
                 &dir,
                 opts.manifest_segment_bytes,
                 opts.manifest_edits_per_snapshot,
                 opts.levels,
-            )?;
+            ) {
+                // A crash during the very first open left a manifest directory
+                // without a segment: nothing was ever installed.
+                Err(Error::Log { source: cairn_wal::Error::NotFound { .. }, .. }) if opts.create_if_missing => None,
+                Err(Error::Log { source: cairn_wal::Error::NotFound { .. }, .. }) => {
+                    return Err(Error::NotFound { dir });
+                }
+                other => Some(other?),
+            }
+        } else {
+            None
+        };
+        let (manifest, version, next_table_id) = if let Some((m, edits)) = opened {
             // Fold the edits first: only the tables live at the end are opened.
             let mut live: std::collections::BTreeMap<TableId, (u8, u64)> = std::collections::BTreeMap::new();
             let mut v = Version::empty(opts.levels);
@@ -394,6 +429,10 @@ impl Db {
             DurabilityMode::Standalone(_) => {
                 let mut wo = WalOptions::default();
                 wo.segment_bytes_max = opts.wal_segment_bytes;
+                if opts.background == Background::Inline {
+                    // Every file-system call on the caller's thread, in a fixed order.
+                    wo.prepare_in = cairn_wal::PrepareIn::Foreground;
+                }
                 let (wal, report) = Wal::open_or_create(Arc::clone(&fs), dir.join("wal"), wo, b"cairn-lsm wal v1")
                     .map_err(wal_err("open WAL"))?;
                 if report.torn_tail.is_some() {
@@ -1440,8 +1479,13 @@ impl Inner {
         if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {
             return Err(Error::AlreadyExists { dir: dest.to_path_buf() });
         }
+        // The manifest is written last: a checkpoint without one is
+        // incomplete, and `Options::create_if_missing = false` refuses it.
         let tdir = dest.join(TABLES_DIR);
         self.fs.create_dir_all(&tdir).map_err(io("create checkpoint", &tdir))?;
+        let parent = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        self.fs.sync_dir(&parent).map_err(io("fsync checkpoint parent", &parent))?;
+        self.fs.sync_dir(dest).map_err(io("fsync checkpoint", dest))?;
         let mut tables = Vec::new();
         for (_, t) in v.tables() {
             let name = table_file_name(t.id);

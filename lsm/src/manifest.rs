@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::version::Edit;
 
 const EDIT_KIND: UserKind = UserKind::new(1);
-const METADATA: &[u8] = b"cairn-lsm manifest v1";
+/// The log's metadata: this magic, then the initial full version. It is part
+/// of the first segment's header, so a manifest exists whole or not at all.
+const METADATA_MAGIC: &[u8] = b"cairn-lsm manifest v1\0";
 
 /// The open manifest log.
 #[derive(Debug)]
@@ -45,7 +47,7 @@ pub(crate) fn manifest_dir(dir: &Path) -> PathBuf {
 }
 
 impl Manifest {
-    /// Creates a manifest whose first record is `initial` (a full edit).
+    /// Creates a manifest whose base is `initial` (a full edit), atomically.
     pub(crate) fn create(
         fs: Arc<dyn Fs>,
         dir: &Path,
@@ -53,10 +55,11 @@ impl Manifest {
         per_snapshot: u64,
         initial: &Edit,
     ) -> Result<Manifest> {
-        let wal = Wal::create(fs, manifest_dir(dir), wal_options(segment_bytes), METADATA)
+        let mut metadata = METADATA_MAGIC.to_vec();
+        metadata.extend_from_slice(&initial.encode());
+        let wal = Wal::create(fs, manifest_dir(dir), wal_options(segment_bytes), &metadata)
             .map_err(log_err("create manifest"))?;
-        wal.append_next(EDIT_KIND, &initial.encode()).map_err(log_err("write manifest"))?;
-        Ok(Manifest { wal, edits_since_snapshot: 1, edits_per_snapshot: per_snapshot.max(1) })
+        Ok(Manifest { wal, edits_since_snapshot: 0, edits_per_snapshot: per_snapshot.max(1) })
     }
 
     /// Opens the manifest and returns it with every edit since the newest full one.
@@ -71,8 +74,17 @@ impl Manifest {
         let (wal, _report) = Wal::open(fs, &mdir, wal_options(segment_bytes)).map_err(log_err("open manifest"))?;
         let mut edits = Vec::new();
         let marker = wal.snapshot_markers().pop();
-        if let Some(m) = &marker {
-            edits.push(Edit::decode(&m.payload, levels).map_err(|e| crate::error::corrupt(&mdir, m.position, e))?);
+        match &marker {
+            Some(m) => {
+                edits.push(Edit::decode(&m.payload, levels).map_err(|e| crate::error::corrupt(&mdir, m.position, e))?)
+            }
+            None => {
+                let meta = wal.metadata();
+                let base = meta
+                    .strip_prefix(METADATA_MAGIC)
+                    .ok_or_else(|| crate::error::corrupt(&mdir, 0, "not a cairn-lsm manifest (metadata magic)"))?;
+                edits.push(Edit::decode(base, levels).map_err(|e| crate::error::corrupt(&mdir, 0, e))?);
+            }
         }
         for batch in wal.replay_from(marker.map(|m| m.position)).map_err(log_err("replay manifest"))? {
             let batch = batch.map_err(log_err("read manifest"))?;
