@@ -25,6 +25,7 @@ use crate::types::cmp_internal;
 pub(crate) const TRAILER_BYTES: usize = 9;
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_ZSTD: u8 = 1;
+const COMPRESSION_LZ4: u8 = 2;
 /// Bytes of the trailer of an internal key.
 pub(crate) const KEY_TRAILER_BYTES: usize = 8;
 
@@ -48,6 +49,37 @@ pub(crate) fn get_varint(data: &[u8], pos: &mut usize) -> Option<u64> {
         }
     }
     None
+}
+
+thread_local! {
+    /// One zstd compression context per thread and level, reused: making a
+    /// context costs more than compressing a 4 KiB block.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress_zstd(raw: &[u8], out: &mut [u8], level: i32) -> Option<usize> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, comp) = c.as_mut()?;
+        comp.compress_to_buffer(raw, out).ok()
+    })
+}
+
+fn decompress_zstd(data: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd context: {e}"))?);
+        }
+        let dec = d.as_mut().ok_or("zstd context")?;
+        dec.decompress_to_buffer(data, out).map_err(|e| format!("zstd block does not decompress: {e}"))
+    })
 }
 
 /// Builds one uncompressed block.
@@ -130,11 +162,21 @@ pub(crate) fn write_block(out: &mut Vec<u8>, raw: &[u8], compression: Compressio
         scratch.clear();
         let bound = zstd::zstd_safe::compress_bound(raw.len());
         scratch.resize(bound, 0);
-        if let Ok(n) = zstd::bulk::compress_to_buffer(raw, &mut scratch[..], level)
+        if let Some(n) = compress_zstd(raw, &mut scratch[..], level)
             && n < raw.len() - raw.len() / 8
         {
             out.extend_from_slice(&scratch[..n]);
             kind = COMPRESSION_ZSTD;
+        }
+    }
+    if compression == Compression::Lz4 {
+        scratch.clear();
+        scratch.resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+        if let Ok(n) = lz4_flex::block::compress_into(raw, &mut scratch[..])
+            && n < raw.len() - raw.len() / 8
+        {
+            out.extend_from_slice(&scratch[..n]);
+            kind = COMPRESSION_LZ4;
         }
     }
     if kind == COMPRESSION_NONE {
@@ -174,10 +216,21 @@ pub(crate) fn read_block(buf: &[u8], uncompressed_max: usize) -> Result<Bytes, S
                 return Err(format!("block claims {raw_len} uncompressed bytes, above the bound {uncompressed_max}"));
             }
             let mut out = vec![0u8; raw_len];
-            let n = zstd::bulk::decompress_to_buffer(&buf[..payload_len], &mut out[..])
-                .map_err(|e| format!("zstd block does not decompress: {e}"))?;
+            let n = decompress_zstd(&buf[..payload_len], &mut out[..])?;
             if n != raw_len {
                 return Err(format!("zstd block decompressed to {n} bytes, header says {raw_len}"));
+            }
+            Ok(Bytes::from(out))
+        }
+        COMPRESSION_LZ4 => {
+            if raw_len > uncompressed_max {
+                return Err(format!("block claims {raw_len} uncompressed bytes, above the bound {uncompressed_max}"));
+            }
+            let mut out = vec![0u8; raw_len];
+            let n = lz4_flex::block::decompress_into(&buf[..payload_len], &mut out[..])
+                .map_err(|e| format!("lz4 block does not decompress: {e}"))?;
+            if n != raw_len {
+                return Err(format!("lz4 block decompressed to {n} bytes, header says {raw_len}"));
             }
             Ok(Bytes::from(out))
         }
@@ -226,6 +279,25 @@ impl Block {
     fn restart(&self, i: usize) -> u32 {
         let p = self.restarts_at + 4 * i;
         u32::from_le_bytes([self.data[p], self.data[p + 1], self.data[p + 2], self.data[p + 3]])
+    }
+
+    /// The key of restart point `i`, in place.
+    fn restart_key(&self, i: usize) -> Result<&[u8], String> {
+        let d = &self.data[..self.restarts_at];
+        let pos = self.restart(i) as usize;
+        let mut p = pos;
+        let bad = || format!("restart entry at block offset {pos} is truncated");
+        let shared = get_varint(d, &mut p).ok_or_else(bad)?;
+        let unshared = get_varint(d, &mut p).ok_or_else(bad)? as usize;
+        get_varint(d, &mut p).ok_or_else(bad)?;
+        if shared != 0 {
+            return Err(format!("restart entry at block offset {pos} shares {shared} bytes"));
+        }
+        let end = p.checked_add(unshared).filter(|&e| e <= d.len()).ok_or_else(bad)?;
+        if unshared < KEY_TRAILER_BYTES + 1 {
+            return Err(format!("restart entry at block offset {pos} has a key of {unshared} bytes"));
+        }
+        Ok(&d[p..end])
     }
 
     /// Decodes the entry at `pos` given the previous key; returns the next position.
@@ -286,6 +358,17 @@ impl BlockIter {
         BlockIter { block, next_pos: 0, key: Vec::new(), value: 0..0 }
     }
 
+    /// Like `new`, decoding keys into `key` (a reused buffer).
+    pub(crate) fn with_key_buffer(block: Arc<Block>, mut key: Vec<u8>) -> Self {
+        key.clear();
+        BlockIter { block, next_pos: 0, key, value: 0..0 }
+    }
+
+    /// Gives the key buffer back for reuse.
+    pub(crate) fn into_key_buffer(self) -> Vec<u8> {
+        self.key
+    }
+
     /// Moves to the next entry; false at the end.
     pub(crate) fn advance(&mut self) -> Result<bool, String> {
         if self.next_pos >= self.block.restarts_at {
@@ -311,13 +394,12 @@ impl BlockIter {
     /// entry exists (then it is the current one).
     pub(crate) fn seek(&mut self, user: &[u8], trailer: u64) -> Result<bool, String> {
         // Binary search the restart points: the last restart whose key < target.
+        // A restart entry shares nothing, so its key is read in place.
         let (mut lo, mut hi) = (0usize, self.block.restart_count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            let mut k = Vec::new();
-            let pos = self.block.restart(mid) as usize;
-            self.block.decode_at(pos, &mut k)?;
-            let (ku, kt) = split_internal(&k);
+            let k = self.block.restart_key(mid)?;
+            let (ku, kt) = split_internal(k);
             if cmp_internal(ku, kt, user, trailer) == Ordering::Less {
                 lo = mid + 1;
             } else {
@@ -365,7 +447,7 @@ mod tests {
         }
         let mut raw = Vec::new();
         b.finish_into(&mut raw);
-        for c in [Compression::None, Compression::Zstd(3)] {
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd(3)] {
             let mut disk = Vec::new();
             let mut scratch = Vec::new();
             write_block(&mut disk, &raw, c, &mut scratch);

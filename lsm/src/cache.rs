@@ -69,6 +69,11 @@ impl BlockCache {
         Ok(b)
     }
 
+    /// A cached block, without loading or inserting (not counted).
+    pub(crate) fn peek(&self, table: TableId, offset: u64) -> Option<Arc<Block>> {
+        self.inner.cache.as_ref()?.peek(&(table, offset))
+    }
+
     /// (hits, misses) so far.
     pub(crate) fn counts(&self) -> (u64, u64) {
         (self.inner.hits.load(Ordering::Relaxed), self.inner.misses.load(Ordering::Relaxed))

@@ -75,7 +75,8 @@ pub(crate) fn run(inputs: &[Arc<Table>], job: Job<'_>, outputs: &mut Vec<Output>
         let n = all_ts.partition_point(|t| t.start.as_ref() <= key);
         all_ts[..n].iter().any(|t| t.seq > seq && key < t.end.as_ref() && stripe(views, t.seq) == stripe(views, seq))
     };
-    let sources = inputs.iter().map(|t| Source::Table(TableIter::new(Arc::clone(t), true, None))).collect();
+    let sources =
+        inputs.iter().map(|t| Source::Table(TableIter::new(Arc::clone(t), true, None).without_cache_fill())).collect();
     let mut merge = Merge::new(sources, true);
     let mut cur: Option<Writer> = None;
     let mut last_user: Option<Bytes> = None;

@@ -41,9 +41,14 @@ struct SuperVersion {
     /// Newest first.
     sealed: Vec<Arc<Memtable>>,
     version: Arc<Version>,
+    /// `choose::pending_bytes` of `version`, for write backpressure.
+    pending_bytes: u64,
 }
 
 struct WriteState {
+    /// WAL records gathered under `Options::wal_buffer_bytes`, not yet written.
+    wal_pending: cairn_wal::Batch,
+    wal_pending_bytes: usize,
     last_seq: Seqno,
     last_marker: Option<Marker>,
     next_mem_id: u64,
@@ -108,8 +113,8 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.inner.stop_threads(&mut lock(&self.threads));
-        if let Some(w) = &self.inner.wal {
-            let _ = w.sync();
+        if lock(&self.inner.poisoned).is_none() {
+            let _ = self.inner.sync_wal();
         }
     }
 }
@@ -429,6 +434,7 @@ impl Db {
             DurabilityMode::Standalone(_) => {
                 let mut wo = WalOptions::default();
                 wo.segment_bytes_max = opts.wal_segment_bytes;
+                wo.spare_segments_max = 1;
                 if opts.background == Background::Inline {
                     // Every file-system call on the caller's thread, in a fixed order.
                     wo.prepare_in = cairn_wal::PrepareIn::Foreground;
@@ -527,8 +533,15 @@ impl Db {
             tables_dir,
             cache,
             wal,
-            write: Mutex::new(WriteState { last_seq, last_marker, next_mem_id, buf: Vec::new() }),
-            sv: ArcSwap::from_pointee(SuperVersion { active, sealed, version: Arc::new(version) }),
+            write: Mutex::new(WriteState {
+                wal_pending: cairn_wal::Batch::new(),
+                wal_pending_bytes: 0,
+                last_seq,
+                last_marker,
+                next_mem_id,
+                buf: Vec::new(),
+            }),
+            sv: ArcSwap::from_pointee(SuperVersion { active, sealed, version: Arc::new(version), pending_bytes: 0 }),
             sv_lock: Mutex::new(()),
             visible_seq: AtomicU64::new(last_seq),
             views: Mutex::new(BTreeMap::new()),
@@ -541,6 +554,16 @@ impl Db {
             _lock: lock,
             opts,
         });
+        {
+            let cur = inner.sv.load_full();
+            let pending_bytes = choose::pending_bytes(&Inner::summaries(&cur.version), &inner.choose_config());
+            inner.sv.store(Arc::new(SuperVersion {
+                active: Arc::clone(&cur.active),
+                sealed: cur.sealed.clone(),
+                version: Arc::clone(&cur.version),
+                pending_bytes,
+            }));
+        }
         let mut threads = Vec::new();
         if inner.opts.background == Background::Threads {
             let i = Arc::clone(&inner);
@@ -672,10 +695,7 @@ impl Db {
 
     /// Syncs the standalone WAL (a no-op in embedded mode).
     pub fn sync_wal(&self) -> Result<()> {
-        match &self.inner.wal {
-            Some(w) => w.sync().map_err(|e| self.inner.poison(wal_err("sync WAL")(e))),
-            None => Ok(()),
-        }
+        self.inner.sync_wal()
     }
 
     /// Compacts every table overlapping `range`, level by level, down to the
@@ -721,10 +741,10 @@ impl Db {
     pub fn close(self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
         self.guard.inner.stop_threads(&mut lock(&self.guard.threads));
-        if let Some(w) = &self.inner.wal {
-            w.sync().map_err(wal_err("sync WAL at close"))?;
+        if let Some(p) = lock(&self.inner.poisoned).clone() {
+            return Err(Error::Poisoned(p));
         }
-        Ok(())
+        self.inner.sync_wal()
     }
 
     /// The table files live now with their levels (for tests and tools).
@@ -737,8 +757,8 @@ impl Db {
 fn apply_batch(mem: &Memtable, b: &WriteBatch, first: Seqno) {
     for (seq, op) in (first..).zip(b.ops.iter()) {
         match op {
-            Op::Put(k, v) => mem.insert(k.clone(), seq, ValueKind::Put, v.clone()),
-            Op::Delete(k) => mem.insert(k.clone(), seq, ValueKind::Delete, Bytes::new()),
+            Op::Put(k, v) => mem.insert(k, seq, ValueKind::Put, v),
+            Op::Delete(k) => mem.insert(k, seq, ValueKind::Delete, &[]),
             Op::DeleteRange(s, e) => mem.insert_range_delete(RangeTombstone { start: s.clone(), end: e.clone(), seq }),
         }
     }
@@ -817,12 +837,21 @@ impl Inner {
         {
             let mut buf = std::mem::take(&mut w.buf);
             batch.encode(first, &mut buf);
-            let mut wb = cairn_wal::Batch::new();
-            wb.append(WAL_BATCH_KIND, last, &buf);
-            w.buf = buf;
-            let d = if policy == SyncPolicy::EveryWrite { Durability::Sync } else { Durability::Buffered };
-            let t = wal.submit(&wb, d).map_err(|e| self.poison(wal_err("write WAL")(e)))?;
-            ticket = Some(t);
+            if policy != SyncPolicy::EveryWrite && self.opts.wal_buffer_bytes > 0 {
+                w.wal_pending.append(WAL_BATCH_KIND, last, &buf);
+                w.wal_pending_bytes += buf.len();
+                w.buf = buf;
+                if w.wal_pending_bytes >= self.opts.wal_buffer_bytes {
+                    self.drain_wal_buffer(&mut w)?;
+                }
+            } else {
+                let mut wb = cairn_wal::Batch::new();
+                wb.append(WAL_BATCH_KIND, last, &buf);
+                w.buf = buf;
+                let d = if policy == SyncPolicy::EveryWrite { Durability::Sync } else { Durability::Buffered };
+                let t = wal.submit(&wb, d).map_err(|e| self.poison(wal_err("write WAL")(e)))?;
+                ticket = Some(t);
+            }
         }
         let sv = self.sv.load();
         apply_batch(&sv.active, batch, first);
@@ -848,6 +877,26 @@ impl Inner {
             self.run_inline()?;
         }
         Ok(())
+    }
+
+    /// Writes the gathered WAL records to the OS (the write lock is held).
+    fn drain_wal_buffer(&self, w: &mut WriteState) -> Result<()> {
+        if w.wal_pending.is_empty() {
+            return Ok(());
+        }
+        if let Some(wal) = &self.wal {
+            wal.write(&w.wal_pending, Durability::Buffered).map_err(|e| self.poison(wal_err("write WAL")(e)))?;
+        }
+        w.wal_pending.clear();
+        w.wal_pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes out the gathered WAL records and syncs the WAL.
+    fn sync_wal(&self) -> Result<()> {
+        let Some(wal) = &self.wal else { return Ok(()) };
+        self.drain_wal_buffer(&mut lock(&self.write))?;
+        wal.sync().map_err(|e| self.poison(wal_err("sync WAL")(e)))
     }
 
     /// Seals the active memtable (the write lock is held). Waits while too
@@ -884,6 +933,7 @@ impl Inner {
             active: Arc::new(Memtable::new(id)),
             sealed,
             version: Arc::clone(&cur.version),
+            pending_bytes: cur.pending_bytes,
         }));
         drop(_g);
         self.bg_cond.notify_all();
@@ -923,7 +973,7 @@ impl Inner {
         loop {
             let sv = self.sv.load();
             let l0 = sv.version.levels[0].len();
-            let pending = choose::pending_bytes(&Self::summaries(&sv.version), &self.choose_config());
+            let pending = sv.pending_bytes;
             drop(sv);
             let stop = l0 >= self.opts.l0_stop_tables || pending >= self.opts.pending_compaction_bytes_stop;
             if stop {
@@ -959,9 +1009,12 @@ impl Inner {
     }
 
     fn get_at(&self, key: &[u8], snap: Seqno) -> Result<Option<Bytes>> {
-        let sv = self.sv.load_full();
+        let sv = self.sv.load();
         let mut found: Option<(u64, Bytes)> = None;
         for m in std::iter::once(&sv.active).chain(sv.sealed.iter()) {
+            if m.entry_count() == 0 {
+                continue;
+            }
             if let Some(x) = m.get(key, snap) {
                 found = Some(x);
                 break;
@@ -1094,7 +1147,8 @@ impl Inner {
         let _g = lock(&self.sv_lock);
         let cur = self.sv.load_full();
         let (active, sealed) = change_sv(&cur);
-        self.sv.store(Arc::new(SuperVersion { active, sealed, version: Arc::clone(&next) }));
+        let pending_bytes = choose::pending_bytes(&Self::summaries(&next), &self.choose_config());
+        self.sv.store(Arc::new(SuperVersion { active, sealed, version: Arc::clone(&next), pending_bytes }));
         drop(_g);
         for id in &edit.removed {
             if !edit.added.iter().any(|a| a.id == *id)
@@ -1333,13 +1387,9 @@ impl Inner {
         let mut bg = lock(&self.bg);
         while !bg.stop {
             bg = self.bg_cond.wait_timeout(bg, every).unwrap_or_else(|e| e.into_inner()).0;
-            if let Some(w) = &self.wal
-                && let Err(e) = w.sync()
-            {
-                drop(bg);
-                self.poison(wal_err("sync WAL")(e));
-                bg = lock(&self.bg);
-            }
+            drop(bg);
+            let _ = self.sync_wal();
+            bg = lock(&self.bg);
         }
     }
 
@@ -1371,10 +1421,7 @@ impl Inner {
         self.check_usable()?;
         self.seal_if_needed()?;
         self.wait_flushed()?;
-        if let Some(w) = &self.wal {
-            w.sync().map_err(|e| self.poison(wal_err("sync WAL")(e)))?;
-        }
-        Ok(())
+        self.sync_wal()
     }
 
     fn wait_idle(&self) -> Result<()> {

@@ -77,7 +77,7 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     use crate::block::{BlockBuilder, make_internal, write_block};
     use crate::options::Compression;
     let mut out = Vec::new();
-    for (interval, compression) in [(1, Compression::None), (4, Compression::None), (16, Compression::Zstd(3))] {
+    for (interval, compression) in [(1, Compression::None), (4, Compression::Lz4), (16, Compression::Zstd(3))] {
         let mut b = BlockBuilder::new(interval);
         for i in 0..40u32 {
             let mut k = Vec::new();
@@ -93,7 +93,7 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     }
     let dir = std::env::temp_dir().join(format!("cairn-lsm-samples-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    for compression in [Compression::None, Compression::Zstd(1)] {
+    for compression in [Compression::None, Compression::Lz4, Compression::Zstd(1)] {
         let o = crate::Options {
             durability: crate::DurabilityMode::Embedded,
             background: crate::Background::Inline,

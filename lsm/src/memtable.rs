@@ -12,19 +12,40 @@ use crossbeam_skiplist::SkipMap;
 
 use crate::types::{InternalEntry, Marker, RangeTombstone, Seqno, ValueKind, trailer};
 
-/// Per-entry bytes charged on top of key and value (skip-list node, tower, `Bytes` headers).
-pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 80;
+/// Per-entry bytes charged besides key and value: the skip-list node (key
+/// prefix, two `Bytes` headers, trailer, tower) and its allocation header.
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 128;
+/// Keys and values are copied into chunks of this size (one allocation and
+/// one free per chunk, not per entry); larger ones get their own.
+const ARENA_CHUNK_BYTES: usize = 256 << 10;
 const ITER_CHUNK: usize = 256;
 
+/// A memtable key. `prefix` holds the first 16 bytes of the user key, big
+/// endian and zero-padded, so most comparisons are one integer compare
+/// instead of a `memcmp` call; a tie falls back to the whole key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct MemKey {
+    prefix: u128,
     user: Bytes,
     trailer: u64,
 }
 
+fn prefix_of(key: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    let n = key.len().min(16);
+    b[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(b)
+}
+
+impl MemKey {
+    fn new(user: Bytes, trailer: u64) -> MemKey {
+        MemKey { prefix: prefix_of(&user), user, trailer }
+    }
+}
+
 impl Ord for MemKey {
     fn cmp(&self, o: &Self) -> Ordering {
-        self.user.cmp(&o.user).then(o.trailer.cmp(&self.trailer))
+        self.prefix.cmp(&o.prefix).then_with(|| self.user.cmp(&o.user)).then(o.trailer.cmp(&self.trailer))
     }
 }
 
@@ -39,6 +60,7 @@ impl PartialOrd for MemKey {
 pub(crate) struct Memtable {
     pub(crate) id: u64,
     map: SkipMap<MemKey, Bytes>,
+    arena: Mutex<bytes::BytesMut>,
     range_dels: Mutex<Vec<RangeTombstone>>,
     range_del_count: AtomicUsize,
     bytes: AtomicUsize,
@@ -52,6 +74,7 @@ impl Memtable {
         Memtable {
             id,
             map: SkipMap::new(),
+            arena: Mutex::new(bytes::BytesMut::new()),
             range_dels: Mutex::new(Vec::new()),
             range_del_count: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -67,10 +90,26 @@ impl Memtable {
         self.bytes.fetch_add(bytes, AtOrd::Relaxed);
     }
 
-    pub(crate) fn insert(&self, user: Bytes, seq: Seqno, kind: ValueKind, value: Bytes) {
-        let n = user.len() + value.len() + ENTRY_OVERHEAD_BYTES;
-        self.map.insert(MemKey { user, trailer: trailer(seq, kind) }, value);
-        self.note_seq(seq, n);
+    /// Copies `user` and `value` into the arena and inserts them.
+    pub(crate) fn insert(&self, user: &[u8], seq: Seqno, kind: ValueKind, value: &[u8]) {
+        let need = user.len() + value.len();
+        let mut charged = ENTRY_OVERHEAD_BYTES;
+        let (k, v) = if need > ARENA_CHUNK_BYTES / 4 {
+            charged += need;
+            (Bytes::copy_from_slice(user), Bytes::copy_from_slice(value))
+        } else {
+            let mut a = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+            if a.capacity() - a.len() < need {
+                *a = bytes::BytesMut::with_capacity(ARENA_CHUNK_BYTES);
+                charged += ARENA_CHUNK_BYTES;
+            }
+            a.extend_from_slice(user);
+            let k = a.split().freeze();
+            a.extend_from_slice(value);
+            (k, a.split().freeze())
+        };
+        self.map.insert(MemKey::new(k, trailer(seq, kind)), v);
+        self.note_seq(seq, charged);
     }
 
     pub(crate) fn insert_range_delete(&self, t: RangeTombstone) {
@@ -108,7 +147,7 @@ impl Memtable {
 
     /// The newest version of `key` with sequence number ≤ `snap`.
     pub(crate) fn get(&self, key: &[u8], snap: Seqno) -> Option<(u64, Bytes)> {
-        let probe = MemKey { user: Bytes::copy_from_slice(key), trailer: (snap << 8) | 0xff };
+        let probe = MemKey::new(Bytes::copy_from_slice(key), (snap << 8) | 0xff);
         let e = self.map.lower_bound(Bound::Included(&probe))?;
         (e.key().user.as_ref() == key).then(|| (e.key().trailer, e.value().clone()))
     }
@@ -154,8 +193,7 @@ pub(crate) struct MemIter {
 impl MemIter {
     /// Forward from the first version of `start`, or backward from the last version of `start`.
     pub(crate) fn new(mem: std::sync::Arc<Memtable>, forward: bool, start: Option<&[u8]>) -> MemIter {
-        let start =
-            start.map(|k| MemKey { user: Bytes::copy_from_slice(k), trailer: if forward { u64::MAX } else { 0 } });
+        let start = start.map(|k| MemKey::new(Bytes::copy_from_slice(k), if forward { u64::MAX } else { 0 }));
         MemIter { mem, forward, after: None, start, buf: Default::default(), done: false }
     }
 
@@ -186,7 +224,7 @@ impl MemIter {
             }
         }
         match self.buf.back() {
-            Some(e) => self.after = Some(MemKey { user: e.user.clone(), trailer: e.trailer }),
+            Some(e) => self.after = Some(MemKey::new(e.user.clone(), e.trailer)),
             None => self.done = true,
         }
     }

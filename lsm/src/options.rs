@@ -9,6 +9,9 @@ use std::time::Duration;
 pub enum Compression {
     /// Stored as is.
     None,
+    /// LZ4 (lz4_flex, block format): fast to decompress, for the upper
+    /// levels that reads touch most.
+    Lz4,
     /// zstd at this level (1 is fast, 19 is small).
     Zstd(i32),
 }
@@ -98,7 +101,7 @@ pub struct Options {
     /// per-entry overhead). Default 64 MiB.
     pub write_buffer_bytes: usize,
     /// Sealed memtables that may wait for their flush while serving reads;
-    /// writes stall beyond it. Default 2.
+    /// writes stall beyond it. Default 1 (as RocksDB's two write buffers).
     pub sealed_memtables_max: usize,
     /// Uncompressed bytes of a data block before it is cut. Default 4 KiB.
     pub block_bytes: usize,
@@ -107,7 +110,7 @@ pub struct Options {
     /// Bloom filter bits per key (0: no filter). Default 10 (about 1% false positives).
     pub bloom_bits_per_key: u32,
     /// Compression of each level's data blocks; the last entry applies to
-    /// every deeper level. Default: none on L0, zstd level 1 below.
+    /// every deeper level. Default: LZ4 on L0 and L1, zstd level 1 below.
     pub compression_per_level: Vec<Compression>,
     /// Bytes of uncompressed blocks the block cache holds. Default 64 MiB.
     pub block_cache_bytes: u64,
@@ -138,8 +141,15 @@ pub struct Options {
     pub compaction_threads: usize,
     /// Where background work runs. Default [`Background::Threads`].
     pub background: Background,
-    /// Segment size of the standalone WAL. Default 64 MiB.
+    /// Segment size of the standalone WAL. Default 16 MiB.
     pub wal_segment_bytes: u64,
+    /// With [`SyncPolicy::None`] or [`SyncPolicy::Interval`]: bytes of WAL
+    /// records gathered in memory before one write to the OS. 0 (the default)
+    /// writes every batch to the OS as it is made, so a crash of the process
+    /// loses nothing; above 0 a crash of the process may lose up to this many
+    /// bytes of the latest writes (never part of a batch, never an older write
+    /// while keeping a newer one). `flush`, `sync_wal` and `close` write them out.
+    pub wal_buffer_bytes: usize,
     /// Segment size of the manifest log. Default 1 MiB.
     pub manifest_segment_bytes: u64,
     /// Manifest edits after which a full version is written and older
@@ -158,11 +168,11 @@ impl Default for Options {
             create_if_missing: true,
             durability: DurabilityMode::Standalone(SyncPolicy::EveryWrite),
             write_buffer_bytes: 64 << 20,
-            sealed_memtables_max: 2,
+            sealed_memtables_max: 1,
             block_bytes: 4 << 10,
             block_restart_interval: 16,
             bloom_bits_per_key: 10,
-            compression_per_level: vec![Compression::None, Compression::Zstd(1)],
+            compression_per_level: vec![Compression::Lz4, Compression::Lz4, Compression::Zstd(1)],
             block_cache_bytes: 64 << 20,
             table_bytes_target: 64 << 20,
             levels: 7,
@@ -177,7 +187,8 @@ impl Default for Options {
             stall_duration_max: Duration::from_secs(60),
             compaction_threads: 1,
             background: Background::Threads,
-            wal_segment_bytes: 64 << 20,
+            wal_segment_bytes: 16 << 20,
+            wal_buffer_bytes: 0,
             manifest_segment_bytes: 1 << 20,
             manifest_edits_per_snapshot: 1000,
             hook: None,

@@ -553,14 +553,26 @@ impl Table {
             + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
     }
 
-    fn block(&self, i: usize) -> Result<Arc<Block>> {
+    fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let e = &self.index[i];
-        self.cache.get_or_load(self.id, e.offset, || {
-            let mut buf = vec![0u8; e.len as usize + TRAILER_BYTES];
-            self.file.read_exact_at(&mut buf, e.offset).map_err(io("read table block", &self.path))?;
-            let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, e.offset, m))?;
-            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, e.offset, m))
-        })
+        let mut buf = vec![0u8; e.len as usize + TRAILER_BYTES];
+        self.file.read_exact_at(&mut buf, e.offset).map_err(io("read table block", &self.path))?;
+        let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, e.offset, m))?;
+        Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, e.offset, m))
+    }
+
+    /// Block `i`, through the cache; `fill_cache = false` (compaction reads)
+    /// uses a cached block but does not insert one.
+    fn block(&self, i: usize, fill_cache: bool) -> Result<Arc<Block>> {
+        let offset = self.index[i].offset;
+        if fill_cache {
+            self.cache.get_or_load(self.id, offset, || self.load_block(i))
+        } else {
+            match self.cache.peek(self.id, offset) {
+                Some(b) => Ok(b),
+                None => self.load_block(i),
+            }
+        }
     }
 
     fn shift(&self, t: u64) -> u64 {
@@ -583,26 +595,38 @@ impl Table {
         if i == self.index.len() {
             return Ok(None);
         }
-        let block = self.block(i)?;
-        let mut it = BlockIter::new(block);
+        let block = self.block(i, true)?;
+        let mut it = BlockIter::with_key_buffer(block, KEY_BUF.with(|b| std::mem::take(&mut *b.borrow_mut())));
         let at = self.index[i].offset;
-        if !it.seek(key, target).map_err(|m| corrupt(&self.path, at, m))? {
-            return Ok(None);
-        }
-        let (u, t) = split_internal(it.key());
-        if u != key {
-            return Ok(None);
-        }
-        if trailer_kind(t).is_none() {
-            return Err(corrupt(&self.path, at, format!("unknown value kind {}", t & 0xff)));
-        }
-        Ok(Some((self.shift(t), it.value())))
+        let found = it.seek(key, target).map_err(|m| corrupt(&self.path, at, m));
+        let out = match found {
+            Ok(true) => {
+                let (u, t) = split_internal(it.key());
+                if u != key {
+                    Ok(None)
+                } else if trailer_kind(t).is_none() {
+                    Err(corrupt(&self.path, at, format!("unknown value kind {}", t & 0xff)))
+                } else {
+                    Ok(Some((self.shift(t), it.value())))
+                }
+            }
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        };
+        KEY_BUF.with(|b| *b.borrow_mut() = it.into_key_buffer());
+        out
     }
+}
+
+thread_local! {
+    /// The key buffer point lookups decode into, reused (no allocation per get).
+    static KEY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Iterates one table forward or backward, yielding every version.
 pub(crate) struct TableIter {
     table: Arc<Table>,
+    fill_cache: bool,
     forward: bool,
     /// Next block to load (forward), or one past it (backward).
     next_block: usize,
@@ -622,7 +646,21 @@ impl TableIter {
             (true, Some(k)) => table.index.partition_point(|e| e.last_user.as_ref() < k),
             (false, Some(k)) => (table.index.partition_point(|e| e.last_user.as_ref() <= k) + 1).min(n),
         };
-        TableIter { table, forward, next_block, cur: None, back: Vec::new(), seek: start.map(<[u8]>::to_vec) }
+        TableIter {
+            table,
+            fill_cache: true,
+            forward,
+            next_block,
+            cur: None,
+            back: Vec::new(),
+            seek: start.map(<[u8]>::to_vec),
+        }
+    }
+
+    /// Reads blocks without adding them to the block cache (compaction).
+    pub(crate) fn without_cache_fill(mut self) -> TableIter {
+        self.fill_cache = false;
+        self
     }
 
     fn entry(&self, key: &[u8], value: Bytes) -> Result<InternalEntry> {
@@ -664,7 +702,7 @@ impl TableIter {
                 if self.next_block >= self.table.index.len() {
                     return Ok(None);
                 }
-                let b = self.table.block(self.next_block)?;
+                let b = self.table.block(self.next_block, self.fill_cache)?;
                 self.next_block += 1;
                 self.cur = Some(BlockIter::new(b));
             }
@@ -678,7 +716,7 @@ impl TableIter {
                 }
                 self.next_block -= 1;
                 let at = self.table.index[self.next_block].offset;
-                let b = self.table.block(self.next_block)?;
+                let b = self.table.block(self.next_block, self.fill_cache)?;
                 self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(&self.table.path, at, m))?;
             }
         }

@@ -15,7 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cairn_lsm::{Db, DurabilityMode, Options, SyncPolicy};
+use cairn_lsm::{Compression, Db, DurabilityMode, Options, SyncPolicy};
 
 struct Args {
     num: u64,
@@ -24,6 +24,8 @@ struct Args {
     cache_mb: u64,
     write_buffer_mb: usize,
     wal_segment_mb: u64,
+    wal_buffer_kb: usize,
+    zstd_from_level: Option<usize>,
     dir: PathBuf,
     seed: u64,
     json: bool,
@@ -32,7 +34,8 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: lsm-bench [--num N] [--reads N] [--value-size B] [--cache-mb M] [--write-buffer-mb M]\n\
-         \x20                [--wal-segment-mb M] [--dir DIR] [--seed S] [--json]"
+         \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--dir DIR]\n\
+         \x20                [--seed S] [--json]"
     );
     std::process::exit(2)
 }
@@ -44,7 +47,9 @@ fn parse_args() -> Args {
         value_size: 100,
         cache_mb: 64,
         write_buffer_mb: 64,
-        wal_segment_mb: 8,
+        wal_segment_mb: 4,
+        wal_buffer_kb: 8,
+        zstd_from_level: None,
         dir: std::env::temp_dir().join("cairn-lsm-bench"),
         seed: 42,
         json: false,
@@ -59,6 +64,8 @@ fn parse_args() -> Args {
             "--cache-mb" => a.cache_mb = val().parse().unwrap_or_else(|_| usage()),
             "--write-buffer-mb" => a.write_buffer_mb = val().parse().unwrap_or_else(|_| usage()),
             "--wal-segment-mb" => a.wal_segment_mb = val().parse().unwrap_or_else(|_| usage()),
+            "--wal-buffer-kb" => a.wal_buffer_kb = val().parse().unwrap_or_else(|_| usage()),
+            "--zstd-from-level" => a.zstd_from_level = Some(val().parse().unwrap_or_else(|_| usage())),
             "--dir" => a.dir = PathBuf::from(val()),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
             "--json" => a.json = true,
@@ -143,6 +150,11 @@ fn options(a: &Args) -> Options {
     o.block_cache_bytes = a.cache_mb << 20;
     o.write_buffer_bytes = a.write_buffer_mb << 20;
     o.wal_segment_bytes = a.wal_segment_mb << 20;
+    o.wal_buffer_bytes = a.wal_buffer_kb << 10;
+    if let Some(z) = a.zstd_from_level {
+        o.compression_per_level =
+            (0..=z).map(|l| if l < z { Compression::None } else { Compression::Zstd(1) }).collect();
+    }
     o
 }
 
@@ -189,17 +201,23 @@ fn main() {
         rnd.swap(i, j);
     }
     eprintln!(
-        "num={} reads={} key=16B value={}B cache={}MiB write_buffer={}MiB dir={}",
+        "num={} reads={} key=16B value={}B cache={}MiB write_buffer={}MiB wal_buffer={}KiB compression={:?} dir={}",
         a.num,
         a.reads,
         a.value_size,
         a.cache_mb,
         a.write_buffer_mb,
+        a.wal_buffer_kb,
+        options(&a).compression_per_level,
         a.dir.display()
     );
     let mut rows: Vec<(String, f64, String)> = Vec::new();
     let mut row = |name: &str, v: f64, unit: &str| {
-        eprintln!("  {name:<24} {v:>14.2} {unit}");
+        eprintln!(
+            "  {name:<24} {v:>14.2} {unit:<10} (RSS {} MiB, peak {} MiB)",
+            proc_status_kb("VmRSS:") / 1024,
+            proc_status_kb("VmHWM:") / 1024
+        );
         rows.push((name.to_string(), v, unit.to_string()));
     };
 
