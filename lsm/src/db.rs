@@ -426,7 +426,7 @@ impl Db {
         }
         let mut last_seq = version.last_seq;
         let mut last_marker = version.marker;
-        let active = Arc::new(Memtable::new(1));
+        let active = Arc::new(Memtable::new(1, crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes)));
         let mut sealed: Vec<Arc<Memtable>> = Vec::new();
         let mut next_mem_id = 2;
         let wal = match opts.durability {
@@ -455,7 +455,10 @@ impl Db {
                             .map_err(|e| crate::error::corrupt(&dir.join("wal"), r.position, e))?;
                         if mem.approximate_bytes() >= opts.write_buffer_bytes {
                             sealed.insert(0, Arc::clone(&mem));
-                            mem = Arc::new(Memtable::new(next_mem_id));
+                            mem = Arc::new(Memtable::new(
+                                next_mem_id,
+                                crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes),
+                            ));
                             next_mem_id += 1;
                         }
                         apply_batch(&mem, &b, first);
@@ -930,7 +933,7 @@ impl Inner {
         sealed.push(Arc::clone(&cur.active));
         sealed.extend(cur.sealed.iter().cloned());
         self.sv.store(Arc::new(SuperVersion {
-            active: Arc::new(Memtable::new(id)),
+            active: Arc::new(Memtable::new(id, crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes))),
             sealed,
             version: Arc::clone(&cur.version),
             pending_bytes: cur.pending_bytes,
@@ -1209,7 +1212,11 @@ impl Inner {
         let (_, seq_max) = mem.seq_range();
         let edit = Edit {
             added: written.iter().map(|(id, _)| Added { level: 0, id: *id, seq_offset: 0 }).collect(),
-            marker: mem.markers().map(|(_, hi)| hi),
+            marker: if self.opts.record_latest_marker_for_tests {
+                lock(&self.write).last_marker
+            } else {
+                mem.markers().map(|(_, hi)| hi)
+            },
             flushed_seq: has_data.then_some(seq_max),
             last_seq: has_data.then_some(seq_max),
             ..Edit::default()
@@ -1444,6 +1451,9 @@ impl Inner {
         }
     }
 
+    /// Moves every table overlapping the range down, level by level, into the
+    /// deepest level that holds data (L1 at least); the last step is a
+    /// bottommost rewrite, which drops what no read view needs.
     fn compact_range(&self, lo: Bound<Bytes>, hi: Bound<Bytes>) -> Result<()> {
         let overlaps = |t: &TableSummary| {
             let below = match &lo {
@@ -1456,52 +1466,36 @@ impl Inner {
             };
             !below && !above
         };
-        for level in 0..self.opts.levels - 1 {
+        let deepest = {
+            let v = Arc::clone(&self.sv.load().version);
+            v.levels.iter().rposition(|l| !l.is_empty()).unwrap_or(0).max(1)
+        };
+        for level in 0..deepest {
             loop {
                 let picked = {
                     let mut vs = lock(&self.vstate);
                     let v = Arc::clone(&self.sv.load().version);
                     let sums = Self::summaries(&v);
-                    let deepest = sums.iter().rposition(|l| !l.is_empty()).unwrap_or(0);
-                    if level >= deepest.max(1) && sums[level].is_empty() {
-                        None
-                    } else {
-                        let upper: Vec<TableId> = sums[level].iter().filter(|t| overlaps(t)).map(|t| t.id).collect();
-                        if upper.is_empty() {
-                            None
-                        } else if level >= deepest {
-                            // The deepest level: rewrite it in place one level down.
-                            choose::expand(&sums, level, upper, &vs.compacting, 0)
-                        } else {
-                            choose::expand(&sums, level, upper, &vs.compacting, 0)
-                        }
-                        .map(|mut c| {
-                            c.trivial_move = false;
-                            let tables: Vec<Arc<Table>> = c
-                                .upper
-                                .iter()
-                                .chain(c.lower.iter())
-                                .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
-                                .collect();
-                            vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
-                            (c, tables)
-                        })
-                    }
-                };
-                match picked {
-                    None => {
-                        // A table involved may be busy with a background compaction: wait for it.
-                        let busy = {
-                            let vs = lock(&self.vstate);
-                            let v = Arc::clone(&self.sv.load().version);
-                            v.levels[level].iter().any(|t| vs.compacting.contains(&t.id))
-                        };
-                        if busy {
-                            std::thread::sleep(Duration::from_millis(5));
-                            continue;
-                        }
+                    let upper: Vec<TableId> = sums[level].iter().filter(|t| overlaps(t)).map(|t| t.id).collect();
+                    if upper.is_empty() {
                         break;
                     }
+                    choose::expand(&sums, level, upper, &vs.compacting, 0).map(|mut c| {
+                        // A move into the bottom is rewritten, so that it drops tombstones.
+                        c.trivial_move &= !c.bottommost;
+                        let tables: Vec<Arc<Table>> = c
+                            .upper
+                            .iter()
+                            .chain(c.lower.iter())
+                            .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
+                            .collect();
+                        vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
+                        (c, tables)
+                    })
+                };
+                match picked {
+                    // A table involved is busy with a background compaction: wait for it.
+                    None => std::thread::sleep(Duration::from_millis(5)),
                     Some((c, tables)) => {
                         lock(&self.bg).compactions_running += 1;
                         let r = self.execute(&c, tables);
@@ -1509,7 +1503,6 @@ impl Inner {
                         lock(&self.bg).compactions_running -= 1;
                         self.bg_cond.notify_all();
                         r?;
-                        // One pass per level: the outputs are below.
                         break;
                     }
                 }
@@ -1610,7 +1603,10 @@ impl Inner {
         w.next_mem_id += 1;
         self.install(&mut vs, edit, &opened, |cur| {
             if o.discard_memtables {
-                (Arc::new(Memtable::new(next_mem)), Vec::new())
+                (
+                    Arc::new(Memtable::new(next_mem, crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes))),
+                    Vec::new(),
+                )
             } else {
                 (Arc::clone(&cur.active), cur.sealed.clone())
             }

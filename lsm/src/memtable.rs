@@ -15,9 +15,16 @@ use crate::types::{InternalEntry, Marker, RangeTombstone, Seqno, ValueKind, trai
 /// Per-entry bytes charged besides key and value: the skip-list node (key
 /// prefix, two `Bytes` headers, trailer, tower) and its allocation header.
 pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 128;
-/// Keys and values are copied into chunks of this size (one allocation and
-/// one free per chunk, not per entry); larger ones get their own.
-const ARENA_CHUNK_BYTES: usize = 256 << 10;
+/// Keys and values are copied into chunks of at most this size (one
+/// allocation and one free per chunk, not per entry); entries above a quarter
+/// chunk get their own allocation.
+const ARENA_CHUNK_BYTES_MAX: usize = 256 << 10;
+
+/// The arena chunk size for a write buffer of `write_buffer_bytes`: small
+/// enough that a chunk is a small part of a memtable.
+pub(crate) fn arena_chunk_bytes(write_buffer_bytes: usize) -> usize {
+    (write_buffer_bytes / 16).clamp(512, ARENA_CHUNK_BYTES_MAX)
+}
 const ITER_CHUNK: usize = 256;
 
 /// A memtable key. `prefix` holds the first 16 bytes of the user key, big
@@ -61,6 +68,7 @@ pub(crate) struct Memtable {
     pub(crate) id: u64,
     map: SkipMap<MemKey, Bytes>,
     arena: Mutex<bytes::BytesMut>,
+    chunk_bytes: usize,
     range_dels: Mutex<Vec<RangeTombstone>>,
     range_del_count: AtomicUsize,
     bytes: AtomicUsize,
@@ -70,11 +78,12 @@ pub(crate) struct Memtable {
 }
 
 impl Memtable {
-    pub(crate) fn new(id: u64) -> Memtable {
+    pub(crate) fn new(id: u64, chunk_bytes: usize) -> Memtable {
         Memtable {
             id,
             map: SkipMap::new(),
             arena: Mutex::new(bytes::BytesMut::new()),
+            chunk_bytes,
             range_dels: Mutex::new(Vec::new()),
             range_del_count: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -94,14 +103,14 @@ impl Memtable {
     pub(crate) fn insert(&self, user: &[u8], seq: Seqno, kind: ValueKind, value: &[u8]) {
         let need = user.len() + value.len();
         let mut charged = ENTRY_OVERHEAD_BYTES;
-        let (k, v) = if need > ARENA_CHUNK_BYTES / 4 {
+        let (k, v) = if need > self.chunk_bytes / 4 {
             charged += need;
             (Bytes::copy_from_slice(user), Bytes::copy_from_slice(value))
         } else {
             let mut a = self.arena.lock().unwrap_or_else(|e| e.into_inner());
             if a.capacity() - a.len() < need {
-                *a = bytes::BytesMut::with_capacity(ARENA_CHUNK_BYTES);
-                charged += ARENA_CHUNK_BYTES;
+                *a = bytes::BytesMut::with_capacity(self.chunk_bytes);
+                charged += self.chunk_bytes;
             }
             a.extend_from_slice(user);
             let k = a.split().freeze();

@@ -160,6 +160,10 @@ pub struct Options {
     /// Test-only: skip the fdatasync of new tables, to show the crash tests fail.
     #[doc(hidden)]
     pub skip_table_sync_for_tests: bool,
+    /// Test-only: a flush records the latest marker written instead of the
+    /// sealed memtable's, to show the crash tests fail.
+    #[doc(hidden)]
+    pub record_latest_marker_for_tests: bool,
 }
 
 impl Default for Options {
@@ -193,6 +197,7 @@ impl Default for Options {
             manifest_edits_per_snapshot: 1000,
             hook: None,
             skip_table_sync_for_tests: false,
+            record_latest_marker_for_tests: false,
         }
     }
 }

@@ -107,11 +107,19 @@ enum Crash {
 /// after batch `i`. After the crash the engine must hold exactly
 /// `states[durable marker]`, and that marker must be at least the one the
 /// last successful `flush` covered.
-fn run_embedded(seed: u64, crash: Crash, skip_table_sync: bool) -> Result<(), String> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Break {
+    Nothing,
+    SkipTableSync,
+    RecordLatestMarker,
+}
+
+fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let disk = SimDisk::new(seed);
     let mut opts = options(&mut rng, DurabilityMode::Embedded);
-    opts.skip_table_sync_for_tests = skip_table_sync;
+    opts.skip_table_sync_for_tests = broken == Break::SkipTableSync;
+    opts.record_latest_marker_for_tests = broken == Break::RecordLatestMarker;
     let mut run_opts = opts.clone();
     match crash {
         Crash::AfterOps(n) => disk.crash_after_ops(n),
@@ -261,14 +269,14 @@ fn run_standalone(seed: u64, crash: Crash) -> Result<(), String> {
 }
 
 fn seeds() -> u64 {
-    if std::env::var_os("CAIRN_LONG").is_some() { 3000 } else { 150 }
+    if std::env::var_os("CAIRN_LONG").is_some() { 5000 } else { 500 }
 }
 
 #[test]
 fn embedded_crash_at_random_operations() {
     for seed in 0..seeds() {
         let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
-        run_embedded(seed, Crash::AfterOps(n), false)
+        run_embedded(seed, Crash::AfterOps(n), Break::Nothing)
             .unwrap_or_else(|e| panic!("seed {seed}, crash after {n} ops: {e}"));
     }
 }
@@ -299,7 +307,8 @@ fn crash_exactly_at_each_step() {
         let before = FIRED.load(Ordering::SeqCst);
         for seed in 0..24u64 {
             let nth = 1 + seed % 3;
-            run_embedded(seed, Crash::At(p, nth), false).unwrap_or_else(|e| panic!("{p:?} #{nth}, seed {seed}: {e}"));
+            run_embedded(seed, Crash::At(p, nth), Break::Nothing)
+                .unwrap_or_else(|e| panic!("{p:?} #{nth}, seed {seed}: {e}"));
             if matches!(p, HookPoint::FlushTableWritten | HookPoint::FlushInstalled | HookPoint::CompactionInstalled) {
                 run_standalone(seed, Crash::At(p, nth))
                     .unwrap_or_else(|e| panic!("standalone {p:?}, seed {seed}: {e}"));
@@ -317,10 +326,23 @@ fn skipping_the_table_sync_is_caught() {
     let failures = (0..60u64)
         .filter(|&seed| {
             let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
-            run_embedded(seed, Crash::AfterOps(n), true).is_err()
+            run_embedded(seed, Crash::AfterOps(n), Break::SkipTableSync).is_err()
         })
         .count();
     assert!(failures > 0, "no crash caught the skipped table fsync");
+}
+
+/// The teeth: a flush that records the latest marker written (the active
+/// memtable's) instead of the sealed memtable's claims writes it does not hold.
+#[test]
+fn recording_the_latest_marker_is_caught() {
+    let failures = (0..60u64)
+        .filter(|&seed| {
+            let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
+            run_embedded(seed, Crash::AfterOps(n), Break::RecordLatestMarker).is_err()
+        })
+        .count();
+    assert!(failures > 0, "no crash caught the wrong marker");
 }
 
 #[test]

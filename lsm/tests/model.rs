@@ -222,7 +222,7 @@ fn run(ops: Vec<Op>, threads: bool, seed: u8, dir: &Path) {
 }
 
 fn cases() -> u32 {
-    if std::env::var_os("CAIRN_LONG").is_some() { 2000 } else { 48 }
+    if std::env::var_os("CAIRN_LONG").is_some() { 2000 } else { 128 }
 }
 
 proptest! {

@@ -1,0 +1,184 @@
+//! The public API at its edges: size limits, prefix bounds, markers, I/O
+//! failure, damaged tables, checkpoint and ingest round trips.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cairn_lsm::{
+    Background, Db, DurabilityMode, Error, IngestOptions, KEY_BYTES_MAX, Marker, Options, SyncPolicy, VALUE_BYTES_MAX,
+    WriteBatch,
+};
+use cairn_wal::Fs;
+use cairn_wal::sim::SimDisk;
+
+fn small() -> Options {
+    let mut o = Options::default();
+    o.write_buffer_bytes = 4096;
+    o.block_bytes = 256;
+    o.background = Background::Inline;
+    o
+}
+
+#[test]
+fn limits_are_clear_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = Db::open(dir.path(), small()).expect("open");
+    let big_key = vec![b'k'; KEY_BYTES_MAX + 1];
+    assert!(matches!(db.put(big_key, "v"), Err(Error::KeyTooLarge { len, .. }) if len == KEY_BYTES_MAX + 1));
+    assert!(matches!(db.put("", "v"), Err(Error::KeyTooLarge { len: 0, .. })));
+    assert!(matches!(db.put("k", vec![0u8; VALUE_BYTES_MAX + 1]), Err(Error::ValueTooLarge { .. })));
+    assert!(matches!(db.delete_range("b", "a"), Err(Error::EmptyRange)));
+    // A batch with one bad operation writes none of them.
+    let mut b = WriteBatch::new();
+    b.put("good", "1").put(vec![b'x'; KEY_BYTES_MAX + 1], "2");
+    assert!(db.write(&b).is_err());
+    assert_eq!(db.get(b"good").expect("get"), None);
+    // The largest accepted sizes work, through a flush and a reopen.
+    db.put(vec![b'k'; KEY_BYTES_MAX], vec![7u8; VALUE_BYTES_MAX]).expect("largest");
+    db.flush().expect("flush");
+    db.close().expect("close");
+    let db = Db::open(dir.path(), small()).expect("reopen");
+    let v = db.get(&vec![b'k'; KEY_BYTES_MAX]).expect("get").expect("present");
+    assert_eq!(v.len(), VALUE_BYTES_MAX);
+}
+
+#[test]
+fn prefixes_both_ways_including_all_ff() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = Db::open(dir.path(), small()).expect("open");
+    for k in [&b"a"[..], b"ab", b"ab\xff", b"ab\xff\xff", b"ac", b"\xff", b"\xff\xff", b"\xff\x00"] {
+        db.put(k.to_vec(), "v").expect("put");
+    }
+    let keys = |it: cairn_lsm::Iter| it.map(|kv| kv.expect("kv").0.to_vec()).collect::<Vec<_>>();
+    assert_eq!(keys(db.prefix(b"ab")), vec![b"ab".to_vec(), b"ab\xff".to_vec(), b"ab\xff\xff".to_vec()]);
+    assert_eq!(keys(db.prefix_rev(b"ab")), vec![b"ab\xff\xff".to_vec(), b"ab\xff".to_vec(), b"ab".to_vec()]);
+    assert_eq!(keys(db.prefix(b"\xff")), vec![b"\xff".to_vec(), b"\xff\x00".to_vec(), b"\xff\xff".to_vec()]);
+    db.delete_prefix(b"\xff").expect("delete prefix of 0xff");
+    db.delete_prefix(b"ab").expect("delete prefix");
+    assert_eq!(keys(db.range::<std::ops::RangeFull, &[u8]>(..)), vec![b"a".to_vec(), b"ac".to_vec()]);
+    db.flush().expect("flush");
+    db.compact_range::<std::ops::RangeFull, &[u8]>(..).expect("compact");
+    assert_eq!(keys(db.range_rev::<std::ops::RangeFull, &[u8]>(..)), vec![b"ac".to_vec(), b"a".to_vec()]);
+}
+
+#[test]
+fn embedded_markers_rise_and_survive_only_through_flushes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut o = small();
+    o.durability = DurabilityMode::Embedded;
+    let db = Db::open(dir.path(), o.clone()).expect("open");
+    assert!(matches!(db.put("k", "v"), Err(Error::WrongMode(_))), "a batch without a marker");
+    let mut b = WriteBatch::new();
+    b.put("k", "1").set_marker(Marker::new(5, 1));
+    db.write(&b).expect("write");
+    let mut stale = WriteBatch::new();
+    stale.put("k", "0").set_marker(Marker::new(5, 1));
+    assert!(matches!(db.write(&stale), Err(Error::MarkerNotRising { .. })));
+    // An empty batch with a marker advances it.
+    let mut m = WriteBatch::new();
+    m.set_marker(Marker::new(6, 1));
+    db.write(&m).expect("marker only");
+    assert_eq!(db.durable_marker(), None);
+    db.flush().expect("flush");
+    assert_eq!(db.durable_marker(), Some(Marker::new(6, 1)));
+    let mut later = WriteBatch::new();
+    later.put("k", "2").set_marker(Marker::new(7, 2));
+    db.write(&later).expect("write");
+    db.close().expect("close");
+    let db = Db::open(dir.path(), o).expect("reopen");
+    assert_eq!(db.durable_marker(), Some(Marker::new(6, 1)), "unflushed writes are the embedder's to replay");
+    assert_eq!(db.get(b"k").expect("get").as_deref(), Some(&b"1"[..]));
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_engine_and_loses_nothing_acknowledged() {
+    let disk = SimDisk::new(3);
+    let mut o = small();
+    o.durability = DurabilityMode::Standalone(SyncPolicy::EveryWrite);
+    let db = Db::open_with_fs(disk.fs(), "/data/lsm", o.clone()).expect("open");
+    for i in 0..50 {
+        db.put(format!("k{i:03}"), "v").expect("put");
+    }
+    disk.fail_syncs(true);
+    assert!(db.put("lost", "v").is_err());
+    match db.put("after", "v") {
+        Err(Error::Poisoned(_)) => {}
+        other => panic!("expected Poisoned, got {other:?}"),
+    }
+    drop(db);
+    disk.fail_syncs(false);
+    disk.crash();
+    let db = Db::open_with_fs(disk.fs(), "/data/lsm", o).expect("reopen");
+    for i in 0..50 {
+        assert!(db.get(format!("k{i:03}").as_bytes()).expect("get").is_some(), "acknowledged k{i:03}");
+    }
+    assert_eq!(db.get(b"after").expect("get"), None);
+}
+
+#[test]
+fn a_damaged_table_is_an_error_naming_the_file() {
+    let disk = SimDisk::new(4);
+    let mut o = small();
+    o.durability = DurabilityMode::Standalone(SyncPolicy::None);
+    o.block_cache_bytes = 0;
+    let fs: Arc<dyn Fs> = disk.fs();
+    let db = Db::open_with_fs(Arc::clone(&fs), "/data/lsm", o.clone()).expect("open");
+    for i in 0..300 {
+        db.put(format!("k{i:03}"), format!("value-{i}")).expect("put");
+    }
+    db.flush().expect("flush");
+    let tables = db.live_tables();
+    let (_, path) = tables.first().expect("a table");
+    disk.flip_bit(path, 10, 3).expect("flip");
+    let mut saw = false;
+    for i in 0..300 {
+        if let Err(e) = db.get(format!("k{i:03}").as_bytes()) {
+            assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+            saw = true;
+        }
+    }
+    assert!(saw, "no read met the damaged block");
+    let scanned: Vec<_> = db.range::<std::ops::RangeFull, &[u8]>(..).collect();
+    assert!(scanned.iter().any(Result::is_err), "the scan reports the damage");
+}
+
+#[test]
+fn checkpoint_opens_and_ingest_shifts_sequence_numbers() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = Db::open(dir.path().join("src"), small()).expect("open");
+    for i in 0..200 {
+        src.put(format!("k{i:03}"), "old").expect("put");
+    }
+    src.delete_range("k050", "k100").expect("range delete");
+    let info = src.checkpoint(dir.path().join("ckpt")).expect("checkpoint");
+    assert!(!info.tables.is_empty());
+    // A destination with many later writes takes the checkpoint's tables on top.
+    let dst = Db::open(dir.path().join("dst"), small()).expect("open");
+    for i in 0..400 {
+        dst.put(format!("k{:03}", i % 200), "newer locally").expect("put");
+    }
+    let files: Vec<PathBuf> = info.tables.iter().map(|t| dir.path().join("ckpt").join(t)).collect();
+    dst.ingest(&files, IngestOptions::new()).expect("ingest");
+    // Ingested data is newer than everything local: its range delete and values win.
+    assert_eq!(dst.get(b"k000").expect("get").as_deref(), Some(&b"old"[..]));
+    assert_eq!(dst.get(b"k075").expect("get"), None);
+    dst.put("k000", "newest").expect("put");
+    assert_eq!(dst.get(b"k000").expect("get").as_deref(), Some(&b"newest"[..]));
+    dst.compact_range::<std::ops::RangeFull, &[u8]>(..).expect("compact");
+    assert_eq!(dst.get(b"k075").expect("get"), None);
+    assert_eq!(dst.get(b"k000").expect("get").as_deref(), Some(&b"newest"[..]));
+    assert_eq!(dst.range::<std::ops::RangeFull, &[u8]>(..).count(), 150);
+    assert!(matches!(dst.checkpoint(dir.path().join("ckpt")), Err(Error::AlreadyExists { .. })));
+
+    // The checkpoint opens as an engine of its own (which may then compact it:
+    // ingest from a checkpoint before opening it).
+    src.put("k000", "after checkpoint").expect("put");
+    let mut co = small();
+    co.create_if_missing = false;
+    let ck = Db::open(dir.path().join("ckpt"), co).expect("open checkpoint");
+    assert_eq!(ck.get(b"k000").expect("get").as_deref(), Some(&b"old"[..]));
+    assert_eq!(ck.get(b"k075").expect("get"), None);
+    assert_eq!(ck.range::<std::ops::RangeFull, &[u8]>(..).count(), 150);
+    drop(ck);
+}
