@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     bg: Mutex<BgState>,
     bg_cond: Condvar,
     poisoned: Mutex<Option<String>>,
+    /// Set with `poisoned`, read without a lock on every write.
+    is_poisoned: AtomicBool,
     closed: AtomicBool,
     counters: Counters,
 }
@@ -552,6 +554,7 @@ impl Db {
             bg: Mutex::new(BgState::default()),
             bg_cond: Condvar::new(),
             poisoned: Mutex::new(None),
+            is_poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             _lock: lock,
@@ -775,7 +778,9 @@ impl Inner {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if let Some(p) = lock(&self.poisoned).clone() {
+        if self.is_poisoned.load(Ordering::Acquire)
+            && let Some(p) = lock(&self.poisoned).clone()
+        {
             return Err(Error::Poisoned(p));
         }
         Ok(())
@@ -788,6 +793,7 @@ impl Inner {
         if p.is_none() {
             *p = Some(e.to_string());
         }
+        self.is_poisoned.store(true, Ordering::Release);
         drop(p);
         self.bg_cond.notify_all();
         e
@@ -830,8 +836,8 @@ impl Inner {
         if last > crate::types::SEQNO_MAX {
             return Err(Error::WrongMode("sequence numbers exhausted"));
         }
-        let sv = self.sv.load_full();
-        if sv.active.approximate_bytes() >= self.opts.write_buffer_bytes {
+        if self.sv.load().active.approximate_bytes() >= self.opts.write_buffer_bytes {
+            let sv = self.sv.load_full();
             self.seal(&mut w, &sv)?;
         }
         let mut ticket = None;
