@@ -917,8 +917,10 @@ impl Inner {
             while self.sv.load().sealed.len() >= self.opts.sealed_memtables_max.max(1) {
                 self.check_usable()?;
                 if start.elapsed() > self.opts.stall_duration_max {
+                    let waited = start.elapsed();
+                    self.counters.stall_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
                     return Err(Error::StallTimeout {
-                        waited_ms: start.elapsed().as_millis() as u64,
+                        waited_ms: waited.as_millis() as u64,
                         reason: "sealed memtables to flush",
                     });
                 }
@@ -988,8 +990,10 @@ impl Inner {
             if stop {
                 self.check_usable()?;
                 if start.elapsed() > self.opts.stall_duration_max {
+                    let waited = start.elapsed();
+                    self.counters.stall_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
                     return Err(Error::StallTimeout {
-                        waited_ms: start.elapsed().as_millis() as u64,
+                        waited_ms: waited.as_millis() as u64,
                         reason: if l0 >= self.opts.l0_stop_tables {
                             "L0 tables to compact"
                         } else {

@@ -182,3 +182,36 @@ fn checkpoint_opens_and_ingest_shifts_sequence_numbers() {
     assert_eq!(ck.range::<std::ops::RangeFull, &[u8]>(..).count(), 150);
     drop(ck);
 }
+
+#[test]
+fn writes_stall_by_a_bounded_amount_when_l0_is_full() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut o = Options::default();
+    o.durability = DurabilityMode::Standalone(SyncPolicy::None);
+    o.write_buffer_bytes = 2048;
+    // No compaction will run (trigger out of reach), so L0 only grows.
+    o.l0_compaction_trigger = 1000;
+    o.l0_slowdown_tables = 2;
+    o.l0_stop_tables = 4;
+    o.stall_duration_max = std::time::Duration::from_millis(300);
+    let db = Db::open(dir.path(), o).expect("open");
+    let start = std::time::Instant::now();
+    let mut stalled = None;
+    for i in 0..100_000u32 {
+        match db.put(format!("k{i:06}"), vec![b'v'; 100]) {
+            Ok(()) => {}
+            Err(e) => {
+                stalled = Some(e);
+                break;
+            }
+        }
+    }
+    let e = stalled.expect("writes must stall once L0 is at its stop limit");
+    assert!(matches!(e, Error::StallTimeout { .. }), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    let st = db.stats();
+    assert!(st.levels[0].tables >= 4, "{st:?}");
+    assert!(st.slowdowns > 0 && st.stall_time >= std::time::Duration::from_millis(300), "{st:?}");
+    // Reads still work during a stall.
+    assert!(db.get(b"k000001").expect("get").is_some());
+}
