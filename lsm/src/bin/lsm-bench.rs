@@ -25,6 +25,8 @@ struct Args {
     write_buffer_mb: usize,
     wal_segment_mb: u64,
     wal_buffer_kb: usize,
+    l1_mb: Option<u64>,
+    table_mb: Option<u64>,
     zstd_from_level: Option<usize>,
     dir: PathBuf,
     seed: u64,
@@ -34,7 +36,8 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: lsm-bench [--num N] [--reads N] [--value-size B] [--cache-mb M] [--write-buffer-mb M]\n\
-         \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--dir DIR]\n\
+         \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--l1-mb M]\n\
+         \x20                [--table-mb M] [--dir DIR]\n\
          \x20                [--seed S] [--json]"
     );
     std::process::exit(2)
@@ -49,6 +52,8 @@ fn parse_args() -> Args {
         write_buffer_mb: 64,
         wal_segment_mb: 4,
         wal_buffer_kb: 8,
+        l1_mb: None,
+        table_mb: None,
         zstd_from_level: None,
         dir: std::env::temp_dir().join("cairn-lsm-bench"),
         seed: 42,
@@ -65,6 +70,8 @@ fn parse_args() -> Args {
             "--write-buffer-mb" => a.write_buffer_mb = val().parse().unwrap_or_else(|_| usage()),
             "--wal-segment-mb" => a.wal_segment_mb = val().parse().unwrap_or_else(|_| usage()),
             "--wal-buffer-kb" => a.wal_buffer_kb = val().parse().unwrap_or_else(|_| usage()),
+            "--l1-mb" => a.l1_mb = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--table-mb" => a.table_mb = Some(val().parse().unwrap_or_else(|_| usage())),
             "--zstd-from-level" => a.zstd_from_level = Some(val().parse().unwrap_or_else(|_| usage())),
             "--dir" => a.dir = PathBuf::from(val()),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
@@ -151,6 +158,12 @@ fn options(a: &Args) -> Options {
     o.write_buffer_bytes = a.write_buffer_mb << 20;
     o.wal_segment_bytes = a.wal_segment_mb << 20;
     o.wal_buffer_bytes = a.wal_buffer_kb << 10;
+    if let Some(m) = a.l1_mb {
+        o.l1_bytes_target = m << 20;
+    }
+    if let Some(m) = a.table_mb {
+        o.table_bytes_target = m << 20;
+    }
     if let Some(z) = a.zstd_from_level {
         o.compression_per_level =
             (0..=z).map(|l| if l < z { Compression::None } else { Compression::Zstd(1) }).collect();
