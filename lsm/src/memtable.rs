@@ -37,12 +37,7 @@ pub(crate) struct MemKey {
     trailer: u64,
 }
 
-fn prefix_of(key: &[u8]) -> u128 {
-    let mut b = [0u8; 16];
-    let n = key.len().min(16);
-    b[..n].copy_from_slice(&key[..n]);
-    u128::from_be_bytes(b)
-}
+use crate::table::key_prefix as prefix_of;
 
 impl MemKey {
     fn new(user: Bytes, trailer: u64) -> MemKey {

@@ -383,8 +383,20 @@ impl TableWriter {
     }
 }
 
+/// The first 16 bytes of a key as a big-endian integer (zero-padded): its
+/// order agrees with the keys' order wherever the two prefixes differ.
+pub(crate) fn key_prefix(key: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    let n = key.len().min(16);
+    b[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(b)
+}
+
 #[derive(Debug)]
 struct IndexEntry {
+    /// The first 16 bytes of `last_user`, big endian, zero-padded: most
+    /// binary-search steps compare this and never touch the key's heap bytes.
+    prefix: u128,
     last_user: Bytes,
     last_trailer: u64,
     offset: u64,
@@ -494,7 +506,13 @@ impl Table {
                     return Err(bad_ix("index keys out of order".into()));
                 }
             }
-            index.push(IndexEntry { last_user: Bytes::copy_from_slice(u), last_trailer: t, offset, len });
+            index.push(IndexEntry {
+                prefix: key_prefix(u),
+                last_user: Bytes::copy_from_slice(u),
+                last_trailer: t,
+                offset,
+                len,
+            });
         }
         let bad_rd = |e: String| corrupt(path, rd.0, format!("range-delete block: {e}"));
         let rd_block = Arc::new(Block::new(read(rd)?).map_err(bad_rd)?);
@@ -589,8 +607,13 @@ impl Table {
         }
         let stored_snap = (snap - self.seq_offset).min(crate::types::SEQNO_MAX);
         let target = (stored_snap << 8) | 0xff;
-        let i = self.index.partition_point(|e| {
-            crate::types::cmp_internal(&e.last_user, e.last_trailer, key, target) == std::cmp::Ordering::Less
+        let kp = key_prefix(key);
+        let i = self.index.partition_point(|e| match e.prefix.cmp(&kp) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => {
+                crate::types::cmp_internal(&e.last_user, e.last_trailer, key, target) == std::cmp::Ordering::Less
+            }
         });
         if i == self.index.len() {
             return Ok(None);
