@@ -300,6 +300,14 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Whether keys `[smallest, largest]` may meet the range `(lo, hi)`
+/// (conservative: an excluded bound counts as included).
+fn overlaps_bounds(lo: &Bound<Bytes>, hi: &Bound<Bytes>, smallest: &[u8], largest: &[u8]) -> bool {
+    let below = matches!(lo, Bound::Included(k) | Bound::Excluded(k) if largest < k.as_ref());
+    let above = matches!(hi, Bound::Included(k) | Bound::Excluded(k) if smallest > k.as_ref());
+    !below && !above
+}
+
 fn prefix_bounds(prefix: &[u8]) -> (Bound<Bytes>, Bound<Bytes>) {
     let lo = Bound::Included(Bytes::copy_from_slice(prefix));
     let hi = match prefix_end(prefix) {
@@ -428,7 +436,8 @@ impl Db {
         }
         let mut last_seq = version.last_seq;
         let mut last_marker = version.marker;
-        let active = Arc::new(Memtable::new(1, crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes)));
+        let chunk_bytes = crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes);
+        let mut active = Arc::new(Memtable::new(1, chunk_bytes));
         let mut sealed: Vec<Arc<Memtable>> = Vec::new();
         let mut next_mem_id = 2;
         let wal = match opts.durability {
@@ -446,7 +455,6 @@ impl Db {
                 if report.torn_tail.is_some() {
                     tracing::warn!(?report, "the WAL had a torn tail (a crash during a write); it was dropped");
                 }
-                let mut mem = active.clone();
                 for batch in wal.replay_from(None).map_err(wal_err("replay WAL"))? {
                     let batch = batch.map_err(wal_err("read WAL"))?;
                     for r in batch.iter() {
@@ -455,42 +463,19 @@ impl Db {
                         }
                         let (first, b) = WriteBatch::decode(r.payload)
                             .map_err(|e| crate::error::corrupt(&dir.join("wal"), r.position, e))?;
-                        if mem.approximate_bytes() >= opts.write_buffer_bytes {
-                            sealed.insert(0, Arc::clone(&mem));
-                            mem = Arc::new(Memtable::new(
-                                next_mem_id,
-                                crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes),
-                            ));
+                        // The newest replayed memtable stays active, the others are sealed.
+                        if active.approximate_bytes() >= opts.write_buffer_bytes {
+                            let full =
+                                std::mem::replace(&mut active, Arc::new(Memtable::new(next_mem_id, chunk_bytes)));
+                            sealed.insert(0, full);
                             next_mem_id += 1;
                         }
-                        apply_batch(&mem, &b, first);
+                        apply_batch(&active, &b, first);
                         last_seq = last_seq.max(first + b.len() as u64 - 1);
                         if let Some(m) = b.marker {
                             last_marker = Some(last_marker.map_or(m, |x| x.max(m)));
                         }
                     }
-                }
-                if !Arc::ptr_eq(&mem, &active) {
-                    // The replayed memtables: the newest is active, the rest sealed.
-                    let sv_active = mem;
-                    let inner_active = sv_active;
-                    return Self::start(
-                        fs,
-                        dir,
-                        tables_dir,
-                        opts,
-                        lock,
-                        cache,
-                        Some(wal),
-                        manifest,
-                        version,
-                        next_table_id,
-                        inner_active,
-                        sealed,
-                        last_seq,
-                        last_marker,
-                        next_mem_id,
-                    );
                 }
                 Some(wal)
             }
@@ -837,8 +822,7 @@ impl Inner {
             return Err(Error::WrongMode("sequence numbers exhausted"));
         }
         if self.sv.load().active.approximate_bytes() >= self.opts.write_buffer_bytes {
-            let sv = self.sv.load_full();
-            self.seal(&mut w, &sv)?;
+            self.seal(&mut w)?;
         }
         let mut ticket = None;
         if let (Some(wal), DurabilityMode::Standalone(policy)) = (&self.wal, self.opts.durability)
@@ -910,7 +894,7 @@ impl Inner {
 
     /// Seals the active memtable (the write lock is held). Waits while too
     /// many sealed memtables wait for their flush.
-    fn seal(&self, _w: &mut MutexGuard<'_, WriteState>, sv: &SuperVersion) -> Result<()> {
+    fn seal(&self, w: &mut WriteState) -> Result<()> {
         if self.opts.background == Background::Threads {
             let start = Instant::now();
             let mut bg = lock(&self.bg);
@@ -934,9 +918,8 @@ impl Inner {
         }
         let _g = lock(&self.sv_lock);
         let cur = self.sv.load_full();
-        let _ = sv;
-        let id = _w.next_mem_id;
-        _w.next_mem_id += 1;
+        let id = w.next_mem_id;
+        w.next_mem_id += 1;
         let mut sealed = Vec::with_capacity(cur.sealed.len() + 1);
         sealed.push(Arc::clone(&cur.active));
         sealed.extend(cur.sealed.iter().cloned());
@@ -1088,17 +1071,7 @@ impl Inner {
             sources.push(Source::Mem(MemIter::new(Arc::clone(m), forward, start)));
             tombs.extend(m.range_deletes());
         }
-        let in_range = |t: &Table| {
-            let below_lo = match &lo {
-                Bound::Included(k) | Bound::Excluded(k) => t.props.largest.as_ref() < k.as_ref(),
-                Bound::Unbounded => false,
-            };
-            let above_hi = match &hi {
-                Bound::Included(k) | Bound::Excluded(k) => t.props.smallest.as_ref() > k.as_ref(),
-                Bound::Unbounded => false,
-            };
-            !below_lo && !above_hi
-        };
+        let in_range = |t: &Table| overlaps_bounds(&lo, &hi, &t.props.smallest, &t.props.largest);
         for (l, ts) in sv.version.levels.iter().enumerate() {
             let ts: Vec<Arc<Table>> = ts.iter().filter(|t| in_range(t)).cloned().collect();
             for t in &ts {
@@ -1251,26 +1224,27 @@ impl Inner {
         lock(&self.views).keys().copied().collect()
     }
 
-    /// Picks and marks a compaction.
-    fn pick(&self) -> Option<(Choice, Vec<Arc<Table>>)> {
-        let mut vs = lock(&self.vstate);
-        let v = Arc::clone(&self.sv.load().version);
-        let c = choose::choose(&Self::summaries(&v), &vs.compacting, &self.choose_config())?;
-        let tables: Vec<Arc<Table>> = c
-            .upper
-            .iter()
-            .chain(c.lower.iter())
-            .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
-            .collect();
-        vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
-        Some((c, tables))
+    /// Marks the choice's tables as being compacted and returns them.
+    fn claim(vs: &mut VersionState, v: &Version, c: Choice) -> (Choice, Vec<Arc<Table>>) {
+        let ids: HashSet<TableId> = c.upper.iter().chain(c.lower.iter()).copied().collect();
+        let tables = v.tables().filter(|(_, t)| ids.contains(&t.id)).map(|(_, t)| Arc::clone(t)).collect();
+        vs.compacting.extend(ids);
+        (c, tables)
     }
 
-    fn unmark(&self, c: &Choice) {
-        let mut vs = lock(&self.vstate);
-        for id in c.upper.iter().chain(c.lower.iter()) {
-            vs.compacting.remove(id);
+    /// Runs a claimed compaction, then releases its tables.
+    fn run_claimed(&self, c: &Choice, tables: Vec<Arc<Table>>) -> Result<()> {
+        lock(&self.bg).compactions_running += 1;
+        let r = self.execute(c, tables);
+        {
+            let mut vs = lock(&self.vstate);
+            for id in c.upper.iter().chain(c.lower.iter()) {
+                vs.compacting.remove(id);
+            }
         }
+        lock(&self.bg).compactions_running -= 1;
+        self.bg_cond.notify_all();
+        r
     }
 
     /// Runs one chosen compaction to its install.
@@ -1332,13 +1306,14 @@ impl Inner {
     }
 
     fn compact_once(&self) -> Result<bool> {
-        let Some((c, inputs)) = self.pick() else { return Ok(false) };
-        lock(&self.bg).compactions_running += 1;
-        let r = self.execute(&c, inputs);
-        self.unmark(&c);
-        lock(&self.bg).compactions_running -= 1;
-        self.bg_cond.notify_all();
-        r.map(|()| true)
+        let picked = {
+            let mut vs = lock(&self.vstate);
+            let v = Arc::clone(&self.sv.load().version);
+            choose::choose(&Self::summaries(&v), &vs.compacting, &self.choose_config())
+                .map(|c| Self::claim(&mut vs, &v, c))
+        };
+        let Some((c, inputs)) = picked else { return Ok(false) };
+        self.run_claimed(&c, inputs).map(|()| true)
     }
 
     fn run_inline(&self) -> Result<()> {
@@ -1355,7 +1330,7 @@ impl Inner {
                     if bg.stop {
                         return;
                     }
-                    if lock(&self.poisoned).is_none() && !self.sv.load().sealed.is_empty() {
+                    if !self.is_poisoned.load(Ordering::Acquire) && !self.sv.load().sealed.is_empty() {
                         bg.flushing = true;
                         break;
                     }
@@ -1378,7 +1353,7 @@ impl Inner {
                 if bg.stop {
                     return;
                 }
-                if lock(&self.poisoned).is_some() {
+                if self.is_poisoned.load(Ordering::Acquire) {
                     bg = self.bg_cond.wait(bg).unwrap_or_else(|e| e.into_inner());
                     drop(bg);
                     continue;
@@ -1410,11 +1385,11 @@ impl Inner {
         }
     }
 
-    fn seal_if_needed(&self) -> Result<()> {
-        let mut w = lock(&self.write);
-        let sv = self.sv.load_full();
-        if !sv.active.is_empty() || sv.active.markers().is_some() {
-            self.seal(&mut w, &sv)?;
+    /// Seals the active memtable if it holds anything (a marker alone counts).
+    fn seal_unless_empty(&self, w: &mut WriteState) -> Result<()> {
+        let active = Arc::clone(&self.sv.load().active);
+        if !active.is_empty() || active.markers().is_some() {
+            self.seal(w)?;
         }
         Ok(())
     }
@@ -1436,7 +1411,7 @@ impl Inner {
 
     fn flush_all(&self) -> Result<()> {
         self.check_usable()?;
-        self.seal_if_needed()?;
+        self.seal_unless_empty(&mut lock(&self.write))?;
         self.wait_flushed()?;
         self.sync_wal()
     }
@@ -1465,17 +1440,7 @@ impl Inner {
     /// deepest level that holds data (L1 at least); the last step is a
     /// bottommost rewrite, which drops what no read view needs.
     fn compact_range(&self, lo: Bound<Bytes>, hi: Bound<Bytes>) -> Result<()> {
-        let overlaps = |t: &TableSummary| {
-            let below = match &lo {
-                Bound::Included(k) | Bound::Excluded(k) => t.largest < *k,
-                Bound::Unbounded => false,
-            };
-            let above = match &hi {
-                Bound::Included(k) | Bound::Excluded(k) => t.smallest > *k,
-                Bound::Unbounded => false,
-            };
-            !below && !above
-        };
+        let overlaps = |t: &TableSummary| overlaps_bounds(&lo, &hi, &t.smallest, &t.largest);
         let deepest = {
             let v = Arc::clone(&self.sv.load().version);
             v.levels.iter().rposition(|l| !l.is_empty()).unwrap_or(0).max(1)
@@ -1493,26 +1458,14 @@ impl Inner {
                     choose::expand(&sums, level, upper, &vs.compacting, 0).map(|mut c| {
                         // A move into the bottom is rewritten, so that it drops tombstones.
                         c.trivial_move &= !c.bottommost;
-                        let tables: Vec<Arc<Table>> = c
-                            .upper
-                            .iter()
-                            .chain(c.lower.iter())
-                            .filter_map(|id| v.tables().find(|(_, t)| t.id == *id).map(|(_, t)| Arc::clone(t)))
-                            .collect();
-                        vs.compacting.extend(c.upper.iter().chain(c.lower.iter()).copied());
-                        (c, tables)
+                        Self::claim(&mut vs, &v, c)
                     })
                 };
                 match picked {
                     // A table involved is busy with a background compaction: wait for it.
                     None => std::thread::sleep(Duration::from_millis(5)),
                     Some((c, tables)) => {
-                        lock(&self.bg).compactions_running += 1;
-                        let r = self.execute(&c, tables);
-                        self.unmark(&c);
-                        lock(&self.bg).compactions_running -= 1;
-                        self.bg_cond.notify_all();
-                        r?;
+                        self.run_claimed(&c, tables)?;
                         break;
                     }
                 }
@@ -1570,10 +1523,7 @@ impl Inner {
         let mut w = lock(&self.write);
         if !o.discard_memtables {
             // Writes that arrived since the flush: flush them too, holding the write lock.
-            let sv = self.sv.load_full();
-            if !sv.active.is_empty() || sv.active.markers().is_some() {
-                self.seal(&mut w, &sv)?;
-            }
+            self.seal_unless_empty(&mut w)?;
             self.wait_flushed()?;
         }
         if let (Some(m), Some(last)) = (o.marker, w.last_marker)
