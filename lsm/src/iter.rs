@@ -249,10 +249,6 @@ impl Iter {
                     }
                     other => {
                         self.pending = other;
-                        if self.pending.is_none() {
-                            // Nothing after this key: finish once it is handled.
-                            self.done = false;
-                        }
                         break;
                     }
                 }

@@ -269,13 +269,7 @@ impl TableWriter {
         self.props.key_bytes += user.len() as u64;
         self.props.value_bytes += value.len() as u64;
         self.note_seq(trailer_seq(trailer_));
-        if !self.has_any || user < self.props.smallest.as_ref() {
-            self.props.smallest = Bytes::copy_from_slice(user);
-        }
-        if !self.has_any || user > self.props.largest.as_ref() {
-            self.props.largest = Bytes::copy_from_slice(user);
-        }
-        self.has_any = true;
+        self.note_key(user);
         self.key_buf.clear();
         make_internal(&mut self.key_buf, user, trailer_);
         self.block.add(&self.key_buf, value);
@@ -287,8 +281,8 @@ impl TableWriter {
 
     /// Adds a range tombstone.
     pub(crate) fn add_range_delete(&mut self, t: RangeTombstone) {
-        self.note_key(&t.start.clone());
-        self.note_key(&t.end.clone());
+        self.note_key(&t.start);
+        self.note_key(&t.end);
         self.note_seq(t.seq);
         self.props.range_deletes += 1;
         self.range_dels.push(t);

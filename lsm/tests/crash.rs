@@ -130,7 +130,6 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
     let mut flushed_marker = 0u64;
     let mut model = Model::new();
     let mut checkpoint: Option<(PathBuf, u64)> = None;
-    let mut ingested: Option<u64> = None;
     'run: {
         let Ok(db) = Db::open_with_fs(Arc::clone(&fs), DIR, run_opts.clone()) else { break 'run };
         for i in 1..=120u64 {
@@ -169,7 +168,7 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
                         Err(_) => break 'run,
                     }
                 }
-                5 if ingested.is_none() => {
+                5 => {
                     // Delta ingest: the engine reports its durable marker f; a
                     // "leader" builds L0 tables of the changes after f; the
                     // engine drops its memtables and ingests them at marker S.
@@ -189,7 +188,6 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
                     drop(leader);
                     states.resize(target as usize + 1, Model::new());
                     states[target as usize] = after;
-                    ingested = Some(target);
                     let o = IngestOptions::new().discard_memtables(true).marker(Marker::new(target, 2));
                     if db.ingest(&files, o).is_ok() {
                         flushed_marker = target;
@@ -227,7 +225,6 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
             return Err(format!("checkpoint {} does not hold the state at marker {at}", dir.display()));
         }
     }
-    let _ = ingested;
     Ok(())
 }
 

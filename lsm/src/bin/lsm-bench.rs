@@ -318,8 +318,7 @@ fn main() {
     }
     row("overwrite", a.num as f64 / t.elapsed().as_secs_f64(), "ops/s");
     row("overwrite flush+idle", settle(&db), "s");
-    let (ap, al) = dir_size(&p);
-    row("size after overwrite", mib(al.max(ap.min(al))), "MiB");
+    row("size after overwrite", mib(dir_size(&p).1), "MiB");
     let st = db.stats();
     row("write amplification", st.write_amplification, "x");
     row("cache hit ratio", st.cache_hit_ratio, "");
