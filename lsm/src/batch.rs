@@ -96,6 +96,20 @@ impl WriteBatch {
         Ok(())
     }
 
+    /// Bytes of the batch's WAL encoding (what `encode` writes).
+    pub fn encoded_bytes(&self) -> usize {
+        let head = 1 + 8 + 1 + if self.marker.is_some() { 16 } else { 0 } + 4;
+        let ops: usize = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) | Op::DeleteRange(k, v) => 1 + 4 + k.len() + 4 + v.len(),
+                Op::Delete(k) => 1 + 4 + k.len(),
+            })
+            .sum();
+        head + ops
+    }
+
     /// WAL payload: format u8 = 1 | first seq u64 | marker flag u8 (+ index,
     /// term u64) | count u32 | ops (tag u8, then u32-length-prefixed byte strings).
     pub(crate) fn encode(&self, first_seq: Seqno, out: &mut Vec<u8>) {
@@ -123,6 +137,7 @@ impl WriteBatch {
                 crate::table::put_bytes(out, b);
             }
         }
+        debug_assert_eq!(out.len(), self.encoded_bytes());
     }
 
     /// Decodes a WAL payload into (first seq, batch).

@@ -446,6 +446,7 @@ impl Db {
                 let mut wo = WalOptions::default();
                 wo.segment_bytes_max = opts.wal_segment_bytes;
                 wo.spare_segments_max = 1;
+                wo.record_bytes_max = opts.batch_bytes_max as u64;
                 if opts.background == Background::Inline {
                     // Every file-system call on the caller's thread, in a fixed order.
                     wo.prepare_in = cairn_wal::PrepareIn::Foreground;
@@ -799,6 +800,10 @@ impl Inner {
     fn write(&self, batch: &WriteBatch) -> Result<()> {
         self.check_usable()?;
         batch.validate()?;
+        let len = batch.encoded_bytes();
+        if len > self.opts.batch_bytes_max {
+            return Err(Error::BatchTooLarge { len, max: self.opts.batch_bytes_max });
+        }
         let embedded = self.opts.durability == DurabilityMode::Embedded;
         if batch.is_empty() && batch.marker.is_none() {
             return Ok(());

@@ -66,6 +66,14 @@ pub enum Error {
         /// The largest accepted.
         max: usize,
     },
+    /// A batch larger than `Options::batch_bytes_max`.
+    #[error("write batch of {len} bytes refused: batches are at most {max} bytes (Options::batch_bytes_max)")]
+    BatchTooLarge {
+        /// The batch's encoded size.
+        len: usize,
+        /// The largest accepted.
+        max: usize,
+    },
     /// A range delete whose end is not above its start.
     #[error("empty or inverted range: the end must sort after the start")]
     EmptyRange,

@@ -141,6 +141,11 @@ pub struct Options {
     pub compaction_threads: usize,
     /// Where background work runs. Default [`Background::Threads`].
     pub background: Background,
+    /// The largest write batch, in bytes of its encoding (`WriteBatch::encoded_bytes`);
+    /// a larger one is refused with `Error::BatchTooLarge` before anything is
+    /// written. Also the standalone WAL's record bound. Default 32 MiB (one
+    /// largest key and value fit).
+    pub batch_bytes_max: usize,
     /// Segment size of the standalone WAL. Default 16 MiB.
     pub wal_segment_bytes: u64,
     /// With [`SyncPolicy::None`] or [`SyncPolicy::Interval`]: bytes of WAL
@@ -191,6 +196,7 @@ impl Default for Options {
             stall_duration_max: Duration::from_secs(60),
             compaction_threads: 1,
             background: Background::Threads,
+            batch_bytes_max: 32 << 20,
             wal_segment_bytes: 16 << 20,
             wal_buffer_bytes: 0,
             manifest_segment_bytes: 1 << 20,

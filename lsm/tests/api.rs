@@ -33,6 +33,13 @@ fn limits_are_clear_errors_and_write_nothing() {
     b.put("good", "1").put(vec![b'x'; KEY_BYTES_MAX + 1], "2");
     assert!(db.write(&b).is_err());
     assert_eq!(db.get(b"good").expect("get"), None);
+    // A batch over the bound is refused up front and poisons nothing.
+    let mut huge = WriteBatch::new();
+    for i in 0..3 {
+        huge.put(format!("big{i}"), vec![0u8; VALUE_BYTES_MAX]);
+    }
+    assert!(matches!(db.write(&huge), Err(Error::BatchTooLarge { .. })));
+    db.put("after", "ok").expect("still writable");
     // The largest accepted sizes work, through a flush and a reopen.
     db.put(vec![b'k'; KEY_BYTES_MAX], vec![7u8; VALUE_BYTES_MAX]).expect("largest");
     db.flush().expect("flush");
