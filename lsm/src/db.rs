@@ -1540,9 +1540,9 @@ impl Inner {
         // Read each table's properties to learn its sequence numbers.
         let mut ranges = Vec::new();
         for p in paths {
-            let t = Table::open(Arc::clone(&self.fs), p, u64::MAX, 0, BlockCache::new(0))
+            let props = crate::table::read_props(&*self.fs, p)
                 .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
-            ranges.push((t.props.seq_min, t.props.seq_max));
+            ranges.push((props.seq_min, props.seq_max));
         }
         let Some(seq_min) = ranges.iter().map(|r| r.0).min() else { return Ok(()) };
         let seq_max = ranges.iter().map(|r| r.1).max().unwrap_or(seq_min);

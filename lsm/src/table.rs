@@ -397,6 +397,66 @@ struct IndexEntry {
     len: u32,
 }
 
+/// (offset, payload length) of the filter, range-delete, index and props blocks.
+type BlockHandles = [(u64, u32); 4];
+
+/// Reads and checks a table's footer (magic, crc, handles inside the file,
+/// version) and its props block: the block handles (filter, range-delete,
+/// index, props), the props and the file size.
+fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles, Props, u64)> {
+    let size = file.len().map_err(io("stat table", path))?;
+    if size < FOOTER_BYTES as u64 {
+        return Err(corrupt(path, 0, format!("{size} bytes is too short for a table")));
+    }
+    let mut footer = [0u8; FOOTER_BYTES];
+    file.read_exact_at(&mut footer, size - FOOTER_BYTES as u64).map_err(io("read table footer", path))?;
+    let foot_at = size - FOOTER_BYTES as u64;
+    let magic = u64::from_le_bytes(footer[56..64].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
+    if magic != TABLE_MAGIC {
+        return Err(corrupt(path, foot_at + 56, "bad magic: not a cairn-lsm table"));
+    }
+    let crc = u32::from_le_bytes(footer[52..56].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
+    if crc32c::crc32c(&footer[..52]) != crc {
+        return Err(corrupt(path, foot_at, "footer checksum mismatch"));
+    }
+    let mut r = Reader::new(&footer[..52]);
+    let mut handles: BlockHandles = [(0, 0); 4];
+    for h in &mut handles {
+        let off = r.u64().map_err(|e| corrupt(path, foot_at, e))?;
+        let len = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
+        if off.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_none_or(|end| end > foot_at) {
+            return Err(corrupt(path, foot_at, format!("block handle {off}+{len} lies outside the file")));
+        }
+        *h = (off, len);
+    }
+    let version = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
+    if version != TABLE_FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: TABLE_FORMAT_VERSION,
+        });
+    }
+    let pr = handles[3];
+    let props_raw = read_meta_block(file, path, pr)?;
+    let props = Props::decode(&mut Reader::new(&props_raw)).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
+    Ok((handles, props, size))
+}
+
+/// Reads and checks one whole block at `(offset, payload length)`.
+fn read_meta_block(file: &dyn FsFile, path: &Path, (off, len): (u64, u32)) -> Result<Bytes> {
+    let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
+    file.read_exact_at(&mut buf, off).map_err(io("read table block", path))?;
+    block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|e| corrupt(path, off, e))
+}
+
+/// A table's props, read from its footer and props block only (for ingest,
+/// before the table is linked in and opened).
+pub(crate) fn read_props(fs: &dyn Fs, path: &Path) -> Result<Props> {
+    let file = fs.open(path, OpenMode::Read).map_err(io("open table", path))?;
+    read_footer_and_props(&*file, path).map(|(_, p, _)| p)
+}
+
 /// An open table.
 pub(crate) struct Table {
     pub(crate) id: TableId,
@@ -436,48 +496,9 @@ impl Table {
     /// range deletes. Every error names the file.
     pub(crate) fn open(fs: Arc<dyn Fs>, path: &Path, id: TableId, seq_offset: u64, cache: BlockCache) -> Result<Table> {
         let file = fs.open(path, OpenMode::Read).map_err(io("open table", path))?;
-        let size = file.len().map_err(io("stat table", path))?;
-        if size < FOOTER_BYTES as u64 {
-            return Err(corrupt(path, 0, format!("{size} bytes is too short for a table")));
-        }
-        let mut footer = [0u8; FOOTER_BYTES];
-        file.read_exact_at(&mut footer, size - FOOTER_BYTES as u64).map_err(io("read table footer", path))?;
-        let foot_at = size - FOOTER_BYTES as u64;
-        let magic = u64::from_le_bytes(footer[56..64].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
-        if magic != TABLE_MAGIC {
-            return Err(corrupt(path, foot_at + 56, "bad magic: not a cairn-lsm table"));
-        }
-        let crc = u32::from_le_bytes(footer[52..56].try_into().map_err(|_| corrupt(path, foot_at, "footer"))?);
-        if crc32c::crc32c(&footer[..52]) != crc {
-            return Err(corrupt(path, foot_at, "footer checksum mismatch"));
-        }
-        let mut r = Reader::new(&footer[..52]);
-        let mut handles = [(0u64, 0u32); 4];
-        for h in &mut handles {
-            let off = r.u64().map_err(|e| corrupt(path, foot_at, e))?;
-            let len = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
-            if off.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_none_or(|end| end > foot_at) {
-                return Err(corrupt(path, foot_at, format!("block handle {off}+{len} lies outside the file")));
-            }
-            *h = (off, len);
-        }
-        let version = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
-        if version != TABLE_FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion {
-                path: path.to_path_buf(),
-                found: version,
-                supported: TABLE_FORMAT_VERSION,
-            });
-        }
-        let read = |(off, len): (u64, u32)| -> Result<Bytes> {
-            let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
-            file.read_exact_at(&mut buf, off).map_err(io("read table block", path))?;
-            block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|e| corrupt(path, off, e))
-        };
-        let [f, rd, ix, pr] = handles;
-        let props_raw = read(pr)?;
-        let mut pr_reader = Reader::new(&props_raw);
-        let props = Props::decode(&mut pr_reader).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
+        let (handles, props, size) = read_footer_and_props(&*file, path)?;
+        let read = |h: (u64, u32)| read_meta_block(&*file, path, h);
+        let [f, rd, ix, _] = handles;
         let bloom = Bloom::new(read(f)?.to_vec()).map_err(|e| corrupt(path, f.0, e))?;
         let bad_ix = |e: String| corrupt(path, ix.0, format!("index block: {e}"));
         let index_block = Arc::new(Block::new(read(ix)?).map_err(bad_ix)?);
