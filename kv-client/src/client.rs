@@ -1,0 +1,486 @@
+//! The async client: finds the leader, retries with bounded backoff, keeps its session.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::frame::{self, FrameError};
+use crate::protocol::{
+    ALPN_CLIENT, Consistency, ErrorCode, ErrorInfo, MemberInfo, Request, Response, SERVER_NAME, Session, StatusInfo,
+    WriteOp,
+};
+
+/// How a client connects and retries. Every bound is here.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// Nodes to try, as `host:port`.
+    pub endpoints: Vec<String>,
+    /// A client token the servers accept.
+    pub token: String,
+    /// The cluster CA certificate (PEM) that signed the nodes' certificates.
+    pub ca_pem: Vec<u8>,
+    /// The name checked in the servers' certificates. Default [`SERVER_NAME`].
+    pub server_name: String,
+    /// Longest wait for one answer. Default 5 s.
+    pub request_timeout: Duration,
+    /// Longest time a call spends retrying (leader changes, lost
+    /// connections) before it gives up. Default 15 s.
+    pub retry_deadline: Duration,
+    /// First backoff between retries; doubles up to `backoff_max`. Default 20 ms.
+    pub backoff_min: Duration,
+    /// Longest backoff. Default 500 ms.
+    pub backoff_max: Duration,
+    /// Largest response frame accepted, in bytes. Default 64 MiB.
+    pub frame_bytes_max: usize,
+}
+
+impl ClientOptions {
+    /// Options with defaults for these endpoints, token and CA.
+    pub fn new(endpoints: Vec<String>, token: impl Into<String>, ca_pem: Vec<u8>) -> ClientOptions {
+        ClientOptions {
+            endpoints,
+            token: token.into(),
+            ca_pem,
+            server_name: SERVER_NAME.to_string(),
+            request_timeout: Duration::from_secs(5),
+            retry_deadline: Duration::from_secs(15),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(500),
+            frame_bytes_max: 64 << 20,
+        }
+    }
+}
+
+/// What a call can fail with. [`Error::certainly_not_applied`] tells a
+/// caller whether a failed write may still have taken effect.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server refused the request with a definite answer.
+    #[error("{}: {}", code_name(.0.code), .0.message)]
+    Refused(ErrorInfo),
+    /// No node answered within the retry deadline; nothing was sent to a node
+    /// that may have applied it.
+    #[error("cannot reach the cluster: {0}")]
+    Unreachable(String),
+    /// The outcome is unknown: a node may have applied the write (the
+    /// connection was lost or the answer timed out). Retrying with the same
+    /// session is safe; the session makes it apply once.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The server answered something this client does not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The options are unusable (a bad CA file, no endpoints).
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+fn code_name(c: ErrorCode) -> &'static str {
+    match c {
+        ErrorCode::NotLeader => "not the leader",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::TooLarge => "too large",
+        ErrorCode::BadRequest => "bad request",
+        ErrorCode::SessionExpired => "session expired",
+        ErrorCode::StaleSequence => "stale sequence number",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Stopping => "node stopping",
+        ErrorCode::NoSpace => "no space",
+        ErrorCode::Busy => "busy",
+    }
+}
+
+impl Error {
+    /// Whether a write that failed with this error certainly did not apply.
+    pub fn certainly_not_applied(&self) -> bool {
+        match self {
+            Error::Refused(info) => info.code.certainly_not_applied(),
+            Error::Unreachable(_) | Error::Config(_) => true,
+            Error::Indeterminate(_) | Error::Protocol(_) => false,
+        }
+    }
+    /// The server's error code, if the server answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Refused(info) => Some(info.code),
+            _ => None,
+        }
+    }
+}
+
+/// A result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Default)]
+struct SessionState {
+    client_id: Option<u64>,
+    next_seq: u64,
+    inflight: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: quinn::Endpoint,
+    opts: ClientOptions,
+    /// The connection in use and the node it reaches.
+    conn: tokio::sync::Mutex<Option<(SocketAddr, quinn::Connection)>>,
+    /// Where the last redirect pointed.
+    leader_hint: Mutex<Option<String>>,
+    session: Mutex<SessionState>,
+    /// Round-robin position in `endpoints`.
+    next_endpoint: Mutex<usize>,
+}
+
+/// A client of a Cairn cluster. Cheap to clone; clones share the connection and session.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// A scanned page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Pairs in key order.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// More pairs follow the last one.
+    pub more: bool,
+}
+
+enum Attempt {
+    Done(Response),
+    /// Retry (after a redirect, at once; otherwise after a backoff).
+    Retry {
+        reason: String,
+        may_have_applied: bool,
+        redirect: bool,
+    },
+}
+
+impl Client {
+    /// A client with these options. Connects lazily, at the first call.
+    pub fn new(opts: ClientOptions) -> Result<Client> {
+        if opts.endpoints.is_empty() {
+            return Err(Error::Config("no endpoints given".into()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&opts.ca_pem) {
+            let cert = cert.map_err(|e| Error::Config(format!("reading the CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| Error::Config(format!("the CA certificate is not usable: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(Error::Config("the CA file holds no certificate".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Config(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        cfg.transport_config(Arc::new(transport));
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| Error::Config(format!("opening a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(cfg);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                opts,
+                conn: tokio::sync::Mutex::new(None),
+                leader_hint: Mutex::new(None),
+                session: Mutex::new(SessionState::default()),
+                next_endpoint: Mutex::new(0),
+            }),
+        })
+    }
+
+    /// Sets `key` to `value`; returns the log index that applied it.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<u64> {
+        self.write(vec![WriteOp::Put { key: key.into(), value: value.into() }]).await
+    }
+
+    /// Removes `key`; returns the log index that applied it.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<u64> {
+        self.write(vec![WriteOp::Delete { key: key.into() }]).await
+    }
+
+    /// Applies `ops` atomically and exactly once (retrying through leader
+    /// changes with the same session sequence number).
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<u64> {
+        let client_id = self.session_id().await?;
+        let seq = {
+            let mut s = lock(&self.inner.session);
+            s.next_seq += 1;
+            let seq = s.next_seq;
+            s.inflight.insert(seq);
+            seq
+        };
+        let result = self.write_with(client_id, seq, ops).await;
+        lock(&self.inner.session).inflight.remove(&seq);
+        result
+    }
+
+    /// Sends a write with an explicit session and sequence number (for
+    /// tests of exactly-once delivery, and callers that keep their own session).
+    pub async fn write_with(&self, client_id: u64, seq: u64, ops: Vec<WriteOp>) -> Result<u64> {
+        let first_unacked = lock(&self.inner.session).inflight.first().copied().unwrap_or(seq).min(seq);
+        let req = Request::Write { session: Session { client_id, seq, first_unacked }, ops };
+        match self.call(&req).await? {
+            Response::Written { index } => Ok(index),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads `key` linearizably.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        self.get_with(key, Consistency::Linearizable).await.map(|(v, _)| v)
+    }
+
+    /// Reads `key` with a chosen consistency; returns the value and the
+    /// applied index it was read at.
+    pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<(Option<Vec<u8>>, u64)> {
+        match self.call(&Request::Get { key: key.into(), consistency }).await? {
+            Response::Value { value, index } => Ok((value, index)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads up to `limit` pairs in `[start, end)` (`end = None`: to the end).
+    pub async fn scan(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+        consistency: Consistency,
+    ) -> Result<ScanPage> {
+        let req = Request::Scan { start: start.into(), end, limit, keys_only: false, consistency };
+        match self.call(&req).await? {
+            Response::Scanned { pairs, more, .. } => Ok(ScanPage { pairs, more }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status of the node this client is connected to (or the first it reaches).
+    pub async fn status(&self, with_hash: bool) -> Result<StatusInfo> {
+        match self.call(&Request::Status { with_hash }).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status of one node, by address, without redirects or retries.
+    pub async fn status_of(&self, addr: &str, with_hash: bool) -> Result<StatusInfo> {
+        let sock = resolve(addr).await?;
+        let conn = self.connect(sock).await.map_err(Error::Unreachable)?;
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        match self.exchange(&conn, &Request::Status { with_hash }, deadline).await {
+            Ok(Response::Status(s)) => Ok(s),
+            Ok(Response::Error(e)) => Err(Error::Refused(e)),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(Error::Unreachable(e)),
+        }
+    }
+
+    /// Commits an empty entry through the leader: the cluster can make progress.
+    pub async fn health(&self) -> Result<u64> {
+        match self.call(&Request::Health).await? {
+            Response::Healthy { index } => Ok(index),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The members.
+    pub async fn members(&self) -> Result<Vec<MemberInfo>> {
+        match self.call(&Request::MemberList).await? {
+            Response::Members(m) => Ok(m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks the leader to hand leadership to node `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<()> {
+        match self.call(&Request::TransferLeader { to }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// This client's session id, registering on first use.
+    pub async fn session_id(&self) -> Result<u64> {
+        if let Some(id) = lock(&self.inner.session).client_id {
+            return Ok(id);
+        }
+        let id = match self.call(&Request::Register).await? {
+            Response::Registered { client_id } => client_id,
+            other => return Err(unexpected(&other)),
+        };
+        let mut s = lock(&self.inner.session);
+        Ok(*s.client_id.get_or_insert(id))
+    }
+
+    /// Sends `req`, following redirects and retrying until the deadline.
+    pub async fn call(&self, req: &Request) -> Result<Response> {
+        let opts = &self.inner.opts;
+        let deadline = Instant::now() + opts.retry_deadline;
+        let mut backoff = opts.backoff_min;
+        let mut may_have_applied = false;
+        let mut last_reason;
+        loop {
+            match self.attempt(req, deadline).await {
+                Attempt::Done(Response::Error(e)) => return Err(Error::Refused(e)),
+                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Retry { reason, may_have_applied: m, redirect } => {
+                    may_have_applied |= m;
+                    last_reason = reason;
+                    if redirect {
+                        backoff = opts.backoff_min;
+                    } else {
+                        let now = Instant::now();
+                        if now + backoff >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(opts.backoff_max);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        let is_write = matches!(req, Request::Write { .. } | Request::Register);
+        if may_have_applied && is_write {
+            Err(Error::Indeterminate(last_reason))
+        } else {
+            Err(Error::Unreachable(last_reason))
+        }
+    }
+
+    async fn attempt(&self, req: &Request, deadline: Instant) -> Attempt {
+        let conn = match self.current_connection().await {
+            Ok(c) => c,
+            Err(reason) => return Attempt::Retry { reason, may_have_applied: false, redirect: false },
+        };
+        let attempt_deadline = deadline.min(Instant::now() + self.inner.opts.request_timeout);
+        match self.exchange(&conn, req, attempt_deadline).await {
+            Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader => {
+                self.drop_connection().await;
+                let redirect = e.leader.as_ref().map(|(_, addr)| addr.clone());
+                let has_hint = redirect.is_some();
+                *lock(&self.inner.leader_hint) = redirect;
+                Attempt::Retry { reason: e.message, may_have_applied: false, redirect: has_hint }
+            }
+            Ok(Response::Error(e)) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Stopping) => {
+                self.drop_connection().await;
+                Attempt::Retry { reason: e.message, may_have_applied: true, redirect: false }
+            }
+            Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
+                Attempt::Retry { reason: e.message, may_have_applied: false, redirect: false }
+            }
+            Ok(resp) => Attempt::Done(resp),
+            Err(reason) => {
+                self.drop_connection().await;
+                Attempt::Retry { reason, may_have_applied: true, redirect: false }
+            }
+        }
+    }
+
+    async fn drop_connection(&self) {
+        if let Some((_, c)) = self.inner.conn.lock().await.take() {
+            c.close(0u32.into(), b"retrying elsewhere");
+        }
+    }
+
+    /// The connection in use, or a new one to the leader hint or the next endpoint.
+    async fn current_connection(&self) -> std::result::Result<quinn::Connection, String> {
+        let mut guard = self.inner.conn.lock().await;
+        if let Some((_, c)) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let target = lock(&self.inner.leader_hint).take().unwrap_or_else(|| {
+            let mut i = lock(&self.inner.next_endpoint);
+            let e = self.inner.opts.endpoints[*i % self.inner.opts.endpoints.len()].clone();
+            *i += 1;
+            e
+        });
+        let addr = resolve(&target).await.map_err(|e| e.to_string())?;
+        let conn = self.connect(addr).await?;
+        *guard = Some((addr, conn.clone()));
+        Ok(conn)
+    }
+
+    /// A new authenticated connection to `addr`.
+    async fn connect(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, String> {
+        let opts = &self.inner.opts;
+        let connecting =
+            self.inner.endpoint.connect(addr, &opts.server_name).map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let conn = tokio::time::timeout(opts.request_timeout, connecting)
+            .await
+            .map_err(|_| format!("connecting to {addr}: timed out"))?
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let deadline = Instant::now() + opts.request_timeout;
+        match self.exchange(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
+            Response::HelloOk { .. } => Ok(conn),
+            Response::Error(e) => Err(format!("{addr} refused the connection: {}", e.message)),
+            other => Err(format!("{addr} answered Hello with {other:?}")),
+        }
+    }
+
+    /// One request on a new stream of `conn`.
+    async fn exchange(
+        &self,
+        conn: &quinn::Connection,
+        req: &Request,
+        deadline: Instant,
+    ) -> std::result::Result<Response, String> {
+        let max = self.inner.opts.frame_bytes_max;
+        let fut = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let bytes = frame::encode(req).map_err(|e| e.to_string())?;
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            frame::read::<Response>(&mut recv, max).await.map_err(|e| match e {
+                FrameError::End => "the node closed the stream without an answer".to_string(),
+                e => e.to_string(),
+            })
+        };
+        match tokio::time::timeout_at(deadline.into(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out waiting for an answer".into()),
+        }
+    }
+
+    /// Closes the connections (waits briefly for them to close cleanly).
+    pub async fn close(&self) {
+        self.drop_connection().await;
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Unreachable(format!("resolving {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::Unreachable(format!("{addr} resolves to no address")))
+}
+
+fn unexpected(r: &Response) -> Error {
+    Error::Protocol(format!("unexpected answer {r:?}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

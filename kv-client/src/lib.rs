@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod client;
+pub mod frame;
+pub mod protocol;
+mod wire;
+
+pub use client::{Client, ClientOptions, Error, Result, ScanPage};
+pub use protocol::{Consistency, ErrorCode, Request, Response, WriteOp};

@@ -1,0 +1,259 @@
+//! The rkyv types of the client protocol (re-exported by `protocol`).
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// A client's place in its session (the Raft thesis, §6.3): every write
+/// carries it, so a retried write applies once.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct Session {
+    /// The client id (the index of its register entry).
+    pub client_id: u64,
+    /// This request's sequence number (from 1, rising by one per write).
+    pub seq: u64,
+    /// The lowest sequence number whose response the client has not yet
+    /// received: the server may forget the responses below it.
+    pub first_unacked: u64,
+}
+
+/// One change in a write.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum WriteOp {
+    /// Set a key.
+    Put {
+        /// The key (1 byte up to the key limit).
+        key: Vec<u8>,
+        /// The value (up to the value limit).
+        value: Vec<u8>,
+    },
+    /// Remove a key (absent keys are fine).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Remove every key in `[start, end)`.
+    DeleteRange {
+        /// First key removed.
+        start: Vec<u8>,
+        /// First key kept (greater than `start`).
+        end: Vec<u8>,
+    },
+}
+
+/// How fresh a read must be.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug, PartialEq), attr(allow(missing_docs)))]
+pub enum Consistency {
+    /// Linearizable: the node confirms with a quorum (ReadIndex) and serves
+    /// once it has applied up to that index. The default.
+    #[default]
+    Linearizable,
+    /// Serializable: served from what this node has applied, possibly stale.
+    Serializable,
+}
+
+/// A request.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum Request {
+    /// The first request of a connection.
+    Hello {
+        /// A client token from the server's configuration.
+        token: String,
+    },
+    /// Start a session; the answer is [`Response::Registered`].
+    Register,
+    /// Apply `ops` atomically, once.
+    Write {
+        /// The client's session.
+        session: Session,
+        /// The changes, applied together.
+        ops: Vec<WriteOp>,
+    },
+    /// Read one key.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+        /// How fresh.
+        consistency: Consistency,
+    },
+    /// Read keys in `[start, end)` (or from `start` to the end of the key
+    /// space), in order, at most `limit` of them (0: the server's page bound).
+    Scan {
+        /// First key.
+        start: Vec<u8>,
+        /// First key not returned; `None` for no bound.
+        end: Option<Vec<u8>>,
+        /// Most pairs in the answer.
+        limit: u32,
+        /// Return keys with empty values.
+        keys_only: bool,
+        /// How fresh.
+        consistency: Consistency,
+    },
+    /// This node's view of the cluster.
+    Status {
+        /// Also hash the whole replicated state (a full scan).
+        with_hash: bool,
+    },
+    /// Can the cluster commit a proposal now? Commits an empty entry.
+    Health,
+    /// The members.
+    MemberList,
+    /// Ask the leader to hand leadership to `to`.
+    TransferLeader {
+        /// The node to lead.
+        to: u64,
+    },
+}
+
+/// The answer to a request.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum Response {
+    /// The token was accepted.
+    HelloOk {
+        /// The node answering.
+        node_id: u64,
+        /// Its cluster.
+        cluster_id: u64,
+    },
+    /// A new session.
+    Registered {
+        /// Use it in every [`Session`].
+        client_id: u64,
+    },
+    /// The write applied (once), at this log index.
+    Written {
+        /// The log index of the entry that applied it.
+        index: u64,
+    },
+    /// A key's value, if present.
+    Value {
+        /// The value.
+        value: Option<Vec<u8>>,
+        /// The applied index the read was served at.
+        index: u64,
+    },
+    /// Pairs of a scan.
+    Scanned {
+        /// Key and value pairs in key order.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// More pairs follow the last one: scan again from after it.
+        more: bool,
+        /// The applied index the read was served at.
+        index: u64,
+    },
+    /// A node's view.
+    Status(StatusInfo),
+    /// The cluster committed and applied an empty entry at this index.
+    Healthy {
+        /// Its index.
+        index: u64,
+    },
+    /// The members.
+    Members(Vec<MemberInfo>),
+    /// Done.
+    Ok,
+    /// Refused or failed.
+    Error(ErrorInfo),
+}
+
+/// A node's view of the cluster.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct StatusInfo {
+    /// This node.
+    pub node_id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its cluster.
+    pub cluster_id: u64,
+    /// The leader it knows (0: none).
+    pub leader_id: u64,
+    /// Its role: "leader", "follower", "candidate", "pre-candidate" or "learner".
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// Last log index.
+    pub last_index: u64,
+    /// Bytes of the Raft log on disk.
+    pub wal_bytes: u64,
+    /// Bytes of the applied state's tables on disk.
+    pub lsm_bytes: u64,
+    /// The LSM's durable marker index (what survives a crash without replay).
+    pub durable_index: u64,
+    /// `(applied index, xxh3 of every replicated key and value)` when asked.
+    pub state_hash: Option<(u64, u64)>,
+}
+
+/// A member.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct MemberInfo {
+    /// Node id.
+    pub id: u64,
+    /// Its address.
+    pub addr: String,
+    /// A learner (not voting).
+    pub learner: bool,
+}
+
+/// What went wrong.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug, PartialEq), attr(allow(missing_docs)))]
+pub enum ErrorCode {
+    /// This node is not the leader; `leader` says who is, if known. The write did not apply.
+    NotLeader,
+    /// No valid token (or no Hello first). Did not apply.
+    Unauthorized,
+    /// A key, value or request over the limits. Did not apply.
+    TooLarge,
+    /// A malformed or invalid request. Did not apply.
+    BadRequest,
+    /// The session expired or is unknown: register again. Did not apply.
+    SessionExpired,
+    /// A response for this sequence number was already acknowledged and
+    /// dropped: the client reused a sequence number. Did not apply now.
+    StaleSequence,
+    /// The node could not finish in time (an election, a lost quorum). The
+    /// write may have applied: retry with the same session and sequence.
+    Unavailable,
+    /// The node is shutting down. The write may have applied.
+    Stopping,
+    /// The cluster refuses writes: its space alarm is raised. Did not apply.
+    NoSpace,
+    /// Too many requests queued; retry later. Did not apply.
+    Busy,
+}
+
+impl ErrorCode {
+    /// Whether a write answered with this error certainly did not apply.
+    pub fn certainly_not_applied(self) -> bool {
+        !matches!(self, ErrorCode::Unavailable | ErrorCode::Stopping)
+    }
+}
+
+/// An error answer.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct ErrorInfo {
+    /// The kind.
+    pub code: ErrorCode,
+    /// One sentence for a person.
+    pub message: String,
+    /// For [`ErrorCode::NotLeader`]: the leader's id and address, if known.
+    pub leader: Option<(u64, String)>,
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error(ErrorInfo { code, message: message.into(), leader: None })
+    }
+}
