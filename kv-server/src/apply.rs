@@ -1,0 +1,332 @@
+//! The apply worker: applies committed entries in log order to the LSM, one
+//! LSM batch per group of entries with the last entry's (index, term) as its
+//! marker, answers the proposals waiting on those entries, and keeps the
+//! session table (Raft thesis §6.3) in the replicated state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cairn_kv_client::protocol::{ErrorCode, Response, Session, WriteOp};
+use cairn_lsm::{Db, Marker, WriteBatch};
+use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
+use tokio::sync::{oneshot, watch};
+
+use crate::state::{
+    CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, encode_value, session_key, user_key,
+};
+
+/// A proposal waiting for its entry to apply.
+#[derive(Debug)]
+pub struct Waiter {
+    /// The term it was proposed in: an entry of another term at its index replaced it.
+    pub term: Term,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Proposals waiting, by log index. The Raft task inserts right after it
+/// proposes (before the entry can commit); the apply worker removes.
+pub type Waiters = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// Work for the apply worker, in log order.
+#[derive(Debug)]
+pub enum ApplyJob {
+    /// Committed entries, and the membership after them if one of them changed it.
+    Entries {
+        /// The entries, in index order.
+        entries: Vec<Entry>,
+        /// The membership after them, when it changed.
+        conf: Option<ConfState>,
+    },
+    /// Hash the replicated state as of what is applied now.
+    Hash {
+        /// (applied index, hash).
+        reply: oneshot::Sender<(u64, u64)>,
+    },
+}
+
+/// Limits the state machine enforces at apply (the same on every replica).
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyLimits {
+    /// Longest key.
+    pub key_bytes_max: usize,
+    /// Longest value.
+    pub value_bytes_max: usize,
+    /// Responses kept per session.
+    pub session_responses_max: usize,
+    /// A session idle this long (by entry timestamps) expires, in ms.
+    pub session_ttl_ms: u64,
+}
+
+/// The apply worker's state.
+pub struct Applier {
+    db: Arc<Db>,
+    sessions: HashMap<u64, SessionRecord>,
+    applied: watch::Sender<u64>,
+    waiters: Waiters,
+    limits: ApplyLimits,
+    /// Test-only: apply each write twice, ignoring the session (shows the
+    /// exactly-once test catches a duplicate apply).
+    pub ignore_sessions_for_tests: bool,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier").field("sessions", &self.sessions.len()).finish_non_exhaustive()
+    }
+}
+
+impl Applier {
+    /// A worker over `db`, loading the sessions it holds.
+    pub fn new(
+        db: Arc<Db>,
+        applied: watch::Sender<u64>,
+        waiters: Waiters,
+        limits: ApplyLimits,
+    ) -> Result<Applier, crate::storage::StorageError> {
+        let mut sessions = HashMap::new();
+        for kv in db.prefix(&[SESSION_PREFIX]) {
+            let (k, v) = kv?;
+            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
+                crate::storage::StorageError::Corrupt { what: "session key", reason: format!("{k:?}") }
+            })?;
+            let rec = SessionRecord::decode(&v)
+                .map_err(|e| crate::storage::StorageError::Corrupt { what: "session", reason: e.to_string() })?;
+            sessions.insert(id, rec);
+        }
+        Ok(Applier { db, sessions, applied, waiters, limits, ignore_sessions_for_tests: false })
+    }
+
+    /// Runs until the job channel closes; reports each applied index on `report`.
+    pub fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<ApplyJob>, report: tokio::sync::mpsc::Sender<u64>) {
+        while let Some(job) = jobs.blocking_recv() {
+            match job {
+                ApplyJob::Entries { entries, conf } => {
+                    let Some(last) = entries.last().map(|e| (e.index.0, e.term.0)) else { continue };
+                    self.apply(&entries, conf.as_ref());
+                    let _ = report.blocking_send(last.0);
+                    let _ = last.1;
+                }
+                ApplyJob::Hash { reply } => {
+                    let _ = reply.send((*self.applied.borrow(), self.hash()));
+                }
+            }
+        }
+    }
+
+    /// Applies `entries` (in index order) as one LSM batch with the last
+    /// entry's marker, then answers their waiters.
+    pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) {
+        let Some(last) = entries.last() else { return };
+        let mut batch = WriteBatch::new();
+        let mut answers: Vec<(u64, Term, Response)> = Vec::with_capacity(entries.len());
+        let mut touched: Vec<u64> = Vec::new();
+        for e in entries {
+            let resp = match e.kind {
+                EntryKind::Normal if e.data.is_empty() => Response::Healthy { index: e.index.0 },
+                EntryKind::Normal => match Command::decode(&e.data) {
+                    Ok(cmd) => self.apply_command(e.index.0, cmd, &mut batch, &mut touched),
+                    Err(err) => {
+                        // Every replica decodes the same bytes the same way: skipping is deterministic.
+                        tracing::error!(index = e.index.0, error = %err, "an entry holds no valid command; skipped");
+                        Response::error(ErrorCode::BadRequest, "the entry holds no valid command")
+                    }
+                },
+                EntryKind::Noop | EntryKind::ConfChange => Response::Ok,
+            };
+            answers.push((e.index.0, e.term, resp));
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            match self.sessions.get(&id) {
+                Some(rec) => batch.put(session_key(id), rec.encode()),
+                None => batch.delete(session_key(id)),
+            };
+        }
+        if let Some(conf) = conf {
+            batch.put(
+                CONF_KEY.to_vec(),
+                rkyv::to_bytes::<rkyv::rancor::Error>(conf).map(|b| b.to_vec()).unwrap_or_default(),
+            );
+        }
+        batch.set_marker(Marker::new(last.index.0, last.term.0));
+        if let Err(e) = self.db.write(&batch) {
+            crate::fatal(&format!("applying entries up to {} to the state: {e}", last.index.0));
+        }
+        self.applied.send_replace(last.index.0);
+        metrics::gauge!("cairn_raft_applied_index").set(last.index.0 as f64);
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, term, resp) in answers {
+            if let Some(w) = waiters.remove(&index) {
+                let resp = if w.term == term {
+                    resp
+                } else {
+                    Response::error(
+                        ErrorCode::NotLeader,
+                        "a new leader replaced the proposal before it committed; it did not apply",
+                    )
+                };
+                let _ = w.reply.send(resp);
+            }
+        }
+    }
+
+    fn apply_command(&mut self, index: u64, cmd: Command, batch: &mut WriteBatch, touched: &mut Vec<u64>) -> Response {
+        match cmd.op {
+            CommandOp::Noop => Response::Healthy { index },
+            CommandOp::Register => {
+                // Expired sessions are dropped here, at an entry: every replica drops the same ones.
+                let ttl = self.limits.session_ttl_ms;
+                let expired: Vec<u64> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, r)| r.last_active_ms.saturating_add(ttl) < cmd.time_ms)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in expired {
+                    self.sessions.remove(&id);
+                    touched.push(id);
+                }
+                self.sessions.insert(
+                    index,
+                    SessionRecord { last_active_ms: cmd.time_ms, first_unacked: 1, responses: Vec::new() },
+                );
+                touched.push(index);
+                Response::Registered { client_id: index }
+            }
+            CommandOp::Write { session, ops } => {
+                let outcome = self.apply_write(index, cmd.time_ms, session, &ops, batch, touched);
+                match outcome {
+                    Outcome::Written(i) => Response::Written { index: i },
+                    Outcome::Refused(code) => Response::error(code, refusal_message(code)),
+                }
+            }
+        }
+    }
+
+    fn apply_write(
+        &mut self,
+        index: u64,
+        time_ms: u64,
+        s: Session,
+        ops: &[WriteOp],
+        batch: &mut WriteBatch,
+        touched: &mut Vec<u64>,
+    ) -> Outcome {
+        let ttl = self.limits.session_ttl_ms;
+        let Some(rec) = self.sessions.get_mut(&s.client_id) else {
+            return Outcome::Refused(ErrorCode::SessionExpired);
+        };
+        if rec.last_active_ms.saturating_add(ttl) < time_ms {
+            self.sessions.remove(&s.client_id);
+            touched.push(s.client_id);
+            return Outcome::Refused(ErrorCode::SessionExpired);
+        }
+        touched.push(s.client_id);
+        rec.last_active_ms = rec.last_active_ms.max(time_ms);
+        if !self.ignore_sessions_for_tests {
+            if let Some((_, o)) = rec.responses.iter().find(|(q, _)| *q == s.seq) {
+                return *o;
+            }
+            if s.seq < rec.first_unacked {
+                return Outcome::Refused(ErrorCode::StaleSequence);
+            }
+        }
+        let outcome = match check_ops(ops, self.limits) {
+            Err(code) => Outcome::Refused(code),
+            Ok(()) => {
+                for op in ops {
+                    match op {
+                        WriteOp::Put { key, value } => {
+                            batch.put(user_key(key), encode_value(index, value));
+                        }
+                        WriteOp::Delete { key } => {
+                            batch.delete(user_key(key));
+                        }
+                        WriteOp::DeleteRange { start, end } => {
+                            batch.delete_range(user_key(start), user_key(end));
+                        }
+                    }
+                }
+                Outcome::Written(index)
+            }
+        };
+        rec.first_unacked = rec.first_unacked.max(s.first_unacked.min(s.seq));
+        let floor = rec.first_unacked;
+        rec.responses.retain(|(q, _)| *q >= floor);
+        rec.responses.push((s.seq, outcome));
+        rec.responses.sort_unstable_by_key(|(q, _)| *q);
+        let max = self.limits.session_responses_max.max(1);
+        if rec.responses.len() > max {
+            let drop = rec.responses.len() - max;
+            rec.responses.drain(..drop);
+            rec.first_unacked = rec.first_unacked.max(rec.responses.first().map_or(floor, |(q, _)| *q));
+        }
+        outcome
+    }
+
+    /// xxh3 of every key and value of the replicated state, in key order.
+    pub fn hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for kv in self.db.range::<std::ops::RangeFull, &[u8]>(..) {
+            match kv {
+                Ok((k, v)) => {
+                    h.update(&(k.len() as u64).to_le_bytes());
+                    h.update(&k);
+                    h.update(&(v.len() as u64).to_le_bytes());
+                    h.update(&v);
+                }
+                Err(e) => crate::fatal(&format!("reading the state to hash it: {e}")),
+            }
+        }
+        h.digest()
+    }
+}
+
+/// Checks the operations of a write against the limits.
+pub fn check_ops(ops: &[WriteOp], limits: ApplyLimits) -> Result<(), ErrorCode> {
+    if ops.is_empty() {
+        return Err(ErrorCode::BadRequest);
+    }
+    for op in ops {
+        match op {
+            WriteOp::Put { key, value } => {
+                if key.is_empty() {
+                    return Err(ErrorCode::BadRequest);
+                }
+                if key.len() > limits.key_bytes_max || value.len() > limits.value_bytes_max {
+                    return Err(ErrorCode::TooLarge);
+                }
+            }
+            WriteOp::Delete { key } => {
+                if key.is_empty() {
+                    return Err(ErrorCode::BadRequest);
+                }
+                if key.len() > limits.key_bytes_max {
+                    return Err(ErrorCode::TooLarge);
+                }
+            }
+            WriteOp::DeleteRange { start, end } => {
+                if start >= end {
+                    return Err(ErrorCode::BadRequest);
+                }
+                if start.len() > limits.key_bytes_max || end.len() > limits.key_bytes_max {
+                    return Err(ErrorCode::TooLarge);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The sentence for a refusal at apply.
+pub fn refusal_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::SessionExpired => "the session expired or is unknown; register again",
+        ErrorCode::StaleSequence => "this sequence number was already acknowledged; use a new one",
+        ErrorCode::TooLarge => "a key or value is over the limit",
+        ErrorCode::BadRequest => "the write is malformed (an empty key, no operation, or an empty range)",
+        _ => "refused",
+    }
+}

@@ -1,0 +1,391 @@
+//! The node's configuration: a TOML file, flags and `CAIRN_*` environment
+//! variables (flags and variables win over the file). Unknown keys and
+//! unknown `CAIRN_*` variables are errors; `CAIRN_TEST_*` variables are
+//! test switches and never configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Every setting of a node, with its unit.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// This node's id (never 0, never reused).
+    pub id: u64,
+    /// A name for people. Default `node-<id>`.
+    pub name: String,
+    /// Where the node keeps its log and state. Default `cairn-data/node-<id>`.
+    pub data_dir: PathBuf,
+    /// UDP address to listen on (peers and clients). Default `127.0.0.1:7100+id`.
+    pub listen: SocketAddr,
+    /// Address others reach this node at. Default: `listen`.
+    pub advertise: String,
+    /// The initial members, `id=host:port` each: used only to bootstrap an
+    /// empty data directory. Default: this node alone.
+    pub initial_cluster: BTreeMap<u64, String>,
+    /// Join an existing cluster (started with an empty log, added by `member add`).
+    pub join: bool,
+    /// Dial these addresses instead of the advertised ones (per peer), so a
+    /// test can route each link through its own relay.
+    pub peer_addr_override: BTreeMap<u64, String>,
+    /// Names the cluster; its id is derived from it and the initial cluster.
+    pub cluster_name: String,
+    /// The cluster CA certificate (PEM).
+    pub tls_ca: PathBuf,
+    /// This node's certificate (PEM), with SAN `node-<id>.cairn`.
+    pub tls_cert: PathBuf,
+    /// This node's private key (PEM).
+    pub tls_key: PathBuf,
+    /// Tokens clients may present.
+    pub client_tokens: Vec<String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Length of a Raft tick. Default 100 ms.
+    pub tick: Duration,
+    /// Ticks before a follower campaigns (randomized up to twice this). Default 10.
+    pub election_ticks: u32,
+    /// Ticks between heartbeats. Default 1.
+    pub heartbeat_ticks: u32,
+    /// A session unused this long expires (by the leader's clock in entries). Default 1 h.
+    pub session_ttl: Duration,
+    /// Bytes of the LSM memtable. Default 64 MiB.
+    pub memtable_bytes: usize,
+    /// Bytes of the LSM block cache. Default 64 MiB.
+    pub block_cache_bytes: u64,
+    /// Bytes of a WAL segment. Default 64 MiB.
+    pub wal_segment_bytes: u64,
+    /// Address of the Prometheus `/metrics` endpoint (off when absent).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: String,
+}
+
+/// Every bound on a queue, a window, a message and a request.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Longest key, bytes. Default 64 KiB.
+    pub key_bytes_max: usize,
+    /// Longest value, bytes. Default 1 MiB (at most 16 MiB, the LSM's limit).
+    pub value_bytes_max: usize,
+    /// Largest request frame, bytes. Default 4 MiB.
+    pub request_bytes_max: usize,
+    /// Largest peer frame (a Raft message), bytes. Default 64 MiB.
+    pub peer_frame_bytes_max: usize,
+    /// Concurrent request streams per client connection. Default 256.
+    pub streams_per_connection_max: u32,
+    /// Proposals waiting for the Raft task. Default 4096.
+    pub proposal_queue_max: usize,
+    /// Messages queued per peer before it is reported unreachable. Default 4096.
+    pub peer_queue_max: usize,
+    /// Incoming peer messages waiting for the Raft task. Default 8192.
+    pub inbound_queue_max: usize,
+    /// Write jobs waiting for the WAL thread. Default 1024.
+    pub wal_queue_max: usize,
+    /// Apply jobs waiting for the apply worker. Default 1024.
+    pub apply_queue_max: usize,
+    /// Reads waiting for a read index. Default 4096.
+    pub pending_reads_max: usize,
+    /// Pairs in one scan answer at most. Default 10,000.
+    pub scan_pairs_max: u32,
+    /// Responses kept per session. Default 1024.
+    pub session_responses_max: usize,
+    /// Client connections at once. Default 1024.
+    pub client_connections_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            key_bytes_max: 64 << 10,
+            value_bytes_max: 1 << 20,
+            request_bytes_max: 4 << 20,
+            peer_frame_bytes_max: 64 << 20,
+            streams_per_connection_max: 256,
+            proposal_queue_max: 4096,
+            peer_queue_max: 4096,
+            inbound_queue_max: 8192,
+            wal_queue_max: 1024,
+            apply_queue_max: 1024,
+            pending_reads_max: 4096,
+            scan_pairs_max: 10_000,
+            session_responses_max: 1024,
+            client_connections_max: 1024,
+        }
+    }
+}
+
+/// The TOML file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    id: Option<u64>,
+    name: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    initial_cluster: Option<String>,
+    join: Option<bool>,
+    peer_addr_override: Option<String>,
+    cluster_name: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_tokens: Option<Vec<String>>,
+    client_token_file: Option<PathBuf>,
+    tick_ms: Option<u64>,
+    election_ticks: Option<u32>,
+    heartbeat_ticks: Option<u32>,
+    session_ttl_secs: Option<u64>,
+    memtable_bytes: Option<usize>,
+    block_cache_bytes: Option<u64>,
+    wal_segment_bytes: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
+    log_format: Option<String>,
+    limits: Option<Limits>,
+}
+
+/// Flags of `kv-server run` (each also a `CAIRN_*` variable).
+#[derive(Debug, Default, clap::Args)]
+pub struct RunArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id.
+    #[arg(long, env = "CAIRN_ID")]
+    pub id: Option<u64>,
+    /// A name for people.
+    #[arg(long, env = "CAIRN_NAME")]
+    pub name: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// UDP address to listen on.
+    #[arg(long, env = "CAIRN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address others reach this node at.
+    #[arg(long, env = "CAIRN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Initial members: `1=host:port,2=host:port,...` (bootstrap only).
+    #[arg(long, env = "CAIRN_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Join an existing cluster.
+    #[arg(long, env = "CAIRN_JOIN")]
+    pub join: bool,
+    /// Dial peers here instead: `2=host:port,...`.
+    #[arg(long, env = "CAIRN_PEER_ADDR_OVERRIDE")]
+    pub peer_addr_override: Option<String>,
+    /// Cluster name.
+    #[arg(long, env = "CAIRN_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// CA certificate (PEM).
+    #[arg(long, env = "CAIRN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Node certificate (PEM).
+    #[arg(long, env = "CAIRN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Node private key (PEM).
+    #[arg(long, env = "CAIRN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// A file with one client token per line.
+    #[arg(long, env = "CAIRN_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<PathBuf>,
+    /// Tick length in milliseconds.
+    #[arg(long, env = "CAIRN_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Prometheus endpoint address.
+    #[arg(long, env = "CAIRN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format: text or json.
+    #[arg(long, env = "CAIRN_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Variables the configuration reads (besides `CAIRN_TEST_*` and `CAIRN_LOG`).
+const KNOWN_VARS: &[&str] = &[
+    "CAIRN_CONFIG",
+    "CAIRN_ID",
+    "CAIRN_NAME",
+    "CAIRN_DATA_DIR",
+    "CAIRN_LISTEN",
+    "CAIRN_ADVERTISE",
+    "CAIRN_INITIAL_CLUSTER",
+    "CAIRN_JOIN",
+    "CAIRN_PEER_ADDR_OVERRIDE",
+    "CAIRN_CLUSTER_NAME",
+    "CAIRN_TLS_CA",
+    "CAIRN_TLS_CERT",
+    "CAIRN_TLS_KEY",
+    "CAIRN_CLIENT_TOKEN_FILE",
+    "CAIRN_TICK_MS",
+    "CAIRN_METRICS_LISTEN",
+    "CAIRN_LOG_FORMAT",
+    "CAIRN_LOG",
+];
+
+/// Refuses `CAIRN_*` variables no setting reads (a typo would otherwise be ignored).
+pub fn check_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    for v in vars {
+        if v.starts_with("CAIRN_") && !v.starts_with("CAIRN_TEST_") && !KNOWN_VARS.contains(&v.as_str()) {
+            return Err(ConfigError(format!("unknown environment variable {v} (known: {})", KNOWN_VARS.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| ConfigError(format!("`{part}` is not `id=host:port`")))?;
+        let id: u64 = id.trim().parse().map_err(|_| ConfigError(format!("`{id}` is not a node id")))?;
+        if id == 0 {
+            return Err(ConfigError("node id 0 is reserved".into()));
+        }
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(ConfigError(format!("node {id} is listed twice")));
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// The configuration from flags (and variables) over a file over defaults.
+    pub fn load(args: &RunArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError(format!("reading {}: {e}", p.display())))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError(format!("{}: {e}", p.display())))?
+            }
+            None => FileConfig::default(),
+        };
+        let id = args.id.or(file.id).ok_or_else(|| ConfigError("the node id is required (--id or CAIRN_ID)".into()))?;
+        if id == 0 {
+            return Err(ConfigError("node id 0 is reserved".into()));
+        }
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7100u16.saturating_add(id.min(900) as u16))));
+        let advertise = args.advertise.clone().or(file.advertise).unwrap_or_else(|| listen.to_string());
+        let initial_cluster = match args.initial_cluster.as_deref().or(file.initial_cluster.as_deref()) {
+            Some(s) => parse_members(s)?,
+            None => BTreeMap::from([(id, advertise.clone())]),
+        };
+        let join = args.join || file.join.unwrap_or(false);
+        if !join && !initial_cluster.contains_key(&id) {
+            return Err(ConfigError(format!(
+                "node {id} is not in the initial cluster (start it with --join to add it later)"
+            )));
+        }
+        let peer_addr_override = match args.peer_addr_override.as_deref().or(file.peer_addr_override.as_deref()) {
+            Some(s) => parse_members(s)?,
+            None => BTreeMap::new(),
+        };
+        let certs = PathBuf::from("certs");
+        let mut client_tokens = file.client_tokens.unwrap_or_default();
+        if let Some(p) = args.client_token_file.as_ref().or(file.client_token_file.as_ref()) {
+            client_tokens.extend(read_tokens(p)?);
+        }
+        if client_tokens.is_empty() {
+            return Err(ConfigError("no client token configured (client_tokens or --client-token-file)".into()));
+        }
+        let log_format = args.log_format.clone().or(file.log_format).unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            return Err(ConfigError(format!("log format `{log_format}` is neither `text` nor `json`")));
+        }
+        let limits = file.limits.unwrap_or_default();
+        if limits.value_bytes_max > 16 << 20 || limits.key_bytes_max > 64 << 10 || limits.key_bytes_max == 0 {
+            return Err(ConfigError("limits: keys at most 64 KiB, values at most 16 MiB".into()));
+        }
+        let cfg = Config {
+            id,
+            name: args.name.clone().or(file.name).unwrap_or_else(|| format!("node-{id}")),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("cairn-data/node-{id}"))),
+            listen,
+            advertise,
+            initial_cluster,
+            join,
+            peer_addr_override,
+            cluster_name: args.cluster_name.clone().or(file.cluster_name).unwrap_or_else(|| "cairn".into()),
+            tls_ca: args.tls_ca.clone().or(file.tls_ca).unwrap_or_else(|| certs.join("ca.pem")),
+            tls_cert: args.tls_cert.clone().or(file.tls_cert).unwrap_or_else(|| certs.join(format!("node-{id}.pem"))),
+            tls_key: args.tls_key.clone().or(file.tls_key).unwrap_or_else(|| certs.join(format!("node-{id}.key"))),
+            client_tokens,
+            limits,
+            tick: Duration::from_millis(args.tick_ms.or(file.tick_ms).unwrap_or(100).max(1)),
+            election_ticks: file.election_ticks.unwrap_or(10),
+            heartbeat_ticks: file.heartbeat_ticks.unwrap_or(1),
+            session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(3600)),
+            memtable_bytes: file.memtable_bytes.unwrap_or(64 << 20),
+            block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
+            wal_segment_bytes: file.wal_segment_bytes.unwrap_or(64 << 20),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            log_format,
+        };
+        Ok(cfg)
+    }
+
+    /// The cluster id: a hash of the cluster name and the initial members
+    /// (the same on every node bootstrapped together).
+    pub fn cluster_id(&self) -> u64 {
+        let mut s = self.cluster_name.clone();
+        for (id, addr) in &self.initial_cluster {
+            s.push_str(&format!(";{id}={addr}"));
+        }
+        xxhash_rust::xxh3::xxh3_64(s.as_bytes()).max(1)
+    }
+
+    /// The address to dial for `peer`: the override, else the initial
+    /// cluster's, else `known` (from the replicated membership).
+    pub fn peer_addr(&self, peer: u64, known: Option<&str>) -> Option<String> {
+        self.peer_addr_override
+            .get(&peer)
+            .cloned()
+            .or_else(|| known.map(String::from))
+            .or_else(|| self.initial_cluster.get(&peer).cloned())
+    }
+}
+
+fn read_tokens(p: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(p).map_err(|e| ConfigError(format!("reading {}: {e}", p.display())))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_variables_are_refused() {
+        assert!(toml::from_str::<FileConfig>("id = 1\nlisten_addr = \"x\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[limits]\nvalue_bytes = 3").is_err());
+        assert!(toml::from_str::<FileConfig>("id = 1\n[limits]\nvalue_bytes_max = 3").is_ok());
+        assert!(check_env(["CAIRN_ID".to_string(), "CAIRN_TEST_FAILPOINT".into(), "PATH".into()].into_iter()).is_ok());
+        assert!(check_env(["CAIRN_DATADIR".to_string()].into_iter()).is_err());
+    }
+
+    #[test]
+    fn members_parse_and_bad_ones_are_refused() {
+        let m = parse_members("1=a:1, 2=b:2").expect("parse");
+        assert_eq!(m.len(), 2);
+        assert!(parse_members("0=a:1").is_err());
+        assert!(parse_members("1=a:1,1=b:2").is_err());
+        assert!(parse_members("x").is_err());
+    }
+}

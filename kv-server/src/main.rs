@@ -1,0 +1,119 @@
+//! `kv-server`: run a Cairn node, a local dev cluster, or make certificates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn_kv_server::config::{Config, RunArgs, check_env};
+use cairn_kv_server::server::{self, TestSwitches};
+use clap::{Parser, Subcommand};
+
+/// A node of Cairn, a replicated, strongly consistent key-value store.
+#[derive(Parser, Debug)]
+#[command(name = "kv-server", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node (configuration from --config, flags and CAIRN_* variables).
+    Run(Box<RunArgs>),
+    /// Start a local 3-node cluster on 127.0.0.1, with certificates and a
+    /// token made on first start, and write and read a first key.
+    Dev(cairn_kv_server::dev::DevArgs),
+    /// Make a cluster CA and node certificates (kept when they exist).
+    Certs {
+        /// Output folder.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Node ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Extra host names or IP addresses for every node certificate.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Cluster name (in the CA's name).
+        #[arg(long, default_value = "cairn")]
+        cluster_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.cmd {
+        Cmd::Run(args) => {
+            if let Err(e) = check_env(std::env::vars().map(|(k, _)| k)) {
+                eprintln!("kv-server: {e}");
+                return ExitCode::from(2);
+            }
+            let cfg = match Config::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kv-server: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(&cfg.log_format);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("kv-server: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let result = rt.block_on(async {
+                if let Some(addr) = cfg.metrics_listen {
+                    metrics_exporter_prometheus::PrometheusBuilder::new()
+                        .with_http_listener(addr)
+                        .install()
+                        .map_err(|e| server::ServerError::Other(format!("starting /metrics on {addr}: {e}")))?;
+                }
+                server::run(cfg, TestSwitches::from_env()).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kv-server: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Dev(args) => match cairn_kv_server::dev::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kv-server dev: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Certs { dir, nodes, hosts, cluster_name } => {
+            match cairn_kv_server::tls::write_cluster_certs(&dir, &cluster_name, &nodes, &hosts) {
+                Ok(()) => {
+                    println!("certificates in {} (ca.pem, ca.key, node-<id>.pem, node-<id>.key)", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kv-server certs: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}

@@ -1,0 +1,466 @@
+//! The Raft task: the one owner of the `RawNode`. It ticks, steps peer
+//! messages, batches proposals, and runs the ready loop: messages out at
+//! once, entries and hard state to the WAL thread, committed entries to the
+//! apply worker, read indexes to the readers waiting for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_kv_client::protocol::{ErrorCode, ErrorInfo, MemberInfo, Response, StatusInfo};
+use cairn_lsm::Db;
+use cairn_raft_core::{EntryKind, Message, NodeId, RawNode, Role};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::apply::{ApplyJob, Waiter, Waiters};
+use crate::storage::{WalJob, WalStore};
+
+/// Requests to the Raft task.
+#[derive(Debug)]
+pub enum NodeRequest {
+    /// Propose entry data; the answer comes from the apply worker once it applies.
+    Propose {
+        /// The command bytes (empty: a health check).
+        data: Vec<u8>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Response>,
+    },
+    /// A read index for a linearizable read.
+    ReadIndex {
+        /// The index to wait for, or why not.
+        reply: oneshot::Sender<Result<u64, ErrorInfo>>,
+    },
+    /// The node's view.
+    Status {
+        /// Where the answer goes.
+        reply: oneshot::Sender<StatusInfo>,
+    },
+    /// The members.
+    Members {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<MemberInfo>>,
+    },
+    /// Hand leadership to a node.
+    TransferLeader {
+        /// The node.
+        to: u64,
+        /// Ok, or why not.
+        reply: oneshot::Sender<Result<(), ErrorInfo>>,
+    },
+    /// Stop: a leader first hands leadership to the most caught-up voter.
+    Shutdown {
+        /// Answered once the node stepped down (or gave up trying).
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The channels and handles the Raft task works with.
+pub struct NodeTask {
+    /// The node.
+    pub raw: RawNode<WalStore>,
+    /// This node's name.
+    pub name: String,
+    /// The cluster id.
+    pub cluster_id: u64,
+    /// Tick length.
+    pub tick: Duration,
+    /// Client and control requests.
+    pub requests: mpsc::Receiver<NodeRequest>,
+    /// Messages from peers.
+    pub inbound: mpsc::Receiver<Message>,
+    /// Peers reported unreachable by their links.
+    pub unreachable: mpsc::Receiver<NodeId>,
+    /// Jobs for the WAL thread.
+    pub wal_jobs: std::sync::mpsc::SyncSender<WalJob>,
+    /// Jobs the WAL thread finished.
+    pub wal_done: mpsc::Receiver<WalJob>,
+    /// Jobs for the apply worker.
+    pub apply_jobs: mpsc::Sender<ApplyJob>,
+    /// Indexes the apply worker reached.
+    pub applied: mpsc::Receiver<u64>,
+    /// Proposals waiting for apply.
+    pub waiters: Waiters,
+    /// A queue per peer; a full queue reports the peer unreachable.
+    pub links: Arc<dyn Fn(NodeId) -> Option<mpsc::Sender<Message>> + Send + Sync>,
+    /// The address of each member (for leader hints and the member list).
+    pub addrs: BTreeMap<u64, String>,
+    /// The state (for sizes in status).
+    pub db: Arc<Db>,
+    /// Reads waiting for confirmation, at most.
+    pub pending_reads_max: usize,
+}
+
+impl std::fmt::Debug for NodeTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTask").field("id", &self.raw.id()).finish_non_exhaustive()
+    }
+}
+
+struct Loop {
+    t: NodeTask,
+    peers: HashMap<NodeId, mpsc::Sender<Message>>,
+    reads: HashMap<u64, oneshot::Sender<Result<u64, ErrorInfo>>>,
+    read_seq: u64,
+    last_term: u64,
+    last_leader: Option<NodeId>,
+    shutdown: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+}
+
+impl NodeTask {
+    /// Runs the task until every request sender is dropped, or a shutdown completes.
+    pub async fn run(self) {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut l = Loop {
+            t: self,
+            peers: HashMap::new(),
+            reads: HashMap::new(),
+            read_seq: 0,
+            last_term: 0,
+            last_leader: None,
+            shutdown: None,
+        };
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    l.t.raw.tick();
+                    if l.shutdown_done() { return; }
+                }
+                m = l.t.inbound.recv() => match m {
+                    Some(m) => {
+                        l.step(m);
+                        for _ in 0..256 {
+                            match l.t.inbound.try_recv() { Ok(m) => l.step(m), Err(_) => break }
+                        }
+                    }
+                    None => return,
+                },
+                r = l.t.requests.recv() => match r {
+                    Some(r) => l.handle_requests(r),
+                    None => return,
+                },
+                Some(job) = l.t.wal_done.recv() => {
+                    l.persisted(job);
+                    while let Ok(job) = l.t.wal_done.try_recv() { l.persisted(job); }
+                }
+                Some(a) = l.t.applied.recv() => {
+                    let mut a = a;
+                    while let Ok(b) = l.t.applied.try_recv() { a = a.max(b); }
+                    l.t.raw.on_applied(cairn_raft_core::LogIndex(a));
+                }
+                Some(p) = l.t.unreachable.recv() => l.t.raw.report_unreachable(p),
+            }
+            l.process_ready();
+        }
+    }
+}
+
+impl Loop {
+    fn step(&mut self, m: Message) {
+        if let Err(e) = self.t.raw.step(m) {
+            tracing::debug!(error = %e, "message not stepped");
+        }
+    }
+
+    fn leader_hint(&self) -> Option<(u64, String)> {
+        let l = self.t.raw.leader()?;
+        self.t.addrs.get(&l.0).map(|a| (l.0, a.clone()))
+    }
+
+    fn not_leader(&self) -> ErrorInfo {
+        let leader = self.leader_hint();
+        let message = match &leader {
+            Some((id, addr)) => format!("node {} is not the leader; node {id} at {addr} is", self.t.raw.id().0),
+            None => {
+                format!("node {} is not the leader and knows of none (an election may be running)", self.t.raw.id().0)
+            }
+        };
+        ErrorInfo { code: ErrorCode::NotLeader, message, leader }
+    }
+
+    fn handle_requests(&mut self, first: NodeRequest) {
+        let mut batch: Vec<(Vec<u8>, oneshot::Sender<Response>)> = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(r) = next.take() {
+            match r {
+                NodeRequest::Propose { data, reply } => batch.push((data, reply)),
+                other => self.handle_other(other),
+            }
+            taken += 1;
+            if taken < 1024 {
+                next = self.t.requests.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            self.propose(batch);
+        }
+    }
+
+    fn propose(&mut self, batch: Vec<(Vec<u8>, oneshot::Sender<Response>)>) {
+        if self.t.raw.role() != Role::Leader || self.shutdown.is_some() {
+            let e = self.not_leader();
+            for (_, reply) in batch {
+                let _ = reply.send(Response::Error(e.clone()));
+            }
+            return;
+        }
+        let n = batch.len() as u64;
+        let (datas, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let bytes: usize = datas.iter().map(Vec::len).sum();
+        match self.t.raw.propose(datas) {
+            Ok(last) => {
+                let term = self.t.raw.term();
+                let mut w = self.t.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                for (i, reply) in replies.into_iter().enumerate() {
+                    w.insert(last.0 + 1 - n + i as u64, Waiter { term, reply });
+                }
+                metrics::counter!("cairn_raft_proposals_total").increment(n);
+                metrics::counter!("cairn_raft_proposal_bytes_total").increment(bytes as u64);
+            }
+            Err(e) => {
+                let info = match e {
+                    cairn_raft_core::ProposeError::NotLeader { .. } => self.not_leader(),
+                    other => ErrorInfo { code: ErrorCode::Busy, message: other.to_string(), leader: None },
+                };
+                for reply in replies {
+                    let _ = reply.send(Response::Error(info.clone()));
+                }
+            }
+        }
+    }
+
+    fn handle_other(&mut self, r: NodeRequest) {
+        match r {
+            NodeRequest::Propose { .. } => unreachable!("handled by the caller"),
+            NodeRequest::ReadIndex { reply } => {
+                if self.reads.len() >= self.t.pending_reads_max {
+                    let _ = reply.send(Err(ErrorInfo {
+                        code: ErrorCode::Busy,
+                        message: "too many reads waiting for a read index".into(),
+                        leader: None,
+                    }));
+                    return;
+                }
+                if self.t.raw.leader().is_none() {
+                    let _ = reply.send(Err(ErrorInfo {
+                        code: ErrorCode::Unavailable,
+                        message: "no leader known (an election may be running)".into(),
+                        leader: None,
+                    }));
+                    return;
+                }
+                self.read_seq += 1;
+                let ctx = self.read_seq.to_le_bytes().to_vec();
+                match self.t.raw.read_index(ctx) {
+                    Ok(()) => {
+                        self.reads.insert(self.read_seq, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ErrorInfo {
+                            code: ErrorCode::Unavailable,
+                            message: format!("cannot get a read index: {e}"),
+                            leader: None,
+                        }));
+                    }
+                }
+            }
+            NodeRequest::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            NodeRequest::Members { reply } => {
+                let conf = self.t.raw.conf_state().clone();
+                let mut out = Vec::new();
+                for id in conf.members() {
+                    out.push(MemberInfo {
+                        id: id.0,
+                        addr: self.t.addrs.get(&id.0).cloned().unwrap_or_default(),
+                        learner: conf.learners.contains(&id),
+                    });
+                }
+                let _ = reply.send(out);
+            }
+            NodeRequest::TransferLeader { to, reply } => {
+                let r = if self.t.raw.role() != Role::Leader {
+                    Err(self.not_leader())
+                } else {
+                    self.t.raw.transfer_leader(NodeId(to)).map_err(|e| ErrorInfo {
+                        code: ErrorCode::BadRequest,
+                        message: e.to_string(),
+                        leader: None,
+                    })
+                };
+                let _ = reply.send(r);
+            }
+            NodeRequest::Shutdown { reply } => {
+                if self.t.raw.role() == Role::Leader {
+                    let me = self.t.raw.id();
+                    let best = self
+                        .t
+                        .raw
+                        .progress()
+                        .into_iter()
+                        .filter(|(id, _)| *id != me && self.t.raw.conf_state().is_voter(*id))
+                        .max_by_key(|(_, p)| p.matched);
+                    if let Some((id, _)) = best {
+                        tracing::info!(to = id.0, "shutting down: handing leadership over");
+                        let _ = self.t.raw.transfer_leader(id);
+                    }
+                }
+                self.shutdown = Some((reply, tokio::time::Instant::now() + Duration::from_secs(3)));
+            }
+        }
+    }
+
+    fn shutdown_done(&mut self) -> bool {
+        let done = match &self.shutdown {
+            Some((_, deadline)) => self.t.raw.role() != Role::Leader || tokio::time::Instant::now() >= *deadline,
+            None => false,
+        };
+        if done && let Some((reply, _)) = self.shutdown.take() {
+            let _ = reply.send(());
+        }
+        done
+    }
+
+    fn status(&self) -> StatusInfo {
+        let raw = &self.t.raw;
+        let role = match raw.role() {
+            Role::Leader => "leader",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+            Role::Follower if raw.conf_state().learners.contains(&raw.id()) => "learner",
+            Role::Follower => "follower",
+        };
+        let lsm = self.t.db.stats();
+        StatusInfo {
+            node_id: raw.id().0,
+            name: self.t.name.clone(),
+            cluster_id: self.t.cluster_id,
+            leader_id: raw.leader().map_or(0, |l| l.0),
+            role: role.into(),
+            term: raw.term().0,
+            commit: raw.commit_index().0,
+            applied: raw.applied().0,
+            last_index: raw.last_index().0,
+            wal_bytes: dir_bytes(raw.store().wal().dir()),
+            lsm_bytes: lsm.levels.iter().map(|l| l.bytes).sum(),
+            durable_index: self.t.db.durable_marker().map_or(0, |m| m.index),
+            state_hash: None,
+        }
+    }
+
+    fn send(&mut self, m: Message) {
+        let me = self.t.raw.id();
+        if m.to == me {
+            self.step(m);
+            return;
+        }
+        let to = m.to;
+        let link = match self.peers.get(&to) {
+            Some(l) => l.clone(),
+            None => match (self.t.links)(to) {
+                Some(l) => {
+                    self.peers.insert(to, l.clone());
+                    l
+                }
+                None => {
+                    self.t.raw.report_unreachable(to);
+                    return;
+                }
+            },
+        };
+        if link.try_send(m).is_err() {
+            metrics::counter!("cairn_peer_queue_full_total").increment(1);
+            self.t.raw.report_unreachable(to);
+        }
+    }
+
+    fn persisted(&mut self, job: WalJob) {
+        let last = job.entries.last().map(|e| (e.index, e.term));
+        if let Some(hs) = job.hard_state {
+            self.t.raw.store_mut().note_hard_state(hs);
+        }
+        self.t.raw.store_mut().note_entries(job.entries);
+        if let Some((i, t)) = last {
+            self.t.raw.on_persisted(i, t);
+        }
+        for m in job.messages {
+            self.send(m);
+        }
+    }
+
+    fn process_ready(&mut self) {
+        for _ in 0..64 {
+            let rd = self.t.raw.ready();
+            if rd.is_empty() {
+                break;
+            }
+            self.t.raw.advance(&rd);
+            for m in rd.messages {
+                self.send(m);
+            }
+            if rd.snapshot.is_some() {
+                // Log release is not built yet, so no leader sends a snapshot.
+                crate::fatal("asked to install a snapshot, which this build does not do yet");
+            }
+            if !rd.entries.is_empty() || rd.hard_state.is_some() || !rd.persisted_messages.is_empty() {
+                let job = WalJob { entries: rd.entries, hard_state: rd.hard_state, messages: rd.persisted_messages };
+                let tx = self.t.wal_jobs.clone();
+                // A full queue blocks this task (backpressure), not the runtime's other tasks.
+                if let Err(e) = tokio::task::block_in_place(move || tx.send(job)) {
+                    crate::fatal(&format!("the WAL thread stopped: {e}"));
+                }
+            }
+            if !rd.committed_entries.is_empty() {
+                let conf = rd
+                    .committed_entries
+                    .iter()
+                    .any(|e| e.kind == EntryKind::ConfChange)
+                    .then(|| self.t.raw.conf_state().clone());
+                let job = ApplyJob::Entries { entries: rd.committed_entries, conf };
+                let tx = self.t.apply_jobs.clone();
+                if tokio::task::block_in_place(move || tx.blocking_send(job)).is_err() {
+                    crate::fatal("the apply worker stopped");
+                }
+            }
+            for rs in rd.read_states {
+                let Some(id) = rs.context.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
+                    continue;
+                };
+                if let Some(reply) = self.reads.remove(&id) {
+                    let _ = reply.send(Ok(rs.index.0));
+                }
+            }
+        }
+        let term = self.t.raw.term().0;
+        let leader = self.t.raw.leader();
+        if term != self.last_term || leader != self.last_leader {
+            if leader != self.last_leader {
+                metrics::counter!("cairn_raft_leader_changes_total").increment(1);
+                tracing::info!(term, leader = leader.map(|l| l.0), "leader changed");
+            }
+            // Reads waiting on an old term's leader will not be confirmed: fail them.
+            if term != self.last_term {
+                for (_, reply) in self.reads.drain() {
+                    let _ = reply.send(Err(ErrorInfo {
+                        code: ErrorCode::Unavailable,
+                        message: "the term changed while the read waited".into(),
+                        leader: None,
+                    }));
+                }
+            }
+            self.last_term = term;
+            self.last_leader = leader;
+            metrics::gauge!("cairn_raft_term").set(term as f64);
+        }
+        metrics::gauge!("cairn_raft_commit_index").set(self.t.raw.commit_index().0 as f64);
+        metrics::gauge!("cairn_raft_is_leader").set(if self.t.raw.role() == Role::Leader { 1.0 } else { 0.0 });
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}

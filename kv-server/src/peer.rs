@@ -1,0 +1,250 @@
+//! Peer transport: Raft messages as length-framed rkyv on one long-lived
+//! QUIC stream per peer and direction, with a bounded queue per peer.
+//!
+//! Outbound, a task per peer dials it (mutual TLS, ALPN [`ALPN_PEER`]) and
+//! writes the queued messages. Inbound, a connection's certificate names the
+//! peer's node id; every frame must carry this cluster's id, come `from` that
+//! id and be addressed to this node, or the connection is closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_kv_client::frame;
+use cairn_kv_client::protocol::ALPN_PEER;
+use cairn_raft_core::{Message, NodeId};
+use rkyv::{Archive, Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::tls::node_dns_name;
+
+/// A Raft message on the wire, with the cluster it belongs to.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct PeerFrame {
+    /// The sender's cluster id.
+    pub cluster_id: u64,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Why an inbound peer frame was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerRefusal {
+    /// Another cluster's frame.
+    #[error("frame of cluster {got:016x}, this is cluster {want:016x}")]
+    Cluster {
+        /// Its cluster id.
+        got: u64,
+        /// Ours.
+        want: u64,
+    },
+    /// `from` is not the authenticated node.
+    #[error("message claims to be from node {claimed} over node {authenticated}'s connection")]
+    Sender {
+        /// What the message says.
+        claimed: u64,
+        /// What the certificate says.
+        authenticated: u64,
+    },
+    /// Not addressed to this node.
+    #[error("message for node {0} reached this node")]
+    Recipient(u64),
+    /// A removed node.
+    #[error("node {0} was removed from the cluster")]
+    Removed(u64),
+}
+
+/// Checks an inbound frame against the authenticated peer.
+pub fn check_frame(f: &PeerFrame, cluster_id: u64, me: NodeId, authenticated: u64) -> Result<(), PeerRefusal> {
+    if f.cluster_id != cluster_id {
+        return Err(PeerRefusal::Cluster { got: f.cluster_id, want: cluster_id });
+    }
+    if f.msg.from.0 != authenticated {
+        return Err(PeerRefusal::Sender { claimed: f.msg.from.0, authenticated });
+    }
+    if f.msg.to != me {
+        return Err(PeerRefusal::Recipient(f.msg.to.0));
+    }
+    Ok(())
+}
+
+/// Settings of an outbound peer link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// This cluster's id.
+    pub cluster_id: u64,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Backoff between reconnects: first and longest.
+    pub backoff_min: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+}
+
+/// Runs one outbound link until `rx` closes: dials `peer` at the address
+/// `addr()` gives, writes every queued message, reconnects with backoff.
+/// Messages that arrive while the link is down are dropped and reported
+/// (Raft retransmits); `unreachable` hears of each failure.
+pub async fn run_link(
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    peer: NodeId,
+    addr: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    cfg: LinkConfig,
+    mut rx: mpsc::Receiver<Message>,
+    unreachable: mpsc::Sender<NodeId>,
+) {
+    let mut backoff = cfg.backoff_min;
+    'outer: loop {
+        let conn = match dial(&endpoint, &client_cfg, peer, addr(), cfg.connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = peer.0, error = %e, "cannot reach peer");
+                let _ = unreachable.try_send(peer);
+                // Drop what queued meanwhile: it is stale by the time the peer is back.
+                let deadline = tokio::time::Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        m = rx.recv() => if m.is_none() { return },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                backoff = (backoff * 2).min(cfg.backoff_max);
+                continue;
+            }
+        };
+        backoff = cfg.backoff_min;
+        let mut send = match conn.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = peer.0, error = %e, "cannot open a stream to peer");
+                continue;
+            }
+        };
+        let mut buf = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            buf.clear();
+            push_frame(&mut buf, cfg.cluster_id, peer, msg);
+            // Write what queued meanwhile in one go.
+            while buf.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(m) => push_frame(&mut buf, cfg.cluster_id, peer, m),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = send.write_all(&buf).await {
+                tracing::debug!(peer = peer.0, error = %e, "link to peer lost");
+                let _ = unreachable.try_send(peer);
+                conn.close(0u32.into(), b"write failed");
+                continue 'outer;
+            }
+        }
+        let _ = send.finish();
+        return;
+    }
+}
+
+fn push_frame(buf: &mut Vec<u8>, cluster_id: u64, peer: NodeId, msg: Message) {
+    match frame::encode(&PeerFrame { cluster_id, msg }) {
+        Ok(f) => buf.extend_from_slice(&f),
+        Err(e) => tracing::error!(peer = peer.0, error = %e, "cannot encode a message"),
+    }
+}
+
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    peer: NodeId,
+    addr: Option<String>,
+    timeout: Duration,
+) -> Result<quinn::Connection, String> {
+    let addr = addr.ok_or_else(|| format!("no address known for node {}", peer.0))?;
+    let sock = tokio::net::lookup_host(&addr)
+        .await
+        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let connecting = endpoint.connect_with(cfg.clone(), sock, &node_dns_name(peer.0)).map_err(|e| e.to_string())?;
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| e.to_string())
+}
+
+/// Serves an inbound peer connection from authenticated node `from`: reads
+/// frames from its streams and hands valid messages to the Raft task
+/// (dropping them when its queue is full: Raft retransmits).
+pub async fn serve_peer(
+    conn: quinn::Connection,
+    from: u64,
+    cluster_id: u64,
+    me: NodeId,
+    frame_max: usize,
+    inbound: mpsc::Sender<Message>,
+) {
+    loop {
+        let mut recv = match conn.accept_uni().await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let inbound = inbound.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            loop {
+                let f = match frame::read::<PeerFrame>(&mut recv, frame_max).await {
+                    Ok(f) => f,
+                    Err(frame::FrameError::End) => return,
+                    Err(frame::FrameError::Read(e)) => {
+                        tracing::debug!(peer = from, error = %e, "peer stream ended");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = from, error = %e, "malformed frame from peer; closing its connection");
+                        conn.close(1u32.into(), b"malformed frame");
+                        return;
+                    }
+                };
+                if let Err(e) = check_frame(&f, cluster_id, me, from) {
+                    tracing::warn!(peer = from, error = %e, "refused a peer frame; closing its connection");
+                    conn.close(2u32.into(), e.to_string().as_bytes());
+                    return;
+                }
+                if inbound.try_send(f.msg).is_err() {
+                    metrics::counter!("cairn_peer_inbound_dropped_total").increment(1);
+                }
+            }
+        });
+    }
+}
+
+/// The ALPN a connection negotiated.
+pub fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+/// Whether `alpn` is the peer protocol.
+pub fn is_peer(alpn: &[u8]) -> bool {
+    alpn == ALPN_PEER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_raft_core::{Body, Term};
+
+    #[test]
+    fn frames_from_another_sender_cluster_or_recipient_are_refused() {
+        let f = PeerFrame {
+            cluster_id: 7,
+            msg: Message { from: NodeId(2), to: NodeId(1), term: Term(1), body: Body::TimeoutNow },
+        };
+        assert_eq!(check_frame(&f, 7, NodeId(1), 2), Ok(()));
+        assert!(matches!(check_frame(&f, 8, NodeId(1), 2), Err(PeerRefusal::Cluster { .. })));
+        assert!(matches!(check_frame(&f, 7, NodeId(1), 3), Err(PeerRefusal::Sender { claimed: 2, authenticated: 3 })));
+        assert!(matches!(check_frame(&f, 7, NodeId(3), 2), Err(PeerRefusal::Recipient(1))));
+        let bytes = frame::encode(&f).expect("encode");
+        let back: PeerFrame = frame::decode_frame(&bytes, 1 << 20).expect("decode");
+        assert_eq!(back.msg, f.msg);
+    }
+}

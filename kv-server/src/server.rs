@@ -1,0 +1,502 @@
+//! Starting a node: open the state and the log (recovery), start the WAL
+//! thread, the apply worker, the Raft task and the QUIC endpoint, serve
+//! clients, and stop cleanly on SIGTERM or SIGINT.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_kv_client::frame;
+use cairn_kv_client::protocol::{Consistency, ErrorCode, Request, Response};
+use cairn_lsm::{Db, DurabilityMode, Options};
+use cairn_raft_core::{ConfState, NodeId, RawNode};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::apply::{Applier, ApplyJob, ApplyLimits, check_ops};
+use crate::config::Config;
+use crate::node::{NodeRequest, NodeTask};
+use crate::peer::{self, LinkConfig};
+use crate::state::{CONF_KEY, Command, CommandOp, USER_PREFIX, decode_value, user_key};
+use crate::storage::{NodeIdentity, WalStore, run_wal_thread};
+use crate::tls::{self, NodeTls};
+
+/// A node that could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Bad TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The log or the state.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    /// The state engine.
+    #[error(transparent)]
+    Lsm(#[from] cairn_lsm::Error),
+    /// Something else, said in a sentence.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What the client handlers share.
+struct Ctx {
+    id: u64,
+    cluster_id: u64,
+    tokens: Vec<String>,
+    node: mpsc::Sender<NodeRequest>,
+    db: Arc<Db>,
+    applied: watch::Receiver<u64>,
+    apply_jobs: mpsc::Sender<ApplyJob>,
+    limits: crate::config::Limits,
+    apply_limits: ApplyLimits,
+    request_timeout: Duration,
+    connections: tokio::sync::Semaphore,
+}
+
+/// Test switches, read from `CAIRN_TEST_*` variables (never configuration).
+#[derive(Clone, Debug, Default)]
+pub struct TestSwitches {
+    /// `CAIRN_TEST_IGNORE_SESSIONS=1`: apply retried writes again.
+    pub ignore_sessions: bool,
+    /// `CAIRN_TEST_SKIP_WAL_SYNC=1`: acknowledge log writes without fdatasync.
+    pub skip_wal_sync: bool,
+}
+
+impl TestSwitches {
+    /// Reads the switches from the environment.
+    pub fn from_env() -> TestSwitches {
+        let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        TestSwitches {
+            ignore_sessions: on("CAIRN_TEST_IGNORE_SESSIONS"),
+            skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError> {
+    let tls = NodeTls::load(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, cfg.id)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| ServerError::Other(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    if cfg.join {
+        return Err(ServerError::Other("join mode (adding a member) is not built yet".into()));
+    }
+    let cluster_id = cfg.cluster_id();
+    let identity = NodeIdentity { node_id: cfg.id, cluster_id };
+
+    // Recovery: the state's durable marker A first, then the log.
+    let mut opts = Options::default();
+    opts.durability = DurabilityMode::Embedded;
+    opts.write_buffer_bytes = cfg.memtable_bytes;
+    opts.block_cache_bytes = cfg.block_cache_bytes;
+    let db = Arc::new(Db::open(cfg.data_dir.join("state"), opts)?);
+    let applied_index = db.durable_marker().map_or(0, |m| m.index);
+    let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
+    let store = WalStore::open(fs, &cfg.data_dir.join("raft"), identity, cfg.wal_segment_bytes, 64 << 20)?;
+    let (conf, conf_index) = match db.get(CONF_KEY)? {
+        Some(b) => (
+            frame::decode::<ConfState>(&b)
+                .map_err(|e| ServerError::Other(format!("corrupt membership in the state: {e}")))?,
+            applied_index,
+        ),
+        None => (ConfState::with_voters(cfg.initial_cluster.keys().map(|i| NodeId(*i))), 0),
+    };
+    if let Some(first) = cairn_raft_core::LogStore::first_index(&store).0.checked_sub(1)
+        && first > applied_index
+    {
+        return Err(ServerError::Other(format!(
+            "the log starts after index {first} but the state holds only up to {applied_index}: entries in between are lost"
+        )));
+    }
+    tracing::info!(
+        node = cfg.id,
+        cluster = format_args!("{cluster_id:016x}"),
+        applied = applied_index,
+        last = cairn_raft_core::LogStore::last_index(&store).0,
+        "recovered"
+    );
+    let wal = store.wal();
+    let mut rcfg = cairn_raft_core::Config::new(NodeId(cfg.id), Vec::new(), cfg.id ^ now_ms());
+    rcfg.conf = conf;
+    rcfg.conf_index = cairn_raft_core::LogIndex(conf_index);
+    rcfg.applied = cairn_raft_core::LogIndex(applied_index);
+    rcfg.election_ticks = cfg.election_ticks;
+    rcfg.heartbeat_ticks = cfg.heartbeat_ticks;
+    let raw = RawNode::new(rcfg, store).map_err(|e| ServerError::Other(e.to_string()))?;
+
+    // Threads: the WAL writer and the apply worker.
+    let limits = cfg.limits.clone();
+    let (wal_tx, wal_rx) = std::sync::mpsc::sync_channel(limits.wal_queue_max);
+    let (wal_done_tx, wal_done_rx) = mpsc::channel(limits.wal_queue_max);
+    let skip_sync = switches.skip_wal_sync;
+    let wal_thread = std::thread::Builder::new()
+        .name("cairn-wal".into())
+        .spawn(move || run_wal_thread(wal, wal_rx, wal_done_tx, 256, skip_sync))
+        .map_err(|e| ServerError::Other(format!("starting the WAL thread: {e}")))?;
+    let (applied_tx, applied_rx) = watch::channel(applied_index);
+    let waiters = Arc::new(Mutex::new(Default::default()));
+    let apply_limits = ApplyLimits {
+        key_bytes_max: limits.key_bytes_max,
+        value_bytes_max: limits.value_bytes_max,
+        session_responses_max: limits.session_responses_max,
+        session_ttl_ms: cfg.session_ttl.as_millis() as u64,
+    };
+    let mut applier = Applier::new(db.clone(), applied_tx, waiters.clone(), apply_limits)?;
+    applier.ignore_sessions_for_tests = switches.ignore_sessions;
+    let (apply_tx, apply_rx) = mpsc::channel(limits.apply_queue_max);
+    let (applied_report_tx, applied_report_rx) = mpsc::channel(limits.apply_queue_max);
+    let apply_thread = std::thread::Builder::new()
+        .name("cairn-apply".into())
+        .spawn(move || applier.run(apply_rx, applied_report_tx))
+        .map_err(|e| ServerError::Other(format!("starting the apply worker: {e}")))?;
+
+    // QUIC.
+    let transport = Arc::new(tls::transport_config(limits.streams_per_connection_max));
+    let server_cfg = tls.server_config(transport.clone())?;
+    let peer_cfg = tls.peer_client_config(transport)?;
+    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
+        .map_err(|e| ServerError::Other(format!("listening on {}: {e}", cfg.listen)))?;
+    tracing::info!(listen = %cfg.listen, "listening");
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(limits.inbound_queue_max);
+    let (unreachable_tx, unreachable_rx) = mpsc::channel(64);
+    let mut addrs: BTreeMap<u64, String> = cfg.initial_cluster.clone();
+    addrs.insert(cfg.id, cfg.advertise.clone());
+    let link_cfg = LinkConfig {
+        cluster_id,
+        connect_timeout: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_secs(1),
+    };
+    let links = {
+        let endpoint = endpoint.clone();
+        let cfg = cfg.clone();
+        let addrs = addrs.clone();
+        let peer_queue_max = limits.peer_queue_max;
+        Arc::new(move |peer: NodeId| {
+            let (tx, rx) = mpsc::channel(peer_queue_max);
+            let cfg2 = cfg.clone();
+            let addrs2 = addrs.clone();
+            let addr: Arc<dyn Fn() -> Option<String> + Send + Sync> =
+                Arc::new(move || cfg2.peer_addr(peer.0, addrs2.get(&peer.0).map(String::as_str)));
+            tokio::spawn(peer::run_link(
+                endpoint.clone(),
+                peer_cfg.clone(),
+                peer,
+                addr,
+                link_cfg.clone(),
+                rx,
+                unreachable_tx.clone(),
+            ));
+            Some(tx)
+        })
+    };
+    let (node_tx, node_rx) = mpsc::channel(limits.proposal_queue_max);
+    let task = NodeTask {
+        raw,
+        name: cfg.name.clone(),
+        cluster_id,
+        tick: cfg.tick,
+        requests: node_rx,
+        inbound: inbound_rx,
+        unreachable: unreachable_rx,
+        wal_jobs: wal_tx,
+        wal_done: wal_done_rx,
+        apply_jobs: apply_tx.clone(),
+        applied: applied_report_rx,
+        waiters,
+        links,
+        addrs,
+        db: db.clone(),
+        pending_reads_max: limits.pending_reads_max,
+    };
+    let node_task = tokio::spawn(task.run());
+
+    let ctx = Arc::new(Ctx {
+        id: cfg.id,
+        cluster_id,
+        tokens: cfg.client_tokens.clone(),
+        node: node_tx.clone(),
+        db: db.clone(),
+        applied: applied_rx,
+        apply_jobs: apply_tx,
+        connections: tokio::sync::Semaphore::new(limits.client_connections_max),
+        limits,
+        apply_limits,
+        request_timeout: Duration::from_secs(10),
+    });
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), inbound_tx, cluster_id, cfg.id));
+
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    let (tx, rx) = oneshot::channel();
+    if node_tx.send(NodeRequest::Shutdown { reply: tx }).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+    }
+    accept.abort();
+    endpoint.close(0u32.into(), b"node stopping");
+    drop(node_tx);
+    drop(ctx);
+    node_task.abort();
+    let _ = node_task.await;
+    // The Raft task owned the job senders: the threads finish their queues and stop.
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = wal_thread.join();
+        let _ = apply_thread.join();
+    })
+    .await;
+    match Arc::try_unwrap(db) {
+        Ok(db) => db.close()?,
+        Err(db) => db.flush()?,
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    inbound: mpsc::Sender<cairn_raft_core::Message>,
+    cluster_id: u64,
+    me: u64,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let alpn = peer::alpn_of(&conn).unwrap_or_default();
+            if peer::is_peer(&alpn) {
+                let id = conn
+                    .peer_identity()
+                    .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+                    .and_then(|certs| certs.first().map(tls::node_id_of));
+                match id {
+                    Some(Ok(id)) => {
+                        let max = ctx.limits.peer_frame_bytes_max;
+                        peer::serve_peer(conn, id, cluster_id, NodeId(me), max, inbound).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(remote = %conn.remote_address(), error = %e, "refused a peer certificate");
+                        conn.close(3u32.into(), b"certificate names no node");
+                    }
+                    None => {
+                        tracing::warn!(remote = %conn.remote_address(), "refused a peer without a certificate");
+                        conn.close(3u32.into(), b"peers must present a certificate");
+                    }
+                }
+            } else {
+                serve_client(conn, ctx).await;
+            }
+        });
+    }
+}
+
+async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
+    let Ok(_permit) = ctx.connections.try_acquire() else {
+        conn.close(4u32.into(), b"too many connections");
+        return;
+    };
+    // The first stream must authenticate.
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+    let hello = frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await;
+    let ok = matches!(&hello, Ok(Request::Hello { token }) if ctx.tokens.iter().any(|t| t == token));
+    let resp = if ok {
+        Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id }
+    } else {
+        tracing::warn!(remote = %conn.remote_address(), "refused a client: no valid token");
+        Response::error(ErrorCode::Unauthorized, "the token is not valid for this cluster")
+    };
+    if let Ok(bytes) = frame::encode(&resp) {
+        let _ = send.write_all(&bytes).await;
+    }
+    let _ = send.finish();
+    if !ok {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(5u32.into(), b"unauthorized");
+        return;
+    }
+    loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let resp = match frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await {
+                Ok(req) => handle(&ctx, req).await,
+                Err(frame::FrameError::TooLarge { len, max }) => {
+                    Response::error(ErrorCode::TooLarge, format!("a request of {len} bytes is over the limit of {max}"))
+                }
+                Err(e) => Response::error(ErrorCode::BadRequest, format!("malformed request: {e}")),
+            };
+            match frame::encode(&resp) {
+                Ok(bytes) => {
+                    let _ = send.write_all(&bytes).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a response"),
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
+async fn handle(ctx: &Ctx, req: Request) -> Response {
+    match req {
+        Request::Hello { .. } => Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id },
+        Request::Register => propose(ctx, Command { time_ms: now_ms(), op: CommandOp::Register }.encode()).await,
+        Request::Write { session, ops } => {
+            if let Err(code) = check_ops(&ops, ctx.apply_limits) {
+                return Response::error(code, crate::apply::refusal_message(code));
+            }
+            propose(ctx, Command { time_ms: now_ms(), op: CommandOp::Write { session, ops } }.encode()).await
+        }
+        Request::Get { key, consistency } => {
+            if key.len() > ctx.limits.key_bytes_max {
+                return Response::error(ErrorCode::TooLarge, "the key is over the limit");
+            }
+            let index = match read_barrier(ctx, consistency).await {
+                Ok(i) => i,
+                Err(r) => return r,
+            };
+            match ctx.db.get(&user_key(&key)) {
+                Ok(Some(v)) => match decode_value(&v) {
+                    Ok(v) => Response::Value { value: Some(v.to_vec()), index },
+                    Err(e) => Response::error(ErrorCode::Unavailable, e),
+                },
+                Ok(None) => Response::Value { value: None, index },
+                Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            }
+        }
+        Request::Scan { start, end, limit, keys_only, consistency } => {
+            let index = match read_barrier(ctx, consistency).await {
+                Ok(i) => i,
+                Err(r) => return r,
+            };
+            let limit =
+                if limit == 0 { ctx.limits.scan_pairs_max } else { limit.min(ctx.limits.scan_pairs_max) } as usize;
+            let lo = user_key(&start);
+            let hi = match end {
+                Some(e) => user_key(&e),
+                None => vec![USER_PREFIX + 1],
+            };
+            if lo >= hi {
+                return Response::Scanned { pairs: Vec::new(), more: false, index };
+            }
+            let mut pairs = Vec::new();
+            let mut more = false;
+            for kv in ctx.db.range(lo..hi) {
+                let (k, v) = match kv {
+                    Ok(kv) => kv,
+                    Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+                };
+                if pairs.len() == limit {
+                    more = true;
+                    break;
+                }
+                let v = if keys_only { Vec::new() } else { decode_value(&v).map(<[u8]>::to_vec).unwrap_or_default() };
+                pairs.push((k[1..].to_vec(), v));
+            }
+            Response::Scanned { pairs, more, index }
+        }
+        Request::Status { with_hash } => {
+            let (tx, rx) = oneshot::channel();
+            if ctx.node.send(NodeRequest::Status { reply: tx }).await.is_err() {
+                return Response::error(ErrorCode::Stopping, "the node is stopping");
+            }
+            let Ok(mut s) = rx.await else { return Response::error(ErrorCode::Stopping, "the node is stopping") };
+            if with_hash {
+                let (tx, rx) = oneshot::channel();
+                if ctx.apply_jobs.send(ApplyJob::Hash { reply: tx }).await.is_ok() {
+                    s.state_hash = rx.await.ok();
+                }
+            }
+            Response::Status(s)
+        }
+        Request::Health => propose(ctx, Vec::new()).await,
+        Request::MemberList => {
+            let (tx, rx) = oneshot::channel();
+            if ctx.node.send(NodeRequest::Members { reply: tx }).await.is_err() {
+                return Response::error(ErrorCode::Stopping, "the node is stopping");
+            }
+            match rx.await {
+                Ok(m) => Response::Members(m),
+                Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
+            }
+        }
+        Request::TransferLeader { to } => {
+            let (tx, rx) = oneshot::channel();
+            if ctx.node.send(NodeRequest::TransferLeader { to, reply: tx }).await.is_err() {
+                return Response::error(ErrorCode::Stopping, "the node is stopping");
+            }
+            match rx.await {
+                Ok(Ok(())) => Response::Ok,
+                Ok(Err(e)) => Response::Error(e),
+                Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
+            }
+        }
+    }
+}
+
+/// Waits until a read at `consistency` may be served; returns the applied index it is served at.
+async fn read_barrier(ctx: &Ctx, consistency: Consistency) -> Result<u64, Response> {
+    let mut applied = ctx.applied.clone();
+    if consistency == Consistency::Serializable {
+        return Ok(*applied.borrow());
+    }
+    let (tx, rx) = oneshot::channel();
+    if ctx.node.try_send(NodeRequest::ReadIndex { reply: tx }).is_err() {
+        return Err(Response::error(ErrorCode::Busy, "the node's request queue is full"));
+    }
+    let index = match tokio::time::timeout(ctx.request_timeout, rx).await {
+        Ok(Ok(Ok(i))) => i,
+        Ok(Ok(Err(e))) => return Err(Response::Error(e)),
+        Ok(Err(_)) => return Err(Response::error(ErrorCode::Stopping, "the node is stopping")),
+        Err(_) => return Err(Response::error(ErrorCode::Unavailable, "no read index in time (no quorum?)")),
+    };
+    match tokio::time::timeout(ctx.request_timeout, applied.wait_for(|a| *a >= index)).await {
+        Ok(Ok(a)) => Ok((*a).max(index)),
+        Ok(Err(_)) => Err(Response::error(ErrorCode::Stopping, "the node is stopping")),
+        Err(_) => Err(Response::error(ErrorCode::Unavailable, "this node did not apply up to the read index in time")),
+    }
+}
+
+async fn propose(ctx: &Ctx, data: Vec<u8>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    match ctx.node.try_send(NodeRequest::Propose { data, reply: tx }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return Response::error(ErrorCode::Busy, "the node's proposal queue is full; retry later");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Response::error(ErrorCode::Stopping, "the node is stopping");
+        }
+    }
+    match tokio::time::timeout(ctx.request_timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Response::error(ErrorCode::Stopping, "the node stopped before the write applied; it may have"),
+        Err(_) => Response::error(ErrorCode::Unavailable, "the write did not apply in time; it may still apply"),
+    }
+}

@@ -1,0 +1,166 @@
+//! The replicated state: the commands entries carry, and how the applied
+//! state is laid out in the LSM.
+//!
+//! Keys of the LSM (one byte of namespace first, so later issues can add
+//! their own without touching these):
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `k` | user key | [`VALUE_FORMAT`], modification index (u64 LE), the value |
+//! | `s` | client id (u64 BE) | a [`SessionRecord`] (rkyv) |
+//! | `m` | `conf` | the membership (`ConfState`, rkyv) as of the marker |
+//!
+//! Reserved for later: `r` (per-key revisions and history for watch), `l`
+//! (leases). The modification index stored with each value is the Raft index
+//! that wrote it, so revisions can start from it.
+
+/// Namespace of user keys.
+pub const USER_PREFIX: u8 = b'k';
+/// Namespace of sessions.
+pub const SESSION_PREFIX: u8 = b's';
+/// Namespace of node metadata.
+pub const META_PREFIX: u8 = b'm';
+/// The key of the membership.
+pub const CONF_KEY: &[u8] = b"mconf";
+/// The format byte of a stored value.
+pub const VALUE_FORMAT: u8 = 1;
+/// Bytes before a stored value's user bytes.
+pub const VALUE_HEADER_BYTES: usize = 9;
+
+pub use records::{Command, CommandOp, Outcome, SessionRecord};
+
+mod records {
+    use cairn_kv_client::frame::{self, FrameError};
+    use cairn_kv_client::protocol::{ErrorCode, Session, WriteOp};
+    use rkyv::{Archive, Deserialize, Serialize};
+
+    /// What an entry asks the state machine to do.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub struct Command {
+        /// The proposing leader's wall clock, in ms since the epoch: the only
+        /// clock the state machine reads (session expiry), so every replica
+        /// decides the same.
+        pub time_ms: u64,
+        /// The operation.
+        pub op: CommandOp,
+    }
+
+    /// The operations.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub enum CommandOp {
+        /// Open a session; its id is this entry's index.
+        Register,
+        /// A client write.
+        Write {
+            /// The client's session.
+            session: Session,
+            /// The changes, applied together.
+            ops: Vec<WriteOp>,
+        },
+        /// Nothing (a health check).
+        Noop,
+    }
+
+    impl Command {
+        /// Encodes the command as entry data.
+        pub fn encode(&self) -> Vec<u8> {
+            rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+        }
+        /// Decodes entry data.
+        pub fn decode(data: &[u8]) -> Result<Command, FrameError> {
+            frame::decode(data)
+        }
+    }
+
+    /// A cached answer to a write, kept in its session.
+    #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub enum Outcome {
+        /// Applied at this index.
+        Written(u64),
+        /// Refused at apply (deterministically) with this code.
+        Refused(ErrorCode),
+    }
+
+    /// A session in the replicated state.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub struct SessionRecord {
+        /// Time of the last entry of this client (leader clock, ms).
+        pub last_active_ms: u64,
+        /// Sequence numbers below this were acknowledged by the client and
+        /// their responses dropped.
+        pub first_unacked: u64,
+        /// Responses of recent sequence numbers, ascending.
+        pub responses: Vec<(u64, Outcome)>,
+    }
+
+    impl SessionRecord {
+        /// Encodes the record.
+        pub fn encode(&self) -> Vec<u8> {
+            rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+        }
+        /// Decodes a record.
+        pub fn decode(data: &[u8]) -> Result<SessionRecord, FrameError> {
+            frame::decode(data)
+        }
+    }
+}
+
+/// The LSM key of user key `key`.
+pub fn user_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(USER_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The LSM key of session `id`.
+pub fn session_key(id: u64) -> Vec<u8> {
+    let mut k = vec![SESSION_PREFIX];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// A stored value: format, modification index, user bytes.
+pub fn encode_value(index: u64, value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
+    v.push(VALUE_FORMAT);
+    v.extend_from_slice(&index.to_le_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+/// The user bytes of a stored value, or why it is not one.
+pub fn decode_value(stored: &[u8]) -> Result<&[u8], String> {
+    match stored.first() {
+        Some(&VALUE_FORMAT) if stored.len() >= VALUE_HEADER_BYTES => Ok(&stored[VALUE_HEADER_BYTES..]),
+        Some(&f) => Err(format!("stored value of format {f}, this build reads format {VALUE_FORMAT}")),
+        None => Err("empty stored value".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_kv_client::protocol::{Session, WriteOp};
+
+    #[test]
+    fn commands_and_sessions_round_trip() {
+        let c = Command {
+            time_ms: 5,
+            op: CommandOp::Write {
+                session: Session { client_id: 1, seq: 2, first_unacked: 2 },
+                ops: vec![WriteOp::Put { key: b"a".to_vec(), value: b"b".to_vec() }],
+            },
+        };
+        assert_eq!(Command::decode(&c.encode()).expect("decode"), c);
+        let s = SessionRecord { last_active_ms: 1, first_unacked: 3, responses: vec![(3, Outcome::Written(9))] };
+        assert_eq!(SessionRecord::decode(&s.encode()).expect("decode"), s);
+        assert!(Command::decode(b"garbage").is_err());
+        assert_eq!(decode_value(&encode_value(4, b"xy")).expect("value"), b"xy");
+        assert!(decode_value(&[2, 0]).is_err());
+    }
+}

@@ -1,0 +1,413 @@
+//! The Raft log and hard state in cairn-wal: the [`LogStore`] raft-core reads
+//! (an index of terms and a bounded cache of recent entries, older entries
+//! read back from the log by range), and the WAL thread that writes what each
+//! `Ready` says with group commit.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_raft_core::{ConfState, Entry, HardState, LogIndex, LogStore, Message, Term};
+use cairn_wal::{Batch, Durability, Fs, UserKind, Wal, WalOptions};
+
+/// The WAL record kind of a Raft entry (its position is the entry index).
+pub const ENTRY_KIND: UserKind = UserKind::new(1);
+/// The first bytes of the WAL metadata of a node.
+const META_MAGIC: &[u8; 8] = b"CAIRNKV1";
+
+/// What the node's log could not do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The log failed.
+    #[error(transparent)]
+    Wal(#[from] cairn_wal::Error),
+    /// The state engine failed.
+    #[error(transparent)]
+    Lsm(#[from] cairn_lsm::Error),
+    /// Something read back is not what was written.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt {
+        /// What was read.
+        what: &'static str,
+        /// Why it is wrong.
+        reason: String,
+    },
+    /// The data directory belongs to another node or cluster.
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// The identity a data directory is created with and checked against at every start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The node id.
+    pub node_id: u64,
+    /// The cluster id.
+    pub cluster_id: u64,
+}
+
+impl NodeIdentity {
+    fn encode(self) -> Vec<u8> {
+        let mut v = META_MAGIC.to_vec();
+        v.extend_from_slice(&self.node_id.to_le_bytes());
+        v.extend_from_slice(&self.cluster_id.to_le_bytes());
+        v
+    }
+    fn decode(b: &[u8]) -> Result<NodeIdentity, StorageError> {
+        let bad = || StorageError::Corrupt { what: "log metadata", reason: "not a Cairn node's log".into() };
+        if b.len() != 24 || &b[..8] != META_MAGIC {
+            return Err(bad());
+        }
+        let node_id = u64::from_le_bytes(b[8..16].try_into().map_err(|_| bad())?);
+        let cluster_id = u64::from_le_bytes(b[16..24].try_into().map_err(|_| bad())?);
+        Ok(NodeIdentity { node_id, cluster_id })
+    }
+}
+
+fn encode<T>(v: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rkyv::rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rkyv::rancor::Error>(v).map(|b| b.to_vec()).unwrap_or_default()
+}
+
+fn decode_entry(payload: &[u8]) -> Result<Entry, StorageError> {
+    cairn_kv_client::frame::decode::<Entry>(payload)
+        .map_err(|e| StorageError::Corrupt { what: "log entry", reason: e.to_string() })
+}
+
+/// The snapshot marker payload: the term and the membership at the marker.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug)]
+struct MarkerPayload {
+    term: Term,
+    conf: ConfState,
+}
+
+/// The persisted log as raft-core sees it. Updated by the Raft task when
+/// the WAL thread reports a write durable, never before.
+#[derive(Debug)]
+pub struct WalStore {
+    wal: Arc<Wal>,
+    hard_state: HardState,
+    snapshot: (LogIndex, Term),
+    snapshot_conf: ConfState,
+    last: LogIndex,
+    /// `(first index, term)` runs: the term of every retained entry.
+    terms: Vec<(LogIndex, Term)>,
+    /// The newest entries, at most `cache_bytes_max` bytes.
+    cache: VecDeque<Entry>,
+    cache_bytes: u64,
+    cache_bytes_max: u64,
+}
+
+impl WalStore {
+    /// Opens (or creates) the node's log in `dir`, checks its identity, and
+    /// reads the term of every retained entry.
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        identity: NodeIdentity,
+        segment_bytes: u64,
+        cache_bytes_max: u64,
+    ) -> Result<WalStore, StorageError> {
+        let mut opts = WalOptions::default();
+        opts.segment_bytes_max = segment_bytes;
+        opts.record_bytes_max = 64 << 20;
+        let (wal, _report) = Wal::open_or_create(fs, dir, opts, &identity.encode())?;
+        let found = NodeIdentity::decode(&wal.metadata())?;
+        if found != identity {
+            return Err(StorageError::Identity(format!(
+                "the data directory {} belongs to node {} of cluster {:016x}, not node {} of cluster {:016x}",
+                dir.display(),
+                found.node_id,
+                found.cluster_id,
+                identity.node_id,
+                identity.cluster_id
+            )));
+        }
+        let hard_state = match wal.state() {
+            Some(b) => cairn_kv_client::frame::decode::<HardState>(&b)
+                .map_err(|e| StorageError::Corrupt { what: "hard state", reason: e.to_string() })?,
+            None => HardState::default(),
+        };
+        let (snapshot, snapshot_conf) = match wal.snapshot_markers().last() {
+            Some(m) => {
+                let p = cairn_kv_client::frame::decode::<MarkerPayload>(&m.payload)
+                    .map_err(|e| StorageError::Corrupt { what: "snapshot marker", reason: e.to_string() })?;
+                ((LogIndex(m.position), p.term), p.conf)
+            }
+            None => ((LogIndex(0), Term(0)), ConfState::default()),
+        };
+        let mut store = WalStore {
+            wal: Arc::new(wal),
+            hard_state,
+            snapshot,
+            snapshot_conf,
+            last: snapshot.0,
+            terms: Vec::new(),
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            cache_bytes_max,
+        };
+        let marker = (snapshot.0.0 > 0).then_some(snapshot.0.0);
+        let wal = store.wal.clone();
+        let replay = wal.replay_from(marker)?;
+        let mut entries = Vec::new();
+        for records in replay {
+            let records = records?;
+            for r in records.iter() {
+                if r.kind != ENTRY_KIND {
+                    continue;
+                }
+                let e = decode_entry(r.payload)?;
+                if e.index.0 != r.position {
+                    return Err(StorageError::Corrupt {
+                        what: "log entry",
+                        reason: format!("entry {} stored at position {}", e.index.0, r.position),
+                    });
+                }
+                entries.push(e);
+            }
+            store.note_entries(std::mem::take(&mut entries));
+        }
+        Ok(store)
+    }
+
+    /// The log, shared with the WAL thread.
+    pub fn wal(&self) -> Arc<Wal> {
+        self.wal.clone()
+    }
+
+    /// Takes entries made durable (in index order; the first may replace
+    /// entries from its index on).
+    pub fn note_entries(&mut self, entries: Vec<Entry>) {
+        let Some(first) = entries.first() else { return };
+        let first_index = first.index;
+        if first_index <= self.last {
+            // A new leader replaced entries from `first_index` on.
+            while self.terms.last().is_some_and(|(i, _)| *i >= first_index) {
+                self.terms.pop();
+            }
+            while self.cache.back().is_some_and(|e| e.index >= first_index) {
+                if let Some(e) = self.cache.pop_back() {
+                    self.cache_bytes -= e.size_bytes();
+                }
+            }
+        }
+        for e in entries {
+            if self.terms.last().map(|(_, t)| *t) != Some(e.term) {
+                self.terms.push((e.index, e.term));
+            }
+            self.last = e.index;
+            self.cache_bytes += e.size_bytes();
+            self.cache.push_back(e);
+        }
+        while self.cache_bytes > self.cache_bytes_max && self.cache.len() > 1 {
+            if let Some(e) = self.cache.pop_front() {
+                self.cache_bytes -= e.size_bytes();
+            }
+        }
+    }
+
+    /// Takes a hard state made durable.
+    pub fn note_hard_state(&mut self, hs: HardState) {
+        self.hard_state = hs;
+    }
+
+    fn read_from_wal(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let records = match self.wal.read_range(lo.0..hi.0, bytes_max) {
+            Ok(r) => r,
+            Err(e) => crate::fatal(&format!("reading entries {}..{} from the log: {e}", lo.0, hi.0)),
+        };
+        for (expect, r) in (lo.0..).zip(records.iter().filter(|r| r.kind == ENTRY_KIND)) {
+            if r.position != expect {
+                break;
+            }
+            match decode_entry(r.payload) {
+                Ok(e) => out.push(e),
+                Err(e) => crate::fatal(&format!("{e}")),
+            }
+        }
+        out
+    }
+}
+
+impl LogStore for WalStore {
+    fn hard_state(&self) -> HardState {
+        self.hard_state
+    }
+    fn first_index(&self) -> LogIndex {
+        self.snapshot.0.next()
+    }
+    fn last_index(&self) -> LogIndex {
+        self.last
+    }
+    fn term(&self, index: LogIndex) -> Option<Term> {
+        if index == self.snapshot.0 {
+            return Some(self.snapshot.1);
+        }
+        if index < self.snapshot.0 || index > self.last {
+            return None;
+        }
+        let pos = self.terms.partition_point(|(i, _)| *i <= index);
+        pos.checked_sub(1).map(|p| self.terms[p].1)
+    }
+    fn entries(&self, lo: LogIndex, hi: LogIndex, bytes_max: u64) -> Vec<Entry> {
+        let hi = hi.min(self.last.next());
+        if lo >= hi {
+            return Vec::new();
+        }
+        let cache_first = self.cache.front().map_or(self.last.next(), |e| e.index);
+        let mut out =
+            if lo < cache_first { self.read_from_wal(lo, hi.min(cache_first), bytes_max) } else { Vec::new() };
+        let mut bytes: u64 = out.iter().map(Entry::size_bytes).sum();
+        let next = out.last().map_or(lo, |e| e.index.next());
+        if next < cache_first && !out.is_empty() {
+            return out;
+        }
+        for i in next.0..hi.0 {
+            let Some(e) = self.cache.get((i - cache_first.0) as usize) else { break };
+            bytes += e.size_bytes();
+            if !out.is_empty() && bytes > bytes_max {
+                break;
+            }
+            out.push(e.clone());
+        }
+        out
+    }
+    fn snapshot_conf(&self) -> ConfState {
+        self.snapshot_conf.clone()
+    }
+}
+
+/// A write for the WAL thread: one `Ready`'s entries and hard state.
+#[derive(Debug)]
+pub struct WalJob {
+    /// Entries to persist (the first may replace entries from its index on).
+    pub entries: Vec<Entry>,
+    /// The hard state to persist after them.
+    pub hard_state: Option<HardState>,
+    /// Messages to send once durable.
+    pub messages: Vec<Message>,
+}
+
+/// Runs the WAL thread: takes jobs, writes every job waiting at once with one
+/// fdatasync (group commit), reports each job back in order. A write error
+/// stops the process (see DESIGN.md, "I/O failure").
+pub fn run_wal_thread(
+    wal: Arc<Wal>,
+    jobs: std::sync::mpsc::Receiver<WalJob>,
+    done: tokio::sync::mpsc::Sender<WalJob>,
+    group_jobs_max: usize,
+    skip_sync: bool,
+) {
+    let mut last_written: Option<u64> = wal.last_position();
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < group_jobs_max {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Batch::new();
+        for job in &group {
+            if let Some(first) = job.entries.first()
+                && last_written.is_some_and(|l| first.index.0 <= l)
+            {
+                batch.truncate_from(first.index.0);
+            }
+            for e in &job.entries {
+                batch.append(ENTRY_KIND, e.index.0, &encode(e));
+                last_written = Some(e.index.0);
+            }
+            if let Some(hs) = &job.hard_state {
+                batch.set_state(&encode(hs));
+            }
+        }
+        if !batch.is_empty() {
+            let started = std::time::Instant::now();
+            let durability = if skip_sync { Durability::Buffered } else { Durability::Sync };
+            if let Err(e) = wal.write(&batch, durability) {
+                crate::fatal(&format!("writing the Raft log: {e}"));
+            }
+            metrics::histogram!("cairn_wal_write_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("cairn_wal_groups_total").increment(1);
+        }
+        for job in group {
+            if done.blocking_send(job).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Appends a snapshot marker at (`index`, `term`) with the membership then,
+/// durably (used at bootstrap of a new member and before a log release).
+pub fn write_snapshot_marker(wal: &Wal, index: LogIndex, term: Term, conf: &ConfState) -> Result<(), StorageError> {
+    let mut b = Batch::new();
+    b.snapshot_marker(index.0, &encode(&MarkerPayload { term, conf: conf.clone() }));
+    wal.write(&b, Durability::Sync)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_raft_core::EntryKind;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { term: Term(term), index: LogIndex(index), kind: EntryKind::Normal, data: vec![index as u8; 10] }
+    }
+
+    #[test]
+    fn the_store_reads_back_through_the_cache_and_the_log_and_keeps_terms_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs: Arc<dyn Fs> = Arc::new(cairn_wal::StdFs);
+        let id = NodeIdentity { node_id: 1, cluster_id: 9 };
+        let mut s = WalStore::open(fs.clone(), dir.path(), id, 1 << 20, 200).expect("open");
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let (dtx, mut drx) = tokio::sync::mpsc::channel(16);
+        let wal = s.wal();
+        let t = std::thread::spawn(move || run_wal_thread(wal, rx, dtx, 8, false));
+        let batch1: Vec<Entry> = (1..=20).map(|i| entry(i, 1)).collect();
+        tx.send(WalJob { entries: batch1, hard_state: None, messages: vec![] }).expect("send");
+        // A new leader replaces 15.. with term 2.
+        let batch2: Vec<Entry> = (15..=25).map(|i| entry(i, 2)).collect();
+        let hs = HardState { term: Term(2), vote: Some(cairn_raft_core::NodeId(2)), commit: LogIndex(12) };
+        tx.send(WalJob { entries: batch2, hard_state: Some(hs), messages: vec![] }).expect("send");
+        for _ in 0..2 {
+            let job = drx.blocking_recv().expect("done");
+            s.note_entries(job.entries);
+            if let Some(h) = job.hard_state {
+                s.note_hard_state(h);
+            }
+        }
+        drop(tx);
+        t.join().expect("thread");
+        assert_eq!(s.last_index(), LogIndex(25));
+        assert_eq!(s.term(LogIndex(14)), Some(Term(1)));
+        assert_eq!(s.term(LogIndex(15)), Some(Term(2)));
+        // The cache holds only the newest few (200 bytes); older ones come from the log.
+        let all = s.entries(LogIndex(1), LogIndex(26), u64::MAX);
+        assert_eq!(all.len(), 25);
+        assert!(all.iter().enumerate().all(|(i, e)| e.index.0 == i as u64 + 1));
+        assert_eq!(all[16].term, Term(2));
+        drop(s);
+        let s = WalStore::open(fs.clone(), dir.path(), id, 1 << 20, 200).expect("reopen");
+        assert_eq!(s.last_index(), LogIndex(25));
+        assert_eq!(s.term(LogIndex(15)), Some(Term(2)));
+        assert_eq!(s.hard_state(), hs);
+        drop(s);
+        let other = NodeIdentity { node_id: 2, cluster_id: 9 };
+        assert!(matches!(WalStore::open(fs, dir.path(), other, 1 << 20, 200), Err(StorageError::Identity(_))));
+    }
+}

@@ -1,0 +1,232 @@
+//! Certificates and TLS: a cluster CA, node certificates that carry the node
+//! id (SAN `node-<id>.cairn`), and the QUIC configurations built from them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_kv_client::protocol::{ALPN_CLIENT, ALPN_PEER, SERVER_NAME};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A TLS setup that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("tls: {0}")]
+pub struct TlsError(pub String);
+
+fn err(what: impl std::fmt::Display) -> TlsError {
+    TlsError(what.to_string())
+}
+
+/// The DNS name that binds a certificate to node `id`.
+pub fn node_dns_name(id: u64) -> String {
+    format!("node-{id}.cairn")
+}
+
+/// The node id a peer certificate is bound to: its one `node-<id>.cairn` SAN.
+pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<u64, TlsError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| err(format!("bad certificate: {e}")))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| err(format!("bad SAN extension: {e}")))?
+        .ok_or_else(|| err("the certificate has no SAN"))?;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => {
+            d.strip_prefix("node-").and_then(|r| r.strip_suffix(".cairn")).and_then(|i| i.parse::<u64>().ok())
+        }
+        _ => None,
+    });
+    match (ids.next(), ids.next()) {
+        (Some(id), None) if id != 0 => Ok(id),
+        (None, _) => Err(err("the certificate names no node (no node-<id>.cairn SAN)")),
+        _ => Err(err("the certificate names more than one node")),
+    }
+}
+
+/// Generated PEM files.
+#[derive(Debug, Clone)]
+pub struct Pem {
+    /// Certificate.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
+}
+
+/// Generates a cluster CA.
+pub fn generate_ca(cluster_name: &str) -> Result<Pem, TlsError> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("{cluster_name} cluster CA"));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// Generates node `id`'s certificate, signed by the CA, valid for peers
+/// (`node-<id>.cairn`) and clients ([`SERVER_NAME`], and `hosts`).
+pub fn generate_node(ca: &Pem, id: u64, hosts: &[String]) -> Result<Pem, TlsError> {
+    let ca_key = rcgen::KeyPair::from_pem(&ca.key).map_err(err)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(err)?;
+    let mut names = vec![node_dns_name(id), SERVER_NAME.to_string()];
+    names.extend(hosts.iter().cloned());
+    let mut params = rcgen::CertificateParams::new(names).map_err(err)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, node_dns_name(id));
+    params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+    Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// Writes a CA and node certificates `ids` into `dir` (`ca.pem`, `ca.key`,
+/// `node-<id>.pem`, `node-<id>.key`), keeping files that exist.
+pub fn write_cluster_certs(dir: &Path, cluster_name: &str, ids: &[u64], hosts: &[String]) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let ca = if ca_cert.exists() && ca_key.exists() {
+        Pem { cert: read_string(&ca_cert)?, key: read_string(&ca_key)? }
+    } else {
+        let ca = generate_ca(cluster_name)?;
+        write_private(&ca_key, &ca.key)?;
+        write_file(&ca_cert, &ca.cert)?;
+        ca
+    };
+    for &id in ids {
+        let cert = dir.join(format!("node-{id}.pem"));
+        let key = dir.join(format!("node-{id}.key"));
+        if cert.exists() && key.exists() {
+            continue;
+        }
+        let pem = generate_node(&ca, id, hosts)?;
+        write_private(&key, &pem.key)?;
+        write_file(&cert, &pem.cert)?;
+    }
+    Ok(())
+}
+
+fn read_string(p: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(p).map_err(|e| err(format!("reading {}: {e}", p.display())))
+}
+
+fn write_file(p: &Path, s: &str) -> Result<(), TlsError> {
+    std::fs::write(p, s).map_err(|e| err(format!("writing {}: {e}", p.display())))
+}
+
+fn write_private(p: &Path, s: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| err(format!("writing {}: {e}", p.display())))?;
+    f.write_all(s.as_bytes()).map_err(|e| err(format!("writing {}: {e}", p.display())))
+}
+
+/// The node's TLS material, loaded.
+#[derive(Debug)]
+pub struct NodeTls {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl NodeTls {
+    /// Loads the CA, the node certificate and key, and checks the
+    /// certificate is bound to `id`.
+    pub fn load(ca: &Path, cert: &Path, key: &Path, id: u64) -> Result<NodeTls, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| err(format!("{}: {e}", ca.display())))? {
+            roots.add(c.map_err(|e| err(format!("{}: {e}", ca.display())))?).map_err(err)?;
+        }
+        let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| err(format!("{}: {e}", cert.display())))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(format!("{}: {e}", cert.display())))?;
+        let first = chain.first().ok_or_else(|| err(format!("{} holds no certificate", cert.display())))?;
+        let bound = node_id_of(first)?;
+        if bound != id {
+            return Err(err(format!("{} is node {bound}'s certificate, not node {id}'s", cert.display())));
+        }
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err(format!("{}: {e}", key.display())))?;
+        Ok(NodeTls { roots: Arc::new(roots), chain, key })
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// The server side: both ALPNs; client certificates verified against the
+    /// CA when presented (peers must present one; clients present a token).
+    pub fn server_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(err)?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(err)?;
+        tls.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_CLIENT.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(err)?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        cfg.transport_config(transport);
+        Ok(cfg)
+    }
+
+    /// The client side toward peers: presents this node's certificate,
+    /// verifies the peer's against the CA.
+    pub fn peer_client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(err)?;
+        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(err)?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(transport);
+        Ok(cfg)
+    }
+}
+
+/// The QUIC transport settings of a node.
+pub fn transport_config(streams_per_connection_max: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(streams_per_connection_max.into());
+    t.max_concurrent_uni_streams(16u32.into());
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_carry_their_id() {
+        let ca = generate_ca("t").expect("ca");
+        let n = generate_node(&ca, 7, &["localhost".into()]).expect("node");
+        let der = CertificateDer::from_pem_slice(n.cert.as_bytes()).expect("pem");
+        assert_eq!(node_id_of(&der).expect("id"), 7);
+        let ca_der = CertificateDer::from_pem_slice(ca.cert.as_bytes()).expect("pem");
+        assert!(node_id_of(&ca_der).is_err());
+    }
+}
