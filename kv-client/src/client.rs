@@ -152,6 +152,18 @@ pub struct ScanPage {
     pub more: bool,
 }
 
+enum ConnErr {
+    /// The node answered Hello with a refusal (a bad token).
+    Refused(ErrorInfo),
+    Failed(String),
+}
+
+impl From<String> for ConnErr {
+    fn from(s: String) -> ConnErr {
+        ConnErr::Failed(s)
+    }
+}
+
 enum Attempt {
     Done(Response),
     /// Retry (after a redirect, at once; otherwise after a backoff).
@@ -281,7 +293,10 @@ impl Client {
     /// The status of one node, by address, without redirects or retries.
     pub async fn status_of(&self, addr: &str, with_hash: bool) -> Result<StatusInfo> {
         let sock = resolve(addr).await?;
-        let conn = self.connect(sock).await.map_err(Error::Unreachable)?;
+        let conn = self.connect(sock).await.map_err(|e| match e {
+            ConnErr::Refused(info) => Error::Refused(info),
+            ConnErr::Failed(s) => Error::Unreachable(s),
+        })?;
         let deadline = Instant::now() + self.inner.opts.request_timeout;
         match self.exchange(&conn, &Request::Status { with_hash }, deadline).await {
             Ok(Response::Status(s)) => Ok(s),
@@ -369,7 +384,8 @@ impl Client {
     async fn attempt(&self, req: &Request, deadline: Instant) -> Attempt {
         let conn = match self.current_connection().await {
             Ok(c) => c,
-            Err(reason) => return Attempt::Retry { reason, may_have_applied: false, redirect: false },
+            Err(ConnErr::Refused(e)) => return Attempt::Done(Response::Error(e)),
+            Err(ConnErr::Failed(reason)) => return Attempt::Retry { reason, may_have_applied: false, redirect: false },
         };
         let attempt_deadline = deadline.min(Instant::now() + self.inner.opts.request_timeout);
         match self.exchange(&conn, req, attempt_deadline).await {
@@ -402,7 +418,7 @@ impl Client {
     }
 
     /// The connection in use, or a new one to the leader hint or the next endpoint.
-    async fn current_connection(&self) -> std::result::Result<quinn::Connection, String> {
+    async fn current_connection(&self) -> std::result::Result<quinn::Connection, ConnErr> {
         let mut guard = self.inner.conn.lock().await;
         if let Some((_, c)) = guard.as_ref()
             && c.close_reason().is_none()
@@ -415,14 +431,14 @@ impl Client {
             *i += 1;
             e
         });
-        let addr = resolve(&target).await.map_err(|e| e.to_string())?;
+        let addr = resolve(&target).await.map_err(|e| ConnErr::Failed(e.to_string()))?;
         let conn = self.connect(addr).await?;
         *guard = Some((addr, conn.clone()));
         Ok(conn)
     }
 
     /// A new authenticated connection to `addr`.
-    async fn connect(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, String> {
+    async fn connect(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, ConnErr> {
         let opts = &self.inner.opts;
         let connecting =
             self.inner.endpoint.connect(addr, &opts.server_name).map_err(|e| format!("connecting to {addr}: {e}"))?;
@@ -433,8 +449,8 @@ impl Client {
         let deadline = Instant::now() + opts.request_timeout;
         match self.exchange(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
             Response::HelloOk { .. } => Ok(conn),
-            Response::Error(e) => Err(format!("{addr} refused the connection: {}", e.message)),
-            other => Err(format!("{addr} answered Hello with {other:?}")),
+            Response::Error(e) => Err(ConnErr::Refused(e)),
+            other => Err(ConnErr::Failed(format!("{addr} answered Hello with {other:?}"))),
         }
     }
 

@@ -1,0 +1,157 @@
+//! Bad input is refused with a clear error while the node goes on serving.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_kv_client::frame;
+use cairn_kv_client::protocol::{ALPN_CLIENT, ALPN_PEER, Request, Response, SERVER_NAME};
+use cairn_kv_client::{Client, ErrorCode};
+use cairn_kv_server::peer::PeerFrame;
+use cairn_kv_server::tls;
+use cairn_raft_core::{Body, Message, NodeId, Term};
+use common::Cluster;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+fn roots(ca_pem: &[u8]) -> Arc<rustls::RootCertStore> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        r.add(c.expect("pem")).expect("add");
+    }
+    Arc::new(r)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A raw QUIC connection with the given ALPN and optional client certificate.
+async fn raw_connect(
+    addr: &str,
+    ca_pem: &[u8],
+    alpn: &[u8],
+    server_name: &str,
+    client_cert: Option<&tls::Pem>,
+) -> Result<quinn::Connection, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots(ca_pem));
+    let mut cfg = match client_cert {
+        Some(p) => {
+            let chain = vec![CertificateDer::from_pem_slice(p.cert.as_bytes()).expect("cert")];
+            let key = PrivateKeyDer::from_pem_slice(p.key.as_bytes()).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).expect("quic");
+    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(addr.parse().expect("addr"), server_name).map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn exchange_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    frame::read::<Response>(&mut recv, 1 << 20).await.map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_node_keeps_serving() {
+    let cluster = Cluster::start(&[]);
+    let good = cluster.client();
+    good.put("before", "1").await.expect("put");
+    let ca = std::fs::read(cluster.layout.dir.join("certs/ca.pem")).expect("ca");
+    let node1 = cluster.endpoint(1);
+
+    // A wrong token.
+    let mut o = cluster.options();
+    o.token = "not-the-token".into();
+    o.retry_deadline = Duration::from_secs(3);
+    let err = Client::new(o).expect("client").put("x", "y").await.expect_err("wrong token");
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+    assert!(err.to_string().contains("token"), "{err}");
+
+    // An oversized value, and a request frame over the request limit.
+    let err = good.put("big", vec![0u8; (1 << 20) + 1]).await.expect_err("oversized value");
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    let err = good.put("huge", vec![0u8; 5 << 20]).await.expect_err("oversized request");
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+
+    // Malformed frames on an authenticated client connection.
+    let conn = raw_connect(&node1, &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");
+    let hello = frame::encode(&Request::Hello { token: cluster.layout.token.clone() }).expect("encode");
+    assert!(matches!(exchange_raw(&conn, &hello).await, Ok(Response::HelloOk { .. })));
+    let mut garbage = vec![16, 0, 0, 0, 1, 0, 0, 0];
+    garbage.extend_from_slice(&[0xAB; 16]);
+    match exchange_raw(&conn, &garbage).await {
+        Ok(Response::Error(e)) => assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message),
+        other => panic!("garbage answered with {other:?}"),
+    }
+    let mut bad_version = frame::encode(&Request::Status { with_hash: false }).expect("encode");
+    bad_version[4] = 99;
+    match exchange_raw(&conn, &bad_version).await {
+        Ok(Response::Error(e)) => assert!(e.message.contains("version 99"), "{}", e.message),
+        other => panic!("a frame of version 99 answered with {other:?}"),
+    }
+    // The same connection still works.
+    assert!(matches!(
+        exchange_raw(&conn, &frame::encode(&Request::Status { with_hash: false }).expect("e")).await,
+        Ok(Response::Status(_))
+    ));
+
+    // A peer certificate from another CA: the handshake fails.
+    let other_ca = tls::generate_ca("intruder").expect("ca");
+    let forged = tls::generate_node(&other_ca, 2, &[]).expect("node");
+    let r = raw_connect(&node1, &ca, ALPN_PEER, &tls::node_dns_name(1), Some(&forged)).await;
+    match r {
+        Err(_) => {}
+        Ok(c) => {
+            // TLS 1.3 may finish the client side before the server rejects the certificate.
+            let reason = tokio::time::timeout(Duration::from_secs(5), c.closed()).await.expect("closed in time");
+            assert!(reason.to_string().to_lowercase().contains("cert"), "{reason}");
+        }
+    }
+
+    // A validly signed certificate of node 3 whose messages claim to be from node 2.
+    let certs = cluster.layout.dir.join("certs");
+    let node3 = tls::Pem {
+        cert: std::fs::read_to_string(certs.join("node-3.pem")).expect("cert"),
+        key: std::fs::read_to_string(certs.join("node-3.key")).expect("key"),
+    };
+    let conn = raw_connect(&node1, &ca, ALPN_PEER, &tls::node_dns_name(1), Some(&node3)).await.expect("peer connect");
+    let mut send = conn.open_uni().await.expect("uni");
+    let status = good.status_of(&node1, false).await.expect("status");
+    let spoof = PeerFrame {
+        cluster_id: status.cluster_id,
+        msg: Message { from: NodeId(2), to: NodeId(1), term: Term(status.term + 100), body: Body::TimeoutNow },
+    };
+    send.write_all(&frame::encode(&spoof).expect("encode")).await.expect("write");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed in time");
+    assert!(reason.to_string().contains("claims to be from node 2"), "{reason}");
+    // A frame of another cluster, on node 3's own identity.
+    let conn = raw_connect(&node1, &ca, ALPN_PEER, &tls::node_dns_name(1), Some(&node3)).await.expect("peer connect");
+    let mut send = conn.open_uni().await.expect("uni");
+    let foreign = PeerFrame {
+        cluster_id: status.cluster_id ^ 1,
+        msg: Message { from: NodeId(3), to: NodeId(1), term: Term(status.term + 100), body: Body::TimeoutNow },
+    };
+    send.write_all(&frame::encode(&foreign).expect("encode")).await.expect("write");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed in time");
+    assert!(reason.to_string().contains("cluster"), "{reason}");
+
+    // None of it disturbed the cluster: same term, and it still serves.
+    good.put("after", "2").await.expect("put after");
+    assert_eq!(good.get("before").await.expect("get").as_deref(), Some(&b"1"[..]));
+    let after = good.status_of(&node1, false).await.expect("status");
+    assert_eq!(after.term, status.term, "a refused message changed the term");
+}

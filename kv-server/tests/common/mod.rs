@@ -1,0 +1,181 @@
+//! A cluster of real `kv-server` processes on 127.0.0.1 for the tests.
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_kv_client::{Client, ClientOptions};
+use cairn_kv_server::dev::{DevLayout, node_args, prepare};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub layout: DevLayout,
+    pub procs: Vec<Option<Child>>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Three consecutive free UDP ports on 127.0.0.1.
+fn free_base_port() -> u16 {
+    for _ in 0..200 {
+        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        let ok = (0..3).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free UDP ports");
+}
+
+impl Cluster {
+    pub fn start(env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = prepare(dir.path(), free_base_port(), &[1, 2, 3]).expect("prepare");
+        let mut c = Cluster {
+            dir,
+            layout,
+            procs: vec![None, None, None],
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        for id in 1..=3 {
+            c.start_node(id);
+        }
+        c
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.layout.dir.join(format!("node-{id}.log")))
+            .expect("log");
+        let mut args = node_args(&self.layout, id);
+        args.extend(["--tick-ms".into(), "50".into()]);
+        let child = Command::new(env!("CARGO_BIN_EXE_kv-server"))
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn kv-server");
+        self.procs[(id - 1) as usize] = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.procs[(id - 1) as usize].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean stop; returns whether it exited 0.
+    pub fn stop(&mut self, id: u64) -> bool {
+        let Some(mut c) = self.procs[(id - 1) as usize].take() else { return true };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn endpoint(&self, id: u64) -> String {
+        self.layout.endpoints[(id - 1) as usize].clone()
+    }
+
+    pub fn options(&self) -> ClientOptions {
+        let ca = std::fs::read(self.layout.dir.join("certs/ca.pem")).expect("ca");
+        let mut o = ClientOptions::new(self.layout.endpoints.clone(), self.layout.token.clone(), ca);
+        o.retry_deadline = Duration::from_secs(20);
+        o.request_timeout = Duration::from_secs(3);
+        o
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.options()).expect("client")
+    }
+
+    /// A client of one node only.
+    pub fn client_of(&self, id: u64) -> Client {
+        let mut o = self.options();
+        o.endpoints = vec![self.endpoint(id)];
+        Client::new(o).expect("client")
+    }
+
+    /// Waits until a live node reports a leader that is live; returns its id.
+    pub async fn leader(&self, timeout: Duration) -> u64 {
+        let c = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in 1..=3u64 {
+                if self.procs[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Ok(s) = c.status_of(&self.endpoint(id), false).await
+                    && s.role == "leader"
+                {
+                    return id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within {timeout:?}; logs in {}", self.layout.dir.display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every live node applied the same index and hashes the same state.
+    pub async fn converged(&self, timeout: Duration) -> (u64, u64) {
+        let c = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for id in 1..=3u64 {
+                if self.procs[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Ok(s) = c.status_of(&self.endpoint(id), true).await
+                    && let Some(h) = s.state_hash
+                {
+                    seen.push(h);
+                }
+            }
+            let live = self.procs.iter().filter(|p| p.is_some()).count();
+            if seen.len() == live && seen.windows(2).all(|w| w[0] == w[1]) {
+                return seen[0];
+            }
+            assert!(Instant::now() < deadline, "replicas did not converge: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().flatten() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        if std::thread::panicking() {
+            for id in 1..=3 {
+                if let Ok(log) = std::fs::read_to_string(self.layout.dir.join(format!("node-{id}.log"))) {
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("--- node {id} log (last lines) ---");
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
