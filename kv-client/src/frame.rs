@@ -163,3 +163,33 @@ mod tests {
         assert!(decode_frame::<Response>(&f[..HEADER_BYTES], 1 << 20).is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz_like {
+    use super::*;
+    use crate::protocol::{Request, Response};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any bytes: decoding returns an error or a value, never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<Request>(&bytes, 1 << 20);
+            let _ = decode_frame::<Response>(&bytes, 1 << 20);
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Response>(&bytes);
+        }
+
+        /// A valid frame with bytes flipped: never a panic.
+        #[test]
+        fn decoding_damaged_frames_never_panics(key in proptest::collection::vec(any::<u8>(), 0..64), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut f = encode(&Request::Get { key, consistency: Default::default() }).expect("encode");
+            for (pos, x) in flips {
+                let n = f.len();
+                f[pos % n] ^= x;
+            }
+            let _ = decode_frame::<Request>(&f, 1 << 20);
+        }
+    }
+}

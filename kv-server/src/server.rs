@@ -60,6 +60,9 @@ pub struct TestSwitches {
     pub ignore_sessions: bool,
     /// `CAIRN_TEST_SKIP_WAL_SYNC=1`: acknowledge log writes without fdatasync.
     pub skip_wal_sync: bool,
+    /// `CAIRN_TEST_APPLIED_FROM_LOG=1`: break the recovery rule, taking the
+    /// log's commit index as applied instead of the state's durable marker.
+    pub applied_from_log: bool,
 }
 
 impl TestSwitches {
@@ -69,6 +72,7 @@ impl TestSwitches {
         TestSwitches {
             ignore_sessions: on("CAIRN_TEST_IGNORE_SESSIONS"),
             skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
+            applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
         }
     }
 }
@@ -124,6 +128,9 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     rcfg.conf = conf;
     rcfg.conf_index = cairn_raft_core::LogIndex(conf_index);
     rcfg.applied = cairn_raft_core::LogIndex(applied_index);
+    if switches.applied_from_log {
+        rcfg.applied = cairn_raft_core::LogStore::hard_state(&store).commit;
+    }
     rcfg.election_ticks = cfg.election_ticks;
     rcfg.heartbeat_ticks = cfg.heartbeat_ticks;
     let raw = RawNode::new(rcfg, store).map_err(|e| ServerError::Other(e.to_string()))?;

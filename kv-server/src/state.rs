@@ -164,3 +164,24 @@ mod tests {
         assert!(decode_value(&[2, 0]).is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz_like {
+    use super::*;
+    use crate::peer::PeerFrame;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Entry data, session records and peer frames from arbitrary bytes:
+        /// an error or a value, never a panic.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Command::decode(&bytes);
+            let _ = SessionRecord::decode(&bytes);
+            let _ = cairn_kv_client::frame::decode::<PeerFrame>(&bytes);
+            let _ = cairn_kv_client::frame::decode_frame::<PeerFrame>(&bytes, 1 << 20);
+            let _ = decode_value(&bytes);
+        }
+    }
+}

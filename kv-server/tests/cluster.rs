@@ -154,3 +154,38 @@ async fn reads_through_every_node_see_the_latest_write() {
     assert_eq!(err.code(), Some(ErrorCode::BadRequest));
     assert!(err.certainly_not_applied());
 }
+
+/// Recovery (DESIGN.md): a node killed with SIGKILL loses its unflushed
+/// memtable and must replay the log from the state's durable marker. With
+/// the rule broken (applied taken from the log's commit index) the replica
+/// comes back missing writes and its state hash differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_follower_replays_the_log_from_its_durable_marker() {
+    assert!(recovery_scenario(false).await.is_ok(), "a killed follower did not recover every write");
+    let broken = recovery_scenario(true).await;
+    assert!(broken.is_err(), "with the recovery rule broken the replicas still agreed: the test has no teeth");
+}
+
+async fn recovery_scenario(break_rule: bool) -> Result<(u64, u64), Vec<(u64, u64)>> {
+    let mut cluster = Cluster::start(&[]);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    let c = cluster.client();
+    for i in 0..200 {
+        c.put(format!("r{i:03}"), format!("{i}")).await.expect("put");
+    }
+    cluster.converged(Duration::from_secs(20)).await;
+    cluster.kill(follower);
+    if break_rule {
+        cluster.env.push(("CAIRN_TEST_APPLIED_FROM_LOG".into(), "1".into()));
+    }
+    cluster.start_node(follower);
+    c.put("after-restart", "1").await.expect("put");
+    let r = cluster.try_converged(Duration::from_secs(if break_rule { 6 } else { 30 })).await;
+    if !break_rule {
+        let one = cluster.client_of(follower);
+        let (v, _) = one.get_with("r000", Consistency::Serializable).await.expect("get");
+        assert_eq!(v.as_deref(), Some(&b"0"[..]), "the restarted follower lost a write");
+    }
+    r
+}

@@ -136,6 +136,14 @@ impl Cluster {
 
     /// Waits until every live node applied the same index and hashes the same state.
     pub async fn converged(&self, timeout: Duration) -> (u64, u64) {
+        match self.try_converged(timeout).await {
+            Ok(h) => h,
+            Err(seen) => panic!("replicas did not converge: {seen:?}"),
+        }
+    }
+
+    /// [`Cluster::converged`], or the last (applied, hash) pairs seen.
+    pub async fn try_converged(&self, timeout: Duration) -> Result<(u64, u64), Vec<(u64, u64)>> {
         let c = self.client();
         let deadline = Instant::now() + timeout;
         loop {
@@ -152,9 +160,11 @@ impl Cluster {
             }
             let live = self.procs.iter().filter(|p| p.is_some()).count();
             if seen.len() == live && seen.windows(2).all(|w| w[0] == w[1]) {
-                return seen[0];
+                return Ok(seen[0]);
             }
-            assert!(Instant::now() < deadline, "replicas did not converge: {seen:?}");
+            if Instant::now() > deadline {
+                return Err(seen);
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
