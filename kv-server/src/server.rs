@@ -251,11 +251,13 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     node_task.abort();
     let _ = node_task.await;
     // The Raft task owned the job senders: the threads finish their queues and stop.
-    let _ = tokio::task::spawn_blocking(move || {
+    let joined = tokio::task::spawn_blocking(move || {
         let _ = wal_thread.join();
         let _ = apply_thread.join();
-    })
-    .await;
+    });
+    if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
+        tracing::warn!("the WAL thread or the apply worker did not stop within 10 s");
+    }
     match Arc::try_unwrap(db) {
         Ok(db) => db.close()?,
         Err(db) => db.flush()?,
