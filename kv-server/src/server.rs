@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::node::{NodeRequest, NodeTask};
 use crate::peer::{self, LinkConfig};
 use crate::state::{CONF_KEY, Command, CommandOp, USER_PREFIX, decode_value, user_key};
-use crate::storage::{NodeIdentity, WalStore, run_wal_thread};
+use crate::storage::{NodeIdentity, WalFaults, WalStore, run_wal_thread};
 use crate::tls::{self, NodeTls};
 
 /// A node that could not start.
@@ -60,6 +60,9 @@ pub struct TestSwitches {
     pub ignore_sessions: bool,
     /// `CAIRN_TEST_SKIP_WAL_SYNC=1`: acknowledge log writes without fdatasync.
     pub skip_wal_sync: bool,
+    /// `CAIRN_TEST_FAILPOINT=wal-write-error:N`: the WAL write after N group
+    /// writes fails as an fdatasync error would (the node must stop).
+    pub wal_fail_after_groups: Option<u64>,
     /// `CAIRN_TEST_APPLIED_FROM_LOG=1`: break the recovery rule, taking the
     /// log's commit index as applied instead of the state's durable marker.
     pub applied_from_log: bool,
@@ -73,6 +76,9 @@ impl TestSwitches {
             ignore_sessions: on("CAIRN_TEST_IGNORE_SESSIONS"),
             skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
             applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
+            wal_fail_after_groups: std::env::var("CAIRN_TEST_FAILPOINT")
+                .ok()
+                .and_then(|v| v.strip_prefix("wal-write-error:").and_then(|n| n.parse().ok())),
         }
     }
 }
@@ -139,10 +145,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let limits = cfg.limits.clone();
     let (wal_tx, wal_rx) = std::sync::mpsc::sync_channel(limits.wal_queue_max);
     let (wal_done_tx, wal_done_rx) = mpsc::channel(limits.wal_queue_max);
-    let skip_sync = switches.skip_wal_sync;
+    let faults = WalFaults { skip_sync: switches.skip_wal_sync, fail_after_groups: switches.wal_fail_after_groups };
     let wal_thread = std::thread::Builder::new()
         .name("cairn-wal".into())
-        .spawn(move || run_wal_thread(wal, wal_rx, wal_done_tx, 256, skip_sync))
+        .spawn(move || run_wal_thread(wal, wal_rx, wal_done_tx, 256, faults))
         .map_err(|e| ServerError::Other(format!("starting the WAL thread: {e}")))?;
     let (applied_tx, applied_rx) = watch::channel(applied_index);
     let waiters = Arc::new(Mutex::new(Default::default()));

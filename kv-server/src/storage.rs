@@ -299,6 +299,15 @@ pub struct WalJob {
     pub messages: Vec<Message>,
 }
 
+/// Test-only faults of the WAL thread (from `CAIRN_TEST_*` variables).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalFaults {
+    /// Acknowledge writes without fdatasync.
+    pub skip_sync: bool,
+    /// After this many group writes, fail the next one as if fdatasync had failed.
+    pub fail_after_groups: Option<u64>,
+}
+
 /// Runs the WAL thread: takes jobs, writes every job waiting at once with one
 /// fdatasync (group commit), reports each job back in order. A write error
 /// stops the process (see DESIGN.md, "I/O failure").
@@ -307,8 +316,9 @@ pub fn run_wal_thread(
     jobs: std::sync::mpsc::Receiver<WalJob>,
     done: tokio::sync::mpsc::Sender<WalJob>,
     group_jobs_max: usize,
-    skip_sync: bool,
+    faults: WalFaults,
 ) {
+    let mut groups: u64 = 0;
     let mut last_written: Option<u64> = wal.last_position();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
@@ -335,7 +345,11 @@ pub fn run_wal_thread(
         }
         if !batch.is_empty() {
             let started = std::time::Instant::now();
-            let durability = if skip_sync { Durability::Buffered } else { Durability::Sync };
+            let durability = if faults.skip_sync { Durability::Buffered } else { Durability::Sync };
+            groups += 1;
+            if faults.fail_after_groups.is_some_and(|n| groups > n) {
+                crate::fatal("writing the Raft log: fdatasync failed (test failpoint wal-write-error)");
+            }
             if let Err(e) = wal.write(&batch, durability) {
                 crate::fatal(&format!("writing the Raft log: {e}"));
             }
@@ -377,7 +391,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::sync_channel(16);
         let (dtx, mut drx) = tokio::sync::mpsc::channel(16);
         let wal = s.wal();
-        let t = std::thread::spawn(move || run_wal_thread(wal, rx, dtx, 8, false));
+        let t = std::thread::spawn(move || run_wal_thread(wal, rx, dtx, 8, WalFaults::default()));
         let batch1: Vec<Entry> = (1..=20).map(|i| entry(i, 1)).collect();
         tx.send(WalJob { entries: batch1, hard_state: None, messages: vec![] }).expect("send");
         // A new leader replaces 15.. with term 2.

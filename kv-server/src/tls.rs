@@ -207,7 +207,7 @@ pub fn transport_config(streams_per_connection_max: u32) -> quinn::TransportConf
     t.max_concurrent_bidi_streams(streams_per_connection_max.into());
     t.max_concurrent_uni_streams(16u32.into());
     t.keep_alive_interval(Some(Duration::from_millis(500)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
         t.max_idle_timeout(Some(idle));
     }
     t.stream_receive_window((8u32 << 20).into());

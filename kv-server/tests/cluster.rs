@@ -189,3 +189,53 @@ async fn recovery_scenario(break_rule: bool) -> Result<(u64, u64), Vec<(u64, u64
     }
     r
 }
+
+/// I/O failure (DESIGN.md): a node whose log write fails stops (exit code
+/// 70) instead of going on; the other two go on serving, and the node
+/// recovers from what is durable once restarted without the fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_write_fails_stops_and_the_cluster_goes_on() {
+    let mut cluster = Cluster::start(&[]);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    let c = cluster.client();
+    c.put("a", "1").await.expect("put");
+    cluster.kill(follower);
+    cluster.node_env.insert(follower, vec![("CAIRN_TEST_FAILPOINT".into(), "wal-write-error:1".into())]);
+    cluster.start_node(follower);
+    // Keep writing until the follower receives entries, fails its log write and stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    let code = loop {
+        c.put(format!("b{i}"), "x").await.expect("the cluster keeps serving");
+        i += 1;
+        if let Some(code) = cluster.wait_exit(follower, Duration::from_millis(1)) {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the faulty node did not stop");
+    };
+    assert_eq!(code, cairn_kv_server::EXIT_FATAL, "the node must stop with the fatal exit code");
+    c.put("while-down", "1").await.expect("put with one node down");
+    cluster.start_node(follower);
+    c.health().await.expect("health");
+    cluster.converged(Duration::from_secs(30)).await;
+}
+
+/// SIGTERM on the leader hands leadership over before it stops: the
+/// cluster has a new leader at once and a client's writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_hands_leadership_over() {
+    let mut cluster = Cluster::start(&[]);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let c = cluster.client();
+    c.put("x", "1").await.expect("put");
+    let started = Instant::now();
+    assert!(cluster.stop(leader), "the leader did not stop cleanly");
+    let stopped = started.elapsed();
+    let next = cluster.leader(Duration::from_secs(5)).await;
+    let handover = started.elapsed();
+    eprintln!("leader {leader} stopped in {stopped:?}; node {next} led {handover:?} after the SIGTERM");
+    assert_ne!(next, leader);
+    c.put("y", "2").await.expect("put after the hand-over");
+    assert_eq!(c.get("x").await.expect("get").as_deref(), Some(&b"1"[..]));
+}

@@ -16,6 +16,8 @@ pub struct Cluster {
     pub layout: DevLayout,
     pub procs: Vec<Option<Child>>,
     pub env: Vec<(String, String)>,
+    /// Extra variables for one node's next start (taken by `start_node`).
+    pub node_env: std::collections::HashMap<u64, Vec<(String, String)>>,
 }
 
 /// Three consecutive free UDP ports on 127.0.0.1.
@@ -39,6 +41,7 @@ impl Cluster {
             layout,
             procs: vec![None, None, None],
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            node_env: Default::default(),
         };
         for id in 1..=3 {
             c.start_node(id);
@@ -57,12 +60,29 @@ impl Cluster {
         let child = Command::new(env!("CARGO_BIN_EXE_kv-server"))
             .args(args)
             .envs(self.env.iter().cloned())
+            .envs(self.node_env.remove(&id).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn kv-server");
         self.procs[(id - 1) as usize] = Some(child);
+    }
+
+    /// Waits for node `id` to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let c = self.procs[(id - 1) as usize].as_mut()?;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.procs[(id - 1) as usize] = None;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// kill -9.
