@@ -116,14 +116,7 @@ impl WriteBatch {
         out.clear();
         out.push(1);
         out.extend_from_slice(&first_seq.to_le_bytes());
-        match self.marker {
-            None => out.push(0),
-            Some(m) => {
-                out.push(1);
-                out.extend_from_slice(&m.index.to_le_bytes());
-                out.extend_from_slice(&m.term.to_le_bytes());
-            }
-        }
+        crate::table::put_opt_marker(out, self.marker);
         out.extend_from_slice(&(self.ops.len() as u32).to_le_bytes());
         for op in &self.ops {
             let (tag, a, b): (u8, &[u8], Option<&[u8]>) = match op {
@@ -149,13 +142,7 @@ impl WriteBatch {
         }
         let first = r.u64()?;
         let mut b = WriteBatch::new();
-        match r.u8()? {
-            0 => {}
-            1 => {
-                b.marker = Some(Marker::new(r.u64()?, r.u64()?));
-            }
-            x => return Err(format!("marker flag {x}")),
-        }
+        b.marker = r.opt_marker()?;
         let n = r.u32()?;
         for _ in 0..n {
             let tag = r.u8()?;

@@ -116,8 +116,28 @@ impl<'a> Reader<'a> {
         }
         self.take(n)
     }
+    /// An optional marker as [`put_opt_marker`] wrote it.
+    pub(crate) fn opt_marker(&mut self) -> Result<Option<crate::Marker>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(crate::Marker::new(self.u64()?, self.u64()?))),
+            x => Err(format!("marker flag {x}")),
+        }
+    }
     pub(crate) fn done(&self) -> bool {
         self.pos == self.data.len()
+    }
+}
+
+/// Writes an optional marker: flag u8 (0 none, 1 some), then index and term as u64 LE.
+pub(crate) fn put_opt_marker(out: &mut Vec<u8>, m: Option<crate::Marker>) {
+    match m {
+        None => out.push(0),
+        Some(m) => {
+            out.push(1);
+            out.extend_from_slice(&m.index.to_le_bytes());
+            out.extend_from_slice(&m.term.to_le_bytes());
+        }
     }
 }
 

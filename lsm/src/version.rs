@@ -117,14 +117,7 @@ impl Edit {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         };
-        match self.marker {
-            None => out.push(0),
-            Some(m) => {
-                out.push(1);
-                out.extend_from_slice(&m.index.to_le_bytes());
-                out.extend_from_slice(&m.term.to_le_bytes());
-            }
-        }
+        crate::table::put_opt_marker(&mut out, self.marker);
         opt(&mut out, self.flushed_seq);
         opt(&mut out, self.last_seq);
         opt(&mut out, self.next_table_id);
@@ -160,11 +153,7 @@ impl Edit {
                 x => Err(format!("option flag {x}")),
             }
         };
-        let marker = match r.u8()? {
-            0 => None,
-            1 => Some(Marker::new(r.u64()?, r.u64()?)),
-            x => return Err(format!("marker flag {x}")),
-        };
+        let marker = r.opt_marker()?;
         let flushed_seq = opt(&mut r)?;
         let last_seq = opt(&mut r)?;
         let next_table_id = opt(&mut r)?;
