@@ -47,6 +47,14 @@ pub enum FrameError {
     Encode(String),
 }
 
+/// Archives `value` (the payload of a frame, or an entry's data).
+pub fn archive<T>(value: &T) -> Result<Vec<u8>, FrameError>
+where
+    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
+{
+    rkyv::to_bytes::<rancor::Error>(value).map(|b| b.to_vec()).map_err(|e| FrameError::Encode(e.to_string()))
+}
+
 /// Encodes `value` as one frame (header and payload).
 pub fn encode<T>(value: &T) -> Result<Vec<u8>, FrameError>
 where
@@ -85,9 +93,16 @@ where
     T::Archived:
         for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
 {
-    let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
-    aligned.extend_from_slice(payload);
-    rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(|e| FrameError::Payload(e.to_string()))
+    // Bytes already aligned (a WAL record, most network buffers) are read in
+    // place; others are copied once into an aligned buffer.
+    let result = if payload.as_ptr().align_offset(16) == 0 {
+        rkyv::from_bytes::<T, rancor::Error>(payload)
+    } else {
+        let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
+        aligned.extend_from_slice(payload);
+        rkyv::from_bytes::<T, rancor::Error>(&aligned)
+    };
+    result.map_err(|e| FrameError::Payload(e.to_string()))
 }
 
 /// Decodes a whole frame held in one buffer (header and payload), as the
@@ -111,19 +126,21 @@ where
 /// Reads one frame's payload from a QUIC stream: `Err(FrameError::End)` if the
 /// stream ended before the frame began.
 pub async fn read_payload(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
+    use tokio::io::AsyncReadExt;
     let mut header = [0u8; HEADER_BYTES];
-    let mut got = 0;
-    while got < HEADER_BYTES {
-        match recv.read(&mut header[got..]).await {
-            Ok(Some(n)) => got += n,
-            Ok(None) if got == 0 => return Err(FrameError::End),
-            Ok(None) => return Err(FrameError::Read("stream ended inside a frame header".into())),
-            Err(e) => return Err(FrameError::Read(e.to_string())),
-        }
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::End),
+        Err(e) => return Err(FrameError::Read(e.to_string())),
     }
     let len = parse_header(&header, max)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| FrameError::Read(e.to_string()))?;
+    // The buffer grows with what arrives, so an announced length costs
+    // memory only once the peer actually sends the bytes.
+    let mut payload = Vec::with_capacity(len.min(64 << 10));
+    recv.take(len as u64).read_to_end(&mut payload).await.map_err(|e| FrameError::Read(e.to_string()))?;
+    if payload.len() != len {
+        return Err(FrameError::Read(format!("stream ended after {} of {len} payload bytes", payload.len())));
+    }
     Ok(payload)
 }
 
