@@ -102,10 +102,9 @@ impl Applier {
         while let Some(job) = jobs.blocking_recv() {
             match job {
                 ApplyJob::Entries { entries, conf } => {
-                    let Some(last) = entries.last().map(|e| (e.index.0, e.term.0)) else { continue };
+                    let Some(last) = entries.last().map(|e| e.index.0) else { continue };
                     self.apply(&entries, conf.as_ref());
-                    let _ = report.blocking_send(last.0);
-                    let _ = last.1;
+                    let _ = report.blocking_send(last);
                 }
                 ApplyJob::Hash { reply } => {
                     let _ = reply.send((*self.applied.borrow(), self.hash()));
@@ -140,15 +139,12 @@ impl Applier {
         touched.dedup();
         for id in touched {
             match self.sessions.get(&id) {
-                Some(rec) => batch.put(session_key(id), rec.encode()),
+                Some(rec) => batch.put(session_key(id), archived(rec.encode())),
                 None => batch.delete(session_key(id)),
             };
         }
         if let Some(conf) = conf {
-            batch.put(
-                CONF_KEY.to_vec(),
-                rkyv::to_bytes::<rkyv::rancor::Error>(conf).map(|b| b.to_vec()).unwrap_or_default(),
-            );
+            batch.put(CONF_KEY.to_vec(), archived(cairn_kv_client::frame::archive(conf)));
         }
         batch.set_marker(Marker::new(last.index.0, last.term.0));
         if let Err(e) = self.db.write(&batch) {
@@ -226,8 +222,8 @@ impl Applier {
         touched.push(s.client_id);
         rec.last_active_ms = rec.last_active_ms.max(time_ms);
         if !self.ignore_sessions_for_tests {
-            if let Some((_, o)) = rec.responses.iter().find(|(q, _)| *q == s.seq) {
-                return *o;
+            if let Ok(i) = rec.responses.binary_search_by_key(&s.seq, |(q, _)| *q) {
+                return rec.responses[i].1;
             }
             if s.seq < rec.first_unacked {
                 return Outcome::Refused(ErrorCode::StaleSequence);
@@ -255,8 +251,9 @@ impl Applier {
         rec.first_unacked = rec.first_unacked.max(s.first_unacked.min(s.seq));
         let floor = rec.first_unacked;
         rec.responses.retain(|(q, _)| *q >= floor);
-        rec.responses.push((s.seq, outcome));
-        rec.responses.sort_unstable_by_key(|(q, _)| *q);
+        // Kept in seq order; this seq is not in the list (answered above otherwise).
+        let at = rec.responses.partition_point(|(q, _)| *q < s.seq);
+        rec.responses.insert(at, (s.seq, outcome));
         let max = self.limits.session_responses_max.max(1);
         if rec.responses.len() > max {
             let drop = rec.responses.len() - max;
@@ -282,6 +279,12 @@ impl Applier {
         }
         h.digest()
     }
+}
+
+/// The bytes of an archived record of the state, or a stop: a state that
+/// cannot be written must not be answered from.
+fn archived(r: Result<Vec<u8>, cairn_kv_client::frame::FrameError>) -> Vec<u8> {
+    r.unwrap_or_else(|e| crate::fatal(&format!("archiving a record of the state: {e}")))
 }
 
 /// Checks the operations of a write against the limits.

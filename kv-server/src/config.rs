@@ -211,33 +211,25 @@ pub struct RunArgs {
     pub log_format: Option<String>,
 }
 
-/// Variables the configuration reads (besides `CAIRN_TEST_*` and `CAIRN_LOG`).
-const KNOWN_VARS: &[&str] = &[
-    "CAIRN_CONFIG",
-    "CAIRN_ID",
-    "CAIRN_NAME",
-    "CAIRN_DATA_DIR",
-    "CAIRN_LISTEN",
-    "CAIRN_ADVERTISE",
-    "CAIRN_INITIAL_CLUSTER",
-    "CAIRN_JOIN",
-    "CAIRN_PEER_ADDR_OVERRIDE",
-    "CAIRN_CLUSTER_NAME",
-    "CAIRN_TLS_CA",
-    "CAIRN_TLS_CERT",
-    "CAIRN_TLS_KEY",
-    "CAIRN_CLIENT_TOKEN_FILE",
-    "CAIRN_TICK_MS",
-    "CAIRN_METRICS_LISTEN",
-    "CAIRN_LOG_FORMAT",
-    "CAIRN_LOG",
-];
+/// The log filter variable (read by the tracing set-up, not a flag).
+pub const LOG_FILTER_VAR: &str = "CAIRN_LOG";
+
+/// The `CAIRN_*` variables a setting reads: every [`RunArgs`] flag's, and [`LOG_FILTER_VAR`].
+fn known_vars() -> Vec<String> {
+    use clap::Args;
+    let cmd = RunArgs::augment_args(clap::Command::new("run"));
+    let mut vars: Vec<String> =
+        cmd.get_arguments().filter_map(|a| a.get_env()).map(|v| v.to_string_lossy().into_owned()).collect();
+    vars.push(LOG_FILTER_VAR.to_string());
+    vars
+}
 
 /// Refuses `CAIRN_*` variables no setting reads (a typo would otherwise be ignored).
 pub fn check_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    let known = known_vars();
     for v in vars {
-        if v.starts_with("CAIRN_") && !v.starts_with("CAIRN_TEST_") && !KNOWN_VARS.contains(&v.as_str()) {
-            return Err(ConfigError(format!("unknown environment variable {v} (known: {})", KNOWN_VARS.join(", "))));
+        if v.starts_with("CAIRN_") && !v.starts_with("CAIRN_TEST_") && !known.contains(&v) {
+            return Err(ConfigError(format!("unknown environment variable {v} (known: {})", known.join(", "))));
         }
     }
     Ok(())
@@ -351,14 +343,9 @@ impl Config {
         xxhash_rust::xxh3::xxh3_64(s.as_bytes()).max(1)
     }
 
-    /// The address to dial for `peer`: the override, else the initial
-    /// cluster's, else `known` (from the replicated membership).
-    pub fn peer_addr(&self, peer: u64, known: Option<&str>) -> Option<String> {
-        self.peer_addr_override
-            .get(&peer)
-            .cloned()
-            .or_else(|| known.map(String::from))
-            .or_else(|| self.initial_cluster.get(&peer).cloned())
+    /// The address to dial for `peer`: the override, else the initial cluster's.
+    pub fn peer_addr(&self, peer: u64) -> Option<String> {
+        self.peer_addr_override.get(&peer).or_else(|| self.initial_cluster.get(&peer)).cloned()
     }
 }
 

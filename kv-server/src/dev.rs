@@ -144,27 +144,39 @@ async fn first_put(layout: &DevLayout) -> Result<(), String> {
 }
 
 fn stop_all(children: &mut [(u64, Child)]) {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
+    // Signal all first so the three stop at once.
     for (_, c) in children.iter() {
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        terminate(c);
     }
     for (id, c) in children.iter_mut() {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match c.try_wait() {
-                Ok(Some(status)) => {
-                    println!("node {id} stopped ({status})");
-                    break;
-                }
-                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    println!("node {id} killed after 10 s");
-                    break;
-                }
+        match wait_child(c, Duration::from_secs(10)) {
+            Some(status) => println!("node {id} stopped ({status})"),
+            None => {
+                let _ = c.kill();
+                let _ = c.wait();
+                println!("node {id} killed after 10 s");
             }
+        }
+    }
+}
+
+/// Sends SIGTERM to `child`.
+pub fn terminate(child: &Child) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; `None` if it is still running.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return None,
         }
     }
 }

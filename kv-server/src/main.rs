@@ -108,7 +108,7 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(cairn_kv_server::config::LOG_FILTER_VAR)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {

@@ -406,10 +406,17 @@ impl Loop {
             }
             if !rd.entries.is_empty() || rd.hard_state.is_some() || !rd.persisted_messages.is_empty() {
                 let job = WalJob { entries: rd.entries, hard_state: rd.hard_state, messages: rd.persisted_messages };
-                let tx = self.t.wal_jobs.clone();
                 // A full queue blocks this task (backpressure), not the runtime's other tasks.
-                if let Err(e) = tokio::task::block_in_place(move || tx.send(job)) {
-                    crate::fatal(&format!("the WAL thread stopped: {e}"));
+                let sent = match self.t.wal_jobs.try_send(job) {
+                    Ok(()) => Ok(()),
+                    Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                        let tx = self.t.wal_jobs.clone();
+                        tokio::task::block_in_place(move || tx.send(job)).map_err(|_| ())
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
+                };
+                if sent.is_err() {
+                    crate::fatal("the WAL thread stopped");
                 }
             }
             if !rd.committed_entries.is_empty() {
@@ -419,8 +426,15 @@ impl Loop {
                     .any(|e| e.kind == EntryKind::ConfChange)
                     .then(|| self.t.raw.conf_state().clone());
                 let job = ApplyJob::Entries { entries: rd.committed_entries, conf };
-                let tx = self.t.apply_jobs.clone();
-                if tokio::task::block_in_place(move || tx.blocking_send(job)).is_err() {
+                let sent = match self.t.apply_jobs.try_send(job) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(job)) => {
+                        let tx = self.t.apply_jobs.clone();
+                        tokio::task::block_in_place(move || tx.blocking_send(job)).map_err(|_| ())
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                };
+                if sent.is_err() {
                     crate::fatal("the apply worker stopped");
                 }
             }

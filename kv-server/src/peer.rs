@@ -6,7 +6,6 @@
 //! peer's node id; every frame must carry this cluster's id, come `from` that
 //! id and be addressed to this node, or the connection is closed.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_kv_client::frame;
@@ -83,21 +82,21 @@ pub struct LinkConfig {
 }
 
 /// Runs one outbound link until `rx` closes: dials `peer` at the address
-/// `addr()` gives, writes every queued message, reconnects with backoff.
+/// `addr`, writes every queued message, reconnects with backoff.
 /// Messages that arrive while the link is down are dropped and reported
 /// (Raft retransmits); `unreachable` hears of each failure.
 pub async fn run_link(
     endpoint: quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
     peer: NodeId,
-    addr: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    addr: String,
     cfg: LinkConfig,
     mut rx: mpsc::Receiver<Message>,
     unreachable: mpsc::Sender<NodeId>,
 ) {
     let mut backoff = cfg.backoff_min;
     'outer: loop {
-        let conn = match dial(&endpoint, &client_cfg, peer, addr(), cfg.connect_timeout).await {
+        let conn = match dial(&endpoint, &client_cfg, peer, &addr, cfg.connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = peer.0, error = %e, "cannot reach peer");
@@ -156,11 +155,10 @@ async fn dial(
     endpoint: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
     peer: NodeId,
-    addr: Option<String>,
+    addr: &str,
     timeout: Duration,
 ) -> Result<quinn::Connection, String> {
-    let addr = addr.ok_or_else(|| format!("no address known for node {}", peer.0))?;
-    let sock = tokio::net::lookup_host(&addr)
+    let sock = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("resolving {addr}: {e}"))?
         .next()

@@ -38,6 +38,9 @@ pub enum ServerError {
     Other(String),
 }
 
+/// Largest Hello frame (a token): read before the client is authenticated.
+const HELLO_BYTES_MAX: usize = 4 << 10;
+
 /// What the client handlers share.
 struct Ctx {
     id: u64,
@@ -188,14 +191,11 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let links = {
         let endpoint = endpoint.clone();
         let cfg = cfg.clone();
-        let addrs = addrs.clone();
         let peer_queue_max = limits.peer_queue_max;
+        // A peer with no known address gets no link (Raft hears it is unreachable).
         Arc::new(move |peer: NodeId| {
+            let addr = cfg.peer_addr(peer.0)?;
             let (tx, rx) = mpsc::channel(peer_queue_max);
-            let cfg2 = cfg.clone();
-            let addrs2 = addrs.clone();
-            let addr: Arc<dyn Fn() -> Option<String> + Send + Sync> =
-                Arc::new(move || cfg2.peer_addr(peer.0, addrs2.get(&peer.0).map(String::as_str)));
             tokio::spawn(peer::run_link(
                 endpoint.clone(),
                 peer_cfg.clone(),
@@ -339,7 +339,7 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
     };
     // The first stream must authenticate.
     let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
-    let hello = frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await;
+    let hello = frame::read::<Request>(&mut recv, HELLO_BYTES_MAX).await;
     let ok = matches!(&hello, Ok(Request::Hello { token }) if ctx.tokens.iter().any(|t| t == token));
     let resp = if ok {
         Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id }
@@ -381,12 +381,12 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
 async fn handle(ctx: &Ctx, req: Request) -> Response {
     match req {
         Request::Hello { .. } => Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id },
-        Request::Register => propose(ctx, Command { time_ms: now_ms(), op: CommandOp::Register }.encode()).await,
+        Request::Register => propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Register }).await,
         Request::Write { session, ops } => {
             if let Err(code) = check_ops(&ops, ctx.apply_limits) {
                 return Response::error(code, crate::apply::refusal_message(code));
             }
-            propose(ctx, Command { time_ms: now_ms(), op: CommandOp::Write { session, ops } }.encode()).await
+            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Write { session, ops } }).await
         }
         Request::Get { key, consistency } => {
             if key.len() > ctx.limits.key_bytes_max {
@@ -431,17 +431,20 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                     more = true;
                     break;
                 }
-                let v = if keys_only { Vec::new() } else { decode_value(&v).map(<[u8]>::to_vec).unwrap_or_default() };
+                let v = match (keys_only, decode_value(&v)) {
+                    (true, _) => Vec::new(),
+                    (false, Ok(v)) => v.to_vec(),
+                    (false, Err(e)) => return Response::error(ErrorCode::Unavailable, e),
+                };
                 pairs.push((k[1..].to_vec(), v));
             }
             Response::Scanned { pairs, more, index }
         }
         Request::Status { with_hash } => {
-            let (tx, rx) = oneshot::channel();
-            if ctx.node.send(NodeRequest::Status { reply: tx }).await.is_err() {
-                return Response::error(ErrorCode::Stopping, "the node is stopping");
-            }
-            let Ok(mut s) = rx.await else { return Response::error(ErrorCode::Stopping, "the node is stopping") };
+            let mut s = match ask(ctx, |reply| NodeRequest::Status { reply }).await {
+                Ok(s) => s,
+                Err(r) => return r,
+            };
             if with_hash {
                 let (tx, rx) = oneshot::channel();
                 if ctx.apply_jobs.send(ApplyJob::Hash { reply: tx }).await.is_ok() {
@@ -452,27 +455,22 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
         }
         Request::Health => propose(ctx, Vec::new()).await,
         Request::MemberList => {
-            let (tx, rx) = oneshot::channel();
-            if ctx.node.send(NodeRequest::Members { reply: tx }).await.is_err() {
-                return Response::error(ErrorCode::Stopping, "the node is stopping");
-            }
-            match rx.await {
-                Ok(m) => Response::Members(m),
-                Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
-            }
+            ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
         }
-        Request::TransferLeader { to } => {
-            let (tx, rx) = oneshot::channel();
-            if ctx.node.send(NodeRequest::TransferLeader { to, reply: tx }).await.is_err() {
-                return Response::error(ErrorCode::Stopping, "the node is stopping");
-            }
-            match rx.await {
-                Ok(Ok(())) => Response::Ok,
-                Ok(Err(e)) => Response::Error(e),
-                Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
-            }
-        }
+        Request::TransferLeader { to } => match ask(ctx, |reply| NodeRequest::TransferLeader { to, reply }).await {
+            Ok(Ok(())) => Response::Ok,
+            Ok(Err(e)) => Response::Error(e),
+            Err(r) => r,
+        },
     }
+}
+
+/// Sends a request to the Raft task and waits for its answer.
+async fn ask<T>(ctx: &Ctx, make: impl FnOnce(oneshot::Sender<T>) -> NodeRequest) -> Result<T, Response> {
+    let stopping = || Response::error(ErrorCode::Stopping, "the node is stopping");
+    let (tx, rx) = oneshot::channel();
+    ctx.node.send(make(tx)).await.map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())
 }
 
 /// Waits until a read at `consistency` may be served; returns the applied index it is served at.
@@ -495,6 +493,13 @@ async fn read_barrier(ctx: &Ctx, consistency: Consistency) -> Result<u64, Respon
         Ok(Ok(a)) => Ok((*a).max(index)),
         Ok(Err(_)) => Err(Response::error(ErrorCode::Stopping, "the node is stopping")),
         Err(_) => Err(Response::error(ErrorCode::Unavailable, "this node did not apply up to the read index in time")),
+    }
+}
+
+async fn propose_command(ctx: &Ctx, cmd: Command) -> Response {
+    match cmd.encode() {
+        Ok(data) => propose(ctx, data).await,
+        Err(e) => Response::error(ErrorCode::BadRequest, format!("the request cannot be archived: {e}")),
     }
 }
 

@@ -65,8 +65,8 @@ mod records {
 
     impl Command {
         /// Encodes the command as entry data.
-        pub fn encode(&self) -> Vec<u8> {
-            rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+        pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+            frame::archive(self)
         }
         /// Decodes entry data.
         pub fn decode(data: &[u8]) -> Result<Command, FrameError> {
@@ -99,8 +99,8 @@ mod records {
 
     impl SessionRecord {
         /// Encodes the record.
-        pub fn encode(&self) -> Vec<u8> {
-            rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+        pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+            frame::archive(self)
         }
         /// Decodes a record.
         pub fn decode(data: &[u8]) -> Result<SessionRecord, FrameError> {
@@ -156,9 +156,9 @@ mod tests {
                 ops: vec![WriteOp::Put { key: b"a".to_vec(), value: b"b".to_vec() }],
             },
         };
-        assert_eq!(Command::decode(&c.encode()).expect("decode"), c);
+        assert_eq!(Command::decode(&c.encode().expect("encode")).expect("decode"), c);
         let s = SessionRecord { last_active_ms: 1, first_unacked: 3, responses: vec![(3, Outcome::Written(9))] };
-        assert_eq!(SessionRecord::decode(&s.encode()).expect("decode"), s);
+        assert_eq!(SessionRecord::decode(&s.encode().expect("encode")).expect("decode"), s);
         assert!(Command::decode(b"garbage").is_err());
         assert_eq!(decode_value(&encode_value(4, b"xy")).expect("value"), b"xy");
         assert!(decode_value(&[2, 0]).is_err());

@@ -65,7 +65,9 @@ impl NodeIdentity {
     }
 }
 
-fn encode<T>(v: &T) -> Vec<u8>
+/// Archives a record for the log; a value that cannot be archived cannot be
+/// persisted, so the node stops.
+fn archive<T>(v: &T) -> Vec<u8>
 where
     T: for<'a> rkyv::Serialize<
             rkyv::api::high::HighSerializer<
@@ -75,7 +77,15 @@ where
             >,
         >,
 {
-    rkyv::to_bytes::<rkyv::rancor::Error>(v).map(|b| b.to_vec()).unwrap_or_default()
+    cairn_kv_client::frame::archive(v).unwrap_or_else(|e| crate::fatal(&format!("archiving a log record: {e}")))
+}
+
+/// The index and term of an archived entry, read in place (the log keeps
+/// payloads 8-byte aligned).
+fn entry_position(payload: &[u8]) -> Result<(LogIndex, Term), StorageError> {
+    let a = rkyv::access::<<Entry as rkyv::Archive>::Archived, rkyv::rancor::Error>(payload)
+        .map_err(|e| StorageError::Corrupt { what: "log entry", reason: e.to_string() })?;
+    Ok((LogIndex(a.index.0.to_native()), Term(a.term.0.to_native())))
 }
 
 fn decode_entry(payload: &[u8]) -> Result<Entry, StorageError> {
@@ -158,26 +168,32 @@ impl WalStore {
         };
         let marker = (snapshot.0.0 > 0).then_some(snapshot.0.0);
         let wal = store.wal.clone();
+        // Only each entry's index and term are needed here: read them in
+        // place (validated), without deserializing the data. The cache starts
+        // empty and older entries are read back from the log when asked for.
         let replay = wal.replay_from(marker)?;
-        let mut entries = Vec::new();
         for records in replay {
             let records = records?;
-            for r in records.iter() {
-                if r.kind != ENTRY_KIND {
-                    continue;
-                }
-                let e = decode_entry(r.payload)?;
-                if e.index.0 != r.position {
+            for r in records.iter().filter(|r| r.kind == ENTRY_KIND) {
+                let (index, term) = entry_position(r.payload)?;
+                if index.0 != r.position {
                     return Err(StorageError::Corrupt {
                         what: "log entry",
-                        reason: format!("entry {} stored at position {}", e.index.0, r.position),
+                        reason: format!("entry {} stored at position {}", index.0, r.position),
                     });
                 }
-                entries.push(e);
+                store.note_position(index, term);
             }
-            store.note_entries(std::mem::take(&mut entries));
         }
         Ok(store)
+    }
+
+    /// Records that the entry at `index` has `term` and is the last one.
+    fn note_position(&mut self, index: LogIndex, term: Term) {
+        if self.terms.last().map(|(_, t)| *t) != Some(term) {
+            self.terms.push((index, term));
+        }
+        self.last = index;
     }
 
     /// The log, shared with the WAL thread.
@@ -202,10 +218,7 @@ impl WalStore {
             }
         }
         for e in entries {
-            if self.terms.last().map(|(_, t)| *t) != Some(e.term) {
-                self.terms.push((e.index, e.term));
-            }
-            self.last = e.index;
+            self.note_position(e.index, e.term);
             self.cache_bytes += e.size_bytes();
             self.cache.push_back(e);
         }
@@ -336,11 +349,11 @@ pub fn run_wal_thread(
                 batch.truncate_from(first.index.0);
             }
             for e in &job.entries {
-                batch.append(ENTRY_KIND, e.index.0, &encode(e));
+                batch.append(ENTRY_KIND, e.index.0, &archive(e));
                 last_written = Some(e.index.0);
             }
             if let Some(hs) = &job.hard_state {
-                batch.set_state(&encode(hs));
+                batch.set_state(&archive(hs));
             }
         }
         if !batch.is_empty() {
@@ -362,15 +375,6 @@ pub fn run_wal_thread(
             }
         }
     }
-}
-
-/// Appends a snapshot marker at (`index`, `term`) with the membership then,
-/// durably (used at bootstrap of a new member and before a log release).
-pub fn write_snapshot_marker(wal: &Wal, index: LogIndex, term: Term, conf: &ConfState) -> Result<(), StorageError> {
-    let mut b = Batch::new();
-    b.snapshot_marker(index.0, &encode(&MarkerPayload { term, conf: conf.clone() }));
-    wal.write(&b, Durability::Sync)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -420,6 +424,9 @@ mod tests {
         assert_eq!(s.last_index(), LogIndex(25));
         assert_eq!(s.term(LogIndex(15)), Some(Term(2)));
         assert_eq!(s.hard_state(), hs);
+        // After a reopen the cache is empty: every entry comes back from the log.
+        let again = s.entries(LogIndex(1), LogIndex(26), u64::MAX);
+        assert_eq!(again, all);
         drop(s);
         let other = NodeIdentity { node_id: 2, cluster_id: 9 };
         assert!(matches!(WalStore::open(fs, dir.path(), other, 1 << 20, 200), Err(StorageError::Identity(_))));

@@ -7,9 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_kv_client::{Client, ClientOptions};
-use cairn_kv_server::dev::{DevLayout, node_args, prepare};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use cairn_kv_server::dev::{DevLayout, node_args, prepare, terminate, wait_child};
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -71,18 +69,10 @@ impl Cluster {
 
     /// Waits for node `id` to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
         let c = self.procs[(id - 1) as usize].as_mut()?;
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                self.procs[(id - 1) as usize] = None;
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = wait_child(c, timeout)?;
+        self.procs[(id - 1) as usize] = None;
+        status.code()
     }
 
     /// kill -9.
@@ -96,18 +86,14 @@ impl Cluster {
     /// SIGTERM and wait for a clean stop; returns whether it exited 0.
     pub fn stop(&mut self, id: u64) -> bool {
         let Some(mut c) = self.procs[(id - 1) as usize].take() else { return true };
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.success();
-            }
-            if Instant::now() > deadline {
+        terminate(&c);
+        match wait_child(&mut c, Duration::from_secs(15)) {
+            Some(st) => st.success(),
+            None => {
                 let _ = c.kill();
                 let _ = c.wait();
-                return false;
+                false
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
