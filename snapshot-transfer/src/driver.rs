@@ -67,11 +67,25 @@ impl Source {
         term: u64,
         transfer_id: u64,
     ) -> Result<(Source, Manifest)> {
+        let files: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), dir.join(n))).collect();
+        Source::open_files(fs, &files, index, term, transfer_id)
+    }
+
+    /// Opens the files at the paths given, each sent under the plain name
+    /// paired with it (for a checkpoint laid out in subdirectories, whose
+    /// receiver puts each name back in its place), and builds the manifest.
+    pub fn open_files(
+        fs: &dyn Fs,
+        named: &[(String, PathBuf)],
+        index: u64,
+        term: u64,
+        transfer_id: u64,
+    ) -> Result<(Source, Manifest)> {
         let mut files = Vec::new();
         let mut metas = Vec::new();
-        for name in names {
+        for (name, path) in named {
             crate::frame::check_name(name)?;
-            let path = dir.join(name);
+            let path = path.clone();
             let f = fs.open(&path, OpenMode::Read).map_err(io("open checkpoint file", &path))?;
             let (checksum, len) = checksum_file(&*f, &path)?;
             metas.push(FileMeta { name: name.clone(), len, checksum });
@@ -182,6 +196,12 @@ impl Staging {
     /// hard-linked instead of received.
     pub fn new(fs: Arc<dyn Fs>, root: impl Into<PathBuf>, reference_dirs: Vec<PathBuf>) -> Self {
         Staging { fs, root: root.into(), reference_dirs, open: None, completed: None, skip_data_sync: false }
+    }
+
+    /// Replaces the directories searched for files identical by content
+    /// (for example when the node's live tables moved).
+    pub fn set_reference_dirs(&mut self, dirs: Vec<PathBuf>) {
+        self.reference_dirs = dirs;
     }
 
     /// Test-only: record ranges without the fdatasync of their data first, to
