@@ -188,6 +188,13 @@ pub struct StatusInfo {
     pub lsm_bytes: u64,
     /// The LSM's durable marker index (what survives a crash without replay).
     pub durable_index: u64,
+    /// Index of the first entry the log still holds (those before it were
+    /// released: a snapshot covers them).
+    pub first_index: u64,
+    /// Snapshots this node installed since it started.
+    pub snapshots_installed: u64,
+    /// Snapshots this node sent since it started.
+    pub snapshots_sent: u64,
     /// `(applied index, xxh3 of every replicated key and value)` when asked.
     pub state_hash: Option<(u64, u64)>,
 }

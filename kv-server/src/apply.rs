@@ -43,6 +43,22 @@ pub enum ApplyJob {
         /// (applied index, hash).
         reply: oneshot::Sender<(u64, u64)>,
     },
+    /// Replace the state by a received checkpoint (Raft said install).
+    Install {
+        /// The staged, verified checkpoint.
+        checkpoint: cairn_snapshot_transfer::Completed,
+        /// Answered once the new state is live.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Where the apply worker installs snapshots.
+#[derive(Clone, Debug)]
+pub struct InstallSite {
+    /// The node's data directory.
+    pub data_dir: std::path::PathBuf,
+    /// The options the state is opened with.
+    pub options: cairn_lsm::Options,
 }
 
 /// Limits the state machine enforces at apply (the same on every replica).
@@ -60,7 +76,9 @@ pub struct ApplyLimits {
 
 /// The apply worker's state.
 pub struct Applier {
+    shared: Arc<crate::snapshot::SharedDb>,
     db: Arc<Db>,
+    site: InstallSite,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -79,12 +97,94 @@ impl std::fmt::Debug for Applier {
 impl Applier {
     /// A worker over `db`, loading the sessions it holds.
     pub fn new(
-        db: Arc<Db>,
+        shared: Arc<crate::snapshot::SharedDb>,
+        site: InstallSite,
         applied: watch::Sender<u64>,
         waiters: Waiters,
         limits: ApplyLimits,
     ) -> Result<Applier, crate::storage::StorageError> {
-        let mut sessions = HashMap::new();
+        let db = shared.get();
+        let sessions = load_sessions(&db)?;
+        Ok(Applier { shared, db, site, sessions, applied, waiters, limits, ignore_sessions_for_tests: false })
+    }
+
+    /// Runs until the job channel closes; publishes each applied index on the `applied` watch.
+    pub fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<ApplyJob>) {
+        while let Some(job) = jobs.blocking_recv() {
+            match job {
+                ApplyJob::Entries { entries, conf } => self.apply(&entries, conf.as_ref()),
+                ApplyJob::Hash { reply } => {
+                    let _ = reply.send((*self.applied.borrow(), self.hash()));
+                }
+                ApplyJob::Install { checkpoint, reply } => {
+                    self.install(&checkpoint);
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    /// Makes a received checkpoint the live state, in log order: every entry
+    /// handed to apply before it is applied; none after it is yet.
+    fn install(&mut self, c: &cairn_snapshot_transfer::Completed) {
+        let started = std::time::Instant::now();
+        let (name, db) = match crate::snapshot::install(&self.site.data_dir, c, &self.site.options) {
+            Ok(x) => x,
+            // Raft already counts the snapshot as taken: a node that cannot
+            // install it stops, and recovers from its own state at restart.
+            Err(e) => crate::fatal(&format!("installing the snapshot at {}: {e}", c.manifest.index)),
+        };
+        let db = Arc::new(db);
+        let sessions = match load_sessions(&db) {
+            Ok(s) => s,
+            Err(e) => crate::fatal(&format!("reading the installed state's sessions: {e}")),
+        };
+        let old = self.shared.replace(db.clone());
+        self.db = db;
+        self.sessions = sessions;
+        self.applied.send_replace(c.manifest.index);
+        metrics::counter!("cairn_snapshot_installed_total").increment(1);
+        metrics::gauge!("cairn_raft_applied_index").set(c.manifest.index as f64);
+        tracing::info!(
+            index = c.manifest.index,
+            term = c.manifest.term,
+            dir = %name,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot installed"
+        );
+        retire(old);
+    }
+}
+
+/// Closes a replaced state once no reader holds it (waiting a little), and
+/// removes its directory; otherwise the next start removes it.
+fn retire(old: Arc<Db>) {
+    let dir = old.dir().to_path_buf();
+    let mut old = old;
+    for _ in 0..100 {
+        match Arc::try_unwrap(old) {
+            Ok(db) => {
+                if let Err(e) = db.close() {
+                    tracing::warn!(error = %e, "closing the replaced state");
+                }
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the replaced state");
+                }
+                return;
+            }
+            Err(back) => {
+                old = back;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    tracing::info!(dir = %dir.display(), "the replaced state is still read; the next start removes it");
+}
+
+/// The sessions the state holds.
+fn load_sessions(db: &Db) -> Result<HashMap<u64, SessionRecord>, crate::storage::StorageError> {
+    let mut sessions = HashMap::new();
+    {
         for kv in db.prefix(&[SESSION_PREFIX]) {
             let (k, v) = kv?;
             let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
@@ -94,25 +194,11 @@ impl Applier {
                 .map_err(|e| crate::storage::StorageError::Corrupt { what: "session", reason: e.to_string() })?;
             sessions.insert(id, rec);
         }
-        Ok(Applier { db, sessions, applied, waiters, limits, ignore_sessions_for_tests: false })
     }
+    Ok(sessions)
+}
 
-    /// Runs until the job channel closes; reports each applied index on `report`.
-    pub fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<ApplyJob>, report: tokio::sync::mpsc::Sender<u64>) {
-        while let Some(job) = jobs.blocking_recv() {
-            match job {
-                ApplyJob::Entries { entries, conf } => {
-                    let Some(last) = entries.last().map(|e| e.index.0) else { continue };
-                    self.apply(&entries, conf.as_ref());
-                    let _ = report.blocking_send(last);
-                }
-                ApplyJob::Hash { reply } => {
-                    let _ = reply.send((*self.applied.borrow(), self.hash()));
-                }
-            }
-        }
-    }
-
+impl Applier {
     /// Applies `entries` (in index order) as one LSM batch with the last
     /// entry's marker, then answers their waiters.
     pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) {

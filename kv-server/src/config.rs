@@ -67,6 +67,67 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Log format: `text` or `json`. Default `text`.
     pub log_format: String,
+    /// Log release and snapshot transfer.
+    pub snapshot: SnapshotSettings,
+}
+
+/// Log release, checkpoints and snapshot transfers (the `[snapshot]` table).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct SnapshotSettings {
+    /// Entries kept below the state's durable marker when the log is
+    /// released, so a follower a little behind catches up from the log.
+    /// Default 10,000.
+    pub release_margin_entries: u64,
+    /// The same margin in bytes of entries (the smaller bound wins). Default 64 MiB.
+    pub release_margin_bytes: u64,
+    /// How often the node checks whether it can release the log, ms. Default 1000.
+    pub release_check_ms: u64,
+    /// Checkpoints kept for transfers at once (older ones are deleted once no
+    /// transfer uses them). Default 2.
+    pub checkpoints_max: usize,
+    /// Snapshot transfers a leader runs at once. Default 2.
+    pub transfers_max: usize,
+    /// Raw bytes per chunk. Default 1 MiB.
+    pub chunk_bytes: u32,
+    /// Raw bytes sent and not yet acknowledged. Default 32 MiB.
+    pub window_bytes: u64,
+    /// Sender's rate limit, bytes per second (0: none). Default 0.
+    pub rate_bytes_per_second: u64,
+    /// A transfer with nothing acknowledged for this long resumes from the
+    /// last acknowledged offsets, seconds. Default 10.
+    pub stall_secs: u64,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            release_margin_entries: 10_000,
+            release_margin_bytes: 64 << 20,
+            release_check_ms: 1000,
+            checkpoints_max: 2,
+            transfers_max: 2,
+            chunk_bytes: 1 << 20,
+            window_bytes: 32 << 20,
+            rate_bytes_per_second: 0,
+            stall_secs: 10,
+        }
+    }
+}
+
+impl SnapshotSettings {
+    /// The transfer configuration these settings give.
+    pub fn transfer_config(&self) -> cairn_snapshot_transfer::Config {
+        let mut c = cairn_snapshot_transfer::Config::default();
+        c.chunk_bytes_max = self.chunk_bytes.max(4096);
+        c.window_bytes_max = self.window_bytes.max(u64::from(c.chunk_bytes_max));
+        c.window_chunks_max = (c.window_bytes_max / u64::from(c.chunk_bytes_max)).clamp(1, 1024) as usize;
+        c.sync_bytes = (c.window_bytes_max / 2).max(u64::from(c.chunk_bytes_max));
+        c.rate_bytes_per_second = (self.rate_bytes_per_second > 0).then_some(self.rate_bytes_per_second);
+        c.stall_timeout = Duration::from_secs(self.stall_secs.max(1));
+        c
+    }
 }
 
 /// Every bound on a queue, a window, a message and a request.
@@ -153,6 +214,7 @@ pub struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     log_format: Option<String>,
     limits: Option<Limits>,
+    snapshot: Option<SnapshotSettings>,
 }
 
 /// Flags of `kv-server run` (each also a `CAIRN_*` variable).
@@ -209,6 +271,12 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "CAIRN_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Bytes of the LSM memtable (a flush, which lets the log be released, follows when it fills).
+    #[arg(long, env = "CAIRN_MEMTABLE_BYTES")]
+    pub memtable_bytes: Option<usize>,
+    /// Entries kept below the state's durable marker when the log is released.
+    #[arg(long, env = "CAIRN_RELEASE_MARGIN_ENTRIES")]
+    pub release_margin_entries: Option<u64>,
 }
 
 /// The log filter variable (read by the tracing set-up, not a flag).
@@ -298,6 +366,13 @@ impl Config {
             return Err(ConfigError(format!("log format `{log_format}` is neither `text` nor `json`")));
         }
         let limits = file.limits.unwrap_or_default();
+        let mut snapshot = file.snapshot.unwrap_or_default();
+        if let Some(n) = args.release_margin_entries {
+            snapshot.release_margin_entries = n;
+        }
+        if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 {
+            return Err(ConfigError("snapshot: checkpoints_max and transfers_max must be at least 1".into()));
+        }
         if limits.value_bytes_max > 16 << 20 || limits.key_bytes_max > 64 << 10 || limits.key_bytes_max == 0 {
             return Err(ConfigError("limits: keys at most 64 KiB, values at most 16 MiB".into()));
         }
@@ -324,11 +399,12 @@ impl Config {
             election_ticks: file.election_ticks.unwrap_or(10),
             heartbeat_ticks: file.heartbeat_ticks.unwrap_or(1),
             session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(3600)),
-            memtable_bytes: file.memtable_bytes.unwrap_or(64 << 20),
+            memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
             wal_segment_bytes: file.wal_segment_bytes.unwrap_or(64 << 20),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format,
+            snapshot,
         };
         Ok(cfg)
     }

@@ -7,6 +7,7 @@ pub mod dev;
 pub mod node;
 pub mod peer;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod tls;

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_kv_client::protocol::{ErrorCode, ErrorInfo, MemberInfo, Response, StatusInfo};
-use cairn_lsm::Db;
-use cairn_raft_core::{EntryKind, Message, NodeId, RawNode, Role};
-use tokio::sync::{mpsc, oneshot};
+use cairn_raft_core::{Body, EntryKind, LogIndex, LogStore, Message, NodeId, RawNode, Role};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apply::{ApplyJob, Waiter, Waiters};
-use crate::storage::{WalJob, WalStore};
+use crate::config::SnapshotSettings;
+use crate::snapshot::{ReceiveState, SendContext, SendRequest, SharedDb};
+use crate::storage::{MarkerJob, WalJob, WalStore};
 
 /// Requests to the Raft task.
 #[derive(Debug)]
@@ -76,18 +77,28 @@ pub struct NodeTask {
     pub wal_done: mpsc::Receiver<WalJob>,
     /// Jobs for the apply worker.
     pub apply_jobs: mpsc::Sender<ApplyJob>,
-    /// Indexes the apply worker reached.
-    pub applied: mpsc::Receiver<u64>,
+    /// The index the apply worker reached.
+    pub applied: watch::Receiver<u64>,
     /// Proposals waiting for apply.
     pub waiters: Waiters,
     /// A queue per peer; a full queue reports the peer unreachable.
     pub links: Arc<dyn Fn(NodeId) -> Option<mpsc::Sender<Message>> + Send + Sync>,
     /// The address of each member (for leader hints and the member list).
     pub addrs: BTreeMap<u64, String>,
-    /// The state (for sizes in status).
-    pub db: Arc<Db>,
+    /// The state (for sizes in status, and its durable marker for release).
+    pub db: Arc<SharedDb>,
     /// Reads waiting for confirmation, at most.
     pub pending_reads_max: usize,
+    /// Log release and snapshot settings.
+    pub snapshot: SnapshotSettings,
+    /// What snapshot senders need.
+    pub send_ctx: SendContext,
+    /// Outcomes of snapshot transfers: (peer, success).
+    pub snapshot_done: mpsc::Receiver<(NodeId, bool)>,
+    /// Checkpoints received and not yet installed.
+    pub received: Arc<ReceiveState>,
+    /// Index of the latest membership change applied (or in the state).
+    pub conf_index: u64,
 }
 
 impl std::fmt::Debug for NodeTask {
@@ -104,6 +115,10 @@ struct Loop {
     last_term: u64,
     last_leader: Option<NodeId>,
     shutdown: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+    transfers: HashMap<NodeId, tokio::task::JoinHandle<()>>,
+    release_in_flight: bool,
+    snapshots_installed: u64,
+    snapshots_sent: u64,
 }
 
 impl NodeTask {
@@ -119,7 +134,13 @@ impl NodeTask {
             last_term: 0,
             last_leader: None,
             shutdown: None,
+            transfers: HashMap::new(),
+            release_in_flight: false,
+            snapshots_installed: 0,
+            snapshots_sent: 0,
         };
+        let mut release_check = tokio::time::interval(Duration::from_millis(l.t.snapshot.release_check_ms.max(10)));
+        release_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -143,12 +164,17 @@ impl NodeTask {
                     l.persisted(job);
                     while let Ok(job) = l.t.wal_done.try_recv() { l.persisted(job); }
                 }
-                Some(a) = l.t.applied.recv() => {
-                    let mut a = a;
-                    while let Ok(b) = l.t.applied.try_recv() { a = a.max(b); }
-                    l.t.raw.on_applied(cairn_raft_core::LogIndex(a));
+                Ok(()) = l.t.applied.changed() => {
+                    let a = *l.t.applied.borrow_and_update();
+                    l.t.raw.on_applied(LogIndex(a));
                 }
                 Some(p) = l.t.unreachable.recv() => l.t.raw.report_unreachable(p),
+                Some((peer, ok)) = l.t.snapshot_done.recv() => {
+                    l.transfers.remove(&peer);
+                    if ok { l.snapshots_sent += 1; }
+                    l.t.raw.report_snapshot(peer, ok);
+                }
+                _ = release_check.tick() => l.maybe_release(),
             }
             l.process_ready();
         }
@@ -332,7 +358,8 @@ impl Loop {
             Role::Follower if raw.conf_state().learners.contains(&raw.id()) => "learner",
             Role::Follower => "follower",
         };
-        let lsm = self.t.db.stats();
+        let db = self.t.db.get();
+        let lsm = db.stats();
         StatusInfo {
             node_id: raw.id().0,
             name: self.t.name.clone(),
@@ -345,7 +372,10 @@ impl Loop {
             last_index: raw.last_index().0,
             wal_bytes: dir_bytes(raw.store().wal().dir()),
             lsm_bytes: lsm.levels.iter().map(|l| l.bytes).sum(),
-            durable_index: self.t.db.durable_marker().map_or(0, |m| m.index),
+            durable_index: db.durable_marker().map_or(0, |m| m.index),
+            first_index: raw.store().first_index().0,
+            snapshots_installed: self.snapshots_installed,
+            snapshots_sent: self.snapshots_sent,
             state_hash: None,
         }
     }
@@ -354,6 +384,10 @@ impl Loop {
         let me = self.t.raw.id();
         if m.to == me {
             self.step(m);
+            return;
+        }
+        if let Body::Snapshot { index, conf, .. } = &m.body {
+            self.start_transfer(m.to, m.term, *index, conf.clone());
             return;
         }
         let to = m.to;
@@ -376,8 +410,123 @@ impl Loop {
         }
     }
 
+    /// Raft asked for a snapshot to `to`: a transfer task sends a checkpoint
+    /// at `index` or later and reports back.
+    fn start_transfer(
+        &mut self,
+        to: NodeId,
+        term: cairn_raft_core::Term,
+        index: LogIndex,
+        conf: cairn_raft_core::ConfState,
+    ) {
+        self.transfers.retain(|_, h| !h.is_finished());
+        if self.transfers.contains_key(&to) {
+            return;
+        }
+        if self.transfers.len() >= self.t.snapshot.transfers_max || self.conf_index_after(index) {
+            // Not now: Raft probes again and asks later.
+            self.t.raw.report_snapshot(to, false);
+            return;
+        }
+        tracing::info!(peer = to.0, index = index.0, "sending a snapshot");
+        let req = SendRequest { to, term, min_index: index, conf };
+        let h = tokio::spawn(crate::snapshot::send_snapshot(self.t.send_ctx.clone(), req));
+        self.transfers.insert(to, h);
+    }
+
+    /// Whether a membership change after `index` is applied already (the
+    /// membership as of a checkpoint at `index` is then not the current one,
+    /// and this node does not keep older ones).
+    fn conf_index_after(&self, index: LogIndex) -> bool {
+        self.t.conf_index > index.0
+    }
+
+    /// Releases the log below the state's durable marker less the margin,
+    /// keeping what lagging followers and transfers need: a snapshot marker
+    /// first, then the segments below it (DESIGN.md, "Release").
+    fn maybe_release(&mut self) {
+        if self.release_in_flight {
+            return;
+        }
+        let durable = self.t.db.get().durable_marker().map_or(0, |m| m.index);
+        let s = &self.t.snapshot;
+        let store = self.t.raw.store();
+        let by_entries = durable.saturating_sub(s.release_margin_entries) + 1;
+        let by_bytes = store.tail_start_for_bytes(LogIndex(durable), s.release_margin_bytes).0;
+        let keep_from = by_entries.max(by_bytes).min(self.t.raw.retain_from().0).min(durable + 1);
+        let (marker, _) = store.snapshot();
+        if keep_from <= marker.0 + 1 {
+            return;
+        }
+        let index = LogIndex(keep_from - 1);
+        let Some(term) = store.term(index) else { return };
+        if self.conf_index_after(index) {
+            return;
+        }
+        let conf = self.t.raw.conf_state().clone();
+        tracing::debug!(index = index.0, durable, "releasing the log");
+        self.release_in_flight = true;
+        self.wal_send(WalJob { release: Some(MarkerJob { index, term, conf }), ..WalJob::default() });
+    }
+
+    fn wal_send(&mut self, job: WalJob) {
+        // A full queue blocks this task (backpressure), not the runtime's other tasks.
+        let sent = match self.t.wal_jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                let tx = self.t.wal_jobs.clone();
+                tokio::task::block_in_place(move || tx.send(job).map_err(|_| ()))
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
+        };
+        if sent.is_err() {
+            crate::fatal("the WAL thread stopped");
+        }
+    }
+
+    fn apply_send(&mut self, job: ApplyJob) {
+        let sent = match self.t.apply_jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let tx = self.t.apply_jobs.clone();
+                tokio::task::block_in_place(move || tx.blocking_send(job)).map_err(|_| ())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        };
+        if sent.is_err() {
+            crate::fatal("the apply worker stopped");
+        }
+    }
+
+    /// Installs the snapshot Raft handed out: the apply worker swaps the
+    /// state (after every entry handed to it before), and this task waits.
+    fn install(&mut self, index: LogIndex, term: cairn_raft_core::Term, conf: cairn_raft_core::ConfState) -> MarkerJob {
+        let Some(checkpoint) = self.t.received.take(index, term) else {
+            crate::fatal(&format!(
+                "Raft asked to install a snapshot at ({}, {}) that was not received",
+                index.0, term.0
+            ));
+        };
+        let (tx, rx) = oneshot::channel();
+        self.apply_send(ApplyJob::Install { checkpoint, reply: tx });
+        if tokio::task::block_in_place(|| rx.blocking_recv()).is_err() {
+            crate::fatal("the apply worker stopped during an install");
+        }
+        self.snapshots_installed += 1;
+        self.t.conf_index = self.t.conf_index.max(index.0);
+        MarkerJob { index, term, conf }
+    }
+
     fn persisted(&mut self, job: WalJob) {
-        let last = job.entries.last().map(|e| (e.index, e.term));
+        let mut last = job.entries.last().map(|e| (e.index, e.term));
+        if let Some(m) = job.installed {
+            self.t.raw.store_mut().note_installed(m.index, m.term, m.conf);
+            last = last.or(Some((m.index, m.term)));
+        }
+        if let Some(m) = job.release {
+            self.t.raw.store_mut().note_released(m.index, m.term, m.conf);
+            self.release_in_flight = false;
+        }
         if let Some(hs) = job.hard_state {
             self.t.raw.store_mut().note_hard_state(hs);
         }
@@ -400,43 +549,28 @@ impl Loop {
             for m in rd.messages {
                 self.send(m);
             }
-            if rd.snapshot.is_some() {
-                // Log release is not built yet, so no leader sends a snapshot.
-                crate::fatal("asked to install a snapshot, which this build does not do yet");
-            }
-            if !rd.entries.is_empty() || rd.hard_state.is_some() || !rd.persisted_messages.is_empty() {
-                let job = WalJob { entries: rd.entries, hard_state: rd.hard_state, messages: rd.persisted_messages };
-                // A full queue blocks this task (backpressure), not the runtime's other tasks.
-                let sent = match self.t.wal_jobs.try_send(job) {
-                    Ok(()) => Ok(()),
-                    Err(std::sync::mpsc::TrySendError::Full(job)) => {
-                        let tx = self.t.wal_jobs.clone();
-                        tokio::task::block_in_place(move || tx.send(job)).map_err(|_| ())
-                    }
-                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
-                };
-                if sent.is_err() {
-                    crate::fatal("the WAL thread stopped");
-                }
+            let installed = rd.snapshot.clone().map(|(index, term, conf)| self.install(index, term, conf));
+            if installed.is_some()
+                || !rd.entries.is_empty()
+                || rd.hard_state.is_some()
+                || !rd.persisted_messages.is_empty()
+            {
+                self.wal_send(WalJob {
+                    installed,
+                    release: None,
+                    entries: rd.entries,
+                    hard_state: rd.hard_state,
+                    messages: rd.persisted_messages,
+                });
             }
             if !rd.committed_entries.is_empty() {
-                let conf = rd
-                    .committed_entries
-                    .iter()
-                    .any(|e| e.kind == EntryKind::ConfChange)
-                    .then(|| self.t.raw.conf_state().clone());
-                let job = ApplyJob::Entries { entries: rd.committed_entries, conf };
-                let sent = match self.t.apply_jobs.try_send(job) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Full(job)) => {
-                        let tx = self.t.apply_jobs.clone();
-                        tokio::task::block_in_place(move || tx.blocking_send(job)).map_err(|_| ())
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-                };
-                if sent.is_err() {
-                    crate::fatal("the apply worker stopped");
-                }
+                let changed =
+                    rd.committed_entries.iter().filter(|e| e.kind == EntryKind::ConfChange).map(|e| e.index.0).max();
+                let conf = changed.map(|i| {
+                    self.t.conf_index = self.t.conf_index.max(i);
+                    self.t.raw.conf_state().clone()
+                });
+                self.apply_send(ApplyJob::Entries { entries: rd.committed_entries, conf });
             }
             for rs in rd.read_states {
                 let Some(id) = rs.context.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
@@ -466,6 +600,12 @@ impl Loop {
             }
             self.last_term = term;
             self.last_leader = leader;
+            // Only a leader sends snapshots.
+            if self.t.raw.role() != Role::Leader {
+                for (_, h) in self.transfers.drain() {
+                    h.abort();
+                }
+            }
             metrics::gauge!("cairn_raft_term").set(term as f64);
         }
         metrics::gauge!("cairn_raft_commit_index").set(self.t.raw.commit_index().0 as f64);

@@ -151,7 +151,8 @@ fn push_frame(buf: &mut Vec<u8>, cluster_id: u64, peer: NodeId, msg: Message) {
     }
 }
 
-async fn dial(
+/// Dials `peer` at `addr` with mutual TLS.
+pub(crate) async fn dial(
     endpoint: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
     peer: NodeId,
@@ -170,21 +171,47 @@ async fn dial(
         .map_err(|e| e.to_string())
 }
 
+/// What serving inbound peer connections needs.
+#[derive(Clone, Debug)]
+pub struct PeerService {
+    /// This cluster's id.
+    pub cluster_id: u64,
+    /// This node.
+    pub me: NodeId,
+    /// Largest Raft message frame.
+    pub frame_max: usize,
+    /// The Raft task's inbound queue.
+    pub inbound: mpsc::Sender<Message>,
+    /// Snapshot reception.
+    pub snapshots: std::sync::Arc<crate::snapshot::ReceiveState>,
+    /// The live state (its tables are reused by content when a snapshot arrives).
+    pub db: std::sync::Arc<crate::snapshot::SharedDb>,
+}
+
 /// Serves an inbound peer connection from authenticated node `from`: reads
-/// frames from its streams and hands valid messages to the Raft task
-/// (dropping them when its queue is full: Raft retransmits).
-pub async fn serve_peer(
-    conn: quinn::Connection,
-    from: u64,
-    cluster_id: u64,
-    me: NodeId,
-    frame_max: usize,
-    inbound: mpsc::Sender<Message>,
-) {
+/// frames from its one-way streams and hands valid messages to the Raft task
+/// (dropping them when its queue is full: Raft retransmits); a two-way
+/// stream carries a snapshot transfer.
+pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
+    let PeerService { cluster_id, me, frame_max, inbound, .. } = svc.clone();
     loop {
-        let mut recv = match conn.accept_uni().await {
-            Ok(r) => r,
-            Err(_) => return,
+        let mut recv = tokio::select! {
+            r = conn.accept_uni() => match r {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            b = conn.accept_bi() => match b {
+                Ok((send, recv)) => {
+                    let svc = svc.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::snapshot::receive_snapshot(send, recv, from, svc).await {
+                            tracing::warn!(peer = from, error = %e, "snapshot reception failed");
+                        }
+                    });
+                    continue;
+                }
+                Err(_) => return,
+            },
         };
         let inbound = inbound.clone();
         let conn = conn.clone();

@@ -9,13 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_kv_client::frame;
 use cairn_kv_client::protocol::{Consistency, ErrorCode, Request, Response};
 use cairn_lsm::{Db, DurabilityMode, Options};
-use cairn_raft_core::{ConfState, NodeId, RawNode};
+use cairn_raft_core::{ConfState, LogIndex, LogStore, NodeId, RawNode, Term};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::{Applier, ApplyJob, ApplyLimits, check_ops};
+use crate::apply::{Applier, ApplyJob, ApplyLimits, InstallSite, check_ops};
 use crate::config::Config;
 use crate::node::{NodeRequest, NodeTask};
 use crate::peer::{self, LinkConfig};
+use crate::snapshot::{Checkpoints, ReceiveState, SendContext, SharedDb};
 use crate::state::{CONF_KEY, Command, CommandOp, USER_PREFIX, decode_value, user_key};
 use crate::storage::{NodeIdentity, WalFaults, WalStore, run_wal_thread};
 use crate::tls::{self, NodeTls};
@@ -47,7 +48,7 @@ struct Ctx {
     cluster_id: u64,
     tokens: Vec<String>,
     node: mpsc::Sender<NodeRequest>,
-    db: Arc<Db>,
+    db: Arc<SharedDb>,
     applied: watch::Receiver<u64>,
     apply_jobs: mpsc::Sender<ApplyJob>,
     limits: crate::config::Limits,
@@ -106,10 +107,13 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     opts.durability = DurabilityMode::Embedded;
     opts.write_buffer_bytes = cfg.memtable_bytes;
     opts.block_cache_bytes = cfg.block_cache_bytes;
-    let db = Arc::new(Db::open(cfg.data_dir.join("state"), opts)?);
-    let applied_index = db.durable_marker().map_or(0, |m| m.index);
+    let live = crate::snapshot::live_state_dir(&cfg.data_dir).map_err(ServerError::Other)?;
+    crate::snapshot::remove_unused(&cfg.data_dir, &live).map_err(ServerError::Other)?;
+    let db = Arc::new(Db::open(&live, opts.clone())?);
+    let durable = db.durable_marker();
+    let applied_index = durable.map_or(0, |m| m.index);
     let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
-    let store = WalStore::open(fs, &cfg.data_dir.join("raft"), identity, cfg.wal_segment_bytes, 64 << 20)?;
+    let mut store = WalStore::open(fs, &cfg.data_dir.join("raft"), identity, cfg.wal_segment_bytes, 64 << 20)?;
     let (conf, conf_index) = match db.get(CONF_KEY)? {
         Some(b) => (
             frame::decode::<ConfState>(&b)
@@ -118,7 +122,25 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         ),
         None => (ConfState::with_voters(cfg.initial_cluster.keys().map(|i| NodeId(*i))), 0),
     };
-    if let Some(first) = cairn_raft_core::LogStore::first_index(&store).0.checked_sub(1)
+    // The repair rule (docs/design/kv-server.md, "Recovery"): a state ahead
+    // of the log, or holding another term at its marker, comes from an
+    // install cut short before its log marker was written; the log then
+    // starts after the state's marker.
+    if let Some(m) = durable.filter(|m| m.index > 0) {
+        let (a, ta) = (LogIndex(m.index), Term(m.term));
+        let (snap, snap_term) = store.snapshot();
+        let behind = store.last_index() < a;
+        let other_term = (a > snap && store.term(a).is_some_and(|t| t != ta)) || (a == snap && snap_term != ta);
+        if behind || other_term {
+            tracing::warn!(
+                state = a.0,
+                log_last = store.last_index().0,
+                "the state is ahead of the log (an install was cut short): the log now starts after the state"
+            );
+            store.repair_to_state(a, ta, conf.clone())?;
+        }
+    }
+    if let Some(first) = store.first_index().0.checked_sub(1)
         && first > applied_index
     {
         return Err(ServerError::Other(format!(
@@ -129,7 +151,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         node = cfg.id,
         cluster = format_args!("{cluster_id:016x}"),
         applied = applied_index,
-        last = cairn_raft_core::LogStore::last_index(&store).0,
+        last = store.last_index().0,
         "recovered"
     );
     let wal = store.wal();
@@ -138,10 +160,12 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     rcfg.conf_index = cairn_raft_core::LogIndex(conf_index);
     rcfg.applied = cairn_raft_core::LogIndex(applied_index);
     if switches.applied_from_log {
-        rcfg.applied = cairn_raft_core::LogStore::hard_state(&store).commit;
+        rcfg.applied = store.hard_state().commit;
     }
     rcfg.election_ticks = cfg.election_ticks;
     rcfg.heartbeat_ticks = cfg.heartbeat_ticks;
+    // A follower further behind than the margin gets a snapshot.
+    rcfg.retain_entries_max = cfg.snapshot.release_margin_entries.max(1);
     let raw = RawNode::new(rcfg, store).map_err(|e| ServerError::Other(e.to_string()))?;
 
     // Threads: the WAL writer and the apply worker.
@@ -161,13 +185,14 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         session_responses_max: limits.session_responses_max,
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
     };
-    let mut applier = Applier::new(db.clone(), applied_tx, waiters.clone(), apply_limits)?;
+    let shared = Arc::new(SharedDb::new(db));
+    let site = InstallSite { data_dir: cfg.data_dir.clone(), options: opts };
+    let mut applier = Applier::new(shared.clone(), site, applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let (apply_tx, apply_rx) = mpsc::channel(limits.apply_queue_max);
-    let (applied_report_tx, applied_report_rx) = mpsc::channel(limits.apply_queue_max);
     let apply_thread = std::thread::Builder::new()
         .name("cairn-apply".into())
-        .spawn(move || applier.run(apply_rx, applied_report_tx))
+        .spawn(move || applier.run(apply_rx))
         .map_err(|e| ServerError::Other(format!("starting the apply worker: {e}")))?;
 
     // QUIC.
@@ -188,6 +213,22 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
     };
+    let transfer_cfg = cfg.snapshot.transfer_config();
+    let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(16);
+    let send_ctx = SendContext {
+        me: NodeId(cfg.id),
+        cluster_id,
+        endpoint: endpoint.clone(),
+        peer_cfg: peer_cfg.clone(),
+        addr_of: {
+            let cfg = cfg.clone();
+            Arc::new(move |p: NodeId| cfg.peer_addr(p.0))
+        },
+        checkpoints: Arc::new(Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max)),
+        transfer: transfer_cfg.clone(),
+        done: snapshot_done_tx,
+    };
+    let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg));
     let links = {
         let endpoint = endpoint.clone();
         let cfg = cfg.clone();
@@ -220,12 +261,17 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         wal_jobs: wal_tx,
         wal_done: wal_done_rx,
         apply_jobs: apply_tx.clone(),
-        applied: applied_report_rx,
+        applied: applied_rx.clone(),
         waiters,
         links,
         addrs,
-        db: db.clone(),
+        db: shared.clone(),
         pending_reads_max: limits.pending_reads_max,
+        snapshot: cfg.snapshot.clone(),
+        send_ctx,
+        snapshot_done: snapshot_done_rx,
+        received: received.clone(),
+        conf_index,
     };
     let node_task = tokio::spawn(task.run());
 
@@ -234,7 +280,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         cluster_id,
         tokens: cfg.client_tokens.clone(),
         node: node_tx.clone(),
-        db: db.clone(),
+        db: shared.clone(),
         applied: applied_rx,
         apply_jobs: apply_tx,
         connections: tokio::sync::Semaphore::new(limits.client_connections_max),
@@ -242,7 +288,15 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         apply_limits,
         request_timeout: Duration::from_secs(10),
     });
-    let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), inbound_tx, cluster_id, cfg.id));
+    let svc = peer::PeerService {
+        cluster_id,
+        me: NodeId(cfg.id),
+        frame_max: ctx.limits.peer_frame_bytes_max,
+        inbound: inbound_tx,
+        snapshots: received,
+        db: shared.clone(),
+    };
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
 
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -264,8 +318,13 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
         tracing::warn!("the WAL thread or the apply worker did not stop within 10 s");
     }
+    let db = shared.get();
+    drop(shared);
     match Arc::try_unwrap(db) {
-        Ok(db) => db.close()?,
+        Ok(db) => {
+            db.flush()?;
+            db.close()?;
+        }
         Err(db) => db.flush()?,
     }
     tracing::info!("stopped");
@@ -287,16 +346,10 @@ async fn wait_for_signal() {
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    ctx: Arc<Ctx>,
-    inbound: mpsc::Sender<cairn_raft_core::Message>,
-    cluster_id: u64,
-    me: u64,
-) {
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>, svc: peer::PeerService) {
     while let Some(incoming) = endpoint.accept().await {
         let ctx = ctx.clone();
-        let inbound = inbound.clone();
+        let svc = svc.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -312,10 +365,7 @@ async fn accept_loop(
                     .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
                     .and_then(|certs| certs.first().map(tls::node_id_of));
                 match id {
-                    Some(Ok(id)) => {
-                        let max = ctx.limits.peer_frame_bytes_max;
-                        peer::serve_peer(conn, id, cluster_id, NodeId(me), max, inbound).await;
-                    }
+                    Some(Ok(id)) => peer::serve_peer(conn, id, svc).await,
                     Some(Err(e)) => {
                         tracing::warn!(remote = %conn.remote_address(), error = %e, "refused a peer certificate");
                         conn.close(3u32.into(), b"certificate names no node");
@@ -396,7 +446,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Ok(i) => i,
                 Err(r) => return r,
             };
-            match ctx.db.get(&user_key(&key)) {
+            match ctx.db.get().get(&user_key(&key)) {
                 Ok(Some(v)) => match decode_value(&v) {
                     Ok(v) => Response::Value { value: Some(v.to_vec()), index },
                     Err(e) => Response::error(ErrorCode::Unavailable, e),
@@ -422,7 +472,8 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             }
             let mut pairs = Vec::new();
             let mut more = false;
-            for kv in ctx.db.range(lo..hi) {
+            let db = ctx.db.get();
+            for kv in db.range(lo..hi) {
                 let (k, v) = match kv {
                     Ok(kv) => kv,
                     Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),

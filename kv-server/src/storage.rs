@@ -100,6 +100,10 @@ struct MarkerPayload {
     conf: ConfState,
 }
 
+/// One entry in this many has its cumulative byte count sampled (for the
+/// release margin in bytes).
+const SIZE_SAMPLE_EVERY: u64 = 64;
+
 /// The persisted log as raft-core sees it. Updated by the Raft task when
 /// the WAL thread reports a write durable, never before.
 #[derive(Debug)]
@@ -111,6 +115,12 @@ pub struct WalStore {
     last: LogIndex,
     /// `(first index, term)` runs: the term of every retained entry.
     terms: Vec<(LogIndex, Term)>,
+    /// `(index, bytes of the retained entries up to it)`, every
+    /// [`SIZE_SAMPLE_EVERY`] entries.
+    sizes: VecDeque<(LogIndex, u64)>,
+    /// Bytes of the retained entries up to `last` (approximate after a
+    /// new leader replaced entries: to the sample before them).
+    bytes_total: u64,
     /// The newest entries, at most `cache_bytes_max` bytes.
     cache: VecDeque<Entry>,
     cache_bytes: u64,
@@ -162,6 +172,8 @@ impl WalStore {
             snapshot_conf,
             last: snapshot.0,
             terms: Vec::new(),
+            sizes: VecDeque::new(),
+            bytes_total: 0,
             cache: VecDeque::new(),
             cache_bytes: 0,
             cache_bytes_max,
@@ -182,18 +194,94 @@ impl WalStore {
                         reason: format!("entry {} stored at position {}", index.0, r.position),
                     });
                 }
-                store.note_position(index, term);
+                store.note_position(index, term, r.payload.len() as u64);
             }
         }
         Ok(store)
     }
 
-    /// Records that the entry at `index` has `term` and is the last one.
-    fn note_position(&mut self, index: LogIndex, term: Term) {
+    /// Records that the entry at `index` has `term`, takes `bytes`, and is the last one.
+    fn note_position(&mut self, index: LogIndex, term: Term, bytes: u64) {
         if self.terms.last().map(|(_, t)| *t) != Some(term) {
             self.terms.push((index, term));
         }
         self.last = index;
+        self.bytes_total += bytes;
+        if index.0.is_multiple_of(SIZE_SAMPLE_EVERY) {
+            self.sizes.push_back((index, self.bytes_total));
+        }
+    }
+
+    /// The lowest index `i` such that the entries `i..=upto` take at most
+    /// `bytes` (to [`SIZE_SAMPLE_EVERY`] entries), never below the first entry.
+    pub fn tail_start_for_bytes(&self, upto: LogIndex, bytes: u64) -> LogIndex {
+        let upto_bytes = if upto >= self.last {
+            self.bytes_total
+        } else {
+            let at = self.sizes.partition_point(|(i, _)| *i <= upto);
+            match at.checked_sub(1).and_then(|p| self.sizes.get(p)) {
+                Some(&(_, b)) => b,
+                None => return self.first_index(),
+            }
+        };
+        // The first sample from which the tail fits (samples rise in index and bytes).
+        let p = self.sizes.partition_point(|(i, b)| *i <= upto && upto_bytes.saturating_sub(*b) > bytes);
+        match self.sizes.get(p).or(self.sizes.back()) {
+            Some(&(i, _)) => i.next().min(upto).max(self.first_index()),
+            None => self.first_index(),
+        }
+    }
+
+    /// The snapshot marker made durable at `index` (with `term` and the
+    /// membership `conf` there) and the log released below it.
+    pub fn note_released(&mut self, index: LogIndex, term: Term, conf: ConfState) {
+        if index <= self.snapshot.0 {
+            return;
+        }
+        self.snapshot = (index, term);
+        self.snapshot_conf = conf;
+        // Keep the run holding `index + 1`; the runs before it are gone.
+        let keep = self.terms.partition_point(|(i, _)| *i <= index.next()).saturating_sub(1);
+        self.terms.drain(..keep);
+        while self.sizes.front().is_some_and(|(i, _)| *i < index) {
+            self.sizes.pop_front();
+        }
+        while self.cache.front().is_some_and(|e| e.index <= index) {
+            if let Some(e) = self.cache.pop_front() {
+                self.cache_bytes -= e.size_bytes();
+            }
+        }
+    }
+
+    /// An installed snapshot at (`index`, `term`) replaced the whole log.
+    pub fn note_installed(&mut self, index: LogIndex, term: Term, conf: ConfState) {
+        self.snapshot = (index, term);
+        self.snapshot_conf = conf;
+        self.last = index;
+        self.terms.clear();
+        self.sizes.clear();
+        self.bytes_total = 0;
+        self.cache.clear();
+        self.cache_bytes = 0;
+    }
+
+    /// Makes the log start after (`index`, `term`), dropping every entry,
+    /// durably: the recovery repair for a state ahead of the log (an install
+    /// whose log marker was not written before a crash). Call before the
+    /// WAL thread starts.
+    pub fn repair_to_state(&mut self, index: LogIndex, term: Term, conf: ConfState) -> Result<(), StorageError> {
+        let mut batch = Batch::new();
+        batch.truncate_from(0);
+        batch.snapshot_marker(index.0, &archive(&MarkerPayload { term, conf: conf.clone() }));
+        self.wal.write(&batch, Durability::Sync)?;
+        self.wal.release_to(index.0 + 1)?;
+        self.note_installed(index, term, conf);
+        Ok(())
+    }
+
+    /// The snapshot marker the log starts after.
+    pub fn snapshot(&self) -> (LogIndex, Term) {
+        self.snapshot
     }
 
     /// The log, shared with the WAL thread.
@@ -211,6 +299,10 @@ impl WalStore {
             while self.terms.last().is_some_and(|(i, _)| *i >= first_index) {
                 self.terms.pop();
             }
+            while self.sizes.back().is_some_and(|(i, _)| *i >= first_index) {
+                self.sizes.pop_back();
+            }
+            self.bytes_total = self.sizes.back().map_or(0, |(_, b)| *b);
             while self.cache.back().is_some_and(|e| e.index >= first_index) {
                 if let Some(e) = self.cache.pop_back() {
                     self.cache_bytes -= e.size_bytes();
@@ -218,7 +310,7 @@ impl WalStore {
             }
         }
         for e in entries {
-            self.note_position(e.index, e.term);
+            self.note_position(e.index, e.term, e.size_bytes());
             self.cache_bytes += e.size_bytes();
             self.cache.push_back(e);
         }
@@ -301,9 +393,27 @@ impl LogStore for WalStore {
     }
 }
 
-/// A write for the WAL thread: one `Ready`'s entries and hard state.
-#[derive(Debug)]
+/// A snapshot marker to write: the log's new start.
+#[derive(Clone, Debug)]
+pub struct MarkerJob {
+    /// The marker's index.
+    pub index: LogIndex,
+    /// The term of the entry there.
+    pub term: Term,
+    /// The membership as of `index`.
+    pub conf: ConfState,
+}
+
+/// A write for the WAL thread: one `Ready`'s entries and hard state, or a
+/// snapshot marker, in this order: an installed snapshot (the whole log is
+/// dropped and starts after it), a release (a marker, then the segments
+/// below it are removed), the entries, the hard state.
+#[derive(Debug, Default)]
 pub struct WalJob {
+    /// A snapshot was installed: drop the whole log, start it after this marker.
+    pub installed: Option<MarkerJob>,
+    /// Release the log below this marker (written durably first).
+    pub release: Option<MarkerJob>,
     /// Entries to persist (the first may replace entries from its index on).
     pub entries: Vec<Entry>,
     /// The hard state to persist after them.
@@ -342,7 +452,18 @@ pub fn run_wal_thread(
             }
         }
         let mut batch = Batch::new();
+        let mut release_to: Option<u64> = None;
         for job in &group {
+            if let Some(m) = &job.installed {
+                batch.truncate_from(0);
+                batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+                last_written = Some(m.index.0);
+                release_to = Some(m.index.0 + 1);
+            }
+            if let Some(m) = &job.release {
+                batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+                release_to = Some(release_to.unwrap_or(0).max(m.index.0 + 1));
+            }
             if let Some(first) = job.entries.first()
                 && last_written.is_some_and(|l| first.index.0 <= l)
             {
@@ -368,6 +489,15 @@ pub fn run_wal_thread(
             }
             metrics::histogram!("cairn_wal_write_seconds").record(started.elapsed().as_secs_f64());
             metrics::counter!("cairn_wal_groups_total").increment(1);
+        }
+        // The marker is durable: the segments below it may go.
+        if let Some(to) = release_to {
+            match wal.release_to(to) {
+                Ok(n) => {
+                    metrics::counter!("cairn_wal_segments_released_total").increment(n as u64);
+                }
+                Err(e) => crate::fatal(&format!("releasing the Raft log below {to}: {e}")),
+            }
         }
         for job in group {
             if done.blocking_send(job).is_err() {
@@ -397,11 +527,11 @@ mod tests {
         let wal = s.wal();
         let t = std::thread::spawn(move || run_wal_thread(wal, rx, dtx, 8, WalFaults::default()));
         let batch1: Vec<Entry> = (1..=20).map(|i| entry(i, 1)).collect();
-        tx.send(WalJob { entries: batch1, hard_state: None, messages: vec![] }).expect("send");
+        tx.send(WalJob { entries: batch1, ..WalJob::default() }).expect("send");
         // A new leader replaces 15.. with term 2.
         let batch2: Vec<Entry> = (15..=25).map(|i| entry(i, 2)).collect();
         let hs = HardState { term: Term(2), vote: Some(cairn_raft_core::NodeId(2)), commit: LogIndex(12) };
-        tx.send(WalJob { entries: batch2, hard_state: Some(hs), messages: vec![] }).expect("send");
+        tx.send(WalJob { entries: batch2, hard_state: Some(hs), ..WalJob::default() }).expect("send");
         for _ in 0..2 {
             let job = drx.blocking_recv().expect("done");
             s.note_entries(job.entries);
@@ -430,5 +560,88 @@ mod tests {
         drop(s);
         let other = NodeIdentity { node_id: 2, cluster_id: 9 };
         assert!(matches!(WalStore::open(fs, dir.path(), other, 1 << 20, 200), Err(StorageError::Identity(_))));
+    }
+
+    fn run_jobs(s: &mut WalStore, jobs: Vec<WalJob>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let (dtx, mut drx) = tokio::sync::mpsc::channel(16);
+        let wal = s.wal();
+        let t = std::thread::spawn(move || run_wal_thread(wal, rx, dtx, 8, WalFaults::default()));
+        let n = jobs.len();
+        for j in jobs {
+            tx.send(j).expect("send");
+        }
+        for _ in 0..n {
+            let job = drx.blocking_recv().expect("done");
+            if let Some(m) = job.installed {
+                s.note_installed(m.index, m.term, m.conf);
+            }
+            if let Some(m) = job.release {
+                s.note_released(m.index, m.term, m.conf);
+            }
+            s.note_entries(job.entries);
+        }
+        drop(tx);
+        t.join().expect("thread");
+    }
+
+    fn marker(index: u64, term: u64) -> MarkerJob {
+        MarkerJob {
+            index: LogIndex(index),
+            term: Term(term),
+            conf: ConfState::with_voters([cairn_raft_core::NodeId(1)]),
+        }
+    }
+
+    /// Release: a marker first, then the segments below it go; the log
+    /// reopens at the marker with the term of the entry before its first.
+    /// Install: the whole log is dropped and starts after the snapshot, also
+    /// after a reopen. The repair does the same before the WAL thread runs.
+    #[test]
+    fn release_and_install_move_the_start_of_the_log_durably() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs: Arc<dyn Fs> = Arc::new(cairn_wal::StdFs);
+        let id = NodeIdentity { node_id: 1, cluster_id: 9 };
+        let open = || WalStore::open(fs.clone(), dir.path(), id, 8 << 10, 1 << 10).expect("open");
+        let mut s = open();
+        let mut jobs: Vec<WalJob> = (0..30)
+            .map(|b| WalJob {
+                entries: (b * 10 + 1..=b * 10 + 10).map(|i| entry(i, 1 + i / 150)).collect(),
+                ..WalJob::default()
+            })
+            .collect();
+        jobs.push(WalJob { release: Some(marker(200, 2)), ..WalJob::default() });
+        run_jobs(&mut s, jobs);
+        assert_eq!((s.first_index(), s.last_index()), (LogIndex(201), LogIndex(300)));
+        assert_eq!(s.term(LogIndex(200)), Some(Term(2)));
+        assert_eq!(s.term(LogIndex(199)), None);
+        assert!(s.wal().segment_count() < 30, "no segment was released");
+        let tail = s.entries(LogIndex(201), LogIndex(301), u64::MAX);
+        assert_eq!(tail.len(), 100);
+        // The byte margin: the newest ~1000 bytes are a few dozen entries.
+        let from = s.tail_start_for_bytes(LogIndex(300), 1000);
+        assert!(from > LogIndex(201) && from <= LogIndex(300), "{from:?}");
+        drop(s);
+        let mut s = open();
+        assert_eq!((s.first_index(), s.last_index()), (LogIndex(201), LogIndex(300)));
+        assert_eq!(s.term(LogIndex(200)), Some(Term(2)));
+        assert_eq!(s.entries(LogIndex(201), LogIndex(301), u64::MAX), tail);
+
+        run_jobs(
+            &mut s,
+            vec![WalJob { installed: Some(marker(1000, 7)), entries: vec![entry(1001, 7)], ..WalJob::default() }],
+        );
+        assert_eq!((s.first_index(), s.last_index()), (LogIndex(1001), LogIndex(1001)));
+        drop(s);
+        let mut s = open();
+        assert_eq!((s.first_index(), s.last_index()), (LogIndex(1001), LogIndex(1001)));
+        assert_eq!(s.term(LogIndex(1000)), Some(Term(7)));
+        assert_eq!(s.snapshot_conf(), ConfState::with_voters([cairn_raft_core::NodeId(1)]));
+
+        s.repair_to_state(LogIndex(2000), Term(8), ConfState::default()).expect("repair");
+        drop(s);
+        let s = open();
+        assert_eq!((s.first_index(), s.last_index()), (LogIndex(2001), LogIndex(2000)));
+        assert_eq!(s.term(LogIndex(2000)), Some(Term(8)));
     }
 }

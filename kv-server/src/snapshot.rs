@@ -1,0 +1,555 @@
+//! Snapshots: checkpoints of the applied state sent to followers behind the
+//! released log, received into a staging area, and installed by swapping
+//! the live state directory (see DESIGN.md, "Checkpoint" and "Install", and
+//! `docs/design/kv-server.md`, "Log release and snapshots").
+//!
+//! Layout under the data directory:
+//!
+//! | path | what |
+//! |---|---|
+//! | `CURRENT_STATE` | the name of the live state directory (absent: `state`) |
+//! | `state` or `state-<index>-<term>` | the LSM (`tables/`, `manifest/`) |
+//! | `checkpoints/ckpt-<n>` | checkpoints being sent (deleted when unused) |
+//! | `staging/` | transfers being received (cairn-snapshot-transfer) |
+//!
+//! A checkpoint's files travel flat: `tables/X` as `table.X`, `manifest/X`
+//! as `manifest.X`; the receiver puts each name back in its place.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cairn_kv_client::frame;
+use cairn_lsm::{Db, Options};
+use cairn_raft_core::{Body, ConfState, LogIndex, Message, NodeId, Term};
+use cairn_snapshot_transfer::{
+    Completed, Config as TransferConfig, Frame, Receiver, Sender, SenderEvent, Source, Staging,
+};
+use rkyv::{Archive, Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// The file naming the live state directory.
+pub const POINTER_FILE: &str = "CURRENT_STATE";
+/// The state directory of a node that never installed a snapshot.
+pub const FIRST_STATE_DIR: &str = "state";
+const CHECKPOINTS_DIR: &str = "checkpoints";
+const STAGING_DIR: &str = "staging";
+const HELLO_BYTES_MAX: usize = 1 << 20;
+
+fn io_err(what: &str, p: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", p.display())
+}
+
+/// The live LSM, swapped whole when a snapshot is installed. Readers take a
+/// handle for the length of one request.
+#[derive(Debug)]
+pub struct SharedDb(RwLock<Arc<Db>>);
+
+impl SharedDb {
+    /// Shares `db`.
+    pub fn new(db: Arc<Db>) -> SharedDb {
+        SharedDb(RwLock::new(db))
+    }
+    /// The live state now.
+    pub fn get(&self) -> Arc<Db> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Makes `db` the live state; returns the one it replaces.
+    pub fn replace(&self, db: Arc<Db>) -> Arc<Db> {
+        std::mem::replace(&mut *self.0.write().unwrap_or_else(|e| e.into_inner()), db)
+    }
+}
+
+/// The live state directory named by the pointer file.
+pub fn live_state_dir(data_dir: &Path) -> Result<PathBuf, String> {
+    let p = data_dir.join(POINTER_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(name) => {
+            let name = name.trim();
+            if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+                return Err(format!("{} names no state directory: `{name}`", p.display()));
+            }
+            Ok(data_dir.join(name))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(data_dir.join(FIRST_STATE_DIR)),
+        Err(e) => Err(io_err("reading", &p, e)),
+    }
+}
+
+fn sync_dir(p: &Path) -> Result<(), String> {
+    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| io_err("fsync directory", p, e))
+}
+
+/// Points the node at the state directory `name`: the pointer is written to
+/// a temporary file, fsynced, renamed into place, and the directory fsynced.
+pub fn publish_state_dir(data_dir: &Path, name: &str) -> Result<(), String> {
+    let tmp = data_dir.join(format!("{POINTER_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        f.write_all(name.as_bytes()).map_err(|e| io_err("writing", &tmp, e))?;
+        f.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    }
+    let dst = data_dir.join(POINTER_FILE);
+    std::fs::rename(&tmp, &dst).map_err(|e| io_err("renaming into place", &dst, e))?;
+    sync_dir(data_dir)
+}
+
+/// Removes state directories other than the live one (left by an install
+/// that replaced them or one that crashed before it was published), and the
+/// checkpoints of an earlier run.
+pub fn remove_unused(data_dir: &Path, live: &Path) -> Result<(), String> {
+    let rd = std::fs::read_dir(data_dir).map_err(|e| io_err("listing", data_dir, e))?;
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let is_state = name == FIRST_STATE_DIR || name.starts_with("state-");
+        if (is_state && path != live) || name == CHECKPOINTS_DIR {
+            tracing::info!(dir = %path.display(), "removing an unused state directory");
+            std::fs::remove_dir_all(&path).map_err(|e| io_err("removing", &path, e))?;
+        }
+    }
+    sync_dir(data_dir)
+}
+
+/// The flat name a checkpoint file travels under.
+fn wire_name(rel: &Path) -> Option<String> {
+    let mut parts = rel.components().map(|c| c.as_os_str().to_str());
+    let (Some(Some(dir)), Some(Some(file)), None) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    match dir {
+        "tables" => Some(format!("table.{file}")),
+        "manifest" => Some(format!("manifest.{file}")),
+        _ => None,
+    }
+}
+
+/// Where a flat name belongs in a state directory.
+fn local_path(name: &str) -> Option<PathBuf> {
+    let (dir, file) = if let Some(f) = name.strip_prefix("table.") {
+        ("tables", f)
+    } else if let Some(f) = name.strip_prefix("manifest.") {
+        ("manifest", f)
+    } else {
+        return None;
+    };
+    (!file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..").then(|| Path::new(dir).join(file))
+}
+
+/// A checkpoint on disk, deleted when the last transfer using it ends.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// Its Raft index (the state's durable marker).
+    pub index: LogIndex,
+    /// Its Raft term.
+    pub term: Term,
+    /// `(wire name, path)` of each file.
+    pub files: Vec<(String, PathBuf)>,
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove a checkpoint");
+        }
+    }
+}
+
+/// The checkpoints a leader keeps for transfers: at most `max`, the newest
+/// reused while it is recent enough.
+#[derive(Debug)]
+pub struct Checkpoints {
+    dir: PathBuf,
+    db: Arc<SharedDb>,
+    live: Mutex<VecDeque<Arc<Checkpoint>>>,
+    max: usize,
+    seq: AtomicU64,
+}
+
+impl Checkpoints {
+    /// Checkpoints under `data_dir/checkpoints` of the live state.
+    pub fn new(data_dir: &Path, db: Arc<SharedDb>, max: usize) -> Checkpoints {
+        Checkpoints {
+            dir: data_dir.join(CHECKPOINTS_DIR),
+            db,
+            live: Mutex::new(VecDeque::new()),
+            max: max.max(1),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A checkpoint at `min_index` or later: the newest kept one if it is
+    /// recent enough, else a new one (a forced flush and hard links).
+    pub fn get(&self, min_index: LogIndex) -> Result<Arc<Checkpoint>, String> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = live.back().filter(|c| c.index >= min_index) {
+            return Ok(c.clone());
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_err("creating", &self.dir, e))?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let dest = self.dir.join(format!("ckpt-{n}"));
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| io_err("removing", &dest, e))?;
+        }
+        let started = Instant::now();
+        let info = self.db.get().checkpoint(&dest).map_err(|e| format!("making a checkpoint: {e}"))?;
+        let marker = info.marker.ok_or("the checkpoint holds no Raft marker (nothing applied yet)")?;
+        let mut files = Vec::new();
+        for sub in ["tables", "manifest"] {
+            let d = dest.join(sub);
+            let rd = std::fs::read_dir(&d).map_err(|e| io_err("listing", &d, e))?;
+            for e in rd.filter_map(Result::ok) {
+                let rel = Path::new(sub).join(e.file_name());
+                if e.file_type().map(|t| t.is_file()).unwrap_or(false)
+                    && let Some(name) = wire_name(&rel)
+                {
+                    files.push((name, e.path()));
+                }
+            }
+        }
+        files.sort();
+        let c = Arc::new(Checkpoint { dir: dest, index: LogIndex(marker.index), term: Term(marker.term), files });
+        tracing::info!(
+            index = marker.index,
+            term = marker.term,
+            files = c.files.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint made"
+        );
+        metrics::counter!("cairn_snapshot_checkpoints_total").increment(1);
+        live.push_back(c.clone());
+        while live.len() > self.max {
+            live.pop_front();
+        }
+        Ok(c)
+    }
+}
+
+/// Opens the transfer stream: who sends, in which term, and the membership
+/// as of the checkpoint. Then cairn-snapshot-transfer frames follow both ways.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct SnapshotHello {
+    /// The sender's cluster id.
+    pub cluster_id: u64,
+    /// The leader sending.
+    pub from: NodeId,
+    /// The follower receiving.
+    pub to: NodeId,
+    /// The leader's term.
+    pub term: Term,
+    /// The membership as of the checkpoint.
+    pub conf: ConfState,
+}
+
+/// A leader's request to send a snapshot to a follower.
+#[derive(Debug)]
+pub struct SendRequest {
+    /// The follower.
+    pub to: NodeId,
+    /// The leader's term.
+    pub term: Term,
+    /// The snapshot index Raft asked for (the checkpoint is at or after it).
+    pub min_index: LogIndex,
+    /// The membership to install with it.
+    pub conf: ConfState,
+}
+
+/// What a sender needs.
+#[derive(Clone)]
+pub struct SendContext {
+    /// This node.
+    pub me: NodeId,
+    /// The cluster id.
+    pub cluster_id: u64,
+    /// The QUIC endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// The peer client configuration (mutual TLS, peer ALPN).
+    pub peer_cfg: quinn::ClientConfig,
+    /// The address of each peer.
+    pub addr_of: Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
+    /// The checkpoints.
+    pub checkpoints: Arc<Checkpoints>,
+    /// Transfer bounds.
+    pub transfer: TransferConfig,
+    /// Where the outcome goes: (peer, success).
+    pub done: mpsc::Sender<(NodeId, bool)>,
+}
+
+impl std::fmt::Debug for SendContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendContext").field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+/// Sends a checkpoint to `req.to`, then reports the outcome.
+pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
+    let to = req.to;
+    let started = Instant::now();
+    let r = send_inner(&ctx, req).await;
+    let ok = match &r {
+        Ok(bytes) => {
+            tracing::info!(peer = to.0, bytes, ms = started.elapsed().as_millis() as u64, "snapshot sent");
+            metrics::counter!("cairn_snapshot_sent_total").increment(1);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(peer = to.0, error = %e, "snapshot transfer failed");
+            metrics::counter!("cairn_snapshot_send_failures_total").increment(1);
+            false
+        }
+    };
+    let _ = ctx.done.send((to, ok)).await;
+}
+
+async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
+    let checkpoints = ctx.checkpoints.clone();
+    let min = req.min_index;
+    let ckpt = tokio::task::spawn_blocking(move || checkpoints.get(min))
+        .await
+        .map_err(|e| format!("the checkpoint task failed: {e}"))??;
+    let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
+    let conn = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, Duration::from_secs(5)).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a snapshot stream: {e}"))?;
+    let hello = SnapshotHello { cluster_id: ctx.cluster_id, from: ctx.me, to: req.to, term: req.term, conf: req.conf };
+    let hb = frame::encode(&hello).map_err(|e| e.to_string())?;
+    send.write_all(&hb).await.map_err(|e| format!("writing to the follower: {e}"))?;
+    let transfer_id = rand::random::<u64>();
+    let (ckpt2, idx, term) = (ckpt.clone(), ckpt.index.0, ckpt.term.0);
+    let (mut source, manifest) = tokio::task::spawn_blocking(move || {
+        Source::open_files(&cairn_snapshot_transfer::StdFs, &ckpt2.files, idx, term, transfer_id)
+    })
+    .await
+    .map_err(|e| format!("the checkpoint task failed: {e}"))?
+    .map_err(|e| format!("reading the checkpoint: {e}"))?;
+    let total = manifest.total_bytes();
+    let cfg = ctx.transfer.clone();
+    let body_max = cfg.frame_body_bytes_max();
+    let mut tx = Sender::new(cfg.clone(), manifest, Instant::now());
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut out = Vec::new();
+    loop {
+        match tx.poll_event() {
+            Some(SenderEvent::Completed) => break,
+            Some(SenderEvent::Failed(why)) => return Err(why),
+            None => {}
+        }
+        // Reads are small (a chunk) and local: done in place.
+        while let Some(r) = tx.poll_read(Instant::now()) {
+            let data = tokio::task::block_in_place(|| source.read(&r).map(<[u8]>::to_vec))
+                .map_err(|e| format!("reading the checkpoint: {e}"))?;
+            tx.handle_read(r, &data);
+        }
+        out.clear();
+        while let Some(f) = tx.poll_frame() {
+            f.encode(&mut out);
+        }
+        if !out.is_empty() {
+            send.write_all(&out).await.map_err(|e| format!("writing to the follower: {e}"))?;
+            continue;
+        }
+        let wait = tx.poll_timeout().map_or(cfg.stall_timeout, |t| t.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            n = recv.read(&mut chunk) => {
+                let n = n.map_err(|e| format!("reading from the follower: {e}"))?.ok_or("the follower closed the stream")?;
+                inbuf.extend_from_slice(&chunk[..n]);
+                let mut used_total = 0;
+                while let Some((f, used)) = Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame from the follower: {e}"))? {
+                    used_total += used;
+                    tx.handle_frame(f, Instant::now());
+                }
+                inbuf.drain(..used_total);
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => tx.handle_timeout(Instant::now()),
+        }
+    }
+    let _ = send.finish();
+    // Give the follower the time to read the last frames before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(0u32.into(), b"snapshot sent");
+    drop(ckpt);
+    Ok(total)
+}
+
+/// The receiving side's shared state: one staging area, used by one
+/// transfer at a time, and the checkpoints received and not yet installed.
+#[derive(Debug)]
+pub struct ReceiveState {
+    staging: tokio::sync::Mutex<Staging>,
+    received: Mutex<Vec<Completed>>,
+    transfer: TransferConfig,
+}
+
+impl ReceiveState {
+    /// Staging under `data_dir/staging`; files found by content in
+    /// `reference` (the live state's tables) are linked, not received.
+    pub fn new(data_dir: &Path, transfer: TransferConfig) -> ReceiveState {
+        let staging = Staging::new(Arc::new(cairn_snapshot_transfer::StdFs), data_dir.join(STAGING_DIR), Vec::new());
+        ReceiveState { staging: tokio::sync::Mutex::new(staging), received: Mutex::new(Vec::new()), transfer }
+    }
+
+    /// Takes the received checkpoint at (`index`, `term`), dropping older ones.
+    pub fn take(&self, index: LogIndex, term: Term) -> Option<Completed> {
+        let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = r.iter().position(|c| c.manifest.index == index.0 && c.manifest.term == term.0)?;
+        let c = r.swap_remove(pos);
+        r.retain(|o| o.manifest.index > index.0);
+        Some(c)
+    }
+}
+
+/// Receives a checkpoint on a stream the leader `from` opened; once it is
+/// staged and verified, steps Raft's snapshot message in through `inbound`.
+pub async fn receive_snapshot(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    from: u64,
+    svc: crate::peer::PeerService,
+) -> Result<(), String> {
+    let hello = frame::read::<SnapshotHello>(&mut recv, HELLO_BYTES_MAX).await.map_err(|e| e.to_string())?;
+    let crate::peer::PeerService { cluster_id, me, inbound, snapshots: state, db, .. } = svc;
+    let reference = db.get().dir().join("tables");
+    drop(db);
+    if hello.cluster_id != cluster_id || hello.from.0 != from || hello.to != me {
+        return Err(format!(
+            "a snapshot stream claims cluster {:016x}, from {}, to {} over node {from}'s connection",
+            hello.cluster_id, hello.from.0, hello.to.0
+        ));
+    }
+    let mut staging = state.staging.lock().await;
+    staging.set_reference_dirs(vec![reference]);
+    let cfg = state.transfer.clone();
+    let body_max = cfg.frame_body_bytes_max();
+    let mut rx = Receiver::new(cfg);
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    let mut out = Vec::new();
+    loop {
+        let n = match recv.read(&mut chunk).await {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("the leader's stream broke: {e}")),
+        };
+        inbuf.extend_from_slice(&chunk[..n]);
+        let mut used_total = 0;
+        let mut frames = Vec::new();
+        while let Some((f, used)) =
+            Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame: {e}"))?
+        {
+            used_total += used;
+            frames.push(f);
+        }
+        inbuf.drain(..used_total);
+        if frames.is_empty() {
+            continue;
+        }
+        out.clear();
+        tokio::task::block_in_place(|| -> Result<(), String> {
+            for f in frames {
+                rx.handle_frame(f);
+                staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"))?;
+            }
+            Ok(())
+        })?;
+        if !out.is_empty() {
+            send.write_all(&out).await.map_err(|e| format!("answering the leader: {e}"))?;
+        }
+        if let Some(c) = staging.take_completed() {
+            let (index, term) = (LogIndex(c.manifest.index), Term(c.manifest.term));
+            tracing::info!(index = index.0, term = term.0, bytes = c.manifest.total_bytes(), "snapshot received");
+            metrics::counter!("cairn_snapshot_received_total").increment(1);
+            state.received.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+            let msg = Message {
+                from: hello.from,
+                to: me,
+                term: hello.term,
+                body: Body::Snapshot { index, term, conf: hello.conf.clone() },
+            };
+            if inbound.send(msg).await.is_err() {
+                return Err("the node is stopping".into());
+            }
+        }
+    }
+}
+
+/// Installs a received checkpoint as the live state: its files are linked
+/// into a new state directory, which is opened and checked against the
+/// snapshot, then published through the pointer file. Returns the new
+/// state. The caller swaps it in and writes the log's snapshot marker.
+pub fn install(data_dir: &Path, c: &Completed, opts: &Options) -> Result<(String, Db), String> {
+    let (index, term) = (c.manifest.index, c.manifest.term);
+    let name = format!("state-{index:016x}-{term:016x}");
+    let dest = data_dir.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| io_err("removing", &dest, e))?;
+    }
+    for sub in ["tables", "manifest"] {
+        let d = dest.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+    }
+    for f in &c.manifest.files {
+        let rel = local_path(&f.name).ok_or_else(|| format!("the checkpoint holds an unknown file `{}`", f.name))?;
+        let (src, dst) = (c.dir.join(&f.name), dest.join(rel));
+        std::fs::hard_link(&src, &dst)
+            .or_else(|_| std::fs::copy(&src, &dst).and_then(|_| std::fs::File::open(&dst)?.sync_all()))
+            .map_err(|e| io_err("placing", &dst, e))?;
+    }
+    for d in [dest.join("tables"), dest.join("manifest"), dest.clone(), data_dir.to_path_buf()] {
+        sync_dir(&d)?;
+    }
+    let mut o = opts.clone();
+    o.create_if_missing = false;
+    let db = Db::open(&dest, o).map_err(|e| format!("opening the received state: {e}"))?;
+    match db.durable_marker() {
+        Some(m) if m.index == index && m.term == term => {}
+        other => {
+            return Err(format!("the received state's marker is {other:?}, not the snapshot's ({index}, {term})"));
+        }
+    }
+    publish_state_dir(data_dir, &name)?;
+    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
+    }
+    Ok((name, db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_paths_travel_flat_and_come_back() {
+        for rel in ["tables/0000000000000001.sst", "manifest/00000001-0000000000000000.log"] {
+            let name = wire_name(Path::new(rel)).expect("a known file");
+            assert!(!name.contains('/'));
+            assert_eq!(local_path(&name).as_deref(), Some(Path::new(rel)));
+        }
+        assert_eq!(wire_name(Path::new("LOCK")), None);
+        assert_eq!(wire_name(Path::new("other/x")), None);
+        assert_eq!(local_path("table."), None);
+        assert_eq!(local_path("table.."), None);
+        assert_eq!(local_path("x.y"), None);
+    }
+
+    #[test]
+    fn the_pointer_names_the_live_state_and_unused_ones_are_removed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(live_state_dir(d.path()).expect("default"), d.path().join(FIRST_STATE_DIR));
+        std::fs::create_dir_all(d.path().join(FIRST_STATE_DIR)).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("state-1-1")).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("raft")).expect("mkdir");
+        publish_state_dir(d.path(), "state-1-1").expect("publish");
+        let live = live_state_dir(d.path()).expect("live");
+        assert_eq!(live, d.path().join("state-1-1"));
+        remove_unused(d.path(), &live).expect("clean");
+        assert!(!d.path().join(FIRST_STATE_DIR).exists());
+        assert!(live.exists() && d.path().join("raft").exists());
+        std::fs::write(d.path().join(POINTER_FILE), "../elsewhere").expect("write");
+        assert!(live_state_dir(d.path()).is_err());
+    }
+}
