@@ -322,6 +322,29 @@ impl Client {
         }
     }
 
+    /// Adds node `id` at peer address `addr` as a learner (or a voter);
+    /// returns the members once the change applied.
+    pub async fn member_add(&self, id: u64, addr: impl Into<String>, learner: bool) -> Result<Vec<MemberInfo>> {
+        self.member_change(&Request::MemberAdd { id, addr: addr.into(), learner }).await
+    }
+
+    /// Makes learner `id` a voter (refused until it has caught up); returns the members.
+    pub async fn member_promote(&self, id: u64) -> Result<Vec<MemberInfo>> {
+        self.member_change(&Request::MemberPromote { id }).await
+    }
+
+    /// Removes node `id` (its id is refused for good); returns the members.
+    pub async fn member_remove(&self, id: u64) -> Result<Vec<MemberInfo>> {
+        self.member_change(&Request::MemberRemove { id }).await
+    }
+
+    async fn member_change(&self, req: &Request) -> Result<Vec<MemberInfo>> {
+        match self.call(req).await? {
+            Response::Members(m) => Ok(m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the leader to hand leadership to node `to`.
     pub async fn transfer_leader(&self, to: u64) -> Result<()> {
         match self.call(&Request::TransferLeader { to }).await? {
@@ -373,7 +396,14 @@ impl Client {
                 break;
             }
         }
-        let is_write = matches!(req, Request::Write { .. } | Request::Register);
+        let is_write = matches!(
+            req,
+            Request::Write { .. }
+                | Request::Register
+                | Request::MemberAdd { .. }
+                | Request::MemberPromote { .. }
+                | Request::MemberRemove { .. }
+        );
         if may_have_applied && is_write {
             Err(Error::Indeterminate(last_reason))
         } else {

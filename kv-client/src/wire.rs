@@ -106,6 +106,25 @@ pub enum Request {
         /// The node to lead.
         to: u64,
     },
+    /// Add node `id`, reached at `addr`, as a learner (or straight as a voter).
+    MemberAdd {
+        /// The new node's id (never one used before).
+        id: u64,
+        /// Its peer address, `host:port`.
+        addr: String,
+        /// Add it as a learner (it then catches up before it is promoted).
+        learner: bool,
+    },
+    /// Make learner `id` a voter (refused until it has caught up).
+    MemberPromote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove node `id`; its id is refused for good afterwards.
+    MemberRemove {
+        /// The node.
+        id: u64,
+    },
 }
 
 /// The answer to a request.

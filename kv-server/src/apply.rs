@@ -12,7 +12,8 @@ use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
 use tokio::sync::{oneshot, watch};
 
 use crate::state::{
-    CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, encode_value, session_key, user_key,
+    Book, CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, SharedBook, addr_key, encode_value,
+    read_book, removed_key, session_key, user_key, write_book,
 };
 
 /// A proposal waiting for its entry to apply.
@@ -59,6 +60,15 @@ pub struct InstallSite {
     pub data_dir: std::path::PathBuf,
     /// The options the state is opened with.
     pub options: cairn_lsm::Options,
+    /// The initial cluster's addresses (under those the state records).
+    pub initial: std::collections::BTreeMap<u64, String>,
+}
+
+/// A change to the member book, made once its batch is written.
+#[derive(Debug)]
+enum BookChange {
+    Addr(u64, String),
+    Removed(u64),
 }
 
 /// Limits the state machine enforces at apply (the same on every replica).
@@ -79,6 +89,8 @@ pub struct Applier {
     shared: Arc<crate::snapshot::SharedDb>,
     db: Arc<Db>,
     site: InstallSite,
+    book: SharedBook,
+    book_changes: Vec<BookChange>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -99,13 +111,25 @@ impl Applier {
     pub fn new(
         shared: Arc<crate::snapshot::SharedDb>,
         site: InstallSite,
+        book: SharedBook,
         applied: watch::Sender<u64>,
         waiters: Waiters,
         limits: ApplyLimits,
     ) -> Result<Applier, crate::storage::StorageError> {
         let db = shared.get();
         let sessions = load_sessions(&db)?;
-        Ok(Applier { shared, db, site, sessions, applied, waiters, limits, ignore_sessions_for_tests: false })
+        Ok(Applier {
+            shared,
+            db,
+            site,
+            book,
+            book_changes: Vec::new(),
+            sessions,
+            applied,
+            waiters,
+            limits,
+            ignore_sessions_for_tests: false,
+        })
     }
 
     /// Runs until the job channel closes; publishes each applied index on the `applied` watch.
@@ -139,9 +163,14 @@ impl Applier {
             Ok(s) => s,
             Err(e) => crate::fatal(&format!("reading the installed state's sessions: {e}")),
         };
+        let book = match Book::load(&db, &self.site.initial) {
+            Ok(b) => b,
+            Err(e) => crate::fatal(&format!("reading the installed state's members: {e}")),
+        };
         let old = self.shared.replace(db.clone());
         self.db = db;
         self.sessions = sessions;
+        *write_book(&self.book) = book;
         self.applied.send_replace(c.manifest.index);
         metrics::counter!("cairn_snapshot_installed_total").increment(1);
         metrics::gauge!("cairn_raft_applied_index").set(c.manifest.index as f64);
@@ -217,7 +246,18 @@ impl Applier {
                         Response::error(ErrorCode::BadRequest, "the entry holds no valid command")
                     }
                 },
-                EntryKind::Noop | EntryKind::ConfChange => Response::Ok,
+                EntryKind::ConfChange => {
+                    if let Some(cc) = cairn_raft_core::ConfChange::decode(&e.data) {
+                        for item in &cc.changes {
+                            if let cairn_raft_core::ConfChangeItem::Remove(id) = item {
+                                batch.put(removed_key(id.0), Vec::new());
+                                self.book_changes.push(BookChange::Removed(id.0));
+                            }
+                        }
+                    }
+                    Response::Ok
+                }
+                EntryKind::Noop => Response::Ok,
             };
             answers.push((e.index.0, e.term, resp));
         }
@@ -235,6 +275,19 @@ impl Applier {
         batch.set_marker(Marker::new(last.index.0, last.term.0));
         if let Err(e) = self.db.write(&batch) {
             crate::fatal(&format!("applying entries up to {} to the state: {e}", last.index.0));
+        }
+        if !self.book_changes.is_empty() {
+            let mut book = write_book(&self.book);
+            for c in self.book_changes.drain(..) {
+                match c {
+                    BookChange::Addr(id, addr) => {
+                        book.addrs.insert(id, addr);
+                    }
+                    BookChange::Removed(id) => {
+                        book.removed.insert(id);
+                    }
+                }
+            }
         }
         self.applied.send_replace(last.index.0);
         metrics::gauge!("cairn_raft_applied_index").set(last.index.0 as f64);
@@ -257,6 +310,21 @@ impl Applier {
     fn apply_command(&mut self, index: u64, cmd: Command, batch: &mut WriteBatch, touched: &mut Vec<u64>) -> Response {
         match cmd.op {
             CommandOp::Noop => Response::Healthy { index },
+            CommandOp::SetMember { id, addr } => {
+                let removed = read_book(&self.book).removed.contains(&id)
+                    || self.book_changes.iter().any(|c| matches!(c, BookChange::Removed(r) if *r == id));
+                if removed || id == 0 || addr.is_empty() {
+                    return Response::error(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "node id {id} was removed from the cluster (ids are never reused) or the address is empty"
+                        ),
+                    );
+                }
+                batch.put(addr_key(id), addr.clone().into_bytes());
+                self.book_changes.push(BookChange::Addr(id, addr));
+                Response::Ok
+            }
             CommandOp::Register => {
                 // Expired sessions are dropped here, at an entry: every replica drops the same ones.
                 let ttl = self.limits.session_ttl_ms;

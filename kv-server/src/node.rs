@@ -3,7 +3,7 @@
 //! once, entries and hard state to the WAL thread, committed entries to the
 //! apply worker, read indexes to the readers waiting for them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,11 +48,36 @@ pub enum NodeRequest {
         /// Ok, or why not.
         reply: oneshot::Sender<Result<(), ErrorInfo>>,
     },
+    /// Whether the membership is joint (a change is still being made).
+    IsJoint {
+        /// Where the answer goes.
+        reply: oneshot::Sender<bool>,
+    },
+    /// Change the membership; answered once the change applied.
+    ConfChange {
+        /// The change.
+        change: MemberChange,
+        /// `Response::Ok` once applied, or why not.
+        reply: oneshot::Sender<Response>,
+    },
     /// Stop: a leader first hands leadership to the most caught-up voter.
     Shutdown {
         /// Answered once the node stepped down (or gave up trying).
         reply: oneshot::Sender<()>,
     },
+}
+
+/// A membership change a client asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add a learner.
+    AddLearner(u64),
+    /// Add a voter.
+    AddVoter(u64),
+    /// Make a caught-up learner a voter.
+    Promote(u64),
+    /// Remove a node.
+    Remove(u64),
 }
 
 /// The channels and handles the Raft task works with.
@@ -83,8 +108,9 @@ pub struct NodeTask {
     pub waiters: Waiters,
     /// A queue per peer; a full queue reports the peer unreachable.
     pub links: Arc<dyn Fn(NodeId) -> Option<mpsc::Sender<Message>> + Send + Sync>,
-    /// The address of each member (for leader hints and the member list).
-    pub addrs: BTreeMap<u64, String>,
+    /// The address of each member (for leader hints and the member list),
+    /// and the removed ids.
+    pub book: crate::state::SharedBook,
     /// The state (for sizes in status, and its durable marker for release).
     pub db: Arc<SharedDb>,
     /// Reads waiting for confirmation, at most.
@@ -116,6 +142,8 @@ struct Loop {
     last_leader: Option<NodeId>,
     shutdown: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
     transfers: HashMap<NodeId, tokio::task::JoinHandle<()>>,
+    /// Whether this node is in the membership (as last applied).
+    member: bool,
     release_in_flight: bool,
     snapshots_installed: u64,
     snapshots_sent: u64,
@@ -135,10 +163,12 @@ impl NodeTask {
             last_leader: None,
             shutdown: None,
             transfers: HashMap::new(),
+            member: false,
             release_in_flight: false,
             snapshots_installed: 0,
             snapshots_sent: 0,
         };
+        l.member = l.t.raw.conf_state().members().contains(&l.t.raw.id());
         let mut release_check = tokio::time::interval(Duration::from_millis(l.t.snapshot.release_check_ms.max(10)));
         release_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -190,7 +220,7 @@ impl Loop {
 
     fn leader_hint(&self) -> Option<(u64, String)> {
         let l = self.t.raw.leader()?;
-        self.t.addrs.get(&l.0).map(|a| (l.0, a.clone()))
+        crate::state::read_book(&self.t.book).addrs.get(&l.0).map(|a| (l.0, a.clone()))
     }
 
     fn not_leader(&self) -> ErrorInfo {
@@ -296,15 +326,20 @@ impl Loop {
             }
             NodeRequest::Members { reply } => {
                 let conf = self.t.raw.conf_state().clone();
+                let book = crate::state::read_book(&self.t.book);
                 let mut out = Vec::new();
                 for id in conf.members() {
                     out.push(MemberInfo {
                         id: id.0,
-                        addr: self.t.addrs.get(&id.0).cloned().unwrap_or_default(),
+                        addr: book.addrs.get(&id.0).cloned().unwrap_or_default(),
                         learner: conf.learners.contains(&id),
                     });
                 }
                 let _ = reply.send(out);
+            }
+            NodeRequest::ConfChange { change, reply } => self.conf_change(change, reply),
+            NodeRequest::IsJoint { reply } => {
+                let _ = reply.send(self.t.raw.conf_state().is_joint());
             }
             NodeRequest::TransferLeader { to, reply } => {
                 let r = if self.t.raw.role() != Role::Leader {
@@ -335,6 +370,74 @@ impl Loop {
                 }
                 self.shutdown = Some((reply, tokio::time::Instant::now() + Duration::from_secs(3)));
             }
+        }
+    }
+
+    fn conf_change(&mut self, change: MemberChange, reply: oneshot::Sender<Response>) {
+        use cairn_raft_core::{ConfChange, ConfChangeItem};
+        let refuse = |reply: oneshot::Sender<Response>, code: ErrorCode, message: String| {
+            let _ = reply.send(Response::Error(ErrorInfo { code, message, leader: None }));
+        };
+        if self.t.raw.role() != Role::Leader {
+            let _ = reply.send(Response::Error(self.not_leader()));
+            return;
+        }
+        let conf = self.t.raw.conf_state().clone();
+        let members = conf.members();
+        let (item, id) = match change {
+            MemberChange::AddLearner(id) | MemberChange::AddVoter(id) => {
+                if crate::state::read_book(&self.t.book).removed.contains(&id) {
+                    return refuse(
+                        reply,
+                        ErrorCode::BadRequest,
+                        format!("node id {id} was removed; ids are never reused"),
+                    );
+                }
+                if members.contains(&NodeId(id)) {
+                    return refuse(reply, ErrorCode::BadRequest, format!("node {id} is a member already"));
+                }
+                let item = if matches!(change, MemberChange::AddLearner(_)) {
+                    ConfChangeItem::AddLearner(NodeId(id))
+                } else {
+                    ConfChangeItem::AddVoter(NodeId(id))
+                };
+                (item, id)
+            }
+            MemberChange::Promote(id) => {
+                if !conf.learners.contains(&NodeId(id)) {
+                    return refuse(reply, ErrorCode::BadRequest, format!("node {id} is not a learner"));
+                }
+                // A learner far behind would stall commits once it votes: wait until it caught up.
+                let matched =
+                    self.t.raw.progress().into_iter().find(|(p, _)| p.0 == id).map_or(0, |(_, p)| p.matched.0);
+                let commit = self.t.raw.commit_index().0;
+                let slack = self.t.snapshot.release_margin_entries.clamp(1, 1000);
+                if matched + slack < commit {
+                    return refuse(
+                        reply,
+                        ErrorCode::Busy,
+                        format!("learner {id} has not caught up yet (at {matched}, the log commits {commit})"),
+                    );
+                }
+                (ConfChangeItem::AddVoter(NodeId(id)), id)
+            }
+            MemberChange::Remove(id) => {
+                if !members.contains(&NodeId(id)) {
+                    return refuse(reply, ErrorCode::BadRequest, format!("node {id} is not a member"));
+                }
+                (ConfChangeItem::Remove(NodeId(id)), id)
+            }
+        };
+        match self.t.raw.propose_conf_change(ConfChange { changes: vec![item], auto_leave: true }) {
+            Ok(index) => {
+                tracing::info!(?change, index = index.0, "membership change proposed");
+                let term = self.t.raw.term();
+                self.t.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(index.0, Waiter { term, reply });
+            }
+            Err(cairn_raft_core::ProposeError::NotLeader { .. }) => {
+                let _ = reply.send(Response::Error(self.not_leader()));
+            }
+            Err(e) => refuse(reply, ErrorCode::Busy, format!("membership change of node {id} not proposed now: {e}")),
         }
     }
 
@@ -408,6 +511,21 @@ impl Loop {
             metrics::counter!("cairn_peer_queue_full_total").increment(1);
             self.t.raw.report_unreachable(to);
         }
+    }
+
+    /// A membership change took effect: links to nodes no longer members
+    /// close; a node that was removed stops.
+    fn membership_changed(&mut self, conf: &cairn_raft_core::ConfState) {
+        let members = conf.members();
+        self.peers.retain(|id, _| members.contains(id));
+        let me = self.t.raw.id();
+        let member = members.contains(&me);
+        // A node joining sees older changes before its own: only a member that stops being one leaves.
+        if self.member && !member {
+            tracing::warn!("this node was removed from the cluster; stopping");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+        }
+        self.member = member;
     }
 
     /// Raft asked for a snapshot to `to`: a transfer task sends a checkpoint
@@ -514,6 +632,7 @@ impl Loop {
         }
         self.snapshots_installed += 1;
         self.t.conf_index = self.t.conf_index.max(index.0);
+        self.membership_changed(&conf);
         MarkerJob { index, term, conf }
     }
 
@@ -570,6 +689,9 @@ impl Loop {
                     self.t.conf_index = self.t.conf_index.max(i);
                     self.t.raw.conf_state().clone()
                 });
+                if let Some(conf) = &conf {
+                    self.membership_changed(conf);
+                }
                 self.apply_send(ApplyJob::Entries { entries: rd.committed_entries, conf });
             }
             for rs in rd.read_states {

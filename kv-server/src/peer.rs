@@ -186,6 +186,8 @@ pub struct PeerService {
     pub snapshots: std::sync::Arc<crate::snapshot::ReceiveState>,
     /// The live state (its tables are reused by content when a snapshot arrives).
     pub db: std::sync::Arc<crate::snapshot::SharedDb>,
+    /// The member book: removed ids are refused.
+    pub book: crate::state::SharedBook,
 }
 
 /// Serves an inbound peer connection from authenticated node `from`: reads
@@ -194,6 +196,11 @@ pub struct PeerService {
 /// stream carries a snapshot transfer.
 pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
     let PeerService { cluster_id, me, frame_max, inbound, .. } = svc.clone();
+    if crate::state::read_book(&svc.book).removed.contains(&from) {
+        tracing::warn!(peer = from, "refused a connection from a removed node");
+        conn.close(6u32.into(), PeerRefusal::Removed(from).to_string().as_bytes());
+        return;
+    }
     loop {
         let mut recv = tokio::select! {
             r = conn.accept_uni() => match r {

@@ -2,7 +2,6 @@
 //! thread, the apply worker, the Raft task and the QUIC endpoint, serve
 //! clients, and stop cleanly on SIGTERM or SIGINT.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apply::{Applier, ApplyJob, ApplyLimits, InstallSite, check_ops};
 use crate::config::Config;
-use crate::node::{NodeRequest, NodeTask};
+use crate::node::{MemberChange, NodeRequest, NodeTask};
 use crate::peer::{self, LinkConfig};
 use crate::snapshot::{Checkpoints, ReceiveState, SendContext, SharedDb};
 use crate::state::{CONF_KEY, Command, CommandOp, USER_PREFIX, decode_value, user_key};
@@ -96,9 +95,6 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let tls = NodeTls::load(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, cfg.id)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::Other(format!("creating {}: {e}", cfg.data_dir.display())))?;
-    if cfg.join {
-        return Err(ServerError::Other("join mode (adding a member) is not built yet".into()));
-    }
     let cluster_id = cfg.cluster_id();
     let identity = NodeIdentity { node_id: cfg.id, cluster_id };
 
@@ -185,9 +181,20 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         session_responses_max: limits.session_responses_max,
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
     };
+    let mut initial = cfg.initial_cluster.clone();
+    initial.insert(cfg.id, cfg.advertise.clone());
+    let book = crate::state::Book::load(&db, &initial)?;
+    if book.removed.contains(&cfg.id) {
+        return Err(ServerError::Other(format!(
+            "node {} was removed from the cluster and cannot rejoin with its old data; \
+             start a new node with a new id and an empty data directory",
+            cfg.id
+        )));
+    }
+    let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(db));
-    let site = InstallSite { data_dir: cfg.data_dir.clone(), options: opts };
-    let mut applier = Applier::new(shared.clone(), site, applied_tx, waiters.clone(), apply_limits)?;
+    let site = InstallSite { data_dir: cfg.data_dir.clone(), options: opts, initial };
+    let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let (apply_tx, apply_rx) = mpsc::channel(limits.apply_queue_max);
     let apply_thread = std::thread::Builder::new()
@@ -205,8 +212,17 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
 
     let (inbound_tx, inbound_rx) = mpsc::channel(limits.inbound_queue_max);
     let (unreachable_tx, unreachable_rx) = mpsc::channel(64);
-    let mut addrs: BTreeMap<u64, String> = cfg.initial_cluster.clone();
-    addrs.insert(cfg.id, cfg.advertise.clone());
+    // Where a peer is dialed: the override, else the address the state records.
+    let addr_of: Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync> = {
+        let (book, overrides) = (book.clone(), cfg.peer_addr_override.clone());
+        Arc::new(move |p: NodeId| {
+            let b = crate::state::read_book(&book);
+            if b.removed.contains(&p.0) {
+                return None;
+            }
+            overrides.get(&p.0).or_else(|| b.addrs.get(&p.0)).cloned()
+        })
+    };
     let link_cfg = LinkConfig {
         cluster_id,
         connect_timeout: Duration::from_secs(2),
@@ -220,10 +236,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         cluster_id,
         endpoint: endpoint.clone(),
         peer_cfg: peer_cfg.clone(),
-        addr_of: {
-            let cfg = cfg.clone();
-            Arc::new(move |p: NodeId| cfg.peer_addr(p.0))
-        },
+        addr_of: addr_of.clone(),
         checkpoints: Arc::new(Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max)),
         transfer: transfer_cfg.clone(),
         done: snapshot_done_tx,
@@ -231,11 +244,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg));
     let links = {
         let endpoint = endpoint.clone();
-        let cfg = cfg.clone();
         let peer_queue_max = limits.peer_queue_max;
         // A peer with no known address gets no link (Raft hears it is unreachable).
         Arc::new(move |peer: NodeId| {
-            let addr = cfg.peer_addr(peer.0)?;
+            let addr = addr_of(peer)?;
             let (tx, rx) = mpsc::channel(peer_queue_max);
             tokio::spawn(peer::run_link(
                 endpoint.clone(),
@@ -264,7 +276,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         applied: applied_rx.clone(),
         waiters,
         links,
-        addrs,
+        book: book.clone(),
         db: shared.clone(),
         pending_reads_max: limits.pending_reads_max,
         snapshot: cfg.snapshot.clone(),
@@ -295,6 +307,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         inbound: inbound_tx,
         snapshots: received,
         db: shared.clone(),
+        book,
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
 
@@ -508,12 +521,53 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
         Request::MemberList => {
             ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
         }
+        Request::MemberAdd { id, addr, learner } => {
+            if id == 0 || addr.is_empty() || addr.len() > 1024 {
+                return Response::error(ErrorCode::BadRequest, "a member needs an id above 0 and a peer address");
+            }
+            // The address first (replicated), so the leader can reach the node once it is a member.
+            let cmd = Command { time_ms: now_ms(), op: CommandOp::SetMember { id, addr } };
+            match propose_command(ctx, cmd).await {
+                Response::Ok => {}
+                other => return other,
+            }
+            let change = if learner { MemberChange::AddLearner(id) } else { MemberChange::AddVoter(id) };
+            member_change(ctx, change).await
+        }
+        Request::MemberPromote { id } => member_change(ctx, MemberChange::Promote(id)).await,
+        Request::MemberRemove { id } => member_change(ctx, MemberChange::Remove(id)).await,
         Request::TransferLeader { to } => match ask(ctx, |reply| NodeRequest::TransferLeader { to, reply }).await {
             Ok(Ok(())) => Response::Ok,
             Ok(Err(e)) => Response::Error(e),
             Err(r) => r,
         },
     }
+}
+
+/// Proposes a membership change and answers with the members once it applied.
+async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
+    let asked = ask(ctx, |reply| NodeRequest::ConfChange { change, reply });
+    match tokio::time::timeout(ctx.request_timeout, asked).await {
+        Ok(Ok(Response::Ok)) => {}
+        Ok(Ok(other)) | Ok(Err(other)) => return other,
+        Err(_) => {
+            return Response::error(ErrorCode::Unavailable, "the change did not apply in time; it may still apply");
+        }
+    }
+    // A change of voters goes through joint consensus, left by an entry the
+    // leader proposes itself: answer once it is left.
+    let deadline = tokio::time::Instant::now() + ctx.request_timeout;
+    loop {
+        match ask(ctx, |reply| NodeRequest::IsJoint { reply }).await {
+            Ok(false) => break,
+            Ok(true) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(true) => {
+                return Response::error(ErrorCode::Unavailable, "the change applied; leaving joint consensus is slow");
+            }
+            Err(r) => return r,
+        }
+    }
+    ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
 }
 
 /// Sends a request to the Raft task and waits for its answer.

@@ -9,6 +9,8 @@
 //! | `k` | user key | [`VALUE_FORMAT`], modification index (u64 LE), the value |
 //! | `s` | client id (u64 BE) | a [`SessionRecord`] (rkyv) |
 //! | `m` | `conf` | the membership (`ConfState`, rkyv) as of the marker |
+//! | `m` | `addr/` node id (u64 BE) | the node's peer address (UTF-8) |
+//! | `m` | `removed/` node id (u64 BE) | empty: the id was removed, for good |
 //!
 //! Reserved for later: `r` (per-key revisions and history for watch), `l`
 //! (leases). The modification index stored with each value is the Raft index
@@ -22,6 +24,10 @@ pub const SESSION_PREFIX: u8 = b's';
 pub const META_PREFIX: u8 = b'm';
 /// The key of the membership.
 pub const CONF_KEY: &[u8] = b"mconf";
+/// The prefix of member addresses.
+pub const ADDR_PREFIX: &[u8] = b"maddr/";
+/// The prefix of removed node ids.
+pub const REMOVED_PREFIX: &[u8] = b"mremoved/";
 /// The format byte of a stored value.
 pub const VALUE_FORMAT: u8 = 1;
 /// Bytes before a stored value's user bytes.
@@ -61,6 +67,13 @@ mod records {
         },
         /// Nothing (a health check).
         Noop,
+        /// Record the peer address of node `id` (before it is added).
+        SetMember {
+            /// The node.
+            id: u64,
+            /// Its peer address.
+            addr: String,
+        },
     }
 
     impl Command {
@@ -115,6 +128,65 @@ pub fn user_key(key: &[u8]) -> Vec<u8> {
     k.push(USER_PREFIX);
     k.extend_from_slice(key);
     k
+}
+
+/// The LSM key of node `id`'s address.
+pub fn addr_key(id: u64) -> Vec<u8> {
+    [ADDR_PREFIX, &id.to_be_bytes()].concat()
+}
+
+/// The LSM key recording that node `id` was removed.
+pub fn removed_key(id: u64) -> Vec<u8> {
+    [REMOVED_PREFIX, &id.to_be_bytes()].concat()
+}
+
+/// Who the members are reached at and which ids were removed: loaded from
+/// the state at start and after an install, kept up to date by the apply
+/// worker, read by the links, the peer service and the Raft task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Book {
+    /// Peer address of each node known.
+    pub addrs: std::collections::BTreeMap<u64, String>,
+    /// Ids removed from the cluster, refused for good.
+    pub removed: std::collections::BTreeSet<u64>,
+}
+
+/// The book, shared.
+pub type SharedBook = std::sync::Arc<std::sync::RwLock<Book>>;
+
+impl Book {
+    /// The book the state `db` holds, over the initial cluster's addresses.
+    pub fn load(
+        db: &cairn_lsm::Db,
+        initial: &std::collections::BTreeMap<u64, String>,
+    ) -> Result<Book, crate::storage::StorageError> {
+        let mut b = Book { addrs: initial.clone(), removed: Default::default() };
+        let id_of = |k: &[u8], prefix: &[u8]| {
+            k.get(prefix.len()..)
+                .and_then(|x| <[u8; 8]>::try_from(x).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| crate::storage::StorageError::Corrupt { what: "member key", reason: format!("{k:?}") })
+        };
+        for kv in db.prefix(ADDR_PREFIX) {
+            let (k, v) = kv?;
+            b.addrs.insert(id_of(&k, ADDR_PREFIX)?, String::from_utf8_lossy(&v).into_owned());
+        }
+        for kv in db.prefix(REMOVED_PREFIX) {
+            let (k, _) = kv?;
+            b.removed.insert(id_of(&k, REMOVED_PREFIX)?);
+        }
+        Ok(b)
+    }
+}
+
+/// Reads the shared book.
+pub fn read_book(b: &SharedBook) -> std::sync::RwLockReadGuard<'_, Book> {
+    b.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes the shared book.
+pub fn write_book(b: &SharedBook) -> std::sync::RwLockWriteGuard<'_, Book> {
+    b.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The LSM key of session `id`.

@@ -16,6 +16,19 @@ pub struct Cluster {
     pub env: Vec<(String, String)>,
     /// Extra variables for one node's next start (taken by `start_node`).
     pub node_env: std::collections::HashMap<u64, Vec<(String, String)>>,
+    /// Nodes added after the start (joining): their endpoints.
+    pub joiners: std::collections::BTreeMap<u64, String>,
+}
+
+/// One free UDP port on 127.0.0.1.
+fn free_port() -> u16 {
+    for _ in 0..200 {
+        let p: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free UDP port");
 }
 
 /// Three consecutive free UDP ports on 127.0.0.1.
@@ -40,6 +53,7 @@ impl Cluster {
             procs: vec![None, None, None],
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             node_env: Default::default(),
+            joiners: Default::default(),
         };
         for id in 1..=3 {
             c.start_node(id);
@@ -53,7 +67,25 @@ impl Cluster {
             .append(true)
             .open(self.layout.dir.join(format!("node-{id}.log")))
             .expect("log");
-        let mut args = node_args(&self.layout, id);
+        let mut args = match self.joiners.get(&id) {
+            None => node_args(&self.layout, id),
+            Some(ep) => {
+                // A joiner: the bootstrap members' cluster (for the cluster id), its own identity, --join.
+                let mut a = node_args(&self.layout, 1);
+                let certs = self.layout.dir.join("certs");
+                let set = |a: &mut Vec<String>, flag: &str, v: String| {
+                    let i = a.iter().position(|x| x == flag).expect("flag") + 1;
+                    a[i] = v;
+                };
+                set(&mut a, "--id", id.to_string());
+                set(&mut a, "--data-dir", self.layout.dir.join(format!("node-{id}")).display().to_string());
+                set(&mut a, "--listen", ep.clone());
+                set(&mut a, "--tls-cert", certs.join(format!("node-{id}.pem")).display().to_string());
+                set(&mut a, "--tls-key", certs.join(format!("node-{id}.key")).display().to_string());
+                a.push("--join".into());
+                a
+            }
+        };
         args.extend(["--tick-ms".into(), "50".into()]);
         let child = Command::new(env!("CARGO_BIN_EXE_kv-server"))
             .args(args)
@@ -64,12 +96,38 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("spawn kv-server");
-        self.procs[(id - 1) as usize] = Some(child);
+        let i = (id - 1) as usize;
+        if self.procs.len() <= i {
+            self.procs.resize_with(i + 1, || None);
+        }
+        self.procs[i] = Some(child);
+    }
+
+    /// Prepares node `id` (certificates signed by the cluster's CA, a port)
+    /// and starts it in join mode; returns its address.
+    pub fn start_joiner(&mut self, id: u64) -> String {
+        let ids: Vec<u64> = (1..=id).collect();
+        cairn_kv_server::tls::write_cluster_certs(
+            &self.layout.dir.join("certs"),
+            "cairn-dev",
+            &ids,
+            &["localhost".into()],
+        )
+        .expect("certificates");
+        let ep = format!("127.0.0.1:{}", free_port());
+        self.joiners.insert(id, ep.clone());
+        self.start_node(id);
+        ep
+    }
+
+    /// Ids of the nodes running now.
+    pub fn live(&self) -> Vec<u64> {
+        (1..=self.procs.len() as u64).filter(|id| self.procs[(*id - 1) as usize].is_some()).collect()
     }
 
     /// Waits for node `id` to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
-        let c = self.procs[(id - 1) as usize].as_mut()?;
+        let c = self.procs.get_mut((id - 1) as usize)?.as_mut()?;
         let status = wait_child(c, timeout)?;
         self.procs[(id - 1) as usize] = None;
         status.code()
@@ -98,7 +156,10 @@ impl Cluster {
     }
 
     pub fn endpoint(&self, id: u64) -> String {
-        self.layout.endpoints[(id - 1) as usize].clone()
+        match self.joiners.get(&id) {
+            Some(ep) => ep.clone(),
+            None => self.layout.endpoints[(id - 1) as usize].clone(),
+        }
     }
 
     pub fn options(&self) -> ClientOptions {
@@ -125,10 +186,7 @@ impl Cluster {
         let c = self.client();
         let deadline = Instant::now() + timeout;
         loop {
-            for id in 1..=3u64 {
-                if self.procs[(id - 1) as usize].is_none() {
-                    continue;
-                }
+            for id in self.live() {
                 if let Ok(s) = c.status_of(&self.endpoint(id), false).await
                     && s.role == "leader"
                 {
@@ -154,10 +212,7 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut seen = Vec::new();
-            for id in 1..=3u64 {
-                if self.procs[(id - 1) as usize].is_none() {
-                    continue;
-                }
+            for id in self.live() {
                 if let Ok(s) = c.status_of(&self.endpoint(id), true).await
                     && let Some(h) = s.state_hash
                 {
@@ -183,7 +238,7 @@ impl Drop for Cluster {
             let _ = p.wait();
         }
         if std::thread::panicking() {
-            for id in 1..=3 {
+            for id in 1..=self.procs.len() {
                 if let Ok(log) = std::fs::read_to_string(self.layout.dir.join(format!("node-{id}.log"))) {
                     let tail: Vec<&str> = log.lines().rev().take(30).collect();
                     eprintln!("--- node {id} log (last lines) ---");
