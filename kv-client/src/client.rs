@@ -345,6 +345,64 @@ impl Client {
         }
     }
 
+    /// Saves a consistent checkpoint of the state taken by the node this
+    /// client talks to: writes the snapshot file (the header frame, then
+    /// each file's bytes) to `out`, checking each file's checksum as it
+    /// arrives; `progress(done, total)` hears of every piece. Returns the
+    /// header.
+    pub async fn snapshot_save(
+        &self,
+        out: &mut dyn std::io::Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<crate::protocol::SnapshotHeader> {
+        let conn = match self.current_connection().await {
+            Ok(c) => c,
+            Err(ConnErr::Refused(e)) => return Err(Error::Refused(e)),
+            Err(ConnErr::Failed(reason)) => return Err(Error::Unreachable(reason)),
+        };
+        let lost = |e: &dyn std::fmt::Display| Error::Unreachable(format!("the snapshot stream broke: {e}"));
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        let bytes = frame::encode(&Request::SnapshotSave).map_err(|e| Error::Protocol(e.to_string()))?;
+        send.write_all(&bytes).await.map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        let max = self.inner.opts.frame_bytes_max;
+        let header = match frame::read::<Response>(&mut recv, max).await.map_err(|e| lost(&e))? {
+            Response::SnapshotHeader(h) => h,
+            Response::Error(e) => return Err(Error::Refused(e)),
+            other => return Err(unexpected(&other)),
+        };
+        let io = |e: std::io::Error| Error::Config(format!("writing the snapshot: {e}"));
+        out.write_all(
+            &frame::encode(&Response::SnapshotHeader(header.clone())).map_err(|e| Error::Protocol(e.to_string()))?,
+        )
+        .map_err(io)?;
+        let total = header.total_bytes();
+        let mut done = 0u64;
+        let mut buf = vec![0u8; 256 << 10];
+        for f in &header.files {
+            let mut left = f.len;
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            while left > 0 {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = recv
+                    .read(&mut buf[..want])
+                    .await
+                    .map_err(|e| lost(&e))?
+                    .ok_or_else(|| lost(&format!("the node ended the stream inside {}", f.name)))?;
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io)?;
+                left -= n as u64;
+                done += n as u64;
+                progress(done, total);
+            }
+            if h.digest() != f.checksum {
+                return Err(Error::Protocol(format!("{} arrived damaged (checksum mismatch)", f.name)));
+            }
+        }
+        out.flush().map_err(io)?;
+        Ok(header)
+    }
+
     /// Asks the leader to hand leadership to node `to`.
     pub async fn transfer_leader(&self, to: u64) -> Result<()> {
         match self.call(&Request::TransferLeader { to }).await? {

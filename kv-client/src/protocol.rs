@@ -6,7 +6,10 @@
 //! client's token; every later request opens its own bidirectional stream,
 //! sends one request frame and reads one response frame.
 
-pub use crate::wire::{Consistency, ErrorCode, ErrorInfo, MemberInfo, Request, Response, Session, StatusInfo, WriteOp};
+pub use crate::wire::{
+    Consistency, ErrorCode, ErrorInfo, MemberInfo, Request, Response, Session, SnapshotFile, SnapshotHeader,
+    StatusInfo, WriteOp,
+};
 
 /// ALPN of the client protocol, version 1. The version is the suffix: a
 /// server that speaks several versions offers each, and the handshake picks one.

@@ -125,6 +125,9 @@ pub enum Request {
         /// The node.
         id: u64,
     },
+    /// Stream a consistent checkpoint of the state: a `SnapshotHeader`
+    /// frame, then the bytes of each file it lists, in order.
+    SnapshotSave,
 }
 
 /// The answer to a request.
@@ -173,10 +176,49 @@ pub enum Response {
     },
     /// The members.
     Members(Vec<MemberInfo>),
+    /// A saved snapshot follows: the bytes of `files`, in order.
+    SnapshotHeader(SnapshotHeader),
     /// Done.
     Ok,
     /// Refused or failed.
     Error(ErrorInfo),
+}
+
+/// What a saved snapshot holds (the first frame of a snapshot file).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct SnapshotHeader {
+    /// The cluster it comes from.
+    pub cluster_id: u64,
+    /// The Raft index the state is at.
+    pub index: u64,
+    /// The term of that index.
+    pub term: u64,
+    /// The voters as of the snapshot.
+    pub voters: Vec<u64>,
+    /// The learners as of the snapshot.
+    pub learners: Vec<u64>,
+    /// The files whose bytes follow, in order.
+    pub files: Vec<SnapshotFile>,
+}
+
+/// One file of a saved snapshot.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct SnapshotFile {
+    /// Its name (`table.X` or `manifest.X`).
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// xxh3-64 of its bytes.
+    pub checksum: u64,
+}
+
+impl SnapshotHeader {
+    /// Bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.len).sum()
+    }
 }
 
 /// A node's view of the cluster.

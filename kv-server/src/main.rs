@@ -22,6 +22,16 @@ enum Cmd {
     /// Start a local 3-node cluster on 127.0.0.1, with certificates and a
     /// token made on first start, and write and read a first key.
     Dev(cairn_kv_server::dev::DevArgs),
+    /// Create a new member's data directory from a snapshot file (saved
+    /// with `kv snapshot save`); then start it with `run --join` and add it.
+    /// Takes the same flags as `run`.
+    Restore {
+        /// The snapshot file.
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[command(flatten)]
+        run: Box<RunArgs>,
+    },
     /// Make a cluster CA and node certificates (kept when they exist).
     Certs {
         /// Output folder.
@@ -81,6 +91,31 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kv-server: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Restore { snapshot, run } => {
+            let cfg = match Config::load(&run) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kv-server restore: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match cairn_kv_server::snapshot::restore(&cfg, &snapshot) {
+                Ok(h) => {
+                    println!(
+                        "restored the state at index {} (term {}, {} bytes) into {}; start the node with --join and add it",
+                        h.index,
+                        h.term,
+                        h.total_bytes(),
+                        cfg.data_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kv-server restore: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -48,6 +48,7 @@ struct Ctx {
     tokens: Vec<String>,
     node: mpsc::Sender<NodeRequest>,
     db: Arc<SharedDb>,
+    checkpoints: Arc<Checkpoints>,
     applied: watch::Receiver<u64>,
     apply_jobs: mpsc::Sender<ApplyJob>,
     limits: crate::config::Limits,
@@ -230,6 +231,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         backoff_max: Duration::from_secs(1),
     };
     let transfer_cfg = cfg.snapshot.transfer_config();
+    let checkpoints = Arc::new(Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max));
     let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(16);
     let send_ctx = SendContext {
         me: NodeId(cfg.id),
@@ -237,7 +239,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         endpoint: endpoint.clone(),
         peer_cfg: peer_cfg.clone(),
         addr_of: addr_of.clone(),
-        checkpoints: Arc::new(Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max)),
+        checkpoints: checkpoints.clone(),
         transfer: transfer_cfg.clone(),
         done: snapshot_done_tx,
     };
@@ -293,6 +295,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         tokens: cfg.client_tokens.clone(),
         node: node_tx.clone(),
         db: shared.clone(),
+        checkpoints,
         applied: applied_rx,
         apply_jobs: apply_tx,
         connections: tokio::sync::Semaphore::new(limits.client_connections_max),
@@ -424,6 +427,18 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let resp = match frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await {
+                Ok(Request::SnapshotSave) => match save_snapshot(&ctx, &mut send).await {
+                    Ok(()) => {
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(SaveError::Before(r)) => r,
+                    Err(SaveError::During(e)) => {
+                        tracing::warn!(error = %e, "a snapshot save broke off");
+                        let _ = send.reset(1u32.into());
+                        return;
+                    }
+                },
                 Ok(req) => handle(&ctx, req).await,
                 Err(frame::FrameError::TooLarge { len, max }) => {
                     Response::error(ErrorCode::TooLarge, format!("a request of {len} bytes is over the limit of {max}"))
@@ -444,6 +459,7 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
 async fn handle(ctx: &Ctx, req: Request) -> Response {
     match req {
         Request::Hello { .. } => Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id },
+        Request::SnapshotSave => Response::error(ErrorCode::BadRequest, "a snapshot save is a stream of its own"),
         Request::Register => propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Register }).await,
         Request::Write { session, ops } => {
             if let Err(code) = check_ops(&ops, ctx.apply_limits) {
@@ -542,6 +558,64 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             Err(r) => r,
         },
     }
+}
+
+/// Why a snapshot save stopped: before its header (an answer can still
+/// say why) or during its bytes (the stream is reset).
+enum SaveError {
+    Before(Response),
+    During(String),
+}
+
+/// Streams a checkpoint of the state to a client: a `SnapshotHeader` frame,
+/// then each file's bytes in order.
+async fn save_snapshot(ctx: &Ctx, send: &mut quinn::SendStream) -> Result<(), SaveError> {
+    use cairn_kv_client::protocol::{SnapshotFile, SnapshotHeader};
+    use tokio::io::AsyncReadExt;
+    let unavailable = |m: String| SaveError::Before(Response::error(ErrorCode::Unavailable, m));
+    let applied = *ctx.applied.borrow();
+    let checkpoints = ctx.checkpoints.clone();
+    let ckpt = tokio::task::spawn_blocking(move || {
+        let c = checkpoints.get(LogIndex(applied))?;
+        let mut files = Vec::new();
+        for (name, path) in &c.files {
+            let (len, checksum) = crate::snapshot::checksum_file(path)?;
+            files.push(SnapshotFile { name: name.clone(), len, checksum });
+        }
+        Ok::<_, String>((c, files))
+    })
+    .await
+    .map_err(|e| unavailable(format!("the checkpoint task failed: {e}")))?
+    .map_err(unavailable)?;
+    let (ckpt, files) = ckpt;
+    let members = ask(ctx, |reply| NodeRequest::Members { reply }).await.map_err(SaveError::Before)?;
+    let header = SnapshotHeader {
+        cluster_id: ctx.cluster_id,
+        index: ckpt.index.0,
+        term: ckpt.term.0,
+        voters: members.iter().filter(|m| !m.learner).map(|m| m.id).collect(),
+        learners: members.iter().filter(|m| m.learner).map(|m| m.id).collect(),
+        files,
+    };
+    let during = |e: &dyn std::fmt::Display| SaveError::During(e.to_string());
+    let bytes = frame::encode(&Response::SnapshotHeader(header.clone())).map_err(|e| during(&e))?;
+    send.write_all(&bytes).await.map_err(|e| during(&e))?;
+    let mut buf = vec![0u8; 256 << 10];
+    for ((_, path), meta) in ckpt.files.iter().zip(&header.files) {
+        let mut f = tokio::fs::File::open(path).await.map_err(|e| during(&e))?;
+        let mut left = meta.len;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = f.read(&mut buf[..want]).await.map_err(|e| during(&e))?;
+            if n == 0 {
+                return Err(SaveError::During(format!("{} shrank while it was sent", path.display())));
+            }
+            send.write_all(&buf[..n]).await.map_err(|e| during(&e))?;
+            left -= n as u64;
+        }
+    }
+    tracing::info!(index = header.index, bytes = header.total_bytes(), "snapshot saved by a client");
+    Ok(())
 }
 
 /// Proposes a membership change and answers with the members once it applied.

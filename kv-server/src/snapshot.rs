@@ -139,6 +139,23 @@ fn local_path(name: &str) -> Option<PathBuf> {
     (!file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..").then(|| Path::new(dir).join(file))
 }
 
+/// The length and xxh3-64 of a file, read in pieces (bounded memory).
+pub fn checksum_file(path: &Path) -> Result<(u64, u64), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| io_err("opening", path, e))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_err("reading", path, e))?;
+        if n == 0 {
+            return Ok((len, h.digest()));
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
 /// A checkpoint on disk, deleted when the last transfer using it ends.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -516,6 +533,109 @@ pub fn install(data_dir: &Path, c: &Completed, opts: &Options) -> Result<(String
         tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
     }
     Ok((name, db))
+}
+
+/// Largest header frame of a snapshot file.
+const SNAPSHOT_HEADER_BYTES_MAX: usize = 64 << 20;
+
+/// Creates a node's data directory from a snapshot file saved with
+/// `Client::snapshot_save` (`kv snapshot save`): the state from the file's
+/// bytes, each checked against its checksum, and a log that starts after
+/// the snapshot. The directory must hold no node's data yet. The node then
+/// starts with `--join` (a new member) and catches up from the leader.
+pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_client::protocol::SnapshotHeader, String> {
+    use std::io::{Read, Write};
+    let data_dir = &cfg.data_dir;
+    if data_dir.join("raft").exists() || live_state_dir(data_dir)?.exists() {
+        return Err(format!(
+            "{} already holds a node's data; restore creates a new one and needs an empty directory",
+            data_dir.display()
+        ));
+    }
+    let mut f = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| io_err("opening", file, e))?);
+    let mut head = [0u8; frame::HEADER_BYTES];
+    f.read_exact(&mut head).map_err(|e| format!("{} is not a snapshot file: {e}", file.display()))?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > SNAPSHOT_HEADER_BYTES_MAX {
+        return Err(format!("{} is not a snapshot file (a header of {len} bytes)", file.display()));
+    }
+    let mut whole = head.to_vec();
+    whole.resize(frame::HEADER_BYTES + len, 0);
+    f.read_exact(&mut whole[frame::HEADER_BYTES..])
+        .map_err(|e| format!("{} ends inside its header: {e}", file.display()))?;
+    let header = match frame::decode_frame::<cairn_kv_client::protocol::Response>(&whole, SNAPSHOT_HEADER_BYTES_MAX) {
+        Ok(cairn_kv_client::protocol::Response::SnapshotHeader(h)) => h,
+        Ok(_) => return Err(format!("{} is not a snapshot file", file.display())),
+        Err(e) => return Err(format!("{} is not a snapshot file: {e}", file.display())),
+    };
+    let cluster_id = cfg.cluster_id();
+    if header.cluster_id != cluster_id {
+        return Err(format!(
+            "the snapshot is of cluster {:016x}, this configuration names cluster {cluster_id:016x} \
+             (the same --cluster-name and --initial-cluster as the cluster's members are needed)",
+            header.cluster_id
+        ));
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| io_err("creating", data_dir, e))?;
+    let name = format!("state-{:016x}-{:016x}", header.index, header.term);
+    let dest = data_dir.join(&name);
+    for sub in ["tables", "manifest"] {
+        let d = dest.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    for meta in &header.files {
+        let rel =
+            local_path(&meta.name).ok_or_else(|| format!("the snapshot holds an unknown file `{}`", meta.name))?;
+        let path = dest.join(rel);
+        let mut out = std::fs::File::create(&path).map_err(|e| io_err("creating", &path, e))?;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut left = meta.len;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            f.read_exact(&mut buf[..want]).map_err(|e| format!("{} ends inside {}: {e}", file.display(), meta.name))?;
+            h.update(&buf[..want]);
+            out.write_all(&buf[..want]).map_err(|e| io_err("writing", &path, e))?;
+            left -= want as u64;
+        }
+        if h.digest() != meta.checksum {
+            return Err(format!("{} in {} is damaged (checksum mismatch)", meta.name, file.display()));
+        }
+        out.sync_all().map_err(|e| io_err("fsync", &path, e))?;
+    }
+    if f.read(&mut buf[..1]).map_err(|e| io_err("reading", file, e))? != 0 {
+        return Err(format!("{} holds bytes after its last file", file.display()));
+    }
+    for d in [dest.join("tables"), dest.join("manifest"), dest.clone(), data_dir.to_path_buf()] {
+        sync_dir(&d)?;
+    }
+    let mut o = Options::default();
+    o.durability = cairn_lsm::DurabilityMode::Embedded;
+    o.create_if_missing = false;
+    let db = Db::open(&dest, o).map_err(|e| format!("opening the restored state: {e}"))?;
+    let marker = db.durable_marker();
+    db.close().map_err(|e| format!("closing the restored state: {e}"))?;
+    if marker.map(|m| (m.index, m.term)) != Some((header.index, header.term)) {
+        return Err(format!(
+            "the restored state's marker is {marker:?}, not the header's ({}, {})",
+            header.index, header.term
+        ));
+    }
+    publish_state_dir(data_dir, &name)?;
+    let identity = crate::storage::NodeIdentity { node_id: cfg.id, cluster_id };
+    let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
+    let mut store =
+        crate::storage::WalStore::open(fs, &data_dir.join("raft"), identity, cfg.wal_segment_bytes, 1 << 20)
+            .map_err(|e| format!("creating the log: {e}"))?;
+    let conf = ConfState {
+        voters: header.voters.iter().map(|i| NodeId(*i)).collect(),
+        learners: header.learners.iter().map(|i| NodeId(*i)).collect(),
+        ..ConfState::default()
+    };
+    store
+        .repair_to_state(LogIndex(header.index), Term(header.term), conf)
+        .map_err(|e| format!("writing the log's snapshot marker: {e}"))?;
+    Ok(header)
 }
 
 #[cfg(test)]

@@ -87,3 +87,73 @@ async fn a_follower_behind_the_released_log_catches_up_by_a_snapshot() {
     c.put("after", "1").await.expect("put");
     cluster.converged(Duration::from_secs(30)).await;
 }
+
+/// `snapshot save` streams a checkpoint to a client; `kv-server restore`
+/// makes a new member's data directory of it (refusing one that holds data
+/// already); the member started with `--join` and added catches up from the
+/// leader's log after the snapshot, without a transfer, and hashes the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_snapshot_restores_into_a_new_member() {
+    let mut cluster = Cluster::start(&[]);
+    cluster.leader(Duration::from_secs(20)).await;
+    let c = cluster.client();
+    for w in 0..20 {
+        let ops = (0..100)
+            .map(|i| WriteOp::Put { key: format!("s-{w:02}-{i:03}").into_bytes(), value: vec![b'x'; 200] })
+            .collect();
+        c.write(ops).await.expect("write");
+    }
+    let file = cluster.dir.path().join("saved.snapshot");
+    let mut out = std::fs::File::create(&file).expect("create");
+    let mut calls = 0u64;
+    let header = c.snapshot_save(&mut out, &mut |_, _| calls += 1).await.expect("snapshot save");
+    drop(out);
+    assert!(header.index > 0 && !header.files.is_empty() && calls > 0, "{header:?}");
+    assert!(std::fs::metadata(&file).expect("stat").len() > header.total_bytes());
+    c.put("after-save", "1").await.expect("put");
+
+    let addr4 = cluster.prepare_joiner(4);
+    let restore = |cluster: &Cluster| {
+        let mut args = cluster.run_args(4);
+        args[0] = "restore".into();
+        args.extend(["--snapshot".into(), file.display().to_string()]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_kv-server")).args(args).output().expect("run restore")
+    };
+    let out = restore(&cluster);
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    let again = restore(&cluster);
+    assert!(!again.status.success(), "a second restore into the same directory was accepted");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    cluster.start_node(4);
+    c.member_add(4, addr4, true).await.expect("member add");
+    cluster.converged(Duration::from_secs(60)).await;
+    let s = c.status_of(&cluster.endpoint(4), false).await.expect("status");
+    assert_eq!(s.snapshots_installed, 0, "the restored member needed a snapshot transfer: {s:?}");
+    let four = cluster.client_of(4);
+    let (v, _) = four.get_with("after-save", Consistency::Serializable).await.expect("get");
+    assert_eq!(v.as_deref(), Some(&b"1"[..]));
+    let (v, _) = four.get_with("s-00-000", Consistency::Serializable).await.expect("get");
+    assert_eq!(v.map(|v| v.len()), Some(200));
+
+    // A damaged snapshot file is refused with a clear error and creates nothing.
+    let mut bytes = std::fs::read(&file).expect("read");
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    let bad = cluster.dir.path().join("damaged.snapshot");
+    std::fs::write(&bad, &bytes).expect("write");
+    let dir5 = cluster.dir.path().join("restore-5");
+    let mut args = cluster.run_args(4);
+    args[0] = "restore".into();
+    let i = args.iter().position(|a| a == "--data-dir").expect("flag") + 1;
+    args[i] = dir5.display().to_string();
+    args.extend(["--snapshot".into(), bad.display().to_string()]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kv-server")).args(args).output().expect("run restore");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("damaged"), "{err}");
+}

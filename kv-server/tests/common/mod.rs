@@ -61,12 +61,8 @@ impl Cluster {
         c
     }
 
-    pub fn start_node(&mut self, id: u64) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.layout.dir.join(format!("node-{id}.log")))
-            .expect("log");
+    /// The `kv-server run` arguments of node `id` (a joiner's with `--join`).
+    pub fn run_args(&self, id: u64) -> Vec<String> {
         let mut args = match self.joiners.get(&id) {
             None => node_args(&self.layout, id),
             Some(ep) => {
@@ -87,6 +83,16 @@ impl Cluster {
             }
         };
         args.extend(["--tick-ms".into(), "50".into()]);
+        args
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.layout.dir.join(format!("node-{id}.log")))
+            .expect("log");
+        let args = self.run_args(id);
         let child = Command::new(env!("CARGO_BIN_EXE_kv-server"))
             .args(args)
             .envs(self.env.iter().cloned())
@@ -106,6 +112,13 @@ impl Cluster {
     /// Prepares node `id` (certificates signed by the cluster's CA, a port)
     /// and starts it in join mode; returns its address.
     pub fn start_joiner(&mut self, id: u64) -> String {
+        let ep = self.prepare_joiner(id);
+        self.start_node(id);
+        ep
+    }
+
+    /// Certificates and a port for node `id`, to join later; returns its address.
+    pub fn prepare_joiner(&mut self, id: u64) -> String {
         let ids: Vec<u64> = (1..=id).collect();
         cairn_kv_server::tls::write_cluster_certs(
             &self.layout.dir.join("certs"),
@@ -116,7 +129,6 @@ impl Cluster {
         .expect("certificates");
         let ep = format!("127.0.0.1:{}", free_port());
         self.joiners.insert(id, ep.clone());
-        self.start_node(id);
         ep
     }
 
