@@ -403,6 +403,14 @@ impl Client {
         Ok(header)
     }
 
+    /// Raises the space alarm of `node`, or clears it (`raise: false`; node 0: every node's).
+    pub async fn alarm(&self, node: u64, raise: bool) -> Result<()> {
+        match self.call(&Request::Alarm { node, raise }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the leader to hand leadership to node `to`.
     pub async fn transfer_leader(&self, to: u64) -> Result<()> {
         match self.call(&Request::TransferLeader { to }).await? {
@@ -461,6 +469,7 @@ impl Client {
                 | Request::MemberAdd { .. }
                 | Request::MemberPromote { .. }
                 | Request::MemberRemove { .. }
+                | Request::Alarm { .. }
         );
         if may_have_applied && is_write {
             Err(Error::Indeterminate(last_reason))

@@ -128,6 +128,14 @@ pub enum Request {
     /// Stream a consistent checkpoint of the state: a `SnapshotHeader`
     /// frame, then the bytes of each file it lists, in order.
     SnapshotSave,
+    /// Raise the space alarm for `node` (a node over its quota sends this),
+    /// or clear it (`raise: false`; `node` 0 clears every node's).
+    Alarm {
+        /// The node over its quota (0 with `raise: false`: all).
+        node: u64,
+        /// Raise or clear.
+        raise: bool,
+    },
 }
 
 /// The answer to a request.
@@ -256,6 +264,12 @@ pub struct StatusInfo {
     pub snapshots_installed: u64,
     /// Snapshots this node sent since it started.
     pub snapshots_sent: u64,
+    /// Nodes whose space alarm is raised (writes other than deletes are refused).
+    pub alarms: Vec<u64>,
+    /// Bytes this node's data directory holds (log and state), as last measured.
+    pub used_bytes: u64,
+    /// This node's space quota in bytes.
+    pub quota_bytes: u64,
     /// `(applied index, xxh3 of every replicated key and value)` when asked.
     pub state_hash: Option<(u64, u64)>,
 }

@@ -12,8 +12,8 @@ use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
 use tokio::sync::{oneshot, watch};
 
 use crate::state::{
-    Book, CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, SharedBook, addr_key, encode_value,
-    read_book, removed_key, session_key, user_key, write_book,
+    Book, CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, SharedBook, addr_key, alarm_key,
+    encode_value, read_book, removed_key, session_key, user_key, write_book,
 };
 
 /// A proposal waiting for its entry to apply.
@@ -69,6 +69,7 @@ pub struct InstallSite {
 enum BookChange {
     Addr(u64, String),
     Removed(u64),
+    Alarms(std::collections::BTreeSet<u64>),
 }
 
 /// Limits the state machine enforces at apply (the same on every replica).
@@ -91,6 +92,8 @@ pub struct Applier {
     site: InstallSite,
     book: SharedBook,
     book_changes: Vec<BookChange>,
+    /// The raised space alarms, as of the entries applied so far.
+    alarms: std::collections::BTreeSet<u64>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -98,6 +101,9 @@ pub struct Applier {
     /// Test-only: apply each write twice, ignoring the session (shows the
     /// exactly-once test catches a duplicate apply).
     pub ignore_sessions_for_tests: bool,
+    /// Test-only: refuse writes from this node's own disk usage instead of
+    /// the replicated alarm (breaks the disk-full rule: replicas split).
+    pub local_quota_for_tests: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for Applier {
@@ -118,17 +124,20 @@ impl Applier {
     ) -> Result<Applier, crate::storage::StorageError> {
         let db = shared.get();
         let sessions = load_sessions(&db)?;
+        let alarms = read_book(&book).alarms.clone();
         Ok(Applier {
             shared,
             db,
             site,
             book,
             book_changes: Vec::new(),
+            alarms,
             sessions,
             applied,
             waiters,
             limits,
             ignore_sessions_for_tests: false,
+            local_quota_for_tests: None,
         })
     }
 
@@ -170,6 +179,7 @@ impl Applier {
         let old = self.shared.replace(db.clone());
         self.db = db;
         self.sessions = sessions;
+        self.alarms = book.alarms.clone();
         *write_book(&self.book) = book;
         self.applied.send_replace(c.manifest.index);
         metrics::counter!("cairn_snapshot_installed_total").increment(1);
@@ -286,6 +296,7 @@ impl Applier {
                     BookChange::Removed(id) => {
                         book.removed.insert(id);
                     }
+                    BookChange::Alarms(a) => book.alarms = a,
                 }
             }
         }
@@ -310,6 +321,26 @@ impl Applier {
     fn apply_command(&mut self, index: u64, cmd: Command, batch: &mut WriteBatch, touched: &mut Vec<u64>) -> Response {
         match cmd.op {
             CommandOp::Noop => Response::Healthy { index },
+            CommandOp::Alarm { node, raise } => {
+                if raise && node != 0 {
+                    if self.alarms.insert(node) {
+                        tracing::warn!(node, "space alarm raised: writes other than deletes are refused");
+                        batch.put(alarm_key(node), Vec::new());
+                    }
+                } else {
+                    let cleared: Vec<u64> = if node == 0 {
+                        std::mem::take(&mut self.alarms).into_iter().collect()
+                    } else {
+                        self.alarms.take(&node).into_iter().collect()
+                    };
+                    for n in cleared {
+                        tracing::info!(node = n, "space alarm cleared");
+                        batch.delete(alarm_key(n));
+                    }
+                }
+                self.book_changes.push(BookChange::Alarms(self.alarms.clone()));
+                Response::Ok
+            }
             CommandOp::SetMember { id, addr } => {
                 let removed = read_book(&self.book).removed.contains(&id)
                     || self.book_changes.iter().any(|c| matches!(c, BookChange::Removed(r) if *r == id));
@@ -383,8 +414,16 @@ impl Applier {
                 return Outcome::Refused(ErrorCode::StaleSequence);
             }
         }
+        let no_space = match &self.local_quota_for_tests {
+            Some(local) => local.load(std::sync::atomic::Ordering::Relaxed),
+            None => !self.alarms.is_empty(),
+        };
         let outcome = match check_ops(ops, self.limits) {
             Err(code) => Outcome::Refused(code),
+            // Deletes go on, so space can be freed.
+            Ok(()) if no_space && ops.iter().any(|o| matches!(o, WriteOp::Put { .. })) => {
+                Outcome::Refused(ErrorCode::NoSpace)
+            }
             Ok(()) => {
                 for op in ops {
                     match op {
@@ -483,6 +522,7 @@ pub fn refusal_message(code: ErrorCode) -> &'static str {
         ErrorCode::SessionExpired => "the session expired or is unknown; register again",
         ErrorCode::StaleSequence => "this sequence number was already acknowledged; use a new one",
         ErrorCode::TooLarge => "a key or value is over the limit",
+        ErrorCode::NoSpace => "the cluster's space alarm is raised: only deletes are accepted until it is cleared",
         ErrorCode::BadRequest => "the write is malformed (an empty key, no operation, or an empty range)",
         _ => "refused",
     }

@@ -69,6 +69,11 @@ pub struct Config {
     pub log_format: String,
     /// Log release and snapshot transfer.
     pub snapshot: SnapshotSettings,
+    /// Bytes this node's data directory may hold (log and state) before it
+    /// raises the cluster's space alarm. Default 8 GiB.
+    pub quota_bytes: u64,
+    /// How often the node measures its data directory, ms. Default 2000.
+    pub quota_check_ms: u64,
 }
 
 /// Log release, checkpoints and snapshot transfers (the `[snapshot]` table).
@@ -215,6 +220,8 @@ pub struct FileConfig {
     log_format: Option<String>,
     limits: Option<Limits>,
     snapshot: Option<SnapshotSettings>,
+    quota_bytes: Option<u64>,
+    quota_check_ms: Option<u64>,
 }
 
 /// Flags of `kv-server run` (each also a `CAIRN_*` variable).
@@ -277,6 +284,15 @@ pub struct RunArgs {
     /// Entries kept below the state's durable marker when the log is released.
     #[arg(long, env = "CAIRN_RELEASE_MARGIN_ENTRIES")]
     pub release_margin_entries: Option<u64>,
+    /// Bytes the data directory may hold before the space alarm is raised.
+    #[arg(long, env = "CAIRN_QUOTA_BYTES")]
+    pub quota_bytes: Option<u64>,
+    /// Bytes of a WAL segment (a new one is made, and the log can be released, a segment at a time).
+    #[arg(long, env = "CAIRN_WAL_SEGMENT_BYTES")]
+    pub wal_segment_bytes: Option<u64>,
+    /// How often the data directory is measured against the quota, ms.
+    #[arg(long, env = "CAIRN_QUOTA_CHECK_MS")]
+    pub quota_check_ms: Option<u64>,
 }
 
 /// The log filter variable (read by the tracing set-up, not a flag).
@@ -401,10 +417,12 @@ impl Config {
             session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(3600)),
             memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
-            wal_segment_bytes: file.wal_segment_bytes.unwrap_or(64 << 20),
+            wal_segment_bytes: args.wal_segment_bytes.or(file.wal_segment_bytes).unwrap_or(64 << 20).max(64 << 10),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format,
             snapshot,
+            quota_bytes: args.quota_bytes.or(file.quota_bytes).unwrap_or(8 << 30),
+            quota_check_ms: args.quota_check_ms.or(file.quota_check_ms).unwrap_or(2000).max(100),
         };
         Ok(cfg)
     }

@@ -125,6 +125,10 @@ pub struct NodeTask {
     pub received: Arc<ReceiveState>,
     /// Index of the latest membership change applied (or in the state).
     pub conf_index: u64,
+    /// Bytes of the data directory, as last measured.
+    pub used_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The space quota.
+    pub quota_bytes: u64,
 }
 
 impl std::fmt::Debug for NodeTask {
@@ -479,6 +483,9 @@ impl Loop {
             first_index: raw.store().first_index().0,
             snapshots_installed: self.snapshots_installed,
             snapshots_sent: self.snapshots_sent,
+            alarms: crate::state::read_book(&self.t.book).alarms.iter().copied().collect(),
+            used_bytes: self.t.used_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            quota_bytes: self.t.quota_bytes,
             state_hash: None,
         }
     }

@@ -55,6 +55,7 @@ struct Ctx {
     apply_limits: ApplyLimits,
     request_timeout: Duration,
     connections: tokio::sync::Semaphore,
+    book: crate::state::SharedBook,
 }
 
 /// Test switches, read from `CAIRN_TEST_*` variables (never configuration).
@@ -70,6 +71,9 @@ pub struct TestSwitches {
     /// `CAIRN_TEST_APPLIED_FROM_LOG=1`: break the recovery rule, taking the
     /// log's commit index as applied instead of the state's durable marker.
     pub applied_from_log: bool,
+    /// `CAIRN_TEST_LOCAL_QUOTA=1`: break the disk-full rule, refusing writes
+    /// at apply from this node's own disk usage instead of the replicated alarm.
+    pub local_quota: bool,
 }
 
 impl TestSwitches {
@@ -80,6 +84,7 @@ impl TestSwitches {
             ignore_sessions: on("CAIRN_TEST_IGNORE_SESSIONS"),
             skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
             applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
+            local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
             wal_fail_after_groups: std::env::var("CAIRN_TEST_FAILPOINT")
                 .ok()
                 .and_then(|v| v.strip_prefix("wal-write-error:").and_then(|n| n.parse().ok())),
@@ -197,6 +202,11 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let site = InstallSite { data_dir: cfg.data_dir.clone(), options: opts, initial };
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
+    let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let used_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if switches.local_quota {
+        applier.local_quota_for_tests = Some(over_quota.clone());
+    }
     let (apply_tx, apply_rx) = mpsc::channel(limits.apply_queue_max);
     let apply_thread = std::thread::Builder::new()
         .name("cairn-apply".into())
@@ -286,6 +296,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         snapshot_done: snapshot_done_rx,
         received: received.clone(),
         conf_index,
+        used_bytes: used_bytes.clone(),
+        quota_bytes: cfg.quota_bytes,
     };
     let node_task = tokio::spawn(task.run());
 
@@ -299,6 +311,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         applied: applied_rx,
         apply_jobs: apply_tx,
         connections: tokio::sync::Semaphore::new(limits.client_connections_max),
+        book: book.clone(),
         limits,
         apply_limits,
         request_timeout: Duration::from_secs(10),
@@ -310,9 +323,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         inbound: inbound_tx,
         snapshots: received,
         db: shared.clone(),
-        book,
+        book: book.clone(),
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
+    let quota = tokio::spawn(watch_quota(cfg.clone(), used_bytes, over_quota, book, !switches.local_quota));
 
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -321,6 +335,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
     }
     accept.abort();
+    quota.abort();
     endpoint.close(0u32.into(), b"node stopping");
     drop(node_tx);
     drop(ctx);
@@ -465,6 +480,12 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             if let Err(code) = check_ops(&ops, ctx.apply_limits) {
                 return Response::error(code, crate::apply::refusal_message(code));
             }
+            // Refused early here; the replicated alarm decides at apply.
+            if !crate::state::read_book(&ctx.book).alarms.is_empty()
+                && ops.iter().any(|o| matches!(o, cairn_kv_client::protocol::WriteOp::Put { .. }))
+            {
+                return Response::error(ErrorCode::NoSpace, crate::apply::refusal_message(ErrorCode::NoSpace));
+            }
             propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Write { session, ops } }).await
         }
         Request::Get { key, consistency } => {
@@ -550,6 +571,9 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             let change = if learner { MemberChange::AddLearner(id) } else { MemberChange::AddVoter(id) };
             member_change(ctx, change).await
         }
+        Request::Alarm { node, raise } => {
+            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Alarm { node, raise } }).await
+        }
         Request::MemberPromote { id } => member_change(ctx, MemberChange::Promote(id)).await,
         Request::MemberRemove { id } => member_change(ctx, MemberChange::Remove(id)).await,
         Request::TransferLeader { to } => match ask(ctx, |reply| NodeRequest::TransferLeader { to, reply }).await {
@@ -557,6 +581,65 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             Ok(Err(e)) => Response::Error(e),
             Err(r) => r,
         },
+    }
+}
+
+/// Bytes of the files under `dir`, recursively.
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Measures the data directory every `quota_check_ms`; over the quota, asks
+/// the cluster (as a client, through the leader) to raise this node's space
+/// alarm, so every replica refuses writes at the same entry (DESIGN.md,
+/// "Disk full"). With `propose` false (a test switch) it only records.
+async fn watch_quota(
+    cfg: Config,
+    used: Arc<std::sync::atomic::AtomicU64>,
+    over: Arc<std::sync::atomic::AtomicBool>,
+    book: crate::state::SharedBook,
+    propose: bool,
+) {
+    use std::sync::atomic::Ordering;
+    let mut client: Option<cairn_kv_client::Client> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(cfg.quota_check_ms)).await;
+        let dir = cfg.data_dir.clone();
+        let Ok(bytes) = tokio::task::spawn_blocking(move || tree_bytes(&dir)).await else { continue };
+        used.store(bytes, Ordering::Relaxed);
+        metrics::gauge!("cairn_data_dir_bytes").set(bytes as f64);
+        let is_over = bytes > cfg.quota_bytes;
+        over.store(is_over, Ordering::Relaxed);
+        if !is_over || !propose || crate::state::read_book(&book).alarms.contains(&cfg.id) {
+            continue;
+        }
+        tracing::warn!(used = bytes, quota = cfg.quota_bytes, "over the space quota: raising the space alarm");
+        if client.is_none() {
+            let endpoints: Vec<String> = crate::state::read_book(&book).addrs.values().cloned().collect();
+            let (Some(token), Ok(ca)) = (cfg.client_tokens.first(), std::fs::read(&cfg.tls_ca)) else {
+                tracing::error!("cannot raise the space alarm: no client token or CA certificate");
+                continue;
+            };
+            match cairn_kv_client::Client::new(cairn_kv_client::ClientOptions::new(endpoints, token.clone(), ca)) {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot raise the space alarm");
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = &client
+            && let Err(e) = c.alarm(cfg.id, true).await
+        {
+            tracing::warn!(error = %e, "raising the space alarm failed; trying again");
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! | `m` | `conf` | the membership (`ConfState`, rkyv) as of the marker |
 //! | `m` | `addr/` node id (u64 BE) | the node's peer address (UTF-8) |
 //! | `m` | `removed/` node id (u64 BE) | empty: the id was removed, for good |
+//! | `m` | `alarm/` node id (u64 BE) | empty: the node's space alarm is raised |
 //!
 //! Reserved for later: `r` (per-key revisions and history for watch), `l`
 //! (leases). The modification index stored with each value is the Raft index
@@ -28,6 +29,8 @@ pub const CONF_KEY: &[u8] = b"mconf";
 pub const ADDR_PREFIX: &[u8] = b"maddr/";
 /// The prefix of removed node ids.
 pub const REMOVED_PREFIX: &[u8] = b"mremoved/";
+/// The prefix of raised space alarms.
+pub const ALARM_PREFIX: &[u8] = b"malarm/";
 /// The format byte of a stored value.
 pub const VALUE_FORMAT: u8 = 1;
 /// Bytes before a stored value's user bytes.
@@ -67,6 +70,13 @@ mod records {
         },
         /// Nothing (a health check).
         Noop,
+        /// Raise node `node`'s space alarm, or clear it (node 0: every one).
+        Alarm {
+            /// The node.
+            node: u64,
+            /// Raise or clear.
+            raise: bool,
+        },
         /// Record the peer address of node `id` (before it is added).
         SetMember {
             /// The node.
@@ -135,6 +145,11 @@ pub fn addr_key(id: u64) -> Vec<u8> {
     [ADDR_PREFIX, &id.to_be_bytes()].concat()
 }
 
+/// The LSM key of node `id`'s space alarm.
+pub fn alarm_key(id: u64) -> Vec<u8> {
+    [ALARM_PREFIX, &id.to_be_bytes()].concat()
+}
+
 /// The LSM key recording that node `id` was removed.
 pub fn removed_key(id: u64) -> Vec<u8> {
     [REMOVED_PREFIX, &id.to_be_bytes()].concat()
@@ -149,6 +164,8 @@ pub struct Book {
     pub addrs: std::collections::BTreeMap<u64, String>,
     /// Ids removed from the cluster, refused for good.
     pub removed: std::collections::BTreeSet<u64>,
+    /// Nodes whose space alarm is raised: writes other than deletes are refused.
+    pub alarms: std::collections::BTreeSet<u64>,
 }
 
 /// The book, shared.
@@ -160,7 +177,7 @@ impl Book {
         db: &cairn_lsm::Db,
         initial: &std::collections::BTreeMap<u64, String>,
     ) -> Result<Book, crate::storage::StorageError> {
-        let mut b = Book { addrs: initial.clone(), removed: Default::default() };
+        let mut b = Book { addrs: initial.clone(), ..Book::default() };
         let id_of = |k: &[u8], prefix: &[u8]| {
             k.get(prefix.len()..)
                 .and_then(|x| <[u8; 8]>::try_from(x).ok())
@@ -174,6 +191,10 @@ impl Book {
         for kv in db.prefix(REMOVED_PREFIX) {
             let (k, _) = kv?;
             b.removed.insert(id_of(&k, REMOVED_PREFIX)?);
+        }
+        for kv in db.prefix(ALARM_PREFIX) {
+            let (k, _) = kv?;
+            b.alarms.insert(id_of(&k, ALARM_PREFIX)?);
         }
         Ok(b)
     }
