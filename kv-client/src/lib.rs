@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 mod wire;
 

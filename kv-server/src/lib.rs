@@ -4,6 +4,8 @@
 pub mod apply;
 pub mod config;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod node;
 pub mod peer;
 pub mod server;
