@@ -62,6 +62,8 @@ pub struct InstallSite {
     pub options: cairn_lsm::Options,
     /// The initial cluster's addresses (under those the state records).
     pub initial: std::collections::BTreeMap<u64, String>,
+    /// Crash points of the install (tests only; inert unless named).
+    pub failpoints: Arc<crate::failpoint::Failpoints>,
 }
 
 /// A change to the member book, made once its batch is written.
@@ -161,12 +163,13 @@ impl Applier {
     /// handed to apply before it is applied; none after it is yet.
     fn install(&mut self, c: &cairn_snapshot_transfer::Completed) {
         let started = std::time::Instant::now();
-        let (name, db) = match crate::snapshot::install(&self.site.data_dir, c, &self.site.options) {
-            Ok(x) => x,
-            // Raft already counts the snapshot as taken: a node that cannot
-            // install it stops, and recovers from its own state at restart.
-            Err(e) => crate::fatal(&format!("installing the snapshot at {}: {e}", c.manifest.index)),
-        };
+        let (name, db) =
+            match crate::snapshot::install(&self.site.data_dir, c, &self.site.options, &self.site.failpoints) {
+                Ok(x) => x,
+                // Raft already counts the snapshot as taken: a node that cannot
+                // install it stops, and recovers from its own state at restart.
+                Err(e) => crate::fatal(&format!("installing the snapshot at {}: {e}", c.manifest.index)),
+            };
         let db = Arc::new(db);
         let sessions = match load_sessions(&db) {
             Ok(s) => s,

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod config;
 pub mod dev;
+pub mod failpoint;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod node;

@@ -65,9 +65,10 @@ pub struct TestSwitches {
     pub ignore_sessions: bool,
     /// `CAIRN_TEST_SKIP_WAL_SYNC=1`: acknowledge log writes without fdatasync.
     pub skip_wal_sync: bool,
-    /// `CAIRN_TEST_FAILPOINT=wal-write-error:N`: the WAL write after N group
-    /// writes fails as an fdatasync error would (the node must stop).
-    pub wal_fail_after_groups: Option<u64>,
+    /// `CAIRN_TEST_FAILPOINT=...`: crash points (see [`crate::failpoint`]);
+    /// `wal-write-error:N` makes the WAL write after N group writes fail as
+    /// an fdatasync error would (the node must stop).
+    pub failpoints: Arc<crate::failpoint::Failpoints>,
     /// `CAIRN_TEST_APPLIED_FROM_LOG=1`: break the recovery rule, taking the
     /// log's commit index as applied instead of the state's durable marker.
     pub applied_from_log: bool,
@@ -85,9 +86,7 @@ impl TestSwitches {
             skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
             applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
             local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
-            wal_fail_after_groups: std::env::var("CAIRN_TEST_FAILPOINT")
-                .ok()
-                .and_then(|v| v.strip_prefix("wal-write-error:").and_then(|n| n.parse().ok())),
+            failpoints: crate::failpoint::Failpoints::from_env(),
         }
     }
 }
@@ -109,6 +108,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     opts.durability = DurabilityMode::Embedded;
     opts.write_buffer_bytes = cfg.memtable_bytes;
     opts.block_cache_bytes = cfg.block_cache_bytes;
+    opts.hook = switches.failpoints.lsm_hook();
     let live = crate::snapshot::live_state_dir(&cfg.data_dir).map_err(ServerError::Other)?;
     crate::snapshot::remove_unused(&cfg.data_dir, &live).map_err(ServerError::Other)?;
     let db = Arc::new(Db::open(&live, opts.clone())?);
@@ -174,7 +174,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let limits = cfg.limits.clone();
     let (wal_tx, wal_rx) = std::sync::mpsc::sync_channel(limits.wal_queue_max);
     let (wal_done_tx, wal_done_rx) = mpsc::channel(limits.wal_queue_max);
-    let faults = WalFaults { skip_sync: switches.skip_wal_sync, fail_after_groups: switches.wal_fail_after_groups };
+    let faults = WalFaults {
+        skip_sync: switches.skip_wal_sync,
+        fail_after_groups: switches.failpoints.count("wal-write-error"),
+    };
     let wal_thread = std::thread::Builder::new()
         .name("cairn-wal".into())
         .spawn(move || run_wal_thread(wal, wal_rx, wal_done_tx, 256, faults))
@@ -199,7 +202,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     }
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(db));
-    let site = InstallSite { data_dir: cfg.data_dir.clone(), options: opts, initial };
+    let site =
+        InstallSite { data_dir: cfg.data_dir.clone(), options: opts, initial, failpoints: switches.failpoints.clone() };
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));

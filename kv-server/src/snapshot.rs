@@ -185,6 +185,8 @@ pub struct Checkpoints {
     live: Mutex<VecDeque<Arc<Checkpoint>>>,
     max: usize,
     seq: AtomicU64,
+    /// Names this process's checkpoints apart from an earlier run's.
+    run: u64,
 }
 
 impl Checkpoints {
@@ -196,6 +198,7 @@ impl Checkpoints {
             live: Mutex::new(VecDeque::new()),
             max: max.max(1),
             seq: AtomicU64::new(0),
+            run: rand::random::<u64>(),
         }
     }
 
@@ -208,7 +211,7 @@ impl Checkpoints {
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err("creating", &self.dir, e))?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let dest = self.dir.join(format!("ckpt-{n}"));
+        let dest = self.dir.join(format!("ckpt-{:016x}-{n}", self.run));
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| io_err("removing", &dest, e))?;
         }
@@ -498,7 +501,12 @@ pub async fn receive_snapshot(
 /// into a new state directory, which is opened and checked against the
 /// snapshot, then published through the pointer file. Returns the new
 /// state. The caller swaps it in and writes the log's snapshot marker.
-pub fn install(data_dir: &Path, c: &Completed, opts: &Options) -> Result<(String, Db), String> {
+pub fn install(
+    data_dir: &Path,
+    c: &Completed,
+    opts: &Options,
+    failpoints: &crate::failpoint::Failpoints,
+) -> Result<(String, Db), String> {
     let (index, term) = (c.manifest.index, c.manifest.term);
     let name = format!("state-{index:016x}-{term:016x}");
     let dest = data_dir.join(&name);
@@ -519,6 +527,7 @@ pub fn install(data_dir: &Path, c: &Completed, opts: &Options) -> Result<(String
     for d in [dest.join("tables"), dest.join("manifest"), dest.clone(), data_dir.to_path_buf()] {
         sync_dir(&d)?;
     }
+    failpoints.hit("install-linked");
     let mut o = opts.clone();
     o.create_if_missing = false;
     let db = Db::open(&dest, o).map_err(|e| format!("opening the received state: {e}"))?;
@@ -529,6 +538,7 @@ pub fn install(data_dir: &Path, c: &Completed, opts: &Options) -> Result<(String
         }
     }
     publish_state_dir(data_dir, &name)?;
+    failpoints.hit("install-published");
     if let Err(e) = std::fs::remove_dir_all(&c.dir) {
         tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
     }

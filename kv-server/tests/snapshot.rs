@@ -157,3 +157,84 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("damaged"), "{err}");
 }
+
+/// Stops `follower`, writes `writes` batches of 100 keys, and waits until
+/// the leader's log starts past where the follower stopped.
+async fn leave_behind(cluster: &mut Cluster, leader: u64, follower: u64, writes: usize) {
+    let c = cluster.client();
+    let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+    assert!(cluster.stop(follower), "the follower did not stop cleanly");
+    for w in 0..writes {
+        let ops = (0..100)
+            .map(|i| WriteOp::Put { key: format!("b-{w:05}-{i:03}").into_bytes(), value: vec![b'y'; 100] })
+            .collect();
+        c.write(ops).await.expect("write");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.status_of(&cluster.endpoint(leader), false).await.expect("status");
+        if s.first_index > before.last_index + 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the leader did not release its log: {s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A follower that crashes right after an install published the new state,
+/// before the log's snapshot marker was written, comes back by the repair
+/// rule (the log then starts after the state) and converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_crashes_during_an_install_recovers_by_the_repair_rule() {
+    let mut cluster = Cluster::start(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")]);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    leave_behind(&mut cluster, leader, follower, 200).await;
+    cluster.node_env.insert(follower, vec![("CAIRN_TEST_FAILPOINT".into(), "install-published".into())]);
+    cluster.start_node(follower);
+    let code = cluster.wait_exit(follower, Duration::from_secs(60));
+    assert_eq!(code, Some(cairn_kv_server::failpoint::CRASH_EXIT_CODE), "the follower did not crash at the install");
+    cluster.start_node(follower);
+    cluster.converged(Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(cluster.layout.dir.join(format!("node-{follower}.log"))).expect("log");
+    assert!(log.contains("the state is ahead of the log"), "the restart did not take the repair path");
+    let one = cluster.client_of(follower);
+    let (v, _) = one.get_with("b-00199-099", Consistency::Serializable).await.expect("get");
+    assert!(v.is_some(), "the last key written is missing on the follower");
+}
+
+/// A leader that crashes while it makes a checkpoint for a follower (its
+/// tables linked, no manifest yet) leaves nothing that breaks a restart: the
+/// unfinished checkpoint is removed, and the follower catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_crashes_making_a_checkpoint_recovers() {
+    let mut cluster = Cluster::start(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")]);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    leave_behind(&mut cluster, leader, follower, 100).await;
+    // Restart the leader with the crash point armed, and make it lead again.
+    assert!(cluster.stop(leader));
+    cluster.node_env.insert(leader, vec![("CAIRN_TEST_FAILPOINT".into(), "checkpoint-linked".into())]);
+    cluster.start_node(leader);
+    let c = cluster.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.leader(Duration::from_secs(20)).await != leader {
+        let _ = c.transfer_leader(leader).await;
+        assert!(Instant::now() < deadline, "node {leader} did not take the lead back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The follower comes back behind the released log: the armed leader
+    // makes a checkpoint for it and crashes there.
+    cluster.start_node(follower);
+    let code = cluster.wait_exit(leader, Duration::from_secs(30));
+    assert_eq!(code, Some(cairn_kv_server::failpoint::CRASH_EXIT_CODE), "the leader did not crash at the checkpoint");
+    let dir = cluster.layout.dir.join(format!("node-{leader}/checkpoints"));
+    let left: Vec<std::path::PathBuf> =
+        std::fs::read_dir(&dir).expect("checkpoints").map(|e| e.expect("entry").path()).collect();
+    assert!(!left.is_empty(), "the crash left no checkpoint behind");
+    cluster.start_node(leader);
+    cluster.converged(Duration::from_secs(60)).await;
+    for p in left {
+        assert!(!p.exists(), "the restart did not remove the unfinished checkpoint {}", p.display());
+    }
+}
