@@ -56,6 +56,8 @@ pub enum ApplyJob {
 /// Where the apply worker installs snapshots.
 #[derive(Clone, Debug)]
 pub struct InstallSite {
+    /// The file system (the simulated disk in crash tests).
+    pub fs: crate::snapshot::NodeFs,
     /// The node's data directory.
     pub data_dir: std::path::PathBuf,
     /// The options the state is opened with.
@@ -147,12 +149,20 @@ impl Applier {
     pub fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<ApplyJob>) {
         while let Some(job) = jobs.blocking_recv() {
             match job {
-                ApplyJob::Entries { entries, conf } => self.apply(&entries, conf.as_ref()),
+                ApplyJob::Entries { entries, conf } => {
+                    if let Err(e) = self.apply(&entries, conf.as_ref()) {
+                        crate::fatal(&e);
+                    }
+                }
                 ApplyJob::Hash { reply } => {
                     let _ = reply.send((*self.applied.borrow(), self.hash()));
                 }
                 ApplyJob::Install { checkpoint, reply } => {
-                    self.install(&checkpoint);
+                    if let Err(e) = self.install(&checkpoint) {
+                        // Raft already counts the snapshot as taken: a node that cannot
+                        // install it stops, and recovers from its own state at restart.
+                        crate::fatal(&e);
+                    }
                     let _ = reply.send(());
                 }
             }
@@ -161,24 +171,16 @@ impl Applier {
 
     /// Makes a received checkpoint the live state, in log order: every entry
     /// handed to apply before it is applied; none after it is yet.
-    fn install(&mut self, c: &cairn_snapshot_transfer::Completed) {
+    pub fn install(&mut self, c: &cairn_snapshot_transfer::Completed) -> Result<(), String> {
         let started = std::time::Instant::now();
+        let at = c.manifest.index;
         let (name, db) =
-            match crate::snapshot::install(&self.site.data_dir, c, &self.site.options, &self.site.failpoints) {
-                Ok(x) => x,
-                // Raft already counts the snapshot as taken: a node that cannot
-                // install it stops, and recovers from its own state at restart.
-                Err(e) => crate::fatal(&format!("installing the snapshot at {}: {e}", c.manifest.index)),
-            };
+            crate::snapshot::install(&self.site.fs, &self.site.data_dir, c, &self.site.options, &self.site.failpoints)
+                .map_err(|e| format!("installing the snapshot at {at}: {e}"))?;
         let db = Arc::new(db);
-        let sessions = match load_sessions(&db) {
-            Ok(s) => s,
-            Err(e) => crate::fatal(&format!("reading the installed state's sessions: {e}")),
-        };
-        let book = match Book::load(&db, &self.site.initial) {
-            Ok(b) => b,
-            Err(e) => crate::fatal(&format!("reading the installed state's members: {e}")),
-        };
+        let sessions = load_sessions(&db).map_err(|e| format!("reading the installed state's sessions: {e}"))?;
+        let book =
+            Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
         let old = self.shared.replace(db.clone());
         self.db = db;
         self.sessions = sessions;
@@ -195,6 +197,7 @@ impl Applier {
             "snapshot installed"
         );
         retire(old);
+        Ok(())
     }
 }
 
@@ -243,8 +246,8 @@ fn load_sessions(db: &Db) -> Result<HashMap<u64, SessionRecord>, crate::storage:
 impl Applier {
     /// Applies `entries` (in index order) as one LSM batch with the last
     /// entry's marker, then answers their waiters.
-    pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) {
-        let Some(last) = entries.last() else { return };
+    pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) -> Result<(), String> {
+        let Some(last) = entries.last() else { return Ok(()) };
         let mut batch = WriteBatch::new();
         let mut answers: Vec<(u64, Term, Response)> = Vec::with_capacity(entries.len());
         let mut touched: Vec<u64> = Vec::new();
@@ -287,7 +290,7 @@ impl Applier {
         }
         batch.set_marker(Marker::new(last.index.0, last.term.0));
         if let Err(e) = self.db.write(&batch) {
-            crate::fatal(&format!("applying entries up to {} to the state: {e}", last.index.0));
+            return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
         }
         if !self.book_changes.is_empty() {
             let mut book = write_book(&self.book);
@@ -319,6 +322,7 @@ impl Applier {
                 let _ = w.reply.send(resp);
             }
         }
+        Ok(())
     }
 
     fn apply_command(&mut self, index: u64, cmd: Command, batch: &mut WriteBatch, touched: &mut Vec<u64>) -> Response {

@@ -95,39 +95,55 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs a node until SIGTERM or SIGINT.
-pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError> {
-    let tls = NodeTls::load(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, cfg.id)?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| ServerError::Other(format!("creating {}: {e}", cfg.data_dir.display())))?;
-    let cluster_id = cfg.cluster_id();
-    let identity = NodeIdentity { node_id: cfg.id, cluster_id };
+/// What recovery found: the state, the log, the membership.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The live state.
+    pub db: Db,
+    /// The log, repaired if an install was cut short.
+    pub store: WalStore,
+    /// The membership as of the state.
+    pub conf: ConfState,
+    /// Index of the latest membership change the state holds (0: the initial one).
+    pub conf_index: u64,
+    /// The state's durable marker A: what raft-core is told is applied.
+    pub applied: u64,
+    /// Addresses and removed ids, from the state over the initial cluster.
+    pub book: crate::state::Book,
+}
 
-    // Recovery: the state's durable marker A first, then the log.
-    let mut opts = Options::default();
-    opts.durability = DurabilityMode::Embedded;
-    opts.write_buffer_bytes = cfg.memtable_bytes;
-    opts.block_cache_bytes = cfg.block_cache_bytes;
-    opts.hook = switches.failpoints.lsm_hook();
-    let live = crate::snapshot::live_state_dir(&cfg.data_dir).map_err(ServerError::Other)?;
-    crate::snapshot::remove_unused(&cfg.data_dir, &live).map_err(ServerError::Other)?;
-    let db = Arc::new(Db::open(&live, opts.clone())?);
+/// Recovery (docs/design/kv-server.md, "Recovery"): opens the live state
+/// (durable marker A) and the log, repairs a log behind an installed state,
+/// and checks that nothing between them is lost. Everything goes through
+/// `site.fs`, so crash tests run it on the simulated disk.
+/// `bootstrap_voters` is the initial cluster: the membership of a state that
+/// never recorded a change.
+pub fn recover(
+    site: &InstallSite,
+    identity: NodeIdentity,
+    wal_segment_bytes: u64,
+    bootstrap_voters: &[u64],
+) -> Result<Recovered, ServerError> {
+    let fs = &site.fs;
+    let data_dir = &site.data_dir;
+    crate::snapshot::create_dir_durably(&**fs, data_dir).map_err(ServerError::Other)?;
+    let live = crate::snapshot::live_state_dir(&**fs, data_dir).map_err(ServerError::Other)?;
+    crate::snapshot::remove_unused(&**fs, data_dir, &live).map_err(ServerError::Other)?;
+    let db = Db::open_with_fs(fs.clone(), &live, site.options.clone())?;
     let durable = db.durable_marker();
-    let applied_index = durable.map_or(0, |m| m.index);
-    let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
-    let mut store = WalStore::open(fs, &cfg.data_dir.join("raft"), identity, cfg.wal_segment_bytes, 64 << 20)?;
+    let applied = durable.map_or(0, |m| m.index);
+    let mut store = WalStore::open(fs.clone(), &data_dir.join("raft"), identity, wal_segment_bytes, 64 << 20)?;
     let (conf, conf_index) = match db.get(CONF_KEY)? {
         Some(b) => (
             frame::decode::<ConfState>(&b)
                 .map_err(|e| ServerError::Other(format!("corrupt membership in the state: {e}")))?,
-            applied_index,
+            applied,
         ),
-        None => (ConfState::with_voters(cfg.initial_cluster.keys().map(|i| NodeId(*i))), 0),
+        None => (ConfState::with_voters(bootstrap_voters.iter().map(|i| NodeId(*i))), 0),
     };
-    // The repair rule (docs/design/kv-server.md, "Recovery"): a state ahead
-    // of the log, or holding another term at its marker, comes from an
-    // install cut short before its log marker was written; the log then
-    // starts after the state's marker.
+    // The repair rule: a state ahead of the log, or holding another term at
+    // its marker, comes from an install cut short before its log marker was
+    // written; the log then starts after the state's marker.
     if let Some(m) = durable.filter(|m| m.index > 0) {
         let (a, ta) = (LogIndex(m.index), Term(m.term));
         let (snap, snap_term) = store.snapshot();
@@ -143,12 +159,47 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         }
     }
     if let Some(first) = store.first_index().0.checked_sub(1)
-        && first > applied_index
+        && first > applied
     {
         return Err(ServerError::Other(format!(
-            "the log starts after index {first} but the state holds only up to {applied_index}: entries in between are lost"
+            "the log starts after index {first} but the state holds only up to {applied}: entries in between are lost"
         )));
     }
+    let book = crate::state::Book::load(&db, &site.initial)?;
+    if book.removed.contains(&identity.node_id) {
+        return Err(ServerError::Other(format!(
+            "node {} was removed from the cluster and cannot rejoin with its old data; \
+             start a new node with a new id and an empty data directory",
+            identity.node_id
+        )));
+    }
+    Ok(Recovered { db, store, conf, conf_index, applied, book })
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError> {
+    let tls = NodeTls::load(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, cfg.id)?;
+    let cluster_id = cfg.cluster_id();
+    let identity = NodeIdentity { node_id: cfg.id, cluster_id };
+
+    // Recovery: the state's durable marker A first, then the log.
+    let mut opts = Options::default();
+    opts.durability = DurabilityMode::Embedded;
+    opts.write_buffer_bytes = cfg.memtable_bytes;
+    opts.block_cache_bytes = cfg.block_cache_bytes;
+    opts.hook = switches.failpoints.lsm_hook();
+    let mut initial = cfg.initial_cluster.clone();
+    initial.insert(cfg.id, cfg.advertise.clone());
+    let fs: crate::snapshot::NodeFs = Arc::new(cairn_wal::StdFs);
+    let site = InstallSite {
+        fs,
+        data_dir: cfg.data_dir.clone(),
+        options: opts,
+        initial,
+        failpoints: switches.failpoints.clone(),
+    };
+    let Recovered { db, store, conf, conf_index, applied: applied_index, book } =
+        recover(&site, identity, cfg.wal_segment_bytes, &cfg.initial_cluster.keys().copied().collect::<Vec<_>>())?;
     tracing::info!(
         node = cfg.id,
         cluster = format_args!("{cluster_id:016x}"),
@@ -190,20 +241,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         session_responses_max: limits.session_responses_max,
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
     };
-    let mut initial = cfg.initial_cluster.clone();
-    initial.insert(cfg.id, cfg.advertise.clone());
-    let book = crate::state::Book::load(&db, &initial)?;
-    if book.removed.contains(&cfg.id) {
-        return Err(ServerError::Other(format!(
-            "node {} was removed from the cluster and cannot rejoin with its old data; \
-             start a new node with a new id and an empty data directory",
-            cfg.id
-        )));
-    }
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
-    let shared = Arc::new(SharedDb::new(db));
-    let site =
-        InstallSite { data_dir: cfg.data_dir.clone(), options: opts, initial, failpoints: switches.failpoints.clone() };
+    let shared = Arc::new(SharedDb::new(Arc::new(db)));
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));

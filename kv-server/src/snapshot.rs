@@ -62,56 +62,102 @@ impl SharedDb {
     }
 }
 
-/// The live state directory named by the pointer file.
-pub fn live_state_dir(data_dir: &Path) -> Result<PathBuf, String> {
-    let p = data_dir.join(POINTER_FILE);
-    match std::fs::read_to_string(&p) {
-        Ok(name) => {
-            let name = name.trim();
-            if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
-                return Err(format!("{} names no state directory: `{name}`", p.display()));
+/// The file system the node's state goes through (the real one, or
+/// cairn-wal's simulated disk in crash tests).
+pub type NodeFs = Arc<dyn cairn_wal::Fs>;
+
+fn fs_err(what: &str, p: &Path, e: std::io::Error) -> String {
+    io_err(what, p, e)
+}
+
+/// Reads a whole (small) file through `fs`.
+fn read_all(fs: &dyn cairn_wal::Fs, p: &Path) -> std::io::Result<Vec<u8>> {
+    let f = fs.open(p, cairn_wal::OpenMode::Read)?;
+    let mut buf = vec![0u8; usize::try_from(f.len()?).unwrap_or(0)];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// Removes a directory tree (or a file) through `fs`.
+pub fn remove_tree(fs: &dyn cairn_wal::Fs, p: &Path) -> std::io::Result<()> {
+    match fs.read_dir(p) {
+        Ok(names) => {
+            for n in names {
+                remove_tree(fs, &p.join(n))?;
             }
-            Ok(data_dir.join(name))
+            fs.remove_dir(p)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(data_dir.join(FIRST_STATE_DIR)),
-        Err(e) => Err(io_err("reading", &p, e)),
+        Err(_) => fs.remove_file(p),
     }
 }
 
-fn sync_dir(p: &Path) -> Result<(), String> {
-    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| io_err("fsync directory", p, e))
+/// Creates `dir` and its missing parents so that they survive a crash: each
+/// new directory's parent is fsynced, top down.
+pub fn create_dir_durably(fs: &dyn cairn_wal::Fs, dir: &Path) -> Result<(), String> {
+    let mut made = Vec::new();
+    let mut p = dir.to_path_buf();
+    while !p.as_os_str().is_empty() && !fs.exists(&p).map_err(|e| fs_err("checking", &p, e))? {
+        made.push(p.clone());
+        p = p.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    fs.create_dir_all(dir).map_err(|e| fs_err("creating", dir, e))?;
+    for m in made.iter().rev() {
+        let parent = m.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs.sync_dir(parent).map_err(|e| fs_err("fsync directory", parent, e))?;
+    }
+    Ok(())
+}
+
+/// The live state directory named by the pointer file.
+pub fn live_state_dir(fs: &dyn cairn_wal::Fs, data_dir: &Path) -> Result<PathBuf, String> {
+    let p = data_dir.join(POINTER_FILE);
+    if !fs.exists(&p).map_err(|e| fs_err("checking", &p, e))? {
+        return Ok(data_dir.join(FIRST_STATE_DIR));
+    }
+    let bytes = read_all(fs, &p).map_err(|e| fs_err("reading", &p, e))?;
+    let name = String::from_utf8_lossy(&bytes);
+    let name = name.trim();
+    if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+        return Err(format!("{} names no state directory: `{name}`", p.display()));
+    }
+    Ok(data_dir.join(name))
 }
 
 /// Points the node at the state directory `name`: the pointer is written to
 /// a temporary file, fsynced, renamed into place, and the directory fsynced.
-pub fn publish_state_dir(data_dir: &Path, name: &str) -> Result<(), String> {
+pub fn publish_state_dir(fs: &dyn cairn_wal::Fs, data_dir: &Path, name: &str) -> Result<(), String> {
     let tmp = data_dir.join(format!("{POINTER_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
-        f.write_all(name.as_bytes()).map_err(|e| io_err("writing", &tmp, e))?;
-        f.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    if fs.exists(&tmp).map_err(|e| fs_err("checking", &tmp, e))? {
+        fs.remove_file(&tmp).map_err(|e| fs_err("removing", &tmp, e))?;
     }
+    let f = fs.open(&tmp, cairn_wal::OpenMode::CreateNew).map_err(|e| fs_err("creating", &tmp, e))?;
+    f.write_all_at(name.as_bytes(), 0).map_err(|e| fs_err("writing", &tmp, e))?;
+    f.sync_data().map_err(|e| fs_err("fsync", &tmp, e))?;
+    drop(f);
     let dst = data_dir.join(POINTER_FILE);
-    std::fs::rename(&tmp, &dst).map_err(|e| io_err("renaming into place", &dst, e))?;
-    sync_dir(data_dir)
+    fs.rename(&tmp, &dst).map_err(|e| fs_err("renaming into place", &dst, e))?;
+    fs.sync_dir(data_dir).map_err(|e| fs_err("fsync directory", data_dir, e))
 }
 
 /// Removes state directories other than the live one (left by an install
 /// that replaced them or one that crashed before it was published), and the
 /// checkpoints of an earlier run.
-pub fn remove_unused(data_dir: &Path, live: &Path) -> Result<(), String> {
-    let rd = std::fs::read_dir(data_dir).map_err(|e| io_err("listing", data_dir, e))?;
-    for e in rd.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let path = e.path();
+pub fn remove_unused(fs: &dyn cairn_wal::Fs, data_dir: &Path, live: &Path) -> Result<(), String> {
+    let names = fs.read_dir(data_dir).map_err(|e| fs_err("listing", data_dir, e))?;
+    let mut removed = false;
+    for name in names {
+        let path = data_dir.join(&name);
         let is_state = name == FIRST_STATE_DIR || name.starts_with("state-");
         if (is_state && path != live) || name == CHECKPOINTS_DIR {
             tracing::info!(dir = %path.display(), "removing an unused state directory");
-            std::fs::remove_dir_all(&path).map_err(|e| io_err("removing", &path, e))?;
+            remove_tree(fs, &path).map_err(|e| fs_err("removing", &path, e))?;
+            removed = true;
         }
     }
-    sync_dir(data_dir)
+    if removed {
+        fs.sync_dir(data_dir).map_err(|e| fs_err("fsync directory", data_dir, e))?;
+    }
+    Ok(())
 }
 
 /// The flat name a checkpoint file travels under.
@@ -502,6 +548,7 @@ pub async fn receive_snapshot(
 /// snapshot, then published through the pointer file. Returns the new
 /// state. The caller swaps it in and writes the log's snapshot marker.
 pub fn install(
+    fs: &NodeFs,
     data_dir: &Path,
     c: &Completed,
     opts: &Options,
@@ -510,36 +557,34 @@ pub fn install(
     let (index, term) = (c.manifest.index, c.manifest.term);
     let name = format!("state-{index:016x}-{term:016x}");
     let dest = data_dir.join(&name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| io_err("removing", &dest, e))?;
+    if fs.exists(&dest).map_err(|e| fs_err("checking", &dest, e))? {
+        remove_tree(&**fs, &dest).map_err(|e| fs_err("removing", &dest, e))?;
     }
     for sub in ["tables", "manifest"] {
         let d = dest.join(sub);
-        std::fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+        fs.create_dir_all(&d).map_err(|e| fs_err("creating", &d, e))?;
     }
     for f in &c.manifest.files {
         let rel = local_path(&f.name).ok_or_else(|| format!("the checkpoint holds an unknown file `{}`", f.name))?;
         let (src, dst) = (c.dir.join(&f.name), dest.join(rel));
-        std::fs::hard_link(&src, &dst)
-            .or_else(|_| std::fs::copy(&src, &dst).and_then(|_| std::fs::File::open(&dst)?.sync_all()))
-            .map_err(|e| io_err("placing", &dst, e))?;
+        fs.hard_link(&src, &dst).map_err(|e| fs_err("placing", &dst, e))?;
     }
     for d in [dest.join("tables"), dest.join("manifest"), dest.clone(), data_dir.to_path_buf()] {
-        sync_dir(&d)?;
+        fs.sync_dir(&d).map_err(|e| fs_err("fsync directory", &d, e))?;
     }
     failpoints.hit("install-linked");
     let mut o = opts.clone();
     o.create_if_missing = false;
-    let db = Db::open(&dest, o).map_err(|e| format!("opening the received state: {e}"))?;
+    let db = Db::open_with_fs(fs.clone(), &dest, o).map_err(|e| format!("opening the received state: {e}"))?;
     match db.durable_marker() {
         Some(m) if m.index == index && m.term == term => {}
         other => {
             return Err(format!("the received state's marker is {other:?}, not the snapshot's ({index}, {term})"));
         }
     }
-    publish_state_dir(data_dir, &name)?;
+    publish_state_dir(&**fs, data_dir, &name)?;
     failpoints.hit("install-published");
-    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+    if let Err(e) = remove_tree(&**fs, &c.dir) {
         tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
     }
     Ok((name, db))
@@ -556,7 +601,7 @@ const SNAPSHOT_HEADER_BYTES_MAX: usize = 64 << 20;
 pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_client::protocol::SnapshotHeader, String> {
     use std::io::{Read, Write};
     let data_dir = &cfg.data_dir;
-    if data_dir.join("raft").exists() || live_state_dir(data_dir)?.exists() {
+    if data_dir.join("raft").exists() || live_state_dir(&cairn_wal::StdFs, data_dir)?.exists() {
         return Err(format!(
             "{} already holds a node's data; restore creates a new one and needs an empty directory",
             data_dir.display()
@@ -586,7 +631,7 @@ pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_clie
             header.cluster_id
         ));
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| io_err("creating", data_dir, e))?;
+    create_dir_durably(&cairn_wal::StdFs, data_dir)?;
     let name = format!("state-{:016x}-{:016x}", header.index, header.term);
     let dest = data_dir.join(&name);
     for sub in ["tables", "manifest"] {
@@ -617,7 +662,7 @@ pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_clie
         return Err(format!("{} holds bytes after its last file", file.display()));
     }
     for d in [dest.join("tables"), dest.join("manifest"), dest.clone(), data_dir.to_path_buf()] {
-        sync_dir(&d)?;
+        cairn_wal::Fs::sync_dir(&cairn_wal::StdFs, &d).map_err(|e| fs_err("fsync directory", &d, e))?;
     }
     let mut o = Options::default();
     o.durability = cairn_lsm::DurabilityMode::Embedded;
@@ -631,7 +676,7 @@ pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_clie
             header.index, header.term
         ));
     }
-    publish_state_dir(data_dir, &name)?;
+    publish_state_dir(&cairn_wal::StdFs, data_dir, &name)?;
     let identity = crate::storage::NodeIdentity { node_id: cfg.id, cluster_id };
     let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
     let mut store =
@@ -669,17 +714,18 @@ mod tests {
     #[test]
     fn the_pointer_names_the_live_state_and_unused_ones_are_removed() {
         let d = tempfile::tempdir().expect("tempdir");
-        assert_eq!(live_state_dir(d.path()).expect("default"), d.path().join(FIRST_STATE_DIR));
+        let fs = cairn_wal::StdFs;
+        assert_eq!(live_state_dir(&fs, d.path()).expect("default"), d.path().join(FIRST_STATE_DIR));
         std::fs::create_dir_all(d.path().join(FIRST_STATE_DIR)).expect("mkdir");
         std::fs::create_dir_all(d.path().join("state-1-1")).expect("mkdir");
         std::fs::create_dir_all(d.path().join("raft")).expect("mkdir");
-        publish_state_dir(d.path(), "state-1-1").expect("publish");
-        let live = live_state_dir(d.path()).expect("live");
+        publish_state_dir(&fs, d.path(), "state-1-1").expect("publish");
+        let live = live_state_dir(&fs, d.path()).expect("live");
         assert_eq!(live, d.path().join("state-1-1"));
-        remove_unused(d.path(), &live).expect("clean");
+        remove_unused(&fs, d.path(), &live).expect("clean");
         assert!(!d.path().join(FIRST_STATE_DIR).exists());
         assert!(live.exists() && d.path().join("raft").exists());
         std::fs::write(d.path().join(POINTER_FILE), "../elsewhere").expect("write");
-        assert!(live_state_dir(d.path()).is_err());
+        assert!(live_state_dir(&fs, d.path()).is_err());
     }
 }

@@ -431,6 +431,51 @@ pub struct WalFaults {
     pub fail_after_groups: Option<u64>,
 }
 
+/// Adds one job's records to `batch`, in the order the log needs: an
+/// installed snapshot drops the whole log and starts it after its marker; a
+/// release writes its marker (the segments below go once it is durable:
+/// `release_to` says where); entries (a truncate first when they replace
+/// written ones); the hard state last.
+pub fn add_job(batch: &mut Batch, job: &WalJob, last_written: &mut Option<u64>, release_to: &mut Option<u64>) {
+    if let Some(m) = &job.installed {
+        batch.truncate_from(0);
+        batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+        *last_written = Some(m.index.0);
+        *release_to = Some(m.index.0 + 1);
+    }
+    if let Some(m) = &job.release {
+        batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+        *release_to = Some(release_to.unwrap_or(0).max(m.index.0 + 1));
+    }
+    if let Some(first) = job.entries.first()
+        && last_written.is_some_and(|l| first.index.0 <= l)
+    {
+        batch.truncate_from(first.index.0);
+    }
+    for e in &job.entries {
+        batch.append(ENTRY_KIND, e.index.0, &archive(e));
+        *last_written = Some(e.index.0);
+    }
+    if let Some(hs) = &job.hard_state {
+        batch.set_state(&archive(hs));
+    }
+}
+
+/// Writes one job durably and releases what it allows (the crash tests
+/// drive the log this way, one job at a time, as the WAL thread would).
+pub fn write_job(wal: &cairn_wal::Wal, job: &WalJob, last_written: &mut Option<u64>) -> Result<(), cairn_wal::Error> {
+    let mut batch = Batch::new();
+    let mut release_to = None;
+    add_job(&mut batch, job, last_written, &mut release_to);
+    if !batch.is_empty() {
+        wal.write(&batch, Durability::Sync)?;
+    }
+    if let Some(to) = release_to {
+        wal.release_to(to)?;
+    }
+    Ok(())
+}
+
 /// Runs the WAL thread: takes jobs, writes every job waiting at once with one
 /// fdatasync (group commit), reports each job back in order. A write error
 /// stops the process (see DESIGN.md, "I/O failure").
@@ -454,28 +499,7 @@ pub fn run_wal_thread(
         let mut batch = Batch::new();
         let mut release_to: Option<u64> = None;
         for job in &group {
-            if let Some(m) = &job.installed {
-                batch.truncate_from(0);
-                batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
-                last_written = Some(m.index.0);
-                release_to = Some(m.index.0 + 1);
-            }
-            if let Some(m) = &job.release {
-                batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
-                release_to = Some(release_to.unwrap_or(0).max(m.index.0 + 1));
-            }
-            if let Some(first) = job.entries.first()
-                && last_written.is_some_and(|l| first.index.0 <= l)
-            {
-                batch.truncate_from(first.index.0);
-            }
-            for e in &job.entries {
-                batch.append(ENTRY_KIND, e.index.0, &archive(e));
-                last_written = Some(e.index.0);
-            }
-            if let Some(hs) = &job.hard_state {
-                batch.set_state(&archive(hs));
-            }
+            add_job(&mut batch, job, &mut last_written, &mut release_to);
         }
         if !batch.is_empty() {
             let started = std::time::Instant::now();
