@@ -9,6 +9,7 @@
 //! | name | where |
 //! |---|---|
 //! | `flush-table-written` | an LSM flush wrote its table, not yet synced |
+//! | `flush-table-synced` | an LSM flush synced its table, its manifest edit not yet written |
 //! | `flush-installed` | an LSM flush's manifest edit is durable |
 //! | `checkpoint-linked` | a checkpoint linked its tables, no manifest yet |
 //! | `checkpoint-done` | a checkpoint is complete |
@@ -79,7 +80,8 @@ impl Failpoints {
     /// An LSM hook that crashes at the armed flush and checkpoint points.
     pub fn lsm_hook(self: &Arc<Self>) -> Option<cairn_lsm::Hook> {
         use cairn_lsm::HookPoint;
-        let lsm_points = ["flush-table-written", "flush-installed", "checkpoint-linked", "checkpoint-done"];
+        let lsm_points =
+            ["flush-table-written", "flush-table-synced", "flush-installed", "checkpoint-linked", "checkpoint-done"];
         if !lsm_points.iter().any(|p| self.armed.contains_key(*p)) {
             return None;
         }
@@ -87,6 +89,7 @@ impl Failpoints {
         Some(cairn_lsm::Hook(Arc::new(move |p| {
             let name = match p {
                 HookPoint::FlushTableWritten => "flush-table-written",
+                HookPoint::FlushTableSynced => "flush-table-synced",
                 HookPoint::FlushInstalled => "flush-installed",
                 HookPoint::CheckpointLinked => "checkpoint-linked",
                 HookPoint::CheckpointDone => "checkpoint-done",
@@ -100,6 +103,7 @@ impl Failpoints {
 
 const KNOWN: &[&str] = &[
     "flush-table-written",
+    "flush-table-synced",
     "flush-installed",
     "checkpoint-linked",
     "checkpoint-done",

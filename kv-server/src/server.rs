@@ -369,7 +369,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         book: book.clone(),
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
-    let quota = tokio::spawn(watch_quota(cfg.clone(), used_bytes, over_quota, book, !switches.local_quota));
+    let quota =
+        tokio::spawn(watch_quota(cfg.clone(), used_bytes, over_quota, book, !switches.local_quota, shared.clone()));
 
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -649,15 +650,29 @@ async fn watch_quota(
     over: Arc<std::sync::atomic::AtomicBool>,
     book: crate::state::SharedBook,
     propose: bool,
+    db: Arc<SharedDb>,
 ) {
     use std::sync::atomic::Ordering;
     let mut client: Option<cairn_kv_client::Client> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(cfg.quota_check_ms)).await;
         let dir = cfg.data_dir.clone();
-        let Ok(bytes) = tokio::task::spawn_blocking(move || tree_bytes(&dir)).await else { continue };
+        let Ok((bytes, wal_bytes)) =
+            tokio::task::spawn_blocking(move || (tree_bytes(&dir), tree_bytes(&dir.join("raft")))).await
+        else {
+            continue;
+        };
         used.store(bytes, Ordering::Relaxed);
         metrics::gauge!("cairn_data_dir_bytes").set(bytes as f64);
+        metrics::gauge!("cairn_wal_bytes").set(wal_bytes as f64);
+        // The LSM publishes its levels, stalls and cache hits itself; the rest here.
+        let st = db.get().stats();
+        metrics::gauge!("cairn_lsm_compaction_read_bytes").set(st.compaction_read_bytes as f64);
+        metrics::gauge!("cairn_lsm_compaction_write_bytes").set(st.compaction_write_bytes as f64);
+        metrics::gauge!("cairn_lsm_flush_bytes").set(st.flush_bytes as f64);
+        metrics::gauge!("cairn_lsm_memtable_bytes").set(st.memtable_bytes as f64);
+        metrics::gauge!("cairn_lsm_write_amplification").set(st.write_amplification);
+        metrics::gauge!("cairn_lsm_slowdowns").set(st.slowdowns as f64);
         let is_over = bytes > cfg.quota_bytes;
         over.store(is_over, Ordering::Relaxed);
         if !is_over || !propose || crate::state::read_book(&book).alarms.contains(&cfg.id) {

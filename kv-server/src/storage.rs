@@ -431,6 +431,12 @@ pub struct WalFaults {
     pub fail_after_groups: Option<u64>,
 }
 
+/// Test-only: release the log without writing the snapshot marker first
+/// (breaks the release rule; the storage crash test sets it to show that it
+/// catches it).
+#[doc(hidden)]
+pub static RELEASE_WITHOUT_MARKER_FOR_TESTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Adds one job's records to `batch`, in the order the log needs: an
 /// installed snapshot drops the whole log and starts it after its marker; a
 /// release writes its marker (the segments below go once it is durable:
@@ -444,7 +450,9 @@ pub fn add_job(batch: &mut Batch, job: &WalJob, last_written: &mut Option<u64>, 
         *release_to = Some(m.index.0 + 1);
     }
     if let Some(m) = &job.release {
-        batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+        if !RELEASE_WITHOUT_MARKER_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed) {
+            batch.snapshot_marker(m.index.0, &archive(&MarkerPayload { term: m.term, conf: m.conf.clone() }));
+        }
         *release_to = Some(release_to.unwrap_or(0).max(m.index.0 + 1));
     }
     if let Some(first) = job.entries.first()

@@ -68,6 +68,9 @@ struct Node {
 enum Rule {
     Kept,
     AppliedFromLog,
+    /// The release rule broken: segments released without the snapshot
+    /// marker written first.
+    ReleaseWithoutMarker,
 }
 
 fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
@@ -81,6 +84,15 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
             rec.store.last_index(),
             rec.store.hard_state()
         );
+    }
+    // Replay never meets a hole: every entry from the log's first index on
+    // is in the WAL (DESIGN.md, Release).
+    let (first, last) = (rec.store.first_index(), rec.store.last_index());
+    if let Some(p) = rec.store.wal().first_position()
+        && last >= first
+        && p > first.0
+    {
+        return Err(format!("RULE: the log starts at {} but the WAL holds entries only from {p}", first.0));
     }
     if rec.applied > rec.store.last_index().0 {
         return Err(format!(
@@ -203,6 +215,8 @@ impl Node {
 /// Writes, flushes, releases and crashes, over `boots` boots of one seed;
 /// returns the first broken promise.
 fn run_seed(seed: u64, boots: u32, rule: Rule) -> Result<(), String> {
+    cairn_kv_server::storage::RELEASE_WITHOUT_MARKER_FOR_TESTS
+        .store(rule == Rule::ReleaseWithoutMarker, std::sync::atomic::Ordering::Relaxed);
     let disk = SimDisk::new(seed);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
@@ -263,7 +277,9 @@ fn run_seed(seed: u64, boots: u32, rule: Rule) -> Result<(), String> {
 /// boots: nothing acknowledged is lost, every entry applies once, in order.
 /// With the recovery rule broken on purpose (applied taken from the log's
 /// commit index instead of the state's durable marker), some seed loses an
-/// acknowledged write or skips an entry, and the test sees it.
+/// acknowledged write or skips an entry; with the release rule broken (log
+/// segments released before the snapshot marker is written), a recovered
+/// log has a hole before its first entry; the test sees both.
 #[test]
 fn the_node_storage_keeps_every_acknowledged_write_through_crashes() {
     for seed in 0..48 {
@@ -271,9 +287,12 @@ fn the_node_storage_keeps_every_acknowledged_write_through_crashes() {
             panic!("seed {seed}: {e}");
         }
     }
-    let caught = (0..48).find_map(|seed| run_seed(seed, 4, Rule::AppliedFromLog).err().map(|e| (seed, e)));
-    let (seed, e) = caught.expect("with the recovery rule broken no seed failed: the test has no teeth");
-    assert!(e.contains("RULE"), "seed {seed} failed for another reason: {e}");
+    for broken in [Rule::AppliedFromLog, Rule::ReleaseWithoutMarker] {
+        let caught = (0..48).find_map(|seed| run_seed(seed, 4, broken).err().map(|e| (seed, e)));
+        let (seed, e) = caught.unwrap_or_else(|| panic!("with {broken:?} no seed failed: the test has no teeth"));
+        assert!(e.contains("RULE"), "{broken:?}: seed {seed} failed for another reason: {e}");
+    }
+    cairn_kv_server::storage::RELEASE_WITHOUT_MARKER_FOR_TESTS.store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The state of a node at `index`: keys `prefix0000..` with the marker.
