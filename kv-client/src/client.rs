@@ -150,6 +150,8 @@ pub struct ScanPage {
     pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
     /// More pairs follow the last one.
     pub more: bool,
+    /// The applied index the page was read at.
+    pub index: u64,
 }
 
 enum ConnErr {
@@ -275,9 +277,21 @@ impl Client {
         limit: u32,
         consistency: Consistency,
     ) -> Result<ScanPage> {
-        let req = Request::Scan { start: start.into(), end, limit, keys_only: false, consistency };
+        self.scan_with(start, end, limit, false, consistency).await
+    }
+
+    /// [`Client::scan`], with the values left out when `keys_only`.
+    pub async fn scan_with(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+        keys_only: bool,
+        consistency: Consistency,
+    ) -> Result<ScanPage> {
+        let req = Request::Scan { start: start.into(), end, limit, keys_only, consistency };
         match self.call(&req).await? {
-            Response::Scanned { pairs, more, .. } => Ok(ScanPage { pairs, more }),
+            Response::Scanned { pairs, more, index } => Ok(ScanPage { pairs, more, index }),
             other => Err(unexpected(&other)),
         }
     }

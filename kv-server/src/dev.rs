@@ -111,9 +111,13 @@ pub fn run(args: DevArgs) -> Result<(), String> {
     }
     println!("  token: {}", layout.token);
     println!("  CA:    {}", layout.dir.join("certs/ca.pem").display());
-    println!("Try: cargo run -p cairn-kv-client --bin kv -- put hello world");
-    println!("     (kv finds the cluster through ./{}/endpoints)", layout.dir.display());
+    println!("Try: cargo run --release -q -p cairn-kv-client --bin kv -- endpoint status --cluster");
+    println!(
+        "     (kv finds the cluster through ./{}/endpoints; kill a node's process to see the others go on)",
+        layout.dir.display()
+    );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let mut reported: Vec<u64> = Vec::new();
     let result = rt.block_on(async {
         if !args.no_first_put {
             first_put(&layout).await?;
@@ -122,7 +126,29 @@ pub fn run(args: DevArgs) -> Result<(), String> {
             return Ok(());
         }
         println!("Running; Ctrl-C stops all three nodes.");
-        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())
+        // SIGTERM stops them too (a supervisor's or a test's stop).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
+        // A node that dies (killed by hand, say) is reported, not restarted:
+        // the other two go on, as after a real failure.
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => return r.map_err(|e| e.to_string()),
+                _ = term.recv() => return Ok(()),
+                _ = tick.tick() => {
+                    for (id, c) in children.iter_mut() {
+                        if let Ok(Some(status)) = c.try_wait()
+                            && !reported.contains(id)
+                        {
+                            reported.push(*id);
+                            println!("node {id} exited ({status}); the others go on. Restart it with:");
+                            println!("  {} {}", exe.display(), node_args(&layout, *id).join(" "));
+                        }
+                    }
+                }
+            }
+        }
     });
     stop_all(&mut children);
     result

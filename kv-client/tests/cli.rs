@@ -1,0 +1,228 @@
+//! The `kv` binary against a dev cluster (`kv-server dev`, three real
+//! processes on 127.0.0.1): its output in each format and its exit codes,
+//! the failures included.
+//!
+//! The cluster runs the `kv-server` binary built beside `kv` (both are built
+//! by `cargo test --workspace`).
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn kv_server() -> PathBuf {
+    let kv = Path::new(env!("CARGO_BIN_EXE_kv"));
+    let server = kv.with_file_name("kv-server");
+    assert!(
+        server.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build cairn-kv-server first)",
+        server.display()
+    );
+    server
+}
+
+/// Three consecutive free UDP ports on 127.0.0.1.
+fn free_base_port() -> u16 {
+    for _ in 0..200 {
+        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        if (0..3).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free UDP ports");
+}
+
+/// A dev cluster in a temporary folder; stopped (SIGTERM) on drop.
+struct Dev {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Dev {
+    fn start() -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("dev.log")).expect("log");
+        let child = Command::new(kv_server())
+            .args(["dev", "--no-first-put", "--base-port", &free_base_port().to_string()])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start kv-server dev");
+        let dev = Dev { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = dev.kv(&["endpoint", "health"]);
+            if o.status.success() {
+                return dev;
+            }
+            assert!(Instant::now() < deadline, "the dev cluster did not come up: {}", text(&o.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `kv` in the cluster's folder (so it finds the cluster by itself).
+    fn kv(&self, args: &[&str]) -> Output {
+        self.kv_in(self.dir.path(), args, None)
+    }
+
+    fn kv_in(&self, dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kv"));
+        c.args(args).current_dir(dir).env_remove("KV_ENDPOINTS").env_remove("KV_TOKEN").env_remove("KV_CACERT");
+        match stdin {
+            Some(input) => {
+                use std::io::Write;
+                c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                let mut child = c.spawn().expect("kv");
+                child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+                child.wait_with_output().expect("kv")
+            }
+            None => c.output().expect("kv"),
+        }
+    }
+
+    /// `kv` that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.kv(args);
+        assert!(o.status.success(), "kv {args:?} failed ({:?}): {}", o.status.code(), text(&o.stderr));
+        text(&o.stdout)
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
+    let dev = Dev::start();
+
+    // put and get, plain (piped output is simple lines).
+    assert_eq!(dev.ok(&["put", "greeting", "hello"]).trim(), "OK");
+    assert_eq!(dev.ok(&["get", "greeting"]).trim(), "hello");
+    let o = dev.kv_in(dev.dir.path(), &["put", "from-stdin"], Some("piped value"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(dev.ok(&["get", "from-stdin", "--consistency", "s"]).trim(), "piped value");
+
+    // JSON and table.
+    let v = json(&dev.ok(&["get", "greeting", "-w", "json"]));
+    assert_eq!(v["kvs"][0]["key"], "greeting");
+    assert_eq!(v["kvs"][0]["value"], "hello");
+    assert!(v["index"].as_u64().expect("index") > 0);
+    let t = dev.ok(&["get", "greeting", "-w", "table"]);
+    assert!(t.lines().next().expect("header").starts_with("KEY"), "{t}");
+    assert!(t.contains("hello"), "{t}");
+    let v = json(&dev.ok(&["put", "k2", "v2", "-w", "json"]));
+    assert_eq!(v["ok"], true);
+
+    // Binary keys and values as hex.
+    assert_eq!(dev.ok(&["--hex", "put", "00ff", "0a0b"]).trim(), "OK");
+    assert_eq!(dev.ok(&["--hex", "get", "00ff"]).trim(), "0a0b");
+    let o = dev.kv(&["--hex", "get", "zz"]);
+    assert_eq!(o.status.code(), Some(2), "bad hex is a usage error: {}", text(&o.stderr));
+
+    // Ranges: prefix, keys only, limit; delete a prefix.
+    for i in 0..5 {
+        dev.ok(&["put", &format!("fruit/{i}"), &format!("f{i}")]);
+    }
+    let lines = dev.ok(&["get", "fruit/", "--prefix"]);
+    assert_eq!(lines.lines().count(), 5, "{lines}");
+    assert_eq!(lines.lines().next(), Some("fruit/0\tf0"));
+    assert_eq!(dev.ok(&["get", "fruit/", "--prefix", "--keys-only", "--limit", "2"]).trim(), "fruit/0\nfruit/1");
+    let v = json(&dev.ok(&["get", "fruit/", "--range-end", "fruit/3", "-w", "json"]));
+    assert_eq!(v["count"], 3);
+    assert_eq!(dev.ok(&["scan", "fruit/", "--end", "fruit0", "--keys-only"]).lines().count(), 5);
+    assert_eq!(dev.ok(&["scan", "--keys-only", "--limit", "3"]).lines().count(), 3);
+    assert_eq!(dev.ok(&["del", "fruit/", "--prefix"]).trim(), "OK");
+    let o = dev.kv(&["get", "fruit/1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("not found"), "{}", text(&o.stderr));
+
+    // Members and endpoints.
+    let v = json(&dev.ok(&["member", "list", "-w", "json"]));
+    assert_eq!(v["members"].as_array().expect("members").len(), 3);
+    let v = json(&dev.ok(&["endpoint", "status", "--cluster", "-w", "json"]));
+    let eps = v["endpoints"].as_array().expect("endpoints");
+    assert_eq!(eps.len(), 3);
+    assert_eq!(eps.iter().filter(|e| e["role"] == "leader").count(), 1, "{v}");
+    let t = dev.ok(&["endpoint", "status", "--cluster", "-w", "table"]);
+    assert!(t.starts_with("ID"), "{t}");
+    assert_eq!(t.lines().count(), 4, "{t}");
+    let v = json(&dev.ok(&["endpoint", "health", "--cluster", "-w", "json"]));
+    assert_eq!(v["healthy"], true);
+    let leader = eps.iter().find(|e| e["role"] == "leader").expect("leader")["id"].as_u64().expect("id");
+    let other = (1..=3).find(|i| *i != leader).expect("other");
+    dev.ok(&["move-leader", &other.to_string()]);
+
+    // A short benchmark, as a script reads it.
+    let v = json(&dev.ok(&["bench", "put", "--total", "200", "-c", "4", "--conns", "2", "-w", "json"]));
+    assert_eq!(v["ops"], 200, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["p99_ms"].as_f64().expect("p99") > 0.0);
+    let v = json(&dev.ok(&["bench", "get", "--total", "100", "--keys", "50", "--consistency", "s", "-w", "json"]));
+    assert_eq!(v["ops"], 100, "{v}");
+
+    // A snapshot file.
+    let file = dev.dir.path().join("backup.snap");
+    let v = json(&dev.ok(&["snapshot", "save", file.to_str().expect("path"), "-w", "json"]));
+    assert!(v["bytes"].as_u64().expect("bytes") > 0);
+    assert!(std::fs::metadata(&file).expect("saved").len() > 0);
+    assert_eq!(dev.ok(&["alarm", "list"]).trim(), "no space alarm is raised");
+
+    // Completion scripts.
+    assert!(dev.ok(&["completion", "bash"]).contains("_kv"));
+    assert!(dev.ok(&["completion", "zsh"]).contains("#compdef kv"));
+    assert!(dev.ok(&["completion", "fish"]).contains("complete -c kv"));
+
+    // Failures: an unknown command, a wrong token, no cluster, a dead endpoint.
+    let o = dev.kv(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = dev.kv(&["--token", "wrong", "get", "greeting"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("token"), "{}", text(&o.stderr));
+    let empty = tempfile::tempdir().expect("tempdir");
+    let o = dev.kv_in(empty.path(), &["get", "greeting"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("no dev cluster found"), "{}", text(&o.stderr));
+    let ca = dev.dir.path().join("cairn-data/certs/ca.pem");
+    let o = dev.kv_in(
+        empty.path(),
+        &[
+            "--endpoints",
+            "127.0.0.1:9",
+            "--token",
+            "t",
+            "--cacert",
+            ca.to_str().expect("path"),
+            "--timeout",
+            "1",
+            "get",
+            "x",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let help = dev.ok(&["--help"]);
+    assert!(help.contains("Exit codes"), "{help}");
+}
