@@ -1,6 +1,6 @@
 //! The async client: finds the leader, retries with bounded backoff, keeps its session.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,10 @@ pub struct ClientOptions {
     pub server_name: String,
     /// Longest wait for one answer. Default 5 s.
     pub request_timeout: Duration,
+    /// Longest wait for a connection (QUIC and TLS handshakes, Hello). A
+    /// node that does not answer in time is skipped for `connect_timeout`
+    /// afterwards when another endpoint is left to try. Default 1 s.
+    pub connect_timeout: Duration,
     /// Longest time a call spends retrying (leader changes, lost
     /// connections) before it gives up. Default 15 s.
     pub retry_deadline: Duration,
@@ -48,6 +52,7 @@ impl ClientOptions {
             ca_pem,
             server_name: SERVER_NAME.to_string(),
             request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
             retry_deadline: Duration::from_secs(15),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(500),
@@ -135,6 +140,8 @@ struct Inner {
     session: Mutex<SessionState>,
     /// Round-robin position in `endpoints`.
     next_endpoint: Mutex<usize>,
+    /// Endpoints that failed to connect, and when.
+    failed: Mutex<HashMap<String, Instant>>,
 }
 
 /// A client of a Cairn cluster. Cheap to clone; clones share the connection and session.
@@ -200,7 +207,12 @@ impl Client {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Config(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        // A node that dies silently is noticed within 2 s (the idle timeout,
+        // the smaller of both sides' wins), and the request goes elsewhere.
+        transport.keep_alive_interval(Some(Duration::from_millis(500)));
+        if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(2)) {
+            transport.max_idle_timeout(Some(idle));
+        }
         cfg.transport_config(Arc::new(transport));
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut endpoint =
@@ -214,6 +226,7 @@ impl Client {
                 leader_hint: Mutex::new(None),
                 session: Mutex::new(SessionState::default()),
                 next_endpoint: Mutex::new(0),
+                failed: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -536,16 +549,36 @@ impl Client {
         {
             return Ok(c.clone());
         }
-        let target = lock(&self.inner.leader_hint).take().unwrap_or_else(|| {
+        let opts = &self.inner.opts;
+        // Skip an endpoint that just failed to connect while another is left.
+        let recently_failed = |e: &str| {
+            lock(&self.inner.failed).get(e).is_some_and(|t| t.elapsed() < opts.connect_timeout.max(opts.backoff_max))
+        };
+        let hint = lock(&self.inner.leader_hint).take().filter(|h| !recently_failed(h));
+        let target = hint.unwrap_or_else(|| {
             let mut i = lock(&self.inner.next_endpoint);
-            let e = self.inner.opts.endpoints[*i % self.inner.opts.endpoints.len()].clone();
-            *i += 1;
-            e
+            let n = opts.endpoints.len();
+            let pick = (0..n).map(|k| (*i + k) % n).find(|k| !recently_failed(&opts.endpoints[*k])).unwrap_or(*i % n);
+            *i = pick + 1;
+            opts.endpoints[pick].clone()
         });
-        let addr = resolve(&target).await.map_err(|e| ConnErr::Failed(e.to_string()))?;
-        let conn = self.connect(addr).await?;
-        *guard = Some((addr, conn.clone()));
-        Ok(conn)
+        let connected = match resolve(&target).await {
+            Ok(addr) => self.connect(addr).await.map(|c| (addr, c)),
+            Err(e) => Err(ConnErr::Failed(e.to_string())),
+        };
+        match connected {
+            Ok((addr, conn)) => {
+                lock(&self.inner.failed).remove(&target);
+                *guard = Some((addr, conn.clone()));
+                Ok(conn)
+            }
+            Err(e) => {
+                if matches!(e, ConnErr::Failed(_)) {
+                    lock(&self.inner.failed).insert(target, Instant::now());
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A new authenticated connection to `addr`.
@@ -553,11 +586,11 @@ impl Client {
         let opts = &self.inner.opts;
         let connecting =
             self.inner.endpoint.connect(addr, &opts.server_name).map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let conn = tokio::time::timeout(opts.request_timeout, connecting)
+        let conn = tokio::time::timeout(opts.connect_timeout.min(opts.request_timeout), connecting)
             .await
             .map_err(|_| format!("connecting to {addr}: timed out"))?
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let deadline = Instant::now() + opts.request_timeout;
+        let deadline = Instant::now() + opts.connect_timeout.min(opts.request_timeout);
         match self.exchange(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
             Response::HelloOk { .. } => Ok(conn),
             Response::Error(e) => Err(ConnErr::Refused(e)),

@@ -206,8 +206,10 @@ pub fn transport_config(streams_per_connection_max: u32) -> quinn::TransportConf
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(streams_per_connection_max.into());
     t.max_concurrent_uni_streams(16u32.into());
-    t.keep_alive_interval(Some(Duration::from_millis(500)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
+    // A peer (or client) that died is noticed within 2 s: its link redials
+    // (a restarted peer is reached again) and clients try another node.
+    t.keep_alive_interval(Some(Duration::from_millis(400)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(2)) {
         t.max_idle_timeout(Some(idle));
     }
     t.stream_receive_window((8u32 << 20).into());

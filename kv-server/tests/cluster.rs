@@ -27,10 +27,14 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_full_restart() {
         writers.push(tokio::spawn(async move {
             let mut i = 0u64;
             let mut indeterminate = 0u64;
+            let mut slowest = Duration::ZERO;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("w{w}-{i:05}");
                 let value = format!("v{i}-{}", "x".repeat((i % 7) as usize * 30));
-                match client.put(key.clone(), value.clone()).await {
+                let started = Instant::now();
+                let r = client.put(key.clone(), value.clone()).await;
+                slowest = slowest.max(started.elapsed());
+                match r {
                     Ok(_) => {
                         acked.lock().expect("lock").insert(key, value);
                     }
@@ -39,7 +43,7 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_full_restart() {
                 }
                 i += 1;
             }
-            (i, indeterminate)
+            (i, indeterminate, slowest)
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -53,14 +57,16 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_full_restart() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut attempts = 0;
     let mut unknown = 0;
+    let mut pause = Duration::ZERO;
     for w in writers {
-        let (n, u) = w.await.expect("writer");
+        let (n, u, slowest) = w.await.expect("writer");
         attempts += n;
         unknown += u;
+        pause = pause.max(slowest);
     }
     let acked = acked.lock().expect("lock").clone();
     eprintln!(
-        "killed leader {leader}: node {new_leader} leads after {election:?}; {} writes acknowledged ({before} before the kill), {attempts} attempted, {unknown} outcome unknown",
+        "killed leader {leader}: node {new_leader} leads after {election:?}; the slowest put took {pause:?}; {} writes acknowledged ({before} before the kill), {attempts} attempted, {unknown} outcome unknown",
         acked.len()
     );
     assert!(acked.len() > before, "no write succeeded after the leader was killed");
