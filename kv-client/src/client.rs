@@ -622,10 +622,13 @@ impl Client {
         }
     }
 
-    /// Closes the connections (waits briefly for them to close cleanly).
+    /// Closes the client and its clones: every connection, an attempt to a
+    /// dead node included, is closed at once; waits at most 250 ms for the
+    /// nodes to hear of it.
     pub async fn close(&self) {
         self.drop_connection().await;
-        self.inner.endpoint.wait_idle().await;
+        self.inner.endpoint.close(0u32.into(), b"client closed");
+        let _ = tokio::time::timeout(Duration::from_millis(250), self.inner.endpoint.wait_idle()).await;
     }
 }
 

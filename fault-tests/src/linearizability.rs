@@ -1,0 +1,448 @@
+//! A linearizability checker for a key-value history (Wing & Gong's search
+//! with Lowe's memoization, as porcupine does it), partitioned by key.
+//!
+//! Each key is a register: a put sets it, a delete clears it, a get must see
+//! what it holds. An operation whose outcome is unknown (it timed out) has no
+//! return time: it may take effect at any point after its call, or never,
+//! and a get that failed is left out (it has no effect). A history is
+//! linearizable when every key's sub-history is (P-compositionality).
+//!
+//! The search is bounded: a key whose check takes more than `steps_max`
+//! steps is reported as unknown, and the caller counts it as a failure.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// What an operation did.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// Set the key to a value.
+    Put(Vec<u8>),
+    /// Remove the key.
+    Delete,
+    /// Read the key.
+    Get,
+}
+
+/// One operation of a client, as it saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// The client that ran it (for reports).
+    pub client: u64,
+    /// The key.
+    pub key: Vec<u8>,
+    /// What it asked.
+    pub input: Input,
+    /// What a get saw (`None`: absent); ignored for puts and deletes.
+    pub output: Option<Vec<u8>>,
+    /// When it was invoked (any monotonic unit, e.g. ns since the start).
+    pub call: u64,
+    /// When it completed; `None` when its outcome is unknown.
+    pub ret: Option<u64>,
+}
+
+/// The verdict for one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A linearization exists.
+    Ok,
+    /// None exists; `witness` is a smallest sub-history (by removing
+    /// operations one at a time) that is still not linearizable.
+    Violation {
+        /// The operations of the smallest failing sub-history found.
+        witness: Vec<Op>,
+    },
+    /// The search hit its bound.
+    Unknown,
+}
+
+/// The verdicts of a whole history.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Per key with a problem: its verdict.
+    pub problems: BTreeMap<Vec<u8>, Verdict>,
+    /// Keys checked.
+    pub keys: usize,
+    /// Keys whose check hit the bound.
+    pub unknown: usize,
+}
+
+impl Report {
+    /// Whether every key is linearizable (a key that hit the bound is not).
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// A report for people: each failing key and its smallest failing sub-history.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} keys checked, {} not linearizable, {} hit the search bound\n",
+            self.keys,
+            self.problems.len() - self.unknown,
+            self.unknown
+        );
+        for (k, v) in &self.problems {
+            match v {
+                Verdict::Ok => {}
+                Verdict::Unknown => s.push_str(&format!("key {}: search bound hit\n", show(k))),
+                Verdict::Violation { witness } => {
+                    s.push_str(&format!("key {}: not linearizable; smallest failing sub-history:\n", show(k)));
+                    for op in witness {
+                        s.push_str(&format!("  {}\n", describe(op)));
+                    }
+                }
+            }
+        }
+        s
+    }
+}
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(op: &Op) -> String {
+    let ret = op.ret.map_or("unknown".to_string(), |r| r.to_string());
+    match &op.input {
+        Input::Put(v) => format!("client {} put {} [{}, {}]", op.client, show(v), op.call, ret),
+        Input::Delete => format!("client {} delete [{}, {}]", op.client, op.call, ret),
+        Input::Get => format!(
+            "client {} get -> {} [{}, {}]",
+            op.client,
+            op.output.as_deref().map_or("absent".to_string(), show),
+            op.call,
+            ret
+        ),
+    }
+}
+
+/// Checks a whole history, key by key; `steps_max` bounds each key's search.
+pub fn check(ops: &[Op], steps_max: u64) -> Report {
+    let mut by_key: BTreeMap<Vec<u8>, Vec<Op>> = BTreeMap::new();
+    for op in ops {
+        // A get that failed has no effect and saw nothing: leave it out.
+        if op.input == Input::Get && op.ret.is_none() {
+            continue;
+        }
+        by_key.entry(op.key.clone()).or_default().push(op.clone());
+    }
+    let mut report = Report { keys: by_key.len(), ..Report::default() };
+    for (k, h) in by_key {
+        match check_key(&h, steps_max) {
+            Some(true) => {}
+            Some(false) => {
+                let witness = minimize(h, steps_max);
+                report.problems.insert(k, Verdict::Violation { witness });
+            }
+            None => {
+                report.unknown += 1;
+                report.problems.insert(k, Verdict::Unknown);
+            }
+        }
+    }
+    report
+}
+
+/// Removes operations one at a time while the history stays not
+/// linearizable (each check bounded): a small failing sub-history. A put is
+/// removed only when no remaining get saw its value, and a delete only when
+/// no remaining get saw the key absent, so the witness never shows a
+/// violation the removal made up (a read of a value no longer written).
+fn minimize(mut h: Vec<Op>, steps_max: u64) -> Vec<Op> {
+    let removable = |h: &[Op], i: usize| match &h[i].input {
+        Input::Get => true,
+        Input::Put(v) => !h.iter().any(|o| o.input == Input::Get && o.output.as_ref() == Some(v)),
+        Input::Delete => !h.iter().any(|o| o.input == Input::Get && o.output.is_none()),
+    };
+    // Gets first (they constrain the most), then the writes.
+    for pass_gets in [true, false] {
+        let mut i = 0;
+        while i < h.len() {
+            if (h[i].input == Input::Get) != pass_gets || !removable(&h, i) {
+                i += 1;
+                continue;
+            }
+            let mut smaller = h.clone();
+            smaller.remove(i);
+            if check_key(&smaller, steps_max) == Some(false) {
+                h = smaller;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    h
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    op: usize,
+    is_call: bool,
+    time: u64,
+}
+
+/// Whether one key's history is linearizable: `Some(true)`, `Some(false)`,
+/// or `None` when the search took more than `steps_max` steps.
+pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
+    let n = h.len();
+    if n == 0 {
+        return Some(true);
+    }
+    // Values as small ids; state: the id held, or none.
+    let mut ids: HashMap<Vec<u8>, u32> = HashMap::new();
+    let mut id_of = |v: &[u8]| -> u32 {
+        let next = ids.len() as u32 + 1;
+        *ids.entry(v.to_vec()).or_insert(next)
+    };
+    #[derive(Clone, Copy)]
+    enum In {
+        Put(u32),
+        Del,
+        Get(u32), // 0: absent
+    }
+    let inputs: Vec<In> = h
+        .iter()
+        .map(|op| match &op.input {
+            Input::Put(v) => In::Put(id_of(v)),
+            Input::Delete => In::Del,
+            Input::Get => In::Get(op.output.as_deref().map_or(0, &mut id_of)),
+        })
+        .collect();
+    // Events in time order; at equal times calls come first (more concurrency allowed).
+    let mut events: Vec<Event> = Vec::with_capacity(2 * n);
+    for (i, op) in h.iter().enumerate() {
+        events.push(Event { op: i, is_call: true, time: op.call });
+        events.push(Event { op: i, is_call: false, time: op.ret.unwrap_or(u64::MAX) });
+    }
+    events.sort_by_key(|e| (e.time, !e.is_call));
+    // A doubly linked list over the events: node 0 is the head, nodes 1..=m
+    // the events in order, node m + 1 the tail.
+    let m = events.len();
+    let tail = m + 1;
+    let mut next: Vec<usize> = (1..=m + 2).collect();
+    let mut prev: Vec<usize> = (0..m + 2).map(|i| i.saturating_sub(1)).collect();
+    let mut call_node = vec![0usize; n];
+    let mut ret_node = vec![0usize; n];
+    for (j, e) in events.iter().enumerate() {
+        if e.is_call {
+            call_node[e.op] = j + 1;
+        } else {
+            ret_node[e.op] = j + 1;
+        }
+    }
+    fn unlink(next: &mut [usize], prev: &mut [usize], x: usize) {
+        let (p, nx) = (prev[x], next[x]);
+        next[p] = nx;
+        prev[nx] = p;
+    }
+    // Undoes `unlink(x)`; links are restored in the reverse order they were removed.
+    fn relink(next: &mut [usize], prev: &mut [usize], x: usize) {
+        let (p, nx) = (prev[x], next[x]);
+        next[p] = x;
+        prev[nx] = x;
+    }
+    let words = n.div_ceil(64);
+    let mut linearized = vec![0u64; words];
+    let mut cache: HashSet<(Vec<u64>, u32)> = HashSet::new();
+    let mut state: u32 = 0;
+    let mut stack: Vec<(usize, u32)> = Vec::new(); // (op, state before it)
+    let mut cur = next[0];
+    let mut steps = 0u64;
+    while next[0] != tail {
+        steps += 1;
+        if steps > steps_max {
+            return None;
+        }
+        if cur == tail {
+            return Some(false);
+        }
+        let e = events[cur - 1];
+        if e.is_call {
+            let (ok, after) = match inputs[e.op] {
+                In::Put(v) => (true, v),
+                In::Del => (true, 0),
+                In::Get(v) => (v == state, state),
+            };
+            let mut moved = false;
+            if ok {
+                linearized[e.op / 64] |= 1 << (e.op % 64);
+                if cache.insert((linearized.clone(), after)) {
+                    moved = true;
+                    stack.push((e.op, state));
+                    state = after;
+                    unlink(&mut next, &mut prev, call_node[e.op]);
+                    unlink(&mut next, &mut prev, ret_node[e.op]);
+                    cur = next[0];
+                } else {
+                    linearized[e.op / 64] &= !(1 << (e.op % 64));
+                }
+            }
+            if !moved {
+                cur = next[cur];
+            }
+        } else {
+            // An operation's return reached before it was linearized: the
+            // prefix chosen cannot be extended; undo its last choice.
+            let Some((op, before)) = stack.pop() else { return Some(false) };
+            linearized[op / 64] &= !(1 << (op % 64));
+            state = before;
+            relink(&mut next, &mut prev, ret_node[op]);
+            relink(&mut next, &mut prev, call_node[op]);
+            cur = next[call_node[op]];
+        }
+    }
+    Some(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(c: u64, v: &str, call: u64, ret: u64) -> Op {
+        Op { client: c, key: b"k".to_vec(), input: Input::Put(v.into()), output: None, call, ret: Some(ret) }
+    }
+    fn del(c: u64, call: u64, ret: u64) -> Op {
+        Op { client: c, key: b"k".to_vec(), input: Input::Delete, output: None, call, ret: Some(ret) }
+    }
+    fn get(c: u64, saw: Option<&str>, call: u64, ret: u64) -> Op {
+        Op { client: c, key: b"k".to_vec(), input: Input::Get, output: saw.map(|s| s.into()), call, ret: Some(ret) }
+    }
+    fn unknown(mut op: Op) -> Op {
+        op.ret = None;
+        op
+    }
+    const B: u64 = 1_000_000;
+
+    #[test]
+    fn sequential_and_concurrent_histories_pass() {
+        assert_eq!(
+            check_key(&[put(1, "a", 0, 1), get(2, Some("a"), 2, 3), del(1, 4, 5), get(2, None, 6, 7)], B),
+            Some(true)
+        );
+        // Overlapping puts: a later read may see either, but then must stay.
+        let h = [put(1, "a", 0, 10), put(2, "b", 0, 10), get(3, Some("a"), 11, 12), get(3, Some("a"), 13, 14)];
+        assert_eq!(check_key(&h, B), Some(true));
+        // A read concurrent with a put may see the old or the new value.
+        assert_eq!(
+            check_key(&[put(1, "a", 0, 1), put(1, "b", 2, 10), get(2, Some("a"), 3, 4), get(3, Some("b"), 5, 6)], B),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_stale_read_is_rejected() {
+        let h = [put(1, "a", 0, 1), put(1, "b", 2, 3), get(2, Some("a"), 4, 5)];
+        assert_eq!(check_key(&h, B), Some(false));
+    }
+
+    #[test]
+    fn a_lost_write_is_rejected() {
+        // An acknowledged put, then reads that never see it.
+        let h = [put(1, "a", 0, 1), get(2, None, 2, 3)];
+        assert_eq!(check_key(&h, B), Some(false));
+    }
+
+    #[test]
+    fn a_read_of_a_value_never_written_is_rejected() {
+        let h = [put(1, "a", 0, 1), get(2, Some("zzz"), 2, 3)];
+        assert_eq!(check_key(&h, B), Some(false));
+    }
+
+    #[test]
+    fn reordered_writes_are_rejected() {
+        // b was written after a completed; a reader sees b, then a later reader sees a.
+        let h = [put(1, "a", 0, 1), put(1, "b", 2, 3), get(2, Some("b"), 4, 5), get(3, Some("a"), 6, 7)];
+        assert_eq!(check_key(&h, B), Some(false));
+    }
+
+    #[test]
+    fn a_write_of_unknown_outcome_may_or_may_not_have_happened() {
+        // It happened (seen later) ...
+        let h = [put(1, "a", 0, 1), unknown(put(2, "b", 2, 0)), get(3, Some("b"), 10, 11)];
+        assert_eq!(check_key(&h, B), Some(true));
+        // ... or it did not (never seen).
+        let h = [put(1, "a", 0, 1), unknown(put(2, "b", 2, 0)), get(3, Some("a"), 10, 11)];
+        assert_eq!(check_key(&h, B), Some(true));
+        // But not before it was invoked.
+        let h = [put(1, "a", 0, 1), get(3, Some("b"), 2, 3), unknown(put(2, "b", 5, 0))];
+        assert_eq!(check_key(&h, B), Some(false));
+    }
+
+    #[test]
+    fn a_history_is_checked_per_key_and_the_report_names_a_small_failing_part() {
+        let mut ops = vec![put(1, "a", 0, 1), put(1, "b", 2, 3), get(2, Some("a"), 4, 5)];
+        for i in 0..20u64 {
+            ops.push(get(3, Some("b"), 10 + 2 * i, 11 + 2 * i));
+        }
+        let mut other = put(4, "x", 0, 1);
+        other.key = b"other".to_vec();
+        ops.push(other);
+        let r = check(&ops, B);
+        assert!(!r.ok());
+        assert_eq!(r.keys, 2);
+        let Some(Verdict::Violation { witness }) = r.problems.get(b"k".as_slice()) else { panic!("{r:?}") };
+        assert_eq!(witness.len(), 3, "{}", r.describe());
+        assert!(r.describe().contains("get -> a"), "{}", r.describe());
+    }
+
+    #[test]
+    fn the_search_bound_reports_unknown() {
+        // Many concurrent puts and a read: a tiny bound cannot finish.
+        let mut h = Vec::new();
+        for i in 0..12u64 {
+            h.push(put(i, &format!("v{i}"), 0, 100));
+        }
+        h.push(get(99, Some("v7"), 101, 102));
+        assert_eq!(check_key(&h, 5), None);
+        assert_eq!(check_key(&h, 10_000_000), Some(true));
+    }
+
+    /// A register whose operations take effect at a point inside their
+    /// interval: what it produces is linearizable by construction.
+    fn simulated(seed: &[(u8, u8, u8)]) -> Vec<Op> {
+        // Each op: kind, start, length; its effect happens at start + length/2.
+        let mut ops: Vec<(u64, Op)> = Vec::new();
+        for (i, &(kind, start, len)) in seed.iter().enumerate() {
+            let call = u64::from(start) * 10;
+            let ret = call + u64::from(len) * 10 + 1;
+            let point = call + (ret - call) / 2;
+            let input = match kind % 3 {
+                0 => Input::Put(format!("v{i}").into_bytes()),
+                1 => Input::Delete,
+                _ => Input::Get,
+            };
+            ops.push((
+                point * 1000 + i as u64,
+                Op { client: i as u64, key: b"k".to_vec(), input, output: None, call, ret: Some(ret) },
+            ));
+        }
+        ops.sort_by_key(|(p, _)| *p);
+        let mut state: Option<Vec<u8>> = None;
+        for (_, op) in &mut ops {
+            match &op.input {
+                Input::Put(v) => state = Some(v.clone()),
+                Input::Delete => state = None,
+                Input::Get => op.output = state.clone(),
+            }
+        }
+        ops.into_iter().map(|(_, o)| o).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, failure_persistence: None, ..Default::default() })]
+
+        #[test]
+        fn histories_of_a_real_register_pass_and_a_read_of_an_unwritten_value_fails(
+            seed in proptest::collection::vec((0u8..3, 0u8..40, 0u8..6), 1..40),
+            which in 0usize..40,
+        ) {
+            let h = simulated(&seed);
+            proptest::prop_assert_eq!(check_key(&h, 50_000_000), Some(true));
+            let gets: Vec<usize> = (0..h.len()).filter(|i| h[*i].input == Input::Get).collect();
+            if !gets.is_empty() {
+                let mut bad = h.clone();
+                bad[gets[which % gets.len()]].output = Some(b"never written".to_vec());
+                proptest::prop_assert_eq!(check_key(&bad, 50_000_000), Some(false));
+            }
+        }
+    }
+}
