@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_kv_client::{Client, ClientOptions};
+
+pub mod relay;
 use cairn_kv_server::dev::{DevLayout, node_args, prepare, terminate, wait_child};
 
 pub struct Cluster {
@@ -18,6 +20,10 @@ pub struct Cluster {
     pub node_env: std::collections::HashMap<u64, Vec<(String, String)>>,
     /// Nodes added after the start (joining): their endpoints.
     pub joiners: std::collections::BTreeMap<u64, String>,
+    /// Arguments added to a node's every start (the relays' address overrides).
+    pub extra_args: std::collections::HashMap<u64, Vec<String>>,
+    /// The relay of each directed peer link `(from, to)`, when routed through relays.
+    pub relays: std::collections::HashMap<(u64, u64), relay::Relay>,
 }
 
 /// One free UDP port on 127.0.0.1.
@@ -54,11 +60,70 @@ impl Cluster {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             node_env: Default::default(),
             joiners: Default::default(),
+            extra_args: Default::default(),
+            relays: Default::default(),
         };
         for id in 1..=3 {
             c.start_node(id);
         }
         c
+    }
+
+    /// A cluster whose every peer link goes through its own relay (see
+    /// [`relay`]), so a test can cut links; clients reach the nodes directly.
+    pub async fn start_with_relays(env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = prepare(dir.path(), free_base_port(), &[1, 2, 3]).expect("prepare");
+        let mut c = Cluster {
+            dir,
+            layout,
+            procs: vec![None, None, None],
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            node_env: Default::default(),
+            joiners: Default::default(),
+            extra_args: Default::default(),
+            relays: Default::default(),
+        };
+        for from in 1..=3u64 {
+            let mut overrides = Vec::new();
+            for to in (1..=3u64).filter(|t| *t != from) {
+                let target = c.endpoint(to).parse().expect("endpoint");
+                let r = relay::Relay::start(target).await;
+                overrides.push(format!("{to}={}", r.addr));
+                c.relays.insert((from, to), r);
+            }
+            c.extra_args.insert(from, vec!["--peer-addr-override".into(), overrides.join(",")]);
+        }
+        for id in 1..=3 {
+            c.start_node(id);
+        }
+        c
+    }
+
+    /// Cuts node `id` off from the other nodes (both directions), or heals it.
+    pub fn isolate(&self, id: u64, cut: bool) {
+        for ((from, to), r) in &self.relays {
+            if *from == id || *to == id {
+                r.set(cut, cut);
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        for r in self.relays.values() {
+            r.set(false, false);
+        }
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT a node's process.
+    pub fn pause(&self, id: u64, pause: bool) {
+        if let Some(c) = self.procs.get((id - 1) as usize).and_then(Option::as_ref)
+            && let Ok(pid) = i32::try_from(c.id())
+        {
+            let sig = if pause { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
     }
 
     /// The `kv-server run` arguments of node `id` (a joiner's with `--join`).
@@ -83,6 +148,7 @@ impl Cluster {
             }
         };
         args.extend(["--tick-ms".into(), "50".into()]);
+        args.extend(self.extra_args.get(&id).cloned().unwrap_or_default());
         args
     }
 
@@ -130,6 +196,17 @@ impl Cluster {
         let ep = format!("127.0.0.1:{}", free_port());
         self.joiners.insert(id, ep.clone());
         ep
+    }
+
+    /// Copies the node logs to a folder that outlives the test; returns it.
+    pub fn keep_logs(&self, name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cairn-logs-{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        for id in 1..=self.procs.len() {
+            let f = format!("node-{id}.log");
+            let _ = std::fs::copy(self.layout.dir.join(&f), dir.join(&f));
+        }
+        dir
     }
 
     /// Ids of the nodes running now.
@@ -245,6 +322,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for id in 1..=self.procs.len() as u64 {
+            self.pause(id, false);
+        }
         for p in self.procs.iter_mut().flatten() {
             let _ = p.kill();
             let _ = p.wait();

@@ -1,0 +1,88 @@
+//! A UDP relay for one directed peer link: the dialing node's packets go
+//! through it to the target and the answers come back through it, so a test
+//! can drop either direction (QUIC runs over UDP: a dropped direction is a
+//! one-way link, both a partition).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::UdpSocket;
+
+/// A running relay (its tasks live as long as the test's runtime).
+#[derive(Clone, Debug)]
+pub struct Relay {
+    /// Where the dialing node sends.
+    pub addr: SocketAddr,
+    /// Drop packets toward the target.
+    forward_blocked: Arc<AtomicBool>,
+    /// Drop packets back from the target.
+    backward_blocked: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Starts a relay to `target` on a free port of 127.0.0.1.
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listen = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay socket"));
+        let addr = listen.local_addr().expect("relay address");
+        let r = Relay {
+            addr,
+            forward_blocked: Arc::new(AtomicBool::new(false)),
+            backward_blocked: Arc::new(AtomicBool::new(false)),
+        };
+        let (fwd, back) = (r.forward_blocked.clone(), r.backward_blocked.clone());
+        tokio::spawn(async move {
+            let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let (n, src) = match listen.recv_from(&mut buf).await {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        continue;
+                    }
+                };
+                let up = match upstream.get(&src) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let Ok(u) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                        if u.connect(target).await.is_err() {
+                            continue;
+                        }
+                        let u = Arc::new(u);
+                        upstream.insert(src, u.clone());
+                        let (u2, listen2, back2) = (u.clone(), listen.clone(), back.clone());
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 65536];
+                            loop {
+                                // A connected UDP socket reports an ICMP "port
+                                // unreachable" (the target was down) as an error
+                                // of the next receive: keep going.
+                                match u2.recv(&mut b).await {
+                                    Ok(n) => {
+                                        if !back2.load(Ordering::Relaxed) {
+                                            let _ = listen2.send_to(&b[..n], src).await;
+                                        }
+                                    }
+                                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                                }
+                            }
+                        });
+                        u
+                    }
+                };
+                if !fwd.load(Ordering::Relaxed) {
+                    let _ = up.send(&buf[..n]).await;
+                }
+            }
+        });
+        r
+    }
+
+    /// Blocks (or unblocks) each direction.
+    pub fn set(&self, forward: bool, backward: bool) {
+        self.forward_blocked.store(forward, Ordering::Relaxed);
+        self.backward_blocked.store(backward, Ordering::Relaxed);
+    }
+}
