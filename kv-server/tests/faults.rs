@@ -124,7 +124,11 @@ fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
 /// linearizable, and the replicas must hash the same at one applied index.
 async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut cluster = Cluster::start_with_relays(&[]).await;
+    // A small memtable and release margin: flushes, log releases and
+    // snapshots happen during the faults too.
+    let mut cluster =
+        Cluster::start_with_relays(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "500")])
+            .await;
     cluster.leader(Duration::from_secs(20)).await;
     let h = History::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -159,7 +163,7 @@ async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
         let node = rng.random_range(1..=3u64);
         let hold = Duration::from_millis(rng.random_range(500..2500));
-        match rng.random_range(0..3) {
+        match rng.random_range(0..8) {
             0 => {
                 faults.push(format!("kill -9 node {node} for {hold:?}"));
                 cluster.kill(node);
@@ -172,16 +176,74 @@ async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
                 tokio::time::sleep(hold).await;
                 cluster.pause(node, false);
             }
-            _ => {
+            2 => {
                 faults.push(format!("cut node {node} off for {hold:?}"));
                 cluster.isolate(node, true);
                 tokio::time::sleep(hold).await;
                 cluster.isolate(node, false);
             }
+            3 => {
+                // One direction of one link.
+                let to = [1, 2, 3].into_iter().filter(|t| *t != node).nth(rng.random_range(0..2)).unwrap_or(1);
+                faults.push(format!("cut the link {node} -> {to} one way for {hold:?}"));
+                let r = cluster.relays[&(node, to)].clone();
+                r.set(true, false);
+                tokio::time::sleep(hold).await;
+                r.set(false, false);
+            }
+            4 | 5 => {
+                // A crash at a failpoint, or a disk that fails: the node
+                // stops by itself (or is stopped here), then comes back clean.
+                let point = match rng.random_range(0..5) {
+                    0 => "flush-table-written",
+                    1 => "flush-installed",
+                    2 => "checkpoint-linked",
+                    3 => "install-published",
+                    _ => "wal-write-error:50",
+                };
+                faults.push(format!("restart node {node} with failpoint {point}, then {hold:?} later without"));
+                cluster.kill(node);
+                cluster.node_env.insert(node, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
+                cluster.start_node(node);
+                tokio::time::sleep(hold).await;
+                match cluster.wait_exit(node, Duration::ZERO) {
+                    Some(code) => faults.push(format!("  node {node} stopped by itself with exit code {code}")),
+                    None => cluster.kill(node),
+                }
+                cluster.start_node(node);
+            }
+            6 => {
+                faults.push(format!("cut the leader off from the followers for {hold:?} (clients still reach it)"));
+                let leader = cluster.leader(Duration::from_secs(20)).await;
+                cluster.isolate(leader, true);
+                tokio::time::sleep(hold).await;
+                cluster.isolate(leader, false);
+            }
+            _ => {
+                if rng.random_range(0..3) == 0 {
+                    faults.push("kill -9 every node and restart the cluster".into());
+                    for id in 1..=3 {
+                        cluster.kill(id);
+                    }
+                    for id in 1..=3 {
+                        cluster.start_node(id);
+                    }
+                } else {
+                    faults.push(format!("pause node {node} for {hold:?}"));
+                    cluster.pause(node, true);
+                    tokio::time::sleep(hold).await;
+                    cluster.pause(node, false);
+                }
+            }
         }
     }
     // The faults stop: the cluster must elect a leader and serve within a bound.
     cluster.heal();
+    for id in 1..=3 {
+        if cluster.procs[(id - 1) as usize].is_none() {
+            cluster.start_node(id);
+        }
+    }
     let settled = Instant::now();
     cluster.leader(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -218,7 +280,7 @@ async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
     }
     Ok(format!(
         "seed {seed}: {} operations ({unknown} of unknown outcome) on {} keys through {} faults, linearizable; \
-         serving {serving:?} after the faults stopped",
+         serving {serving:?} after the faults stopped; faults: {faults:?}",
         ops.len(),
         report.keys,
         faults.len()
