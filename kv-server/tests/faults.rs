@@ -199,8 +199,10 @@ async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
                     1 => "flush-installed",
                     2 => "checkpoint-linked",
                     3 => "install-published",
-                    _ => "wal-write-error:50",
+                    _ => "wal-write-error:5",
                 };
+                // Held longer: a flush comes after about 1 MiB of writes.
+                let hold = hold * 3;
                 faults.push(format!("restart node {node} with failpoint {point}, then {hold:?} later without"));
                 cluster.kill(node);
                 cluster.node_env.insert(node, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
