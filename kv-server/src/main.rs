@@ -7,6 +7,12 @@ use cairn_kv_server::config::{Config, RunArgs, check_env};
 use cairn_kv_server::server::{self, TestSwitches};
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's allocator: a profile of the leader under put
+/// load spent about 15% of its time in glibc malloc and free
+/// (`docs/benchmarks.md`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A node of Cairn, a replicated, strongly consistent key-value store.
 #[derive(Parser, Debug)]
 #[command(name = "kv-server", version)]
