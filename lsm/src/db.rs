@@ -935,6 +935,11 @@ impl Inner {
             pending_bytes: cur.pending_bytes,
         }));
         drop(_g);
+        // Take the background lock before notifying: the flush thread checks
+        // `sealed` and waits under that lock, so without it this notify could
+        // fall between its check and its wait and be lost (a hang the model
+        // test with background threads hit once).
+        drop(lock(&self.bg));
         self.bg_cond.notify_all();
         Ok(())
     }
@@ -1339,7 +1344,8 @@ impl Inner {
                         bg.flushing = true;
                         break;
                     }
-                    bg = self.bg_cond.wait(bg).unwrap_or_else(|e| e.into_inner());
+                    // A timeout as well, so no missed notify can stall flushes for good.
+                    bg = self.bg_cond.wait_timeout(bg, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
                 }
             }
             let r = self.flush_one();
