@@ -214,6 +214,20 @@ async fn fault_run(seed: u64, seconds: u64) -> Result<String, String> {
                 }
                 cluster.start_node(node);
             }
+            6 if rng.random_range(0..2) == 0 => {
+                // Every link into one node slowed down (and reordered).
+                let ms = rng.random_range(20..200);
+                faults.push(format!("delay the links into node {node} by about {ms} ms for {hold:?}"));
+                let into: Vec<_> =
+                    cluster.relays.iter().filter(|((_, to), _)| *to == node).map(|(_, r)| r.clone()).collect();
+                for r in &into {
+                    r.delay(ms);
+                }
+                tokio::time::sleep(hold).await;
+                for r in &into {
+                    r.delay(0);
+                }
+            }
             6 => {
                 faults.push(format!("cut the leader off from the followers for {hold:?} (clients still reach it)"));
                 let leader = cluster.leader(Duration::from_secs(20)).await;

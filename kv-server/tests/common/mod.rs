@@ -113,6 +113,7 @@ impl Cluster {
     pub fn heal(&self) {
         for r in self.relays.values() {
             r.set(false, false);
+            r.delay(0);
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::UdpSocket;
 
@@ -19,6 +19,9 @@ pub struct Relay {
     forward_blocked: Arc<AtomicBool>,
     /// Drop packets back from the target.
     backward_blocked: Arc<AtomicBool>,
+    /// Hold each packet toward the target this many ms (0: none); delayed
+    /// packets may overtake each other, as on a real network.
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -30,8 +33,9 @@ impl Relay {
             addr,
             forward_blocked: Arc::new(AtomicBool::new(false)),
             backward_blocked: Arc::new(AtomicBool::new(false)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
         };
-        let (fwd, back) = (r.forward_blocked.clone(), r.backward_blocked.clone());
+        let (fwd, back, delay) = (r.forward_blocked.clone(), r.backward_blocked.clone(), r.delay_ms.clone());
         tokio::spawn(async move {
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
             let mut buf = vec![0u8; 65536];
@@ -73,11 +77,28 @@ impl Relay {
                     }
                 };
                 if !fwd.load(Ordering::Relaxed) {
-                    let _ = up.send(&buf[..n]).await;
+                    let d = delay.load(Ordering::Relaxed);
+                    if d == 0 {
+                        let _ = up.send(&buf[..n]).await;
+                    } else {
+                        // Up to ±25% jitter, so delayed packets also reorder.
+                        let jitter = u64::from(buf[n / 2]) % (d / 2 + 1);
+                        let wait = std::time::Duration::from_millis(d - d / 4 + jitter);
+                        let packet = buf[..n].to_vec();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let _ = up.send(&packet).await;
+                        });
+                    }
                 }
             }
         });
         r
+    }
+
+    /// Delays packets toward the target by about `ms` (0: none).
+    pub fn delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Blocks (or unblocks) each direction.
