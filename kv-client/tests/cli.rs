@@ -123,7 +123,19 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     assert_eq!(dev.ok(&["get", "greeting"]).trim(), "hello");
     let o = dev.kv_in(dev.dir.path(), &["put", "from-stdin"], Some("piped value"));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(dev.ok(&["get", "from-stdin", "--consistency", "s"]).trim(), "piped value");
+    assert_eq!(dev.ok(&["get", "from-stdin"]).trim(), "piped value");
+    // A serializable read may be stale on a follower; on the leader an
+    // acknowledged write is always applied.
+    let v = json(&dev.ok(&["endpoint", "status", "--cluster", "-w", "json"]));
+    let leader_ep = v["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["role"] == "leader")
+        .and_then(|e| e["endpoint"].as_str())
+        .expect("a leader")
+        .to_string();
+    assert_eq!(dev.ok(&["--endpoints", &leader_ep, "get", "from-stdin", "--consistency", "s"]).trim(), "piped value");
 
     // JSON and table.
     let v = json(&dev.ok(&["get", "greeting", "-w", "json"]));
