@@ -718,11 +718,15 @@ async fn save_snapshot(ctx: &Ctx, send: &mut quinn::SendStream) -> Result<(), Sa
     let checkpoints = ctx.checkpoints.clone();
     let ckpt = tokio::task::spawn_blocking(move || {
         let c = checkpoints.get(LogIndex(applied))?;
-        let mut files = Vec::new();
-        for (name, path) in &c.files {
-            let (len, checksum) = crate::snapshot::checksum_file(path)?;
-            files.push(SnapshotFile { name: name.clone(), len, checksum });
-        }
+        // The transfer's source reads each file once for its length and checksum.
+        let (_, manifest) =
+            cairn_snapshot_transfer::Source::open_files(&cairn_snapshot_transfer::StdFs, &c.files, 0, 0, 0)
+                .map_err(|e| format!("reading the checkpoint: {e}"))?;
+        let files = manifest
+            .files
+            .into_iter()
+            .map(|f| SnapshotFile { name: f.name, len: f.len, checksum: f.checksum })
+            .collect::<Vec<_>>();
         Ok::<_, String>((c, files))
     })
     .await

@@ -185,23 +185,6 @@ fn local_path(name: &str) -> Option<PathBuf> {
     (!file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..").then(|| Path::new(dir).join(file))
 }
 
-/// The length and xxh3-64 of a file, read in pieces (bounded memory).
-pub fn checksum_file(path: &Path) -> Result<(u64, u64), String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| io_err("opening", path, e))?;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io_err("reading", path, e))?;
-        if n == 0 {
-            return Ok((len, h.digest()));
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-}
-
 /// A checkpoint on disk, deleted when the last transfer using it ends.
 #[derive(Debug)]
 pub struct Checkpoint {

@@ -50,10 +50,11 @@ fn free_base_port() -> u16 {
 }
 
 impl Cluster {
-    pub fn start(env: &[(&str, &str)]) -> Cluster {
+    /// Certificates, token and ports for three nodes; none started yet.
+    fn prepared(env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let layout = prepare(dir.path(), free_base_port(), &[1, 2, 3]).expect("prepare");
-        let mut c = Cluster {
+        Cluster {
             dir,
             layout,
             procs: vec![None, None, None],
@@ -62,7 +63,11 @@ impl Cluster {
             joiners: Default::default(),
             extra_args: Default::default(),
             relays: Default::default(),
-        };
+        }
+    }
+
+    pub fn start(env: &[(&str, &str)]) -> Cluster {
+        let mut c = Cluster::prepared(env);
         for id in 1..=3 {
             c.start_node(id);
         }
@@ -72,18 +77,7 @@ impl Cluster {
     /// A cluster whose every peer link goes through its own relay (see
     /// [`relay`]), so a test can cut links; clients reach the nodes directly.
     pub async fn start_with_relays(env: &[(&str, &str)]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let layout = prepare(dir.path(), free_base_port(), &[1, 2, 3]).expect("prepare");
-        let mut c = Cluster {
-            dir,
-            layout,
-            procs: vec![None, None, None],
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            node_env: Default::default(),
-            joiners: Default::default(),
-            extra_args: Default::default(),
-            relays: Default::default(),
-        };
+        let mut c = Cluster::prepared(env);
         for from in 1..=3u64 {
             let mut overrides = Vec::new();
             for to in (1..=3u64).filter(|t| *t != from) {
