@@ -18,6 +18,7 @@ use crate::bloom;
 use crate::cache::BlockCache;
 use crate::choose::{self, Choice, ChooseConfig, TableSummary};
 use crate::compaction::{self, Job, Output};
+use crate::delta::{DELTA_FILE, Delta, DeltaTable};
 use crate::error::{Error, Result, io};
 use crate::iter::{Fragments, Iter, LevelIter, Merge, Pin, Source};
 use crate::manifest::{Manifest, manifest_dir};
@@ -437,7 +438,7 @@ impl Db {
         let mut last_seq = version.last_seq;
         let mut last_marker = version.marker;
         let chunk_bytes = crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes);
-        let mut active = Arc::new(Memtable::new(1, chunk_bytes));
+        let mut active = Arc::new(Memtable::new(1, chunk_bytes, last_marker));
         let mut sealed: Vec<Arc<Memtable>> = Vec::new();
         let mut next_mem_id = 2;
         let wal = match opts.durability {
@@ -466,8 +467,10 @@ impl Db {
                             .map_err(|e| crate::error::corrupt(&dir.join("wal"), r.position, e))?;
                         // The newest replayed memtable stays active, the others are sealed.
                         if active.approximate_bytes() >= opts.write_buffer_bytes {
-                            let full =
-                                std::mem::replace(&mut active, Arc::new(Memtable::new(next_mem_id, chunk_bytes)));
+                            let full = std::mem::replace(
+                                &mut active,
+                                Arc::new(Memtable::new(next_mem_id, chunk_bytes, last_marker)),
+                            );
                             sealed.insert(0, full);
                             next_mem_id += 1;
                         }
@@ -710,7 +713,29 @@ impl Db {
     /// local data, in one manifest edit. The files are hard-linked (copied if
     /// linking fails).
     pub fn ingest(&self, tables: &[PathBuf], opts: IngestOptions) -> Result<()> {
-        self.inner.ingest(tables, opts)
+        let tables: Vec<(PathBuf, u64)> = tables.iter().map(|p| (p.clone(), 0)).collect();
+        self.inner.ingest(&tables, opts, false)
+    }
+
+    /// Embedded mode: makes a delta checkpoint in `dest` (a new directory)
+    /// that brings a state whose durable marker is `after` to this one's:
+    /// after a forced flush, the L0 tables that hold every write above
+    /// `after` are hard-linked in and described by a [`DELTA_FILE`].
+    /// `Ok(None)` (and no directory) when the tables cannot show that: some
+    /// were merged by a table compaction since, or `after` is not below this
+    /// state's durable marker. Send a full [`Db::checkpoint`] then.
+    pub fn delta_checkpoint(&self, dest: impl AsRef<Path>, after: Option<Marker>) -> Result<Option<Delta>> {
+        self.inner.delta_checkpoint(dest.as_ref(), after)
+    }
+
+    /// Embedded mode: ingests a delta made by [`Db::delta_checkpoint`]
+    /// (`tables[i]` is the file of `delta.tables[i]`), after checking that
+    /// its tables hold every write from this state's durable marker on, in
+    /// one manifest edit: every memtable is dropped (their writes lie inside
+    /// the delta), the tables come in above all local data with their order
+    /// kept, and the durable marker becomes `delta.marker`.
+    pub fn ingest_delta(&self, delta: &Delta, tables: &[PathBuf]) -> Result<()> {
+        self.inner.ingest_delta(delta, tables)
     }
 
     /// Statistics, also published as `metrics` gauges.
@@ -929,7 +954,11 @@ impl Inner {
         sealed.push(Arc::clone(&cur.active));
         sealed.extend(cur.sealed.iter().cloned());
         self.sv.store(Arc::new(SuperVersion {
-            active: Arc::new(Memtable::new(id, crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes))),
+            active: Arc::new(Memtable::new(
+                id,
+                crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes),
+                w.last_marker,
+            )),
             sealed,
             version: Arc::clone(&cur.version),
             pending_bytes: cur.pending_bytes,
@@ -1181,6 +1210,7 @@ impl Inner {
                     w.add_range_delete(t);
                 }
                 w.set_markers(mem.markers());
+                w.set_coverage_after(mem.after());
                 self.opts.hook(HookPoint::FlushTableWritten)?;
                 let (_props, bytes) = w.finish()?;
                 self.sync_tables_dir()?;
@@ -1221,6 +1251,12 @@ impl Inner {
             debug_assert!(gone.is_some_and(|g| Arc::ptr_eq(&g, &mem)));
             (Arc::clone(&cur.active), sealed)
         })?;
+        if !has_data {
+            // A memtable of markers alone leaves no table: the next memtable's
+            // coverage starts where this one's did (nothing was written between).
+            let sv = self.sv.load();
+            sv.sealed.last().unwrap_or(&sv.active).extend_after(mem.after());
+        }
         drop(vs);
         self.opts.hook(HookPoint::FlushInstalled).map_err(|e| self.poison(e))?;
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
@@ -1522,8 +1558,94 @@ impl Inner {
         Ok(CheckpointInfo { dir: dest.to_path_buf(), marker: v.marker, last_seq: v.last_seq, tables })
     }
 
-    fn ingest(&self, paths: &[PathBuf], o: IngestOptions) -> Result<()> {
-        let _span = tracing::info_span!("lsm_ingest", tables = paths.len()).entered();
+    fn delta_checkpoint(&self, dest: &Path, after: Option<Marker>) -> Result<Option<Delta>> {
+        let _span = tracing::info_span!("lsm_delta_checkpoint", dest = %dest.display()).entered();
+        if self.wal.is_some() {
+            return Err(Error::WrongMode("deltas need embedded mode (markers)"));
+        }
+        self.flush_all()?;
+        // Holding the version lock: no table compaction removes a table while it is linked.
+        let _vs = lock(&self.vstate);
+        let sv = self.sv.load_full();
+        let Some(marker) = sv.version.marker else { return Ok(None) };
+        if after >= Some(marker) {
+            return Ok(None);
+        }
+        // Writes above the oldest memtable's start are in memtables, not
+        // tables: up to there, the tables hold everything (memtables of
+        // markers alone, flushed without a table, moved that start back).
+        let tables_upto = sv.sealed.last().unwrap_or(&sv.active).after().min(Some(marker));
+        let l0 = sv.version.levels.first().map(Vec::as_slice).unwrap_or_default();
+        let picked = match crate::delta::chain(l0.iter().map(|t| (t.props.coverage(), t)), after, tables_upto) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(?after, ?marker, why, "no delta: a full checkpoint is needed");
+                return Ok(None);
+            }
+        };
+        if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {
+            return Err(Error::AlreadyExists { dir: dest.to_path_buf() });
+        }
+        self.fs.create_dir_all(dest).map_err(io("create checkpoint", dest))?;
+        let parent = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        self.fs.sync_dir(&parent).map_err(io("fsync checkpoint parent", &parent))?;
+        let mut tables = Vec::new();
+        for t in picked {
+            let file = table_file_name(t.id);
+            let to = dest.join(&file);
+            self.fs.hard_link(t.path(), &to).map_err(io("link table into delta", &to))?;
+            tables.push(DeltaTable { file, seq_offset: t.seq_offset });
+        }
+        let delta = Delta { after, marker, tables_upto, tables };
+        let p = dest.join(DELTA_FILE);
+        let f = self.fs.open(&p, cairn_wal::OpenMode::CreateNew).map_err(io("create delta file", &p))?;
+        f.write_all_at(&delta.encode(), 0).map_err(io("write delta file", &p))?;
+        f.sync_data().map_err(io("fsync delta file", &p))?;
+        drop(f);
+        self.fs.sync_dir(dest).map_err(io("fsync checkpoint", dest))?;
+        Ok(Some(delta))
+    }
+
+    fn ingest_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
+        let _span = tracing::info_span!("lsm_ingest_delta", tables = paths.len()).entered();
+        let bad = |reason: String| Error::Delta { reason };
+        if self.wal.is_some() {
+            return Err(Error::WrongMode("deltas need embedded mode (markers)"));
+        }
+        if paths.len() != delta.tables.len() {
+            return Err(bad(format!("{} files for {} tables", paths.len(), delta.tables.len())));
+        }
+        let durable = self.sv.load().version.marker;
+        if durable > Some(delta.marker) {
+            return Err(bad(format!("this state ({durable:?}) is ahead of the delta ({:?})", delta.marker)));
+        }
+        let mut covs = Vec::with_capacity(paths.len());
+        let mut last_max = None;
+        for (p, t) in paths.iter().zip(&delta.tables) {
+            let props = crate::table::read_props(&*self.fs, p)
+                .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
+            let seq_max = props.seq_max.saturating_add(t.seq_offset);
+            if last_max.is_some_and(|l| seq_max > l) {
+                return Err(bad(format!("{} is not listed newest first", p.display())));
+            }
+            last_max = Some(seq_max);
+            covs.push((props.coverage(), ()));
+        }
+        let n = crate::delta::chain(covs, durable, delta.tables_upto.min(Some(delta.marker)))
+            .map_err(|why| bad(format!("its tables do not bring this state from {durable:?}: {why}")))?
+            .len();
+        // Every listed table is used (the chain may leave out a table wholly inside a newer one: harmless).
+        let _ = n;
+        let tables: Vec<(PathBuf, u64)> =
+            paths.iter().zip(&delta.tables).map(|(p, t)| (p.clone(), t.seq_offset)).collect();
+        self.ingest(&tables, IngestOptions::new().discard_memtables(true).marker(delta.marker), true)
+    }
+
+    /// Ingests `tables` (`(path, offset already added to its sequence
+    /// numbers)`), all shifted by one more offset above every local write.
+    /// `delta`: the memtables must hold nothing above the new marker.
+    fn ingest(&self, tables: &[(PathBuf, u64)], o: IngestOptions, delta: bool) -> Result<()> {
+        let _span = tracing::info_span!("lsm_ingest", tables = tables.len()).entered();
         self.check_usable()?;
         if o.discard_memtables && self.wal.is_some() {
             return Err(Error::WrongMode("discard_memtables needs embedded mode (the WAL would bring them back)"));
@@ -1539,30 +1661,51 @@ impl Inner {
         }
         if let (Some(m), Some(last)) = (o.marker, w.last_marker)
             && m < last
-            && !o.discard_memtables
+            && (delta || !o.discard_memtables)
         {
             return Err(Error::MarkerNotRising { given: m, last });
         }
-        // Read each table's properties to learn its sequence numbers.
+        // Read each table's properties to learn its sequence numbers (with
+        // the offset it already has).
         let mut ranges = Vec::new();
-        for p in paths {
+        for (p, off) in tables {
             let props = crate::table::read_props(&*self.fs, p)
                 .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
-            ranges.push((props.seq_min, props.seq_max));
+            let shifted = (props.seq_min.checked_add(*off), props.seq_max.checked_add(*off));
+            let (Some(lo), Some(hi)) = shifted else {
+                return Err(Error::Ingest { path: p.clone(), reason: "sequence numbers overflow".into() });
+            };
+            ranges.push((lo, hi));
         }
-        let Some(seq_min) = ranges.iter().map(|r| r.0).min() else { return Ok(()) };
-        let seq_max = ranges.iter().map(|r| r.1).max().unwrap_or(seq_min);
+        // A delta may hold no table (markers alone since the state's own): it still sets the marker.
+        let Some(seq_min) = ranges.iter().map(|r| r.0).min().or(delta.then_some(w.last_seq + 1)) else {
+            return Ok(());
+        };
+        // One common offset above all local data: the order inside and
+        // across the tables is kept.
         let offset = (w.last_seq + 1).saturating_sub(seq_min);
-        let new_last = (seq_max + offset).max(w.last_seq);
+        let mut offsets: Vec<u64> = tables.iter().map(|(_, off)| off + offset).collect();
+        if delta && self.opts.delta_shift_each_table_for_tests {
+            // Each table on its own, one above the other in list order.
+            let raw_min = ranges.iter().zip(tables).map(|(r, (_, had))| r.0 - had).max().unwrap_or(0);
+            let mut base = (w.last_seq + 1).max(raw_min);
+            for ((o, r), (_, had)) in offsets.iter_mut().zip(&ranges).zip(tables) {
+                *o = base - (r.0 - had);
+                base += r.1 - r.0 + 1;
+            }
+        }
+        let seq_max =
+            ranges.iter().zip(&offsets).zip(tables).map(|((r, o), (_, had))| r.1 - had + o).max().unwrap_or(0);
+        let new_last = seq_max.max(w.last_seq);
         let mut opened = Vec::new();
         let mut added = Vec::new();
-        for p in paths {
+        for ((p, _), off) in tables.iter().zip(&offsets) {
             let (id, to) = self.new_table_id();
             if self.fs.hard_link(p, &to).is_err() {
                 copy_file(&*self.fs, p, &to)?;
             }
-            let t = Table::open(Arc::clone(&self.fs), &to, id, offset, self.cache.clone())?;
-            added.push(Added { level: 0, id, seq_offset: offset });
+            let t = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?;
+            added.push(Added { level: 0, id, seq_offset: *off });
             opened.push(Arc::new(t));
         }
         self.sync_tables_dir()?;
@@ -1572,12 +1715,14 @@ impl Inner {
             Edit { added, marker: o.marker, flushed_seq: Some(new_last), last_seq: Some(new_last), ..Edit::default() };
         let next_mem = w.next_mem_id;
         w.next_mem_id += 1;
+        let next_after = match o.marker {
+            Some(m) => Some(w.last_marker.map_or(m, |x| x.max(m))),
+            None => w.last_marker,
+        };
         self.install(&mut vs, edit, &opened, |cur| {
             if o.discard_memtables {
-                (
-                    Arc::new(Memtable::new(next_mem, crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes))),
-                    Vec::new(),
-                )
+                let chunk = crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes);
+                (Arc::new(Memtable::new(next_mem, chunk, next_after)), Vec::new())
             } else {
                 (Arc::clone(&cur.active), cur.sealed.clone())
             }

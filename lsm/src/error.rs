@@ -128,6 +128,12 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A delta (see [`crate::Delta`]) that cannot be applied to this state.
+    #[error("cannot apply the delta: {reason}")]
+    Delta {
+        /// Why.
+        reason: String,
+    },
     /// The embedder's test hook asked for a failure at this step.
     #[error("test hook stopped the engine at {0:?}")]
     Hook(crate::HookPoint),

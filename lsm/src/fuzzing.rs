@@ -71,8 +71,13 @@ pub fn decode_batch(data: &[u8]) {
     let _ = crate::batch::WriteBatch::decode(data);
 }
 
+/// Decodes `data` as a delta file: an error or a delta, never a panic.
+pub fn decode_delta(data: &[u8]) {
+    let _ = crate::Delta::decode(data);
+}
+
 /// Valid inputs for each target (`block_decoder`, `table_reader`,
-/// `manifest_edit`, `wal_batch`), written by the real encoders: the seed corpus.
+/// `manifest_edit`, `wal_batch`, `delta_file`), written by the real encoders: the seed corpus.
 pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     use crate::block::{BlockBuilder, make_internal, write_block};
     use crate::options::Compression;
@@ -132,5 +137,16 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("manifest_edit", e.encode()));
     out.push(("manifest_edit", crate::version::Edit::default().encode()));
+    let d = crate::Delta {
+        after: Some(crate::Marker::new(3, 1)),
+        marker: crate::Marker::new(9, 2),
+        tables_upto: Some(crate::Marker::new(8, 2)),
+        tables: vec![
+            crate::DeltaTable { file: crate::table::table_file_name(7), seq_offset: 0 },
+            crate::DeltaTable { file: crate::table::table_file_name(5), seq_offset: 100 },
+        ],
+    };
+    out.push(("delta_file", d.encode()));
+    out.push(("delta_file", crate::Delta { after: None, tables_upto: None, tables: Vec::new(), ..d }.encode()));
     out
 }

@@ -9,6 +9,7 @@ mod cache;
 pub mod choose;
 mod compaction;
 mod db;
+mod delta;
 mod error;
 mod iter;
 mod manifest;
@@ -23,6 +24,7 @@ pub mod fuzzing;
 
 pub use batch::WriteBatch;
 pub use db::{CheckpointInfo, Db, IngestOptions, LevelStats, ReadView, Stats};
+pub use delta::{DELTA_FILE, Delta, DeltaTable};
 pub use error::{Error, Result};
 pub use iter::Iter;
 pub use options::{Background, Compression, DurabilityMode, Hook, HookPoint, Options, SyncPolicy};

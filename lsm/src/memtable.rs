@@ -70,10 +70,14 @@ pub(crate) struct Memtable {
     seq_min: AtomicU64,
     seq_max: AtomicU64,
     markers: Mutex<Option<(Marker, Marker)>>,
+    /// The marker of the last write before this memtable (`None`: nothing
+    /// was written before): with its own markers, the range it covers.
+    after: Mutex<Option<Marker>>,
 }
 
 impl Memtable {
-    pub(crate) fn new(id: u64, chunk_bytes: usize) -> Memtable {
+    /// A memtable whose writes follow those up to the marker `after`.
+    pub(crate) fn new(id: u64, chunk_bytes: usize, after: Option<Marker>) -> Memtable {
         Memtable {
             id,
             map: SkipMap::new(),
@@ -85,6 +89,7 @@ impl Memtable {
             seq_min: AtomicU64::new(u64::MAX),
             seq_max: AtomicU64::new(0),
             markers: Mutex::new(None),
+            after: Mutex::new(after),
         }
     }
 
@@ -135,6 +140,18 @@ impl Memtable {
 
     pub(crate) fn markers(&self) -> Option<(Marker, Marker)> {
         *self.markers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The marker its coverage starts after.
+    pub(crate) fn after(&self) -> Option<Marker> {
+        *self.after.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves its coverage start back to `to` (an older memtable that held
+    /// markers but no data was flushed without a table: its range joins this one).
+    pub(crate) fn extend_after(&self, to: Option<Marker>) {
+        let mut g = self.after.lock().unwrap_or_else(|e| e.into_inner());
+        *g = (*g).min(to);
     }
 
     pub(crate) fn approximate_bytes(&self) -> usize {

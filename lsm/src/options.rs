@@ -169,6 +169,11 @@ pub struct Options {
     /// sealed memtable's, to show the crash tests fail.
     #[doc(hidden)]
     pub record_latest_marker_for_tests: bool,
+    /// Test-only: a delta's tables are each shifted on their own, one above
+    /// the other in the order given (newest first), instead of by one common
+    /// offset: the order across tables is lost, to show the delta tests fail.
+    #[doc(hidden)]
+    pub delta_shift_each_table_for_tests: bool,
 }
 
 impl Default for Options {
@@ -204,6 +209,7 @@ impl Default for Options {
             hook: None,
             skip_table_sync_for_tests: false,
             record_latest_marker_for_tests: false,
+            delta_shift_each_table_for_tests: false,
         }
     }
 }

@@ -31,8 +31,11 @@ use crate::types::{
     InternalEntry, Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer, trailer_kind, trailer_seq,
 };
 
-/// Table format version this build writes and reads.
-pub(crate) const TABLE_FORMAT_VERSION: u32 = 1;
+/// Table format version this build writes. Version 2 added the coverage
+/// start of L0 tables from a flush; version 1 tables are still read.
+pub(crate) const TABLE_FORMAT_VERSION: u32 = 2;
+/// The oldest table format version this build reads.
+pub(crate) const TABLE_FORMAT_VERSION_MIN: u32 = 1;
 /// "CAIRNSST" little-endian.
 pub(crate) const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNSST");
 const FOOTER_BYTES: usize = 64;
@@ -72,6 +75,20 @@ pub(crate) struct Props {
     pub(crate) markers: Option<(Marker, Marker)>,
     pub(crate) key_bytes: u64,
     pub(crate) value_bytes: u64,
+    /// For a table from a flush: `Some(a)` says it holds every write whose
+    /// marker lies in `(a, markers.1]` (`a = None`: from the first write on).
+    /// `None`: unknown (a compaction's output, or a version 1 table).
+    pub(crate) coverage_after: Option<Option<Marker>>,
+}
+
+impl Props {
+    /// The marker range `(after, upto]` whose every write this table holds, if known.
+    pub(crate) fn coverage(&self) -> Option<(Option<Marker>, Marker)> {
+        match (self.coverage_after, self.markers) {
+            (Some(after), Some((_, hi))) => Some((after, hi)),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -159,9 +176,20 @@ impl Props {
         }
         out.extend_from_slice(&self.key_bytes.to_le_bytes());
         out.extend_from_slice(&self.value_bytes.to_le_bytes());
+        // Since version 2: the coverage start (0 unknown, 1 from the first write, 2 after a marker).
+        match self.coverage_after {
+            None => out.push(0),
+            Some(None) => out.push(1),
+            Some(Some(m)) => {
+                out.push(2);
+                out.extend_from_slice(&m.index.to_le_bytes());
+                out.extend_from_slice(&m.term.to_le_bytes());
+            }
+        }
     }
 
-    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Props, String> {
+    /// Decodes the props of a table written in format `version`.
+    pub(crate) fn decode(r: &mut Reader<'_>, version: u32) -> Result<Props, String> {
         let entries = r.u64()?;
         let point_deletes = r.u64()?;
         let range_deletes = r.u64()?;
@@ -179,6 +207,19 @@ impl Props {
         };
         let key_bytes = r.u64()?;
         let value_bytes = r.u64()?;
+        let coverage_after = if version >= 2 {
+            match r.u8()? {
+                0 => None,
+                1 => Some(None),
+                2 => Some(Some(Marker::new(r.u64()?, r.u64()?))),
+                x => return Err(format!("coverage flag {x}")),
+            }
+        } else {
+            None
+        };
+        if !r.done() {
+            return Err("trailing bytes after the props".into());
+        }
         if seq_min > seq_max || smallest > largest {
             return Err("inverted sequence or key range".into());
         }
@@ -193,6 +234,7 @@ impl Props {
             markers,
             key_bytes,
             value_bytes,
+            coverage_after,
         })
     }
 }
@@ -311,6 +353,12 @@ impl TableWriter {
     /// Records the markers of the writes this table holds.
     pub(crate) fn set_markers(&mut self, m: Option<(Marker, Marker)>) {
         self.props.markers = m;
+    }
+
+    /// Records where the marker range this table covers starts (a flush: the
+    /// memtable's start), see [`Props::coverage`].
+    pub(crate) fn set_coverage_after(&mut self, after: Option<Marker>) {
+        self.props.coverage_after = Some(after);
     }
 
     /// Bytes written so far (approximately the file size).
@@ -450,7 +498,7 @@ fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles
         *h = (off, len);
     }
     let version = r.u32().map_err(|e| corrupt(path, foot_at, e))?;
-    if version != TABLE_FORMAT_VERSION {
+    if !(TABLE_FORMAT_VERSION_MIN..=TABLE_FORMAT_VERSION).contains(&version) {
         return Err(Error::UnsupportedVersion {
             path: path.to_path_buf(),
             found: version,
@@ -459,7 +507,8 @@ fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles
     }
     let pr = handles[3];
     let props_raw = read_meta_block(file, path, pr)?;
-    let props = Props::decode(&mut Reader::new(&props_raw)).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
+    let props =
+        Props::decode(&mut Reader::new(&props_raw), version).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
     Ok((handles, props, size))
 }
 
