@@ -735,7 +735,16 @@ impl Db {
     /// the delta), the tables come in above all local data with their order
     /// kept, and the durable marker becomes `delta.marker`.
     pub fn ingest_delta(&self, delta: &Delta, tables: &[PathBuf]) -> Result<()> {
+        self.inner.check_delta(delta, tables)?;
         self.inner.ingest_delta(delta, tables)
+    }
+
+    /// Embedded mode: the checks of [`Db::ingest_delta`] alone (the tables'
+    /// props against this state's durable marker), changing nothing. A
+    /// delta that passes them now passes them later (the marker only rises)
+    /// unless the state moves past the delta's marker.
+    pub fn check_delta(&self, delta: &Delta, tables: &[PathBuf]) -> Result<()> {
+        self.inner.check_delta(delta, tables)
     }
 
     /// Statistics, also published as `metrics` gauges.
@@ -1606,8 +1615,7 @@ impl Inner {
         Ok(Some(delta))
     }
 
-    fn ingest_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
-        let _span = tracing::info_span!("lsm_ingest_delta", tables = paths.len()).entered();
+    fn check_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
         let bad = |reason: String| Error::Delta { reason };
         if self.wal.is_some() {
             return Err(Error::WrongMode("deltas need embedded mode (markers)"));
@@ -1631,11 +1639,14 @@ impl Inner {
             last_max = Some(seq_max);
             covs.push((props.coverage(), ()));
         }
-        let n = crate::delta::chain(covs, durable, delta.tables_upto.min(Some(delta.marker)))
-            .map_err(|why| bad(format!("its tables do not bring this state from {durable:?}: {why}")))?
-            .len();
-        // Every listed table is used (the chain may leave out a table wholly inside a newer one: harmless).
-        let _ = n;
+        // Every listed table is ingested (the chain may leave out one wholly inside a newer one: harmless).
+        crate::delta::chain(covs, durable, delta.tables_upto.min(Some(delta.marker)))
+            .map_err(|why| bad(format!("its tables do not bring this state from {durable:?}: {why}")))?;
+        Ok(())
+    }
+
+    fn ingest_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
+        let _span = tracing::info_span!("lsm_ingest_delta", tables = paths.len()).entered();
         let tables: Vec<(PathBuf, u64)> =
             paths.iter().zip(&delta.tables).map(|(p, t)| (p.clone(), t.seq_offset)).collect();
         self.ingest(&tables, IngestOptions::new().discard_memtables(true).marker(delta.marker), true)
