@@ -262,6 +262,8 @@ pub struct StatusInfo {
     pub first_index: u64,
     /// Snapshots this node installed since it started.
     pub snapshots_installed: u64,
+    /// Of those, deltas (L0 tables added to its own state, not a whole new state).
+    pub deltas_installed: u64,
     /// Snapshots this node sent since it started.
     pub snapshots_sent: u64,
     /// Nodes whose space alarm is raised (writes other than deletes are refused).

@@ -108,6 +108,9 @@ pub struct Applier {
     /// Test-only: refuse writes from this node's own disk usage instead of
     /// the replicated alarm (breaks the disk-full rule: replicas split).
     pub local_quota_for_tests: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Test switch: merge a full snapshot's tables into the live state
+    /// instead of replacing it (the seed's bug: a deleted key can come back).
+    pub merge_snapshots_for_tests: bool,
 }
 
 impl std::fmt::Debug for Applier {
@@ -142,6 +145,7 @@ impl Applier {
             limits,
             ignore_sessions_for_tests: false,
             local_quota_for_tests: None,
+            merge_snapshots_for_tests: false,
         })
     }
 
@@ -174,29 +178,52 @@ impl Applier {
     pub fn install(&mut self, c: &cairn_snapshot_transfer::Completed) -> Result<(), String> {
         let started = std::time::Instant::now();
         let at = c.manifest.index;
-        let (name, db) =
-            crate::snapshot::install(&self.site.fs, &self.site.data_dir, c, &self.site.options, &self.site.failpoints)
-                .map_err(|e| format!("installing the snapshot at {at}: {e}"))?;
-        let db = Arc::new(db);
+        let delta = crate::snapshot::is_delta(c);
+        let merge = self.merge_snapshots_for_tests && !delta;
+        let (name, db) = if merge {
+            let tables: Vec<std::path::PathBuf> =
+                c.manifest.files.iter().filter(|f| f.name.starts_with("table.")).map(|f| c.dir.join(&f.name)).collect();
+            let marker = cairn_lsm::Marker::new(c.manifest.index, c.manifest.term);
+            self.db.ingest(&tables, cairn_lsm::IngestOptions::new().marker(marker)).map_err(|e| e.to_string())?;
+            (self.db.dir().display().to_string(), self.db.clone())
+        } else if delta {
+            crate::snapshot::install_delta(&self.db, c)
+                .map_err(|e| format!("installing the delta snapshot at {at}: {e}"))?;
+            (self.db.dir().display().to_string(), self.db.clone())
+        } else {
+            let (name, db) = crate::snapshot::install(
+                &self.site.fs,
+                &self.site.data_dir,
+                c,
+                &self.site.options,
+                &self.site.failpoints,
+            )
+            .map_err(|e| format!("installing the snapshot at {at}: {e}"))?;
+            (name, Arc::new(db))
+        };
         let sessions = load_sessions(&db).map_err(|e| format!("reading the installed state's sessions: {e}"))?;
         let book =
             Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
-        let old = self.shared.replace(db.clone());
+        let old = (!delta && !merge).then(|| self.shared.replace(db.clone()));
         self.db = db;
         self.sessions = sessions;
         self.alarms = book.alarms.clone();
         *write_book(&self.book) = book;
         self.applied.send_replace(c.manifest.index);
-        metrics::counter!("cairn_snapshot_installed_total").increment(1);
+        metrics::counter!("cairn_snapshot_installed_total", "kind" => if delta { "delta" } else { "full" })
+            .increment(1);
         metrics::gauge!("cairn_raft_applied_index").set(c.manifest.index as f64);
         tracing::info!(
             index = c.manifest.index,
             term = c.manifest.term,
             dir = %name,
+            delta,
             ms = started.elapsed().as_millis() as u64,
             "snapshot installed"
         );
-        retire(old);
+        if let Some(old) = old {
+            retire(old);
+        }
         Ok(())
     }
 }

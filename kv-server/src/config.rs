@@ -103,6 +103,11 @@ pub struct SnapshotSettings {
     /// A transfer with nothing acknowledged for this long resumes from the
     /// last acknowledged offsets, seconds. Default 10.
     pub stall_secs: u64,
+    /// Send a follower whose state is a little behind only the L0 tables it
+    /// lacks (a delta), when the leader's tables can show that they hold
+    /// every write since the follower's durable marker; else a full
+    /// checkpoint. Default true.
+    pub deltas: bool,
 }
 
 impl Default for SnapshotSettings {
@@ -117,6 +122,7 @@ impl Default for SnapshotSettings {
             window_bytes: 32 << 20,
             rate_bytes_per_second: 0,
             stall_secs: 10,
+            deltas: true,
         }
     }
 }
@@ -284,6 +290,9 @@ pub struct RunArgs {
     /// Entries kept below the state's durable marker when the log is released.
     #[arg(long, env = "CAIRN_RELEASE_MARGIN_ENTRIES")]
     pub release_margin_entries: Option<u64>,
+    /// Send deltas to followers a little behind (`[snapshot] deltas`).
+    #[arg(long, env = "CAIRN_SNAPSHOT_DELTAS")]
+    pub snapshot_deltas: Option<bool>,
     /// Bytes the data directory may hold before the space alarm is raised.
     #[arg(long, env = "CAIRN_QUOTA_BYTES")]
     pub quota_bytes: Option<u64>,
@@ -383,6 +392,9 @@ impl Config {
         }
         let limits = file.limits.unwrap_or_default();
         let mut snapshot = file.snapshot.unwrap_or_default();
+        if let Some(d) = args.snapshot_deltas {
+            snapshot.deltas = d;
+        }
         if let Some(n) = args.release_margin_entries {
             snapshot.release_margin_entries = n;
         }

@@ -80,8 +80,15 @@ impl Failpoints {
     /// An LSM hook that crashes at the armed flush and checkpoint points.
     pub fn lsm_hook(self: &Arc<Self>) -> Option<cairn_lsm::Hook> {
         use cairn_lsm::HookPoint;
-        let lsm_points =
-            ["flush-table-written", "flush-table-synced", "flush-installed", "checkpoint-linked", "checkpoint-done"];
+        let lsm_points = [
+            "flush-table-written",
+            "flush-table-synced",
+            "flush-installed",
+            "checkpoint-linked",
+            "checkpoint-done",
+            "ingest-linked",
+            "ingest-installed",
+        ];
         if !lsm_points.iter().any(|p| self.armed.contains_key(*p)) {
             return None;
         }
@@ -93,6 +100,8 @@ impl Failpoints {
                 HookPoint::FlushInstalled => "flush-installed",
                 HookPoint::CheckpointLinked => "checkpoint-linked",
                 HookPoint::CheckpointDone => "checkpoint-done",
+                HookPoint::IngestLinked => "ingest-linked",
+                HookPoint::IngestInstalled => "ingest-installed",
                 _ => return Ok(()),
             };
             me.hit(name);
@@ -109,6 +118,8 @@ const KNOWN: &[&str] = &[
     "checkpoint-done",
     "install-linked",
     "install-published",
+    "ingest-linked",
+    "ingest-installed",
     "wal-write-error",
 ];
 

@@ -4,19 +4,23 @@
 use cairn_kv_client::frame::decode_frame;
 
 use crate::peer::PeerFrame;
-use crate::snapshot::SnapshotHello;
+use crate::snapshot::{SnapshotAck, SnapshotHello};
 use crate::state::{Command, SessionRecord, decode_value};
 
 /// Largest frame the fuzz entry points accept.
 const MAX: usize = 1 << 20;
 
 /// Arbitrary bytes through every decoder of the node's own formats: a peer
-/// frame, a snapshot stream's hello, an entry's command, a session record,
+/// frame, a snapshot stream's hello and its answer, an entry's command, a session record,
 /// a stored value. An error or a value, never a panic; a command that
 /// decodes encodes to bytes that decode to the same command.
 pub fn fuzz_decoders(data: &[u8]) {
     let _ = decode_frame::<PeerFrame>(data, MAX);
     let _ = decode_frame::<SnapshotHello>(data, MAX);
+    if let Ok(a) = decode_frame::<SnapshotAck>(data, MAX) {
+        let again = cairn_kv_client::frame::encode(&a).ok().and_then(|b| decode_frame::<SnapshotAck>(&b, MAX).ok());
+        assert_eq!(again.as_ref(), Some(&a), "a snapshot answer does not survive a round trip");
+    }
     if let Ok(c) = Command::decode(data) {
         let again = c.encode().ok().and_then(|b| Command::decode(&b).ok());
         assert_eq!(again.as_ref(), Some(&c), "a command does not survive a round trip");

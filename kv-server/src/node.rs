@@ -150,6 +150,7 @@ struct Loop {
     member: bool,
     release_in_flight: bool,
     snapshots_installed: u64,
+    deltas_installed: u64,
     snapshots_sent: u64,
 }
 
@@ -170,6 +171,7 @@ impl NodeTask {
             member: false,
             release_in_flight: false,
             snapshots_installed: 0,
+            deltas_installed: 0,
             snapshots_sent: 0,
         };
         l.member = l.t.raw.conf_state().members().contains(&l.t.raw.id());
@@ -482,6 +484,7 @@ impl Loop {
             durable_index: db.durable_marker().map_or(0, |m| m.index),
             first_index: raw.store().first_index().0,
             snapshots_installed: self.snapshots_installed,
+            deltas_installed: self.deltas_installed,
             snapshots_sent: self.snapshots_sent,
             alarms: crate::state::read_book(&self.t.book).alarms.iter().copied().collect(),
             used_bytes: self.t.used_bytes.load(std::sync::atomic::Ordering::Relaxed),
@@ -632,12 +635,14 @@ impl Loop {
                 index.0, term.0
             ));
         };
+        let delta = crate::snapshot::is_delta(&checkpoint);
         let (tx, rx) = oneshot::channel();
         self.apply_send(ApplyJob::Install { checkpoint, reply: tx });
         if tokio::task::block_in_place(|| rx.blocking_recv()).is_err() {
             crate::fatal("the apply worker stopped during an install");
         }
         self.snapshots_installed += 1;
+        self.deltas_installed += u64::from(delta);
         self.t.conf_index = self.t.conf_index.max(index.0);
         self.membership_changed(&conf);
         MarkerJob { index, term, conf }

@@ -56,6 +56,8 @@ struct Ctx {
     request_timeout: Duration,
     connections: tokio::sync::Semaphore,
     book: crate::state::SharedBook,
+    /// Test switch: serve linearizable reads from the local state (the seed's bug).
+    read_locally_for_tests: bool,
 }
 
 /// Test switches, read from `CAIRN_TEST_*` variables (never configuration).
@@ -75,6 +77,13 @@ pub struct TestSwitches {
     /// `CAIRN_TEST_LOCAL_QUOTA=1`: break the disk-full rule, refusing writes
     /// at apply from this node's own disk usage instead of the replicated alarm.
     pub local_quota: bool,
+    /// `CAIRN_TEST_MERGE_SNAPSHOTS=1`: break the replace-never-merge rule,
+    /// ingesting a full snapshot's tables into the live state.
+    pub merge_snapshots: bool,
+    /// `CAIRN_TEST_READ_LOCALLY=1`: break the reads rule, serving
+    /// linearizable reads from the local state without a read index (a
+    /// leader cut off from its followers then answers stale).
+    pub read_locally: bool,
 }
 
 impl TestSwitches {
@@ -86,6 +95,8 @@ impl TestSwitches {
             skip_wal_sync: on("CAIRN_TEST_SKIP_WAL_SYNC"),
             applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
             local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
+            read_locally: on("CAIRN_TEST_READ_LOCALLY"),
+            merge_snapshots: on("CAIRN_TEST_MERGE_SNAPSHOTS"),
             failpoints: crate::failpoint::Failpoints::from_env(),
         }
     }
@@ -245,6 +256,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
+    applier.merge_snapshots_for_tests = switches.merge_snapshots;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let used_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if switches.local_quota {
@@ -294,9 +306,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         addr_of: addr_of.clone(),
         checkpoints: checkpoints.clone(),
         transfer: transfer_cfg.clone(),
+        deltas: cfg.snapshot.deltas,
         done: snapshot_done_tx,
     };
-    let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg));
+    let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));
     let links = {
         let endpoint = endpoint.clone();
         let peer_queue_max = limits.peer_queue_max;
@@ -358,6 +371,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         limits,
         apply_limits,
         request_timeout: Duration::from_secs(10),
+        read_locally_for_tests: switches.read_locally,
     });
     let svc = peer::PeerService {
         cluster_id,
@@ -800,7 +814,7 @@ async fn ask<T>(ctx: &Ctx, make: impl FnOnce(oneshot::Sender<T>) -> NodeRequest)
 /// Waits until a read at `consistency` may be served; returns the applied index it is served at.
 async fn read_barrier(ctx: &Ctx, consistency: Consistency) -> Result<u64, Response> {
     let mut applied = ctx.applied.clone();
-    if consistency == Consistency::Serializable {
+    if consistency == Consistency::Serializable || ctx.read_locally_for_tests {
         return Ok(*applied.borrow());
     }
     let (tx, rx) = oneshot::channel();

@@ -13,7 +13,12 @@
 //! | `staging/` | transfers being received (cairn-snapshot-transfer) |
 //!
 //! A checkpoint's files travel flat: `tables/X` as `table.X`, `manifest/X`
-//! as `manifest.X`; the receiver puts each name back in its place.
+//! as `manifest.X`; the receiver puts each name back in its place. A delta
+//! (cairn-lsm's L0 tables since the follower's durable marker, see
+//! [`cairn_lsm::Delta`]) travels as `delta.X` for each file `X` of it,
+//! `delta.DELTA` included; the receiver checks it against its state before
+//! offering it to Raft, and installs it by ingesting the tables into the
+//! live state (one manifest edit) instead of swapping the directory.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -36,6 +41,8 @@ pub const POINTER_FILE: &str = "CURRENT_STATE";
 pub const FIRST_STATE_DIR: &str = "state";
 const CHECKPOINTS_DIR: &str = "checkpoints";
 const STAGING_DIR: &str = "staging";
+/// The prefix of a delta's files on the wire.
+const DELTA_PREFIX: &str = "delta.";
 const HELLO_BYTES_MAX: usize = 1 << 20;
 
 fn io_err(what: &str, p: &Path, e: std::io::Error) -> String {
@@ -195,6 +202,8 @@ pub struct Checkpoint {
     pub term: Term,
     /// `(wire name, path)` of each file.
     pub files: Vec<(String, PathBuf)>,
+    /// A delta (L0 tables since a follower's marker), not a full checkpoint.
+    pub delta: bool,
 }
 
 impl Drop for Checkpoint {
@@ -261,7 +270,13 @@ impl Checkpoints {
             }
         }
         files.sort();
-        let c = Arc::new(Checkpoint { dir: dest, index: LogIndex(marker.index), term: Term(marker.term), files });
+        let c = Arc::new(Checkpoint {
+            dir: dest,
+            index: LogIndex(marker.index),
+            term: Term(marker.term),
+            files,
+            delta: false,
+        });
         tracing::info!(
             index = marker.index,
             term = marker.term,
@@ -278,8 +293,62 @@ impl Checkpoints {
     }
 }
 
+impl Checkpoints {
+    /// A delta for a follower whose state's durable marker is `after`: the
+    /// leader's L0 tables that hold every write since, if they can show it.
+    /// Made for one transfer (not kept for others).
+    pub fn get_delta(&self, after: Option<cairn_lsm::Marker>) -> Result<Option<Arc<Checkpoint>>, String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_err("creating", &self.dir, e))?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let dest = self.dir.join(format!("delta-{:016x}-{n}", self.run));
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| io_err("removing", &dest, e))?;
+        }
+        let started = Instant::now();
+        let Some(delta) = self.db.get().delta_checkpoint(&dest, after).map_err(|e| format!("making a delta: {e}"))?
+        else {
+            return Ok(None);
+        };
+        let mut files: Vec<(String, PathBuf)> = delta
+            .tables
+            .iter()
+            .map(|t| t.file.as_str())
+            .chain([cairn_lsm::DELTA_FILE])
+            .map(|f| (format!("{DELTA_PREFIX}{f}"), dest.join(f)))
+            .collect();
+        files.sort();
+        tracing::info!(
+            index = delta.marker.index,
+            after = after.map(|m| m.index),
+            tables = delta.tables.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "delta made"
+        );
+        metrics::counter!("cairn_snapshot_deltas_total").increment(1);
+        Ok(Some(Arc::new(Checkpoint {
+            dir: dest,
+            index: LogIndex(delta.marker.index),
+            term: Term(delta.marker.term),
+            files,
+            delta: true,
+        })))
+    }
+}
+
+/// The follower's answer to a [`SnapshotHello`]: its state's durable
+/// marker, and whether it takes a delta.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct SnapshotAck {
+    /// `(index, term)` of the follower's durable marker (`None`: an empty state).
+    pub durable: Option<(u64, u64)>,
+    /// False after a delta this follower could not use: send a full checkpoint.
+    pub accepts_delta: bool,
+}
+
 /// Opens the transfer stream: who sends, in which term, and the membership
-/// as of the checkpoint. Then cairn-snapshot-transfer frames follow both ways.
+/// as of the checkpoint. The follower answers with a [`SnapshotAck`]; then
+/// cairn-snapshot-transfer frames follow both ways.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug)]
 #[rkyv(derive(Debug), attr(allow(missing_docs)))]
 pub struct SnapshotHello {
@@ -325,6 +394,8 @@ pub struct SendContext {
     pub checkpoints: Arc<Checkpoints>,
     /// Transfer bounds.
     pub transfer: TransferConfig,
+    /// Send deltas when the follower's state allows.
+    pub deltas: bool,
     /// Where the outcome goes: (peer, success).
     pub done: mpsc::Sender<(NodeId, bool)>,
 }
@@ -356,17 +427,31 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
 }
 
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
-    let checkpoints = ctx.checkpoints.clone();
-    let min = req.min_index;
-    let ckpt = tokio::task::spawn_blocking(move || checkpoints.get(min))
-        .await
-        .map_err(|e| format!("the checkpoint task failed: {e}"))??;
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
     let conn = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, Duration::from_secs(5)).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a snapshot stream: {e}"))?;
     let hello = SnapshotHello { cluster_id: ctx.cluster_id, from: ctx.me, to: req.to, term: req.term, conf: req.conf };
     let hb = frame::encode(&hello).map_err(|e| e.to_string())?;
     send.write_all(&hb).await.map_err(|e| format!("writing to the follower: {e}"))?;
+    let ack = tokio::time::timeout(ctx.transfer.stall_timeout, frame::read::<SnapshotAck>(&mut recv, HELLO_BYTES_MAX))
+        .await
+        .map_err(|_| "the follower did not answer the snapshot hello".to_string())?
+        .map_err(|e| format!("the follower's answer: {e}"))?;
+    let checkpoints = ctx.checkpoints.clone();
+    let min = req.min_index;
+    let after = ack.durable.map(|(i, t)| cairn_lsm::Marker::new(i, t));
+    let try_delta = ctx.deltas && ack.accepts_delta;
+    let ckpt = tokio::task::spawn_blocking(move || -> Result<Arc<Checkpoint>, String> {
+        if try_delta && let Some(d) = checkpoints.get_delta(after)?.filter(|d| d.index >= min) {
+            return Ok(d);
+        }
+        checkpoints.get(min)
+    })
+    .await
+    .map_err(|e| format!("the checkpoint task failed: {e}"))??;
+    if ckpt.delta {
+        tracing::info!(peer = req.to.0, index = ckpt.index.0, files = ckpt.files.len(), "sending a delta");
+    }
     let transfer_id = rand::random::<u64>();
     let (ckpt2, idx, term) = (ckpt.clone(), ckpt.index.0, ckpt.term.0);
     let (mut source, manifest) = tokio::task::spawn_blocking(move || {
@@ -432,14 +517,24 @@ pub struct ReceiveState {
     staging: tokio::sync::Mutex<Staging>,
     received: Mutex<Vec<Completed>>,
     transfer: TransferConfig,
+    /// A delta failed its checks here (or deltas are off): ask for full
+    /// checkpoints until one is received.
+    refuse_deltas: std::sync::atomic::AtomicBool,
+    deltas: bool,
 }
 
 impl ReceiveState {
-    /// Staging under `data_dir/staging`; files found by content in
-    /// `reference` (the live state's tables) are linked, not received.
-    pub fn new(data_dir: &Path, transfer: TransferConfig) -> ReceiveState {
+    /// Staging under `data_dir/staging`; files found by content in the
+    /// live state's tables are linked, not received. `deltas`: accept deltas.
+    pub fn new(data_dir: &Path, transfer: TransferConfig, deltas: bool) -> ReceiveState {
         let staging = Staging::new(Arc::new(cairn_snapshot_transfer::StdFs), data_dir.join(STAGING_DIR), Vec::new());
-        ReceiveState { staging: tokio::sync::Mutex::new(staging), received: Mutex::new(Vec::new()), transfer }
+        ReceiveState {
+            staging: tokio::sync::Mutex::new(staging),
+            received: Mutex::new(Vec::new()),
+            transfer,
+            refuse_deltas: std::sync::atomic::AtomicBool::new(!deltas),
+            deltas,
+        }
     }
 
     /// Takes the received checkpoint at (`index`, `term`), dropping older ones.
@@ -462,8 +557,6 @@ pub async fn receive_snapshot(
 ) -> Result<(), String> {
     let hello = frame::read::<SnapshotHello>(&mut recv, HELLO_BYTES_MAX).await.map_err(|e| e.to_string())?;
     let crate::peer::PeerService { cluster_id, me, inbound, snapshots: state, db, .. } = svc;
-    let reference = db.get().dir().join("tables");
-    drop(db);
     if hello.cluster_id != cluster_id || hello.from.0 != from || hello.to != me {
         return Err(format!(
             "a snapshot stream claims cluster {:016x}, from {}, to {} over node {from}'s connection",
@@ -471,6 +564,16 @@ pub async fn receive_snapshot(
         ));
     }
     let mut staging = state.staging.lock().await;
+    let live = db.get();
+    let reference = live.dir().join("tables");
+    let ack = SnapshotAck {
+        durable: live.durable_marker().map(|m| (m.index, m.term)),
+        accepts_delta: !state.refuse_deltas.load(Ordering::Relaxed),
+    };
+    drop(live);
+    tracing::info!(peer = from, durable = ?ack.durable, accepts_delta = ack.accepts_delta, "a snapshot is coming");
+    let ab = frame::encode(&ack).map_err(|e| e.to_string())?;
+    send.write_all(&ab).await.map_err(|e| format!("answering the leader: {e}"))?;
     staging.set_reference_dirs(vec![reference]);
     let cfg = state.transfer.clone();
     let body_max = cfg.frame_body_bytes_max();
@@ -510,6 +613,18 @@ pub async fn receive_snapshot(
         }
         if let Some(c) = staging.take_completed() {
             let (index, term) = (LogIndex(c.manifest.index), Term(c.manifest.term));
+            if is_delta(&c) {
+                let live = db.get();
+                if let Err(e) = tokio::task::block_in_place(|| check_delta(&live, &c)) {
+                    state.refuse_deltas.store(true, Ordering::Relaxed);
+                    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+                        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
+                    }
+                    return Err(format!("a delta at {} this state cannot use: {e}", index.0));
+                }
+            } else {
+                state.refuse_deltas.store(!state.deltas, Ordering::Relaxed);
+            }
             tracing::info!(index = index.0, term = term.0, bytes = c.manifest.total_bytes(), "snapshot received");
             metrics::counter!("cairn_snapshot_received_total").increment(1);
             state.received.lock().unwrap_or_else(|e| e.into_inner()).push(c);
@@ -524,6 +639,55 @@ pub async fn receive_snapshot(
             }
         }
     }
+}
+
+/// Whether a received file set is a delta.
+pub fn is_delta(c: &Completed) -> bool {
+    c.manifest.files.iter().any(|f| f.name.strip_prefix(DELTA_PREFIX) == Some(cairn_lsm::DELTA_FILE))
+}
+
+/// A received delta: its description and its tables' paths.
+fn read_delta(c: &Completed) -> Result<(cairn_lsm::Delta, Vec<PathBuf>), String> {
+    let p = c.dir.join(format!("{DELTA_PREFIX}{}", cairn_lsm::DELTA_FILE));
+    let bytes = std::fs::read(&p).map_err(|e| io_err("reading", &p, e))?;
+    let delta = cairn_lsm::Delta::decode(&bytes).map_err(|e| e.to_string())?;
+    if (delta.marker.index, delta.marker.term) != (c.manifest.index, c.manifest.term) {
+        return Err(format!(
+            "the delta leads to ({}, {}), the transfer says ({}, {})",
+            delta.marker.index, delta.marker.term, c.manifest.index, c.manifest.term
+        ));
+    }
+    let mut paths = Vec::with_capacity(delta.tables.len());
+    for t in &delta.tables {
+        let name = format!("{DELTA_PREFIX}{}", t.file);
+        if !c.manifest.files.iter().any(|f| f.name == name) {
+            return Err(format!("the delta lists {} and the transfer does not hold it", t.file));
+        }
+        paths.push(c.dir.join(name));
+    }
+    if c.manifest.files.len() != paths.len() + 1 {
+        return Err("the transfer holds files the delta does not list".into());
+    }
+    Ok((delta, paths))
+}
+
+/// Checks a received delta against the live state (changing nothing).
+fn check_delta(db: &Db, c: &Completed) -> Result<(), String> {
+    let (delta, paths) = read_delta(c)?;
+    db.check_delta(&delta, &paths).map_err(|e| e.to_string())
+}
+
+/// Installs a received delta into the live state `db`: its tables are
+/// ingested above the local data and the durable marker set to the
+/// snapshot's, in one manifest edit (the memtables, whose writes lie inside
+/// the delta, are dropped). The caller then writes the log's snapshot marker.
+pub fn install_delta(db: &Db, c: &Completed) -> Result<(), String> {
+    let (delta, paths) = read_delta(c)?;
+    db.ingest_delta(&delta, &paths).map_err(|e| e.to_string())?;
+    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
+    }
+    Ok(())
 }
 
 /// Installs a received checkpoint as the live state: its files are linked

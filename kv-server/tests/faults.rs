@@ -110,6 +110,63 @@ async fn the_checker_flags_a_stale_read_from_a_cut_off_follower() {
     assert_eq!(fresh.as_deref(), Some(&b"v2"[..]));
 }
 
+/// The reads rule (a linearizable read is served after a read index that a
+/// quorum confirmed): v1 written, the leader cut off from its followers
+/// (clients still reach it), v2 written through the new leader, then a
+/// linearizable read on the old leader. Returns the history and what that
+/// read returned (`None`: it was refused or timed out).
+async fn read_on_a_deposed_leader(env: &[(&str, &str)]) -> (Vec<Op>, Option<Option<Vec<u8>>>) {
+    let cluster = Cluster::start_with_relays(env).await;
+    let old = cluster.leader(Duration::from_secs(20)).await;
+    let h = History::new();
+    let c = cluster.client();
+    h.put(&c, 1, "key", "v1".into()).await;
+    cluster.converged(Duration::from_secs(20)).await;
+    cluster.isolate(old, true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let mut found = None;
+        for id in (1..=3).filter(|i| *i != old) {
+            if let Ok(s) = c.status_of(&cluster.endpoint(id), false).await
+                && s.role == "leader"
+            {
+                found = Some(id);
+            }
+        }
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    h.put(&cluster.client_of(new), 1, "key", "v2".into()).await;
+    let mut o = cluster.options();
+    o.endpoints = vec![cluster.endpoint(old)];
+    o.request_timeout = Duration::from_secs(2);
+    o.retry_deadline = Duration::from_secs(3);
+    let stale = Client::new(o).expect("client");
+    let seen = h.get(&stale, 2, "key", Consistency::Linearizable).await;
+    (h.ops(), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_serves_no_stale_linearizable_read() {
+    let (ops, seen) = read_on_a_deposed_leader(&[]).await;
+    assert_ne!(seen, Some(Some(b"v1".to_vec())), "the cut-off leader answered a stale linearizable read");
+    let report = check(&ops, 1_000_000);
+    assert!(report.ok(), "{}", report.describe());
+}
+
+/// Teeth: with linearizable reads served locally, the same scenario gives a
+/// stale read and the checker flags it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_locally_on_a_deposed_leader_is_caught() {
+    let (ops, seen) = read_on_a_deposed_leader(&[("CAIRN_TEST_READ_LOCALLY", "1")]).await;
+    assert_eq!(seen, Some(Some(b"v1".to_vec())), "the switch should make the old leader answer v1");
+    let report = check(&ops, 1_000_000);
+    assert!(!report.ok(), "the checker accepted a stale linearizable read:\n{}", report.describe());
+}
+
 fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     match std::env::var(name) {
         Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),

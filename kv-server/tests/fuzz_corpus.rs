@@ -7,7 +7,7 @@ use cairn_kv_client::frame::encode;
 use cairn_kv_client::protocol::{Session, WriteOp};
 use cairn_kv_server::fuzzing::fuzz_decoders;
 use cairn_kv_server::peer::PeerFrame;
-use cairn_kv_server::snapshot::SnapshotHello;
+use cairn_kv_server::snapshot::{SnapshotAck, SnapshotHello};
 use cairn_kv_server::state::{Command, CommandOp, Outcome, SessionRecord, encode_value};
 use cairn_raft_core::{Body, ConfState, Entry, EntryKind, LogIndex, Message, NodeId, Term};
 use proptest::prelude::*;
@@ -59,6 +59,8 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .expect("encode"),
         ),
+        ("snapshot-ack", encode(&SnapshotAck { durable: Some((7, 2)), accepts_delta: true }).expect("encode")),
+        ("snapshot-ack-empty", encode(&SnapshotAck { durable: None, accepts_delta: false }).expect("encode")),
         ("command-write", cmd.encode().expect("encode")),
         (
             "command-alarm",
@@ -106,7 +108,7 @@ proptest! {
 
     /// A valid encoding with any one byte changed: refused or decoded, never a panic.
     #[test]
-    fn damaged_encodings_never_panic(which in 0usize..7, at in any::<usize>(), x in 1u8..=255) {
+    fn damaged_encodings_never_panic(which in 0usize..64, at in any::<usize>(), x in 1u8..=255) {
         let s = samples();
         let mut b = s[which % s.len()].1.clone();
         let i = at % b.len();

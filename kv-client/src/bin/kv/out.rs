@@ -201,7 +201,7 @@ impl Out {
                             "term": s.term, "commit": s.commit, "applied": s.applied, "first_index": s.first_index,
                             "last_index": s.last_index, "durable_index": s.durable_index, "wal_bytes": s.wal_bytes,
                             "state_bytes": s.lsm_bytes, "used_bytes": s.used_bytes, "quota_bytes": s.quota_bytes,
-                            "alarms": s.alarms, "snapshots_installed": s.snapshots_installed,
+                            "alarms": s.alarms, "snapshots_installed": s.snapshots_installed, "deltas_installed": s.deltas_installed,
                             "snapshots_sent": s.snapshots_sent,
                             "state_hash": s.state_hash.map(|(i, h)| json!({ "applied": i, "hash": format!("{h:016x}") })),
                         }),
