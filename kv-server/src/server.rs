@@ -80,6 +80,10 @@ pub struct TestSwitches {
     /// `CAIRN_TEST_MERGE_SNAPSHOTS=1`: break the replace-never-merge rule,
     /// ingesting a full snapshot's tables into the live state.
     pub merge_snapshots: bool,
+    /// `CAIRN_TEST_CHECKPOINT_AT_APPLIED=1`: break the checkpoint rule,
+    /// labelling checkpoints with the applied index instead of their
+    /// durable marker (and sending no deltas).
+    pub checkpoint_at_applied: bool,
     /// `CAIRN_TEST_READ_LOCALLY=1`: break the reads rule, serving
     /// linearizable reads from the local state without a read index (a
     /// leader cut off from its followers then answers stale).
@@ -97,6 +101,7 @@ impl TestSwitches {
             local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
             read_locally: on("CAIRN_TEST_READ_LOCALLY"),
             merge_snapshots: on("CAIRN_TEST_MERGE_SNAPSHOTS"),
+            checkpoint_at_applied: on("CAIRN_TEST_CHECKPOINT_AT_APPLIED"),
             failpoints: crate::failpoint::Failpoints::from_env(),
         }
     }
@@ -296,7 +301,11 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         backoff_max: Duration::from_secs(1),
     };
     let transfer_cfg = cfg.snapshot.transfer_config();
-    let checkpoints = Arc::new(Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max));
+    let mut checkpoints = Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max);
+    if switches.checkpoint_at_applied {
+        checkpoints.label_with_applied_for_tests = Some(applied_rx.clone());
+    }
+    let checkpoints = Arc::new(checkpoints);
     let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(16);
     let send_ctx = SendContext {
         me: NodeId(cfg.id),
@@ -306,7 +315,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         addr_of: addr_of.clone(),
         checkpoints: checkpoints.clone(),
         transfer: transfer_cfg.clone(),
-        deltas: cfg.snapshot.deltas,
+        deltas: cfg.snapshot.deltas && !switches.checkpoint_at_applied,
         done: snapshot_done_tx,
     };
     let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));

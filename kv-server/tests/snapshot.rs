@@ -411,3 +411,75 @@ async fn a_leader_that_crashes_making_a_checkpoint_recovers() {
         assert!(!p.exists(), "the restart did not remove the unfinished checkpoint {}", p.display());
     }
 }
+
+/// The checkpoint rule under load: four writers keep writing while a
+/// follower behind the released log catches up by a full checkpoint. The
+/// checkpoint's label is its durable marker, so the follower installs it and
+/// applies the entries after it; once the writers stop, every replica hashes
+/// the same. Returns whether they did, and the follower's exit code if it
+/// stopped.
+async fn snapshot_under_load(env: &[(&str, &str)]) -> (bool, Option<i32>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut all = vec![("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")];
+    all.extend_from_slice(env);
+    let mut cluster = Cluster::start(&all);
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    leave_behind(&mut cluster, leader, follower, 200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (c, stop) = (cluster.client(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.put(format!("load-{w}-{n}"), vec![b'l'; 100]).await;
+                n += 1;
+            }
+        }));
+    }
+    cluster.start_node(follower);
+    let c = cluster.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut exited = None;
+    loop {
+        if let Ok(s) = c.status_of(&cluster.endpoint(follower), false).await
+            && s.snapshots_installed >= 1
+        {
+            break;
+        }
+        if let Some(code) = cluster.wait_exit(follower, Duration::from_millis(100)) {
+            exited = Some(code);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower neither installed a snapshot nor stopped");
+    }
+    // Keep writing a little after the install, then stop and compare.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    if exited.is_some() {
+        return (false, exited);
+    }
+    (cluster.try_converged(Duration::from_secs(30)).await.is_ok(), None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_sent_under_load_is_labelled_by_its_durable_marker() {
+    let (same, exited) = snapshot_under_load(&[("CAIRN_SNAPSHOT_DELTAS", "false")]).await;
+    assert_eq!(exited, None, "the follower stopped");
+    assert!(same, "the replicas differ after a snapshot under load");
+}
+
+/// Teeth: checkpoints labelled with the applied index (read after the
+/// forced flush, while writes go on) claim entries they do not hold; the
+/// follower refuses the state (its marker differs from the label) and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelling_a_checkpoint_with_the_applied_index_is_caught() {
+    let (same, exited) = snapshot_under_load(&[("CAIRN_TEST_CHECKPOINT_AT_APPLIED", "1")]).await;
+    assert!(!same, "a checkpoint labelled with the applied index went unnoticed");
+    assert_eq!(exited, Some(cairn_kv_server::EXIT_FATAL), "the follower should refuse the mislabelled state");
+}
