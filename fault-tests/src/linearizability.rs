@@ -64,6 +64,8 @@ pub struct Report {
     pub keys: usize,
     /// Keys whose check hit the bound.
     pub unknown: usize,
+    /// Per key: operations checked and the time the check took.
+    pub per_key: BTreeMap<Vec<u8>, (usize, std::time::Duration)>,
 }
 
 impl Report {
@@ -127,7 +129,10 @@ pub fn check(ops: &[Op], steps_max: u64) -> Report {
     }
     let mut report = Report { keys: by_key.len(), ..Report::default() };
     for (k, h) in by_key {
-        match check_key(&h, steps_max) {
+        let started = std::time::Instant::now();
+        let verdict = check_key(&h, steps_max);
+        report.per_key.insert(k.clone(), (h.len(), started.elapsed()));
+        match verdict {
             Some(true) => {}
             Some(false) => {
                 let witness = minimize(h, steps_max);
@@ -293,6 +298,46 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
     Some(true)
 }
 
+/// The history as JSON lines, one operation per line (`client`, `key`,
+/// `input` of `put`/`delete`/`get`, `value` of a put, `output` of a get
+/// (`null`: absent), `call`, `ret` (`null`: outcome unknown)); keys and values
+/// as UTF-8 with invalid bytes replaced.
+pub fn history_json(ops: &[Op]) -> String {
+    fn text(b: &[u8]) -> String {
+        let mut out = String::from("\"");
+        for c in String::from_utf8_lossy(b).chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+    let mut s = String::new();
+    for op in ops {
+        let (input, value) = match &op.input {
+            Input::Put(v) => ("put", text(v)),
+            Input::Delete => ("delete", "null".to_string()),
+            Input::Get => ("get", "null".to_string()),
+        };
+        let output = match (&op.input, &op.output) {
+            (Input::Get, Some(v)) => text(v),
+            _ => "null".to_string(),
+        };
+        let ret = op.ret.map_or("null".to_string(), |r| r.to_string());
+        s.push_str(&format!(
+            "{{\"client\":{},\"key\":{},\"input\":\"{input}\",\"value\":{value},\"output\":{output},\"call\":{},\"ret\":{ret}}}\n",
+            op.client,
+            text(&op.key),
+            op.call
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,5 +489,26 @@ mod tests {
                 proptest::prop_assert_eq!(check_key(&bad, 50_000_000), Some(false));
             }
         }
+    }
+
+    #[test]
+    fn the_history_as_json_lines_escapes_text() {
+        let ops = vec![
+            Op {
+                client: 1,
+                key: b"k\"1".to_vec(),
+                input: Input::Put(b"a\\b\n".to_vec()),
+                output: None,
+                call: 5,
+                ret: None,
+            },
+            Op { client: 2, key: b"k".to_vec(), input: Input::Get, output: Some(b"v".to_vec()), call: 6, ret: Some(9) },
+        ];
+        let j = history_json(&ops);
+        assert_eq!(
+            j,
+            "{\"client\":1,\"key\":\"k\\\"1\",\"input\":\"put\",\"value\":\"a\\\\b\\u000a\",\"output\":null,\"call\":5,\"ret\":null}\n\
+             {\"client\":2,\"key\":\"k\",\"input\":\"get\",\"value\":null,\"output\":\"v\",\"call\":6,\"ret\":9}\n"
+        );
     }
 }

@@ -37,11 +37,11 @@ fn free_port() -> u16 {
     panic!("no free UDP port");
 }
 
-/// Three consecutive free UDP ports on 127.0.0.1.
-fn free_base_port() -> u16 {
+/// `n` consecutive free UDP ports on 127.0.0.1.
+fn free_base_port(n: u16) -> u16 {
     for _ in 0..200 {
         let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
-        let ok = (0..3).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        let ok = (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
         if ok {
             return base;
         }
@@ -52,12 +52,18 @@ fn free_base_port() -> u16 {
 impl Cluster {
     /// Certificates, token and ports for three nodes; none started yet.
     fn prepared(env: &[(&str, &str)]) -> Cluster {
+        Cluster::prepared_n(env, 3)
+    }
+
+    /// The same for `n` nodes.
+    fn prepared_n(env: &[(&str, &str)], n: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let layout = prepare(dir.path(), free_base_port(), &[1, 2, 3]).expect("prepare");
+        let ids: Vec<u64> = (1..=n).collect();
+        let layout = prepare(dir.path(), free_base_port(n as u16), &ids).expect("prepare");
         Cluster {
             dir,
             layout,
-            procs: vec![None, None, None],
+            procs: (0..n).map(|_| None).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             node_env: Default::default(),
             joiners: Default::default(),
@@ -77,10 +83,15 @@ impl Cluster {
     /// A cluster whose every peer link goes through its own relay (see
     /// [`relay`]), so a test can cut links; clients reach the nodes directly.
     pub async fn start_with_relays(env: &[(&str, &str)]) -> Cluster {
-        let mut c = Cluster::prepared(env);
-        for from in 1..=3u64 {
+        Cluster::start_with_relays_n(env, 3).await
+    }
+
+    /// [`Cluster::start_with_relays`] with `n` nodes.
+    pub async fn start_with_relays_n(env: &[(&str, &str)], n: u64) -> Cluster {
+        let mut c = Cluster::prepared_n(env, n);
+        for from in 1..=n {
             let mut overrides = Vec::new();
-            for to in (1..=3u64).filter(|t| *t != from) {
+            for to in (1..=n).filter(|t| *t != from) {
                 let target = c.endpoint(to).parse().expect("endpoint");
                 let r = relay::Relay::start(target).await;
                 overrides.push(format!("{to}={}", r.addr));
@@ -88,10 +99,15 @@ impl Cluster {
             }
             c.extra_args.insert(from, vec!["--peer-addr-override".into(), overrides.join(",")]);
         }
-        for id in 1..=3 {
+        for id in 1..=n {
             c.start_node(id);
         }
         c
+    }
+
+    /// The bootstrap members' ids.
+    pub fn ids(&self) -> Vec<u64> {
+        (1..=self.layout.endpoints.len() as u64).collect()
     }
 
     /// Cuts node `id` off from the other nodes (both directions), or heals it.
@@ -103,11 +119,21 @@ impl Cluster {
         }
     }
 
+    /// Cuts every link between the two sides (both directions), or heals them.
+    pub fn partition(&self, side: &[u64], cut: bool) {
+        for ((from, to), r) in &self.relays {
+            if side.contains(from) != side.contains(to) {
+                r.set(cut, cut);
+            }
+        }
+    }
+
     /// Heals every link.
     pub fn heal(&self) {
         for r in self.relays.values() {
             r.set(false, false);
             r.delay(0);
+            r.duplicate(0);
         }
     }
 

@@ -1,7 +1,8 @@
 //! A UDP relay for one directed peer link: the dialing node's packets go
 //! through it to the target and the answers come back through it, so a test
 //! can drop either direction (QUIC runs over UDP: a dropped direction is a
-//! one-way link, both a partition).
+//! one-way link, both a partition), delay and reorder packets, and send
+//! packets twice.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ pub struct Relay {
     /// Hold each packet toward the target this many ms (0: none); delayed
     /// packets may overtake each other, as on a real network.
     delay_ms: Arc<AtomicU64>,
+    /// Percent of packets toward the target sent twice.
+    duplicate_percent: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -34,8 +37,11 @@ impl Relay {
             forward_blocked: Arc::new(AtomicBool::new(false)),
             backward_blocked: Arc::new(AtomicBool::new(false)),
             delay_ms: Arc::new(AtomicU64::new(0)),
+            duplicate_percent: Arc::new(AtomicU64::new(0)),
         };
         let (fwd, back, delay) = (r.forward_blocked.clone(), r.backward_blocked.clone(), r.delay_ms.clone());
+        let dup = r.duplicate_percent.clone();
+        let mut counter = 0u64;
         tokio::spawn(async move {
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
             let mut buf = vec![0u8; 65536];
@@ -77,6 +83,12 @@ impl Relay {
                     }
                 };
                 if !fwd.load(Ordering::Relaxed) {
+                    // Every k-th packet twice (k from the percent: a fixed pattern, no clock).
+                    counter += 1;
+                    let p = dup.load(Ordering::Relaxed);
+                    if p > 0 && counter.is_multiple_of(100 / p.clamp(1, 100)) {
+                        let _ = up.send(&buf[..n]).await;
+                    }
                     let d = delay.load(Ordering::Relaxed);
                     if d == 0 {
                         let _ = up.send(&buf[..n]).await;
@@ -99,6 +111,11 @@ impl Relay {
     /// Delays packets toward the target by about `ms` (0: none).
     pub fn delay(&self, ms: u64) {
         self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sends about `percent` of the packets toward the target twice (0: none).
+    pub fn duplicate(&self, percent: u64) {
+        self.duplicate_percent.store(percent, Ordering::Relaxed);
     }
 
     /// Blocks (or unblocks) each direction.
