@@ -634,6 +634,14 @@ pub async fn receive_snapshot(
             let (index, term) = (LogIndex(c.manifest.index), Term(c.manifest.term));
             if is_delta(&c) {
                 let live = db.get();
+                if live.durable_marker().is_some_and(|m| (m.index, m.term) >= (index.0, term.0)) {
+                    // The state passed the delta meanwhile (it caught up from the log): nothing to do.
+                    tracing::info!(index = index.0, "a delta arrived after the state passed it; dropped");
+                    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+                        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
+                    }
+                    continue;
+                }
                 if let Err(e) = tokio::task::block_in_place(|| check_delta(&live, &c)) {
                     state.refuse_deltas.store(true, Ordering::Relaxed);
                     if let Err(e) = std::fs::remove_dir_all(&c.dir) {

@@ -339,6 +339,7 @@ async fn a_follower_that_crashes_during_a_delta_install_recovers_by_the_repair_r
     // The follower may still catch up from the log: appends the leader sent
     // while it was down wait in the link's queue and arrive when it is back,
     // before the release. Then the scenario runs again on a new cluster.
+    // (The same when a full snapshot went instead of a delta.)
     let mut attempt = 0;
     let (mut cluster, follower) = loop {
         let mut cluster =
@@ -352,11 +353,12 @@ async fn a_follower_that_crashes_during_a_delta_install_recovers_by_the_repair_r
         if code == Some(cairn_kv_server::failpoint::CRASH_EXIT_CODE) {
             break (cluster, follower);
         }
-        let s = cluster.client().status_of(&cluster.endpoint(follower), false).await.expect("status");
-        assert_eq!((code, s.snapshots_installed), (None, 0), "neither a crash at the ingest nor a catch-up by the log");
+        // Not a crash: it caught up from the log, or (a busy machine) by a full
+        // snapshot because the leader's L0 tables were merged meanwhile.
+        let s = cluster.client().status_of(&cluster.endpoint(follower), false).await;
         attempt += 1;
-        assert!(attempt < 4, "the follower caught up from the log {attempt} times");
-        eprintln!("attempt {attempt}: the follower caught up from the log; again");
+        assert!(attempt < 5, "no delta install after {attempt} attempts (last: exit {code:?}, {s:?})");
+        eprintln!("attempt {attempt}: no delta install (exit {code:?}, {s:?}); again");
     };
     cluster.start_node(follower);
     cluster.converged(Duration::from_secs(60)).await;
