@@ -159,6 +159,75 @@ pub struct ScanPage {
     pub more: bool,
     /// The applied index the page was read at.
     pub index: u64,
+    /// The revisions of each pair, in the same order.
+    pub metas: Vec<crate::protocol::KeyMeta>,
+    /// The cluster revision of the state read.
+    pub revision: u64,
+}
+
+/// What a write left: the log index that applied it and the cluster
+/// revision after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The log index of the entry that applied it.
+    pub index: u64,
+    /// The cluster revision after it.
+    pub revision: u64,
+}
+
+/// A transaction: comparisons, and the operations of each branch. Build it
+/// with [`Txn::new`] and the `when`/`then`/`otherwise` methods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// All must hold for `success` to run.
+    pub compares: Vec<crate::protocol::Compare>,
+    /// Run when every comparison holds.
+    pub success: Vec<crate::protocol::TxnOp>,
+    /// Run otherwise.
+    pub failure: Vec<crate::protocol::TxnOp>,
+}
+
+impl Txn {
+    /// An empty transaction (it succeeds and does nothing).
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+    /// Adds a comparison.
+    pub fn when(
+        mut self,
+        key: impl Into<Vec<u8>>,
+        op: crate::protocol::CompareOp,
+        target: crate::protocol::CompareTarget,
+    ) -> Txn {
+        self.compares.push(crate::protocol::Compare { key: key.into(), op, target });
+        self
+    }
+    /// Adds an operation to the success branch.
+    pub fn then(mut self, op: crate::protocol::TxnOp) -> Txn {
+        self.success.push(op);
+        self
+    }
+    /// Adds an operation to the failure branch.
+    pub fn otherwise(mut self, op: crate::protocol::TxnOp) -> Txn {
+        self.failure.push(op);
+        self
+    }
+}
+
+/// What a transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether every comparison held.
+    pub succeeded: bool,
+    /// The log index of the entry that applied it.
+    pub index: u64,
+    /// The cluster revision after it.
+    pub revision: u64,
+    /// One result per operation of the branch that ran (empty when `replayed`).
+    pub results: Vec<crate::protocol::TxnOpResult>,
+    /// The answer to a retry of a transaction that had already applied
+    /// (its read results are not kept).
+    pub replayed: bool,
 }
 
 enum ConnErr {
@@ -260,10 +329,78 @@ impl Client {
     /// Sends a write with an explicit session and sequence number (for
     /// tests of exactly-once delivery, and callers that keep their own session).
     pub async fn write_with(&self, client_id: u64, seq: u64, ops: Vec<WriteOp>) -> Result<u64> {
+        self.write_full_with(client_id, seq, ops).await.map(|w| w.index)
+    }
+
+    /// [`Client::write`], returning the revision too.
+    pub async fn write_full(&self, ops: Vec<WriteOp>) -> Result<Written> {
+        let (client_id, seq) = self.next_seq().await?;
+        let result = self.write_full_with(client_id, seq, ops).await;
+        lock(&self.inner.session).inflight.remove(&seq);
+        result
+    }
+
+    async fn write_full_with(&self, client_id: u64, seq: u64, ops: Vec<WriteOp>) -> Result<Written> {
         let first_unacked = lock(&self.inner.session).inflight.first().copied().unwrap_or(seq).min(seq);
         let req = Request::Write { session: Session { client_id, seq, first_unacked }, ops };
         match self.call(&req).await? {
-            Response::Written { index } => Ok(index),
+            Response::Written { index, revision } => Ok(Written { index, revision }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The session and a new sequence number, marked in flight.
+    async fn next_seq(&self) -> Result<(u64, u64)> {
+        let client_id = self.session_id().await?;
+        let mut s = lock(&self.inner.session);
+        s.next_seq += 1;
+        let seq = s.next_seq;
+        s.inflight.insert(seq);
+        Ok((client_id, seq))
+    }
+
+    /// Runs a transaction atomically and exactly once: retried through
+    /// leader changes with the same session sequence number, so a retry of
+    /// one that already applied gets its outcome (`replayed`), never a
+    /// second application.
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        let (client_id, seq) = self.next_seq().await?;
+        let r = self.txn_with(client_id, seq, txn).await;
+        lock(&self.inner.session).inflight.remove(&seq);
+        r
+    }
+
+    /// Sends a transaction with an explicit session and sequence number
+    /// (for tests of exactly-once delivery, and callers that keep their own
+    /// session).
+    pub async fn txn_with(&self, client_id: u64, seq: u64, txn: Txn) -> Result<TxnResult> {
+        let first_unacked = lock(&self.inner.session).inflight.first().copied().unwrap_or(seq).min(seq);
+        let req = Request::Txn {
+            session: Session { client_id, seq, first_unacked },
+            compares: txn.compares,
+            success: txn.success,
+            failure: txn.failure,
+        };
+        match self.call(&req).await? {
+            Response::TxnDone { succeeded, index, revision, results, replayed } => {
+                Ok(TxnResult { succeeded, index, revision, results, replayed })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads `key` with its revisions; returns the key-value (if present)
+    /// and the cluster revision of the state read.
+    pub async fn get_kv(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: Consistency,
+    ) -> Result<(Option<crate::protocol::KeyValue>, u64)> {
+        let key = key.into();
+        match self.call(&Request::Get { key: key.clone(), consistency }).await? {
+            Response::Value { value, meta, revision, .. } => {
+                Ok((value.zip(meta).map(|(value, meta)| crate::protocol::KeyValue { key, value, meta }), revision))
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -277,7 +414,7 @@ impl Client {
     /// applied index it was read at.
     pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<(Option<Vec<u8>>, u64)> {
         match self.call(&Request::Get { key: key.into(), consistency }).await? {
-            Response::Value { value, index } => Ok((value, index)),
+            Response::Value { value, index, .. } => Ok((value, index)),
             other => Err(unexpected(&other)),
         }
     }
@@ -304,7 +441,9 @@ impl Client {
     ) -> Result<ScanPage> {
         let req = Request::Scan { start: start.into(), end, limit, keys_only, consistency };
         match self.call(&req).await? {
-            Response::Scanned { pairs, more, index } => Ok(ScanPage { pairs, more, index }),
+            Response::Scanned { pairs, more, index, metas, revision } => {
+                Ok(ScanPage { pairs, more, index, metas, revision })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -492,6 +631,7 @@ impl Client {
         let is_write = matches!(
             req,
             Request::Write { .. }
+                | Request::Txn { .. }
                 | Request::Register
                 | Request::MemberAdd { .. }
                 | Request::MemberPromote { .. }

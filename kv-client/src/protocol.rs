@@ -7,8 +7,8 @@
 //! sends one request frame and reads one response frame.
 
 pub use crate::wire::{
-    Consistency, ErrorCode, ErrorInfo, MemberInfo, Request, Response, Session, SnapshotFile, SnapshotHeader,
-    StatusInfo, WriteOp,
+    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, ErrorInfo, KeyMeta, KeyValue, MemberInfo, Request,
+    Response, Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WriteOp,
 };
 
 /// ALPN of the client protocol, version 1. The version is the suffix: a

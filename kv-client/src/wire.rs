@@ -41,6 +41,138 @@ pub enum WriteOp {
     },
 }
 
+/// A key's revisions (etcd's meaning): the cluster revision of the write
+/// that created it (since it last did not exist), of the last write to it,
+/// and the number of writes since it was created.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct KeyMeta {
+    /// Revision of the write that created the key.
+    pub create_revision: u64,
+    /// Revision of the last write to the key.
+    pub mod_revision: u64,
+    /// Writes to the key since it was created (1 after the first).
+    pub version: u64,
+    /// The lease the key is attached to (0: none; leases come later).
+    pub lease: u64,
+}
+
+/// A key, its value and its revisions.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Its revisions.
+    pub meta: KeyMeta,
+}
+
+/// What a transaction's comparison looks at, and the operand.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum CompareTarget {
+    /// The value (a missing key fails every value comparison).
+    Value(Vec<u8>),
+    /// The version (0 for a missing key).
+    Version(u64),
+    /// The create revision (0 for a missing key).
+    CreateRevision(u64),
+    /// The modification revision (0 for a missing key).
+    ModRevision(u64),
+    /// Whether the key exists (`false < true` for less and greater).
+    Exists(bool),
+}
+
+/// How a comparison compares: `key's field OP operand`.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum CompareOp {
+    /// Equal.
+    Equal,
+    /// Not equal.
+    NotEqual,
+    /// The key's field is less than the operand.
+    Less,
+    /// The key's field is greater than the operand.
+    Greater,
+}
+
+/// One comparison of a transaction.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct Compare {
+    /// The key compared.
+    pub key: Vec<u8>,
+    /// The comparison.
+    pub op: CompareOp,
+    /// The field and the operand.
+    pub target: CompareTarget,
+}
+
+/// One operation of a transaction's branch.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum TxnOp {
+    /// Set a key; `prev_kv`: return what it held.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// Return the previous key-value.
+        prev_kv: bool,
+    },
+    /// Remove a key; `prev_kv`: return what it held.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+        /// Return the previous key-value.
+        prev_kv: bool,
+    },
+    /// Remove every key in `[start, end)`.
+    DeleteRange {
+        /// First key removed.
+        start: Vec<u8>,
+        /// First key kept.
+        end: Vec<u8>,
+    },
+    /// Read a key, as the transaction's earlier operations left it.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// The result of one operation of a transaction, in order.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum TxnOpResult {
+    /// A put; the previous key-value when asked and present.
+    Put {
+        /// What the key held before.
+        prev: Option<KeyValue>,
+    },
+    /// A delete: how many keys it removed (0 or 1) and, when asked, what the key held.
+    Delete {
+        /// Keys removed.
+        deleted: u64,
+        /// What the key held before.
+        prev: Option<KeyValue>,
+    },
+    /// A range delete: how many keys it removed.
+    DeleteRange {
+        /// Keys removed.
+        deleted: u64,
+    },
+    /// A get.
+    Get {
+        /// The key-value, if present.
+        kv: Option<KeyValue>,
+    },
+}
+
 /// How fresh a read must be.
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[rkyv(derive(Debug, PartialEq), attr(allow(missing_docs)))]
@@ -70,6 +202,19 @@ pub enum Request {
         session: Session,
         /// The changes, applied together.
         ops: Vec<WriteOp>,
+    },
+    /// If every comparison holds, apply `success`, else `failure`:
+    /// atomically, once (through the session), at one new revision if
+    /// anything changes.
+    Txn {
+        /// The client's session.
+        session: Session,
+        /// The comparisons (all must hold).
+        compares: Vec<Compare>,
+        /// Operations when they hold.
+        success: Vec<TxnOp>,
+        /// Operations when one does not.
+        failure: Vec<TxnOp>,
     },
     /// Read one key.
     Get {
@@ -158,6 +303,23 @@ pub enum Response {
     Written {
         /// The log index of the entry that applied it.
         index: u64,
+        /// The cluster revision after it (raised by one if it changed anything).
+        revision: u64,
+    },
+    /// A transaction applied (once).
+    TxnDone {
+        /// Whether every comparison held (the success branch ran).
+        succeeded: bool,
+        /// The log index of the entry that applied it.
+        index: u64,
+        /// The cluster revision after it.
+        revision: u64,
+        /// One result per operation of the branch that ran.
+        results: Vec<TxnOpResult>,
+        /// This is the cached answer to a retry of a transaction that had
+        /// already applied: `succeeded` and `revision` are the original's, its
+        /// read results are not kept (empty).
+        replayed: bool,
     },
     /// A key's value, if present.
     Value {
@@ -165,6 +327,10 @@ pub enum Response {
         value: Option<Vec<u8>>,
         /// The applied index the read was served at.
         index: u64,
+        /// The key's revisions, when present.
+        meta: Option<KeyMeta>,
+        /// The cluster revision of the state read.
+        revision: u64,
     },
     /// Pairs of a scan.
     Scanned {
@@ -174,6 +340,10 @@ pub enum Response {
         more: bool,
         /// The applied index the read was served at.
         index: u64,
+        /// The revisions of each pair, in the same order.
+        metas: Vec<KeyMeta>,
+        /// The cluster revision of the state read.
+        revision: u64,
     },
     /// A node's view.
     Status(StatusInfo),

@@ -141,12 +141,34 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     let v = json(&dev.ok(&["get", "greeting", "-w", "json"]));
     assert_eq!(v["kvs"][0]["key"], "greeting");
     assert_eq!(v["kvs"][0]["value"], "hello");
-    assert!(v["index"].as_u64().expect("index") > 0);
+    let rev = v["revision"].as_u64().expect("revision");
+    assert!(rev > 0);
+    assert!(v["kvs"][0]["mod_revision"].as_u64().expect("mod revision") <= rev);
+    assert_eq!(v["kvs"][0]["version"], 1);
     let t = dev.ok(&["get", "greeting", "-w", "table"]);
     assert!(t.lines().next().expect("header").starts_with("KEY"), "{t}");
     assert!(t.contains("hello"), "{t}");
     let v = json(&dev.ok(&["put", "k2", "v2", "-w", "json"]));
     assert_eq!(v["ok"], true);
+    let put_rev = v["revision"].as_u64().expect("revision");
+
+    // A transaction from stdin: the comparison holds (k2 was written at put_rev).
+    let t = format!("mod(\"k2\") = {put_rev}\n\nput k2 v3 --prev-kv\nget k2\n\nget k2\n");
+    let o = dev.kv_in(dev.dir.path(), &["txn", "-w", "json"], Some(&t));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(v["succeeded"], true, "{v}");
+    assert_eq!(v["revision"].as_u64(), Some(put_rev + 1));
+    assert_eq!(v["results"][0]["put"]["prev_kv"]["value"], "v2");
+    assert_eq!(v["results"][1]["get"]["kv"]["value"], "v3");
+    // The same again: the comparison fails now, the other branch runs.
+    let o = dev.kv_in(dev.dir.path(), &["txn"], Some(&t));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILURE\nv3\n");
+    // A malformed one names its line, exit code 2.
+    let o = dev.kv_in(dev.dir.path(), &["txn"], Some("mod(k2) ~ 1\n"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 1"), "{}", String::from_utf8_lossy(&o.stderr));
 
     // Binary keys and values as hex.
     assert_eq!(dev.ok(&["--hex", "put", "00ff", "0a0b"]).trim(), "OK");

@@ -6,7 +6,8 @@ use std::path::Path;
 use cairn_kv_client::frame::encode;
 use cairn_kv_client::fuzzing::fuzz_frames;
 use cairn_kv_client::protocol::{
-    Consistency, ErrorCode, MemberInfo, Request, Response, Session, SnapshotFile, SnapshotHeader, StatusInfo, WriteOp,
+    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, KeyMeta, KeyValue, MemberInfo, Request, Response,
+    Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WriteOp,
 };
 use proptest::prelude::*;
 
@@ -50,12 +51,56 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 consistency: Consistency::Linearizable,
             },
         ),
+        (
+            "txn",
+            Request::Txn {
+                session: Session { client_id: 3, seq: 4, first_unacked: 4 },
+                compares: vec![
+                    Compare { key: b"k".to_vec(), op: CompareOp::Equal, target: CompareTarget::Value(b"v".to_vec()) },
+                    Compare { key: b"c".to_vec(), op: CompareOp::Less, target: CompareTarget::ModRevision(9) },
+                    Compare { key: b"e".to_vec(), op: CompareOp::NotEqual, target: CompareTarget::Exists(true) },
+                ],
+                success: vec![
+                    TxnOp::Put { key: b"k".to_vec(), value: b"w".to_vec(), prev_kv: true },
+                    TxnOp::Get { key: b"c".to_vec() },
+                ],
+                failure: vec![
+                    TxnOp::Delete { key: b"k".to_vec(), prev_kv: false },
+                    TxnOp::DeleteRange { start: b"a".to_vec(), end: b"b".to_vec() },
+                ],
+            },
+        ),
         ("member-add", Request::MemberAdd { id: 4, addr: "127.0.0.1:7104".into(), learner: true }),
         ("snapshot-save", Request::SnapshotSave),
         ("alarm", Request::Alarm { node: 0, raise: false }),
     ];
     let resps = [
-        ("value", Response::Value { value: Some(b"v".to_vec()), index: 9 }),
+        (
+            "value",
+            Response::Value {
+                value: Some(b"v".to_vec()),
+                index: 9,
+                meta: Some(KeyMeta { create_revision: 2, mod_revision: 3, version: 2, lease: 0 }),
+                revision: 4,
+            },
+        ),
+        (
+            "txn-done",
+            Response::TxnDone {
+                succeeded: true,
+                index: 12,
+                revision: 5,
+                results: vec![
+                    TxnOpResult::Put {
+                        prev: Some(KeyValue { key: b"k".to_vec(), value: b"v".to_vec(), meta: KeyMeta::default() }),
+                    },
+                    TxnOpResult::Delete { deleted: 1, prev: None },
+                    TxnOpResult::DeleteRange { deleted: 3 },
+                    TxnOpResult::Get { kv: None },
+                ],
+                replayed: false,
+            },
+        ),
         ("status", Response::Status(StatusInfo { node_id: 1, alarms: vec![2], ..StatusInfo::default() })),
         ("members", Response::Members(vec![MemberInfo { id: 1, addr: "a:1".into(), learner: false }])),
         (

@@ -3,17 +3,19 @@
 //! marker, answers the proposals waiting on those entries, and keeps the
 //! session table (Raft thesis §6.3) in the replicated state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cairn_kv_client::protocol::{ErrorCode, Response, Session, WriteOp};
+use cairn_kv_client::protocol::{
+    Compare, CompareOp, CompareTarget, ErrorCode, KeyMeta, KeyValue, Response, Session, TxnOp, TxnOpResult, WriteOp,
+};
 use cairn_lsm::{Db, Marker, WriteBatch};
 use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
 use tokio::sync::{oneshot, watch};
 
 use crate::state::{
-    Book, CONF_KEY, Command, CommandOp, Outcome, SESSION_PREFIX, SessionRecord, SharedBook, addr_key, alarm_key,
-    encode_value, read_book, removed_key, session_key, user_key, write_book,
+    Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
+    alarm_key, decode_value, encode_value, load_revision, read_book, removed_key, session_key, user_key, write_book,
 };
 
 /// A proposal waiting for its entry to apply.
@@ -87,6 +89,8 @@ pub struct ApplyLimits {
     pub session_responses_max: usize,
     /// A session idle this long (by entry timestamps) expires, in ms.
     pub session_ttl_ms: u64,
+    /// Comparisons plus operations in one transaction.
+    pub txn_ops_max: usize,
 }
 
 /// The apply worker's state.
@@ -98,6 +102,12 @@ pub struct Applier {
     book_changes: Vec<BookChange>,
     /// The raised space alarms, as of the entries applied so far.
     alarms: std::collections::BTreeSet<u64>,
+    /// The cluster revision, as of the entries applied so far.
+    revision: u64,
+    /// User keys written by the entries of the batch being applied (LSM key
+    /// to stored value, `None`: deleted): reads at apply see them before
+    /// the batch reaches the LSM.
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -132,6 +142,7 @@ impl Applier {
         let db = shared.get();
         let sessions = load_sessions(&db)?;
         let alarms = read_book(&book).alarms.clone();
+        let revision = load_revision(&db)?;
         Ok(Applier {
             shared,
             db,
@@ -139,6 +150,8 @@ impl Applier {
             book,
             book_changes: Vec::new(),
             alarms,
+            revision,
+            pending: BTreeMap::new(),
             sessions,
             applied,
             waiters,
@@ -202,11 +215,13 @@ impl Applier {
             (name, Arc::new(db))
         };
         let sessions = load_sessions(&db).map_err(|e| format!("reading the installed state's sessions: {e}"))?;
+        let revision = load_revision(&db).map_err(|e| format!("reading the installed state's revision: {e}"))?;
         let book =
             Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
         let old = (!delta && !merge).then(|| self.shared.replace(db.clone()));
         self.db = db;
         self.sessions = sessions;
+        self.revision = revision;
         self.alarms = book.alarms.clone();
         *write_book(&self.book) = book;
         self.applied.send_replace(c.manifest.index);
@@ -276,6 +291,8 @@ impl Applier {
     pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) -> Result<(), String> {
         let Some(last) = entries.last() else { return Ok(()) };
         let mut batch = WriteBatch::new();
+        let revision_before = self.revision;
+        self.pending.clear();
         let mut answers: Vec<(u64, Term, Response)> = Vec::with_capacity(entries.len());
         let mut touched: Vec<u64> = Vec::new();
         for e in entries {
@@ -315,6 +332,10 @@ impl Applier {
         if let Some(conf) = conf {
             batch.put(CONF_KEY.to_vec(), archived(cairn_kv_client::frame::archive(conf)));
         }
+        if self.revision != revision_before {
+            batch.put(REVISION_KEY.to_vec(), self.revision.to_le_bytes().to_vec());
+        }
+        self.pending.clear();
         batch.set_marker(Marker::new(last.index.0, last.term.0));
         if let Err(e) = self.db.write(&batch) {
             return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
@@ -411,11 +432,18 @@ impl Applier {
                 Response::Registered { client_id: index }
             }
             CommandOp::Write { session, ops } => {
-                let outcome = self.apply_write(index, cmd.time_ms, session, &ops, batch, touched);
-                match outcome {
-                    Outcome::Written(i) => Response::Written { index: i },
-                    Outcome::Refused(code) => Response::error(code, refusal_message(code)),
-                }
+                let mut body = Body::Write(&ops);
+                let outcome = self.apply_write(index, cmd.time_ms, session, &mut body, batch, touched);
+                outcome_response(outcome, None)
+            }
+            CommandOp::Txn { session, compares, success, failure } => {
+                let mut body = Body::Txn { compares: &compares, success: &success, failure: &failure, results: None };
+                let outcome = self.apply_write(index, cmd.time_ms, session, &mut body, batch, touched);
+                let results = match body {
+                    Body::Txn { results, .. } => results,
+                    Body::Write(_) => None,
+                };
+                outcome_response(outcome, results)
             }
         }
     }
@@ -425,7 +453,7 @@ impl Applier {
         index: u64,
         time_ms: u64,
         s: Session,
-        ops: &[WriteOp],
+        body: &mut Body<'_>,
         batch: &mut WriteBatch,
         touched: &mut Vec<u64>,
     ) -> Outcome {
@@ -452,29 +480,79 @@ impl Applier {
             Some(local) => local.load(std::sync::atomic::Ordering::Relaxed),
             None => !self.alarms.is_empty(),
         };
-        let outcome = match check_ops(ops, self.limits) {
+        let (checked, puts) = match body {
+            Body::Write(ops) => (check_ops(ops, self.limits), ops.iter().any(|o| matches!(o, WriteOp::Put { .. }))),
+            Body::Txn { compares, success, failure, .. } => (
+                check_txn(compares, success, failure, self.limits),
+                success.iter().chain(failure.iter()).any(|o| matches!(o, TxnOp::Put { .. })),
+            ),
+        };
+        let outcome = match checked {
             Err(code) => Outcome::Refused(code),
             // Deletes go on, so space can be freed.
-            Ok(()) if no_space && ops.iter().any(|o| matches!(o, WriteOp::Put { .. })) => {
-                Outcome::Refused(ErrorCode::NoSpace)
-            }
+            Ok(()) if no_space && puts => Outcome::Refused(ErrorCode::NoSpace),
             Ok(()) => {
-                for op in ops {
-                    match op {
-                        WriteOp::Put { key, value } => {
-                            batch.put(user_key(key), encode_value(index, value));
+                let mut m = Mutation {
+                    db: &self.db,
+                    pending: &mut self.pending,
+                    batch,
+                    next: self.revision + 1,
+                    changed: false,
+                };
+                let outcome = match body {
+                    Body::Write(ops) => {
+                        for op in ops.iter() {
+                            match op {
+                                WriteOp::Put { key, value } => {
+                                    m.put(key, value);
+                                }
+                                WriteOp::Delete { key } => {
+                                    m.delete(key);
+                                }
+                                WriteOp::DeleteRange { start, end } => {
+                                    m.delete_range(start, end);
+                                }
+                            }
                         }
-                        WriteOp::Delete { key } => {
-                            batch.delete(user_key(key));
-                        }
-                        WriteOp::DeleteRange { start, end } => {
-                            batch.delete_range(user_key(start), user_key(end));
-                        }
+                        None
                     }
+                    Body::Txn { compares, success, failure, results } => {
+                        let succeeded = compares.iter().all(|c| m.holds(c));
+                        let branch = if succeeded { success } else { failure };
+                        let mut out = Vec::with_capacity(branch.len());
+                        for op in branch.iter() {
+                            out.push(match op {
+                                TxnOp::Put { key, value, prev_kv } => {
+                                    let prev = m.put(key, value);
+                                    TxnOpResult::Put { prev: prev.filter(|_| *prev_kv) }
+                                }
+                                TxnOp::Delete { key, prev_kv } => {
+                                    let prev = m.delete(key);
+                                    TxnOpResult::Delete {
+                                        deleted: u64::from(prev.is_some()),
+                                        prev: prev.filter(|_| *prev_kv),
+                                    }
+                                }
+                                TxnOp::DeleteRange { start, end } => {
+                                    TxnOpResult::DeleteRange { deleted: m.delete_range(start, end) }
+                                }
+                                TxnOp::Get { key } => TxnOpResult::Get { kv: m.get(key) },
+                            });
+                        }
+                        *results = Some(out);
+                        Some(succeeded)
+                    }
+                };
+                if m.changed {
+                    self.revision += 1;
                 }
-                Outcome::Written(index)
+                match outcome {
+                    None => Outcome::Written { index, revision: self.revision },
+                    Some(succeeded) => Outcome::Txn { index, revision: self.revision, succeeded },
+                }
             }
         };
+        let Some(rec) = self.sessions.get_mut(&s.client_id) else { return outcome };
         rec.first_unacked = rec.first_unacked.max(s.first_unacked.min(s.seq));
         let floor = rec.first_unacked;
         rec.responses.retain(|(q, _)| *q >= floor);
@@ -506,6 +584,188 @@ impl Applier {
         }
         h.digest()
     }
+}
+
+/// What a client write asks: plain operations, or a transaction (whose
+/// results the apply fills in).
+enum Body<'a> {
+    Write(&'a [WriteOp]),
+    Txn { compares: &'a [Compare], success: &'a [TxnOp], failure: &'a [TxnOp], results: Option<Vec<TxnOpResult>> },
+}
+
+/// The answer to a write's outcome (`results`: a transaction's, when it
+/// applied now rather than being a retry's cached outcome).
+fn outcome_response(outcome: Outcome, results: Option<Vec<TxnOpResult>>) -> Response {
+    match outcome {
+        Outcome::Written { index, revision } => Response::Written { index, revision },
+        Outcome::Txn { index, revision, succeeded } => Response::TxnDone {
+            succeeded,
+            index,
+            revision,
+            replayed: results.is_none(),
+            results: results.unwrap_or_default(),
+        },
+        Outcome::Refused(code) => Response::error(code, refusal_message(code)),
+    }
+}
+
+/// One write's changes to user keys: reads see the state as the batch
+/// being applied left it; every change goes into the batch and the pending
+/// overlay; `next` is the revision the write gets if it changes anything.
+struct Mutation<'a> {
+    db: &'a Db,
+    pending: &'a mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: &'a mut WriteBatch,
+    next: u64,
+    changed: bool,
+}
+
+impl Mutation<'_> {
+    fn stored(&self, lsm_key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(v) = self.pending.get(lsm_key) {
+            return v.clone();
+        }
+        match self.db.get(lsm_key) {
+            Ok(v) => v.map(|b| b.to_vec()),
+            Err(e) => crate::fatal(&format!("reading the state at apply: {e}")),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<KeyValue> {
+        let stored = self.stored(&user_key(key))?;
+        match decode_value(&stored) {
+            Ok((meta, value)) => Some(KeyValue { key: key.to_vec(), value: value.to_vec(), meta }),
+            Err(e) => crate::fatal(&format!("a stored value cannot be read at apply: {e}")),
+        }
+    }
+
+    /// Sets `key`; returns what it held.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Option<KeyValue> {
+        let prev = self.get(key);
+        let meta = match &prev {
+            Some(p) => KeyMeta {
+                create_revision: p.meta.create_revision,
+                mod_revision: self.next,
+                version: p.meta.version + 1,
+                lease: p.meta.lease,
+            },
+            None => KeyMeta { create_revision: self.next, mod_revision: self.next, version: 1, lease: 0 },
+        };
+        let k = user_key(key);
+        let v = encode_value(meta, value);
+        self.batch.put(k.clone(), v.clone());
+        self.pending.insert(k, Some(v));
+        self.changed = true;
+        prev
+    }
+
+    /// Removes `key`; returns what it held (an absent key changes nothing).
+    fn delete(&mut self, key: &[u8]) -> Option<KeyValue> {
+        let prev = self.get(key)?;
+        let k = user_key(key);
+        self.batch.delete(k.clone());
+        self.pending.insert(k, None);
+        self.changed = true;
+        Some(prev)
+    }
+
+    /// Removes every key in `[start, end)`; returns how many there were.
+    fn delete_range(&mut self, start: &[u8], end: &[u8]) -> u64 {
+        let (lo, hi) = (user_key(start), user_key(end));
+        let mut present: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for kv in self.db.range(lo.clone()..hi.clone()) {
+            match kv {
+                Ok((k, _)) => {
+                    present.insert(k.to_vec());
+                }
+                Err(e) => crate::fatal(&format!("reading the state at apply: {e}")),
+            }
+        }
+        for (k, v) in self.pending.range(lo..hi) {
+            if v.is_some() {
+                present.insert(k.clone());
+            } else {
+                present.remove(k);
+            }
+        }
+        for k in &present {
+            self.batch.delete(k.clone());
+            self.pending.insert(k.clone(), None);
+        }
+        self.changed |= !present.is_empty();
+        present.len() as u64
+    }
+
+    /// Whether a comparison holds (a missing key: version and revisions 0,
+    /// every value comparison false).
+    fn holds(&self, c: &Compare) -> bool {
+        fn cmp<T: Ord>(a: T, op: CompareOp, b: T) -> bool {
+            match op {
+                CompareOp::Equal => a == b,
+                CompareOp::NotEqual => a != b,
+                CompareOp::Less => a < b,
+                CompareOp::Greater => a > b,
+            }
+        }
+        let kv = self.get(&c.key);
+        let meta = kv.as_ref().map(|kv| kv.meta).unwrap_or_default();
+        match &c.target {
+            CompareTarget::Value(v) => kv.is_some_and(|kv| cmp(kv.value.as_slice(), c.op, v.as_slice())),
+            CompareTarget::Version(n) => cmp(meta.version, c.op, *n),
+            CompareTarget::CreateRevision(n) => cmp(meta.create_revision, c.op, *n),
+            CompareTarget::ModRevision(n) => cmp(meta.mod_revision, c.op, *n),
+            CompareTarget::Exists(b) => cmp(kv.is_some(), c.op, *b),
+        }
+    }
+}
+
+/// Checks a transaction against the limits.
+pub fn check_txn(
+    compares: &[Compare],
+    success: &[TxnOp],
+    failure: &[TxnOp],
+    limits: ApplyLimits,
+) -> Result<(), ErrorCode> {
+    if compares.len() + success.len() + failure.len() > limits.txn_ops_max {
+        return Err(ErrorCode::TooLarge);
+    }
+    let key = |k: &[u8]| {
+        if k.is_empty() {
+            Err(ErrorCode::BadRequest)
+        } else if k.len() > limits.key_bytes_max {
+            Err(ErrorCode::TooLarge)
+        } else {
+            Ok(())
+        }
+    };
+    for c in compares {
+        key(&c.key)?;
+        if let CompareTarget::Value(v) = &c.target
+            && v.len() > limits.value_bytes_max
+        {
+            return Err(ErrorCode::TooLarge);
+        }
+    }
+    for op in success.iter().chain(failure) {
+        match op {
+            TxnOp::Put { key: k, value, .. } => {
+                key(k)?;
+                if value.len() > limits.value_bytes_max {
+                    return Err(ErrorCode::TooLarge);
+                }
+            }
+            TxnOp::Delete { key: k, .. } | TxnOp::Get { key: k } => key(k)?,
+            TxnOp::DeleteRange { start, end } => {
+                if start >= end {
+                    return Err(ErrorCode::BadRequest);
+                }
+                if start.len() > limits.key_bytes_max || end.len() > limits.key_bytes_max {
+                    return Err(ErrorCode::TooLarge);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of an archived record of the state, or a stop: a state that

@@ -172,6 +172,8 @@ pub struct Limits {
     pub scan_pairs_max: u32,
     /// Responses kept per session. Default 1024.
     pub session_responses_max: usize,
+    /// Comparisons plus operations in one transaction. Default 1024.
+    pub txn_ops_max: usize,
     /// Client connections at once. Default 1024.
     pub client_connections_max: usize,
 }
@@ -192,6 +194,7 @@ impl Default for Limits {
             pending_reads_max: 4096,
             scan_pairs_max: 10_000,
             session_responses_max: 1024,
+            txn_ops_max: 1024,
             client_connections_max: 1024,
         }
     }

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::node::{MemberChange, NodeRequest, NodeTask};
 use crate::peer::{self, LinkConfig};
 use crate::snapshot::{Checkpoints, ReceiveState, SendContext, SharedDb};
-use crate::state::{CONF_KEY, Command, CommandOp, USER_PREFIX, decode_value, user_key};
+use crate::state::{CONF_KEY, Command, CommandOp, REVISION_KEY, USER_PREFIX, decode_value, user_key};
 use crate::storage::{NodeIdentity, WalFaults, WalStore, run_wal_thread};
 use crate::tls::{self, NodeTls};
 
@@ -256,6 +256,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         value_bytes_max: limits.value_bytes_max,
         session_responses_max: limits.session_responses_max,
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
+        txn_ops_max: limits.txn_ops_max,
     };
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
@@ -555,6 +556,18 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             }
             propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Write { session, ops } }).await
         }
+        Request::Txn { session, compares, success, failure } => {
+            if let Err(code) = crate::apply::check_txn(&compares, &success, &failure, ctx.apply_limits) {
+                return Response::error(code, crate::apply::refusal_message(code));
+            }
+            let puts =
+                success.iter().chain(&failure).any(|o| matches!(o, cairn_kv_client::protocol::TxnOp::Put { .. }));
+            if puts && !crate::state::read_book(&ctx.book).alarms.is_empty() {
+                return Response::error(ErrorCode::NoSpace, crate::apply::refusal_message(ErrorCode::NoSpace));
+            }
+            let op = CommandOp::Txn { session, compares, success, failure };
+            propose_command(ctx, Command { time_ms: now_ms(), op }).await
+        }
         Request::Get { key, consistency } => {
             if key.len() > ctx.limits.key_bytes_max {
                 return Response::error(ErrorCode::TooLarge, "the key is over the limit");
@@ -563,12 +576,22 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Ok(i) => i,
                 Err(r) => return r,
             };
-            match ctx.db.get().get(&user_key(&key)) {
+            // One read view: the value and the revision of the same state.
+            let view = ctx.db.get().read_view();
+            let revision = match view
+                .get(REVISION_KEY)
+                .map_err(|e| e.to_string())
+                .and_then(|r| crate::state::read_revision(r.as_deref()).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            };
+            match view.get(&user_key(&key)) {
                 Ok(Some(v)) => match decode_value(&v) {
-                    Ok(v) => Response::Value { value: Some(v.to_vec()), index },
+                    Ok((meta, v)) => Response::Value { value: Some(v.to_vec()), index, meta: Some(meta), revision },
                     Err(e) => Response::error(ErrorCode::Unavailable, e),
                 },
-                Ok(None) => Response::Value { value: None, index },
+                Ok(None) => Response::Value { value: None, index, meta: None, revision },
                 Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             }
         }
@@ -584,13 +607,22 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Some(e) => user_key(&e),
                 None => vec![USER_PREFIX + 1],
             };
+            let view = ctx.db.get().read_view();
+            let revision = match view
+                .get(REVISION_KEY)
+                .map_err(|e| e.to_string())
+                .and_then(|r| crate::state::read_revision(r.as_deref()).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            };
             if lo >= hi {
-                return Response::Scanned { pairs: Vec::new(), more: false, index };
+                return Response::Scanned { pairs: Vec::new(), more: false, index, metas: Vec::new(), revision };
             }
             let mut pairs = Vec::new();
+            let mut metas = Vec::new();
             let mut more = false;
-            let db = ctx.db.get();
-            for kv in db.range(lo..hi) {
+            for kv in view.range(lo..hi) {
                 let (k, v) = match kv {
                     Ok(kv) => kv,
                     Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
@@ -599,14 +631,14 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                     more = true;
                     break;
                 }
-                let v = match (keys_only, decode_value(&v)) {
-                    (true, _) => Vec::new(),
-                    (false, Ok(v)) => v.to_vec(),
-                    (false, Err(e)) => return Response::error(ErrorCode::Unavailable, e),
+                let (meta, v) = match decode_value(&v) {
+                    Ok((meta, v)) => (meta, if keys_only { Vec::new() } else { v.to_vec() }),
+                    Err(e) => return Response::error(ErrorCode::Unavailable, e),
                 };
                 pairs.push((k[1..].to_vec(), v));
+                metas.push(meta);
             }
-            Response::Scanned { pairs, more, index }
+            Response::Scanned { pairs, more, index, metas, revision }
         }
         Request::Status { with_hash } => {
             let mut s = match ask(ctx, |reply| NodeRequest::Status { reply }).await {

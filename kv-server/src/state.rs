@@ -6,16 +6,16 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `k` | user key | [`VALUE_FORMAT`], modification index (u64 LE), the value |
+//! | `k` | user key | [`VALUE_FORMAT`], create revision, modification revision, version, lease (u64 LE each), the value |
 //! | `s` | client id (u64 BE) | a [`SessionRecord`] (rkyv) |
 //! | `m` | `conf` | the membership (`ConfState`, rkyv) as of the marker |
 //! | `m` | `addr/` node id (u64 BE) | the node's peer address (UTF-8) |
 //! | `m` | `removed/` node id (u64 BE) | empty: the id was removed, for good |
 //! | `m` | `alarm/` node id (u64 BE) | empty: the node's space alarm is raised |
+//! | `m` | `revision` | the cluster revision (u64 LE): raised by one by each write that changes a key |
 //!
-//! Reserved for later: `r` (per-key revisions and history for watch), `l`
-//! (leases). The modification index stored with each value is the Raft index
-//! that wrote it, so revisions can start from it.
+//! Reserved for later: `r` (history of revisions, for watch and reads at a
+//! past revision), `l` (leases).
 
 /// Namespace of user keys.
 pub const USER_PREFIX: u8 = b'k';
@@ -31,16 +31,21 @@ pub const ADDR_PREFIX: &[u8] = b"maddr/";
 pub const REMOVED_PREFIX: &[u8] = b"mremoved/";
 /// The prefix of raised space alarms.
 pub const ALARM_PREFIX: &[u8] = b"malarm/";
-/// The format byte of a stored value.
-pub const VALUE_FORMAT: u8 = 1;
+/// The key of the cluster revision.
+pub const REVISION_KEY: &[u8] = b"mrevision";
+/// The format byte of a stored value (2: with revisions; 1, before them, is
+/// refused with a clear error).
+pub const VALUE_FORMAT: u8 = 2;
 /// Bytes before a stored value's user bytes.
-pub const VALUE_HEADER_BYTES: usize = 9;
+pub const VALUE_HEADER_BYTES: usize = 33;
 
 pub use records::{Command, CommandOp, Outcome, SessionRecord};
 
+use cairn_kv_client::protocol::KeyMeta;
+
 mod records {
     use cairn_kv_client::frame::{self, FrameError};
-    use cairn_kv_client::protocol::{ErrorCode, Session, WriteOp};
+    use cairn_kv_client::protocol::{Compare, ErrorCode, Session, TxnOp, WriteOp};
     use rkyv::{Archive, Deserialize, Serialize};
 
     /// What an entry asks the state machine to do.
@@ -67,6 +72,17 @@ mod records {
             session: Session,
             /// The changes, applied together.
             ops: Vec<WriteOp>,
+        },
+        /// A client transaction.
+        Txn {
+            /// The client's session.
+            session: Session,
+            /// All must hold for `success` to run.
+            compares: Vec<Compare>,
+            /// Run when they hold.
+            success: Vec<TxnOp>,
+            /// Run otherwise.
+            failure: Vec<TxnOp>,
         },
         /// Nothing (a health check).
         Noop,
@@ -101,8 +117,22 @@ mod records {
     #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
     #[rkyv(derive(Debug), attr(allow(missing_docs)))]
     pub enum Outcome {
-        /// Applied at this index.
-        Written(u64),
+        /// Applied at this index, leaving this revision.
+        Written {
+            /// The entry's index.
+            index: u64,
+            /// The cluster revision after it.
+            revision: u64,
+        },
+        /// A transaction applied at this index (its reads are not kept).
+        Txn {
+            /// The entry's index.
+            index: u64,
+            /// The cluster revision after it.
+            revision: u64,
+            /// Whether its comparisons held.
+            succeeded: bool,
+        },
         /// Refused at apply (deterministically) with this code.
         Refused(ErrorCode),
     }
@@ -217,21 +247,48 @@ pub fn session_key(id: u64) -> Vec<u8> {
     k
 }
 
-/// A stored value: format, modification index, user bytes.
-pub fn encode_value(index: u64, value: &[u8]) -> Vec<u8> {
+/// A stored value: format, revisions, user bytes.
+pub fn encode_value(meta: KeyMeta, value: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
     v.push(VALUE_FORMAT);
-    v.extend_from_slice(&index.to_le_bytes());
+    for x in [meta.create_revision, meta.mod_revision, meta.version, meta.lease] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
     v.extend_from_slice(value);
     v
 }
 
-/// The user bytes of a stored value, or why it is not one.
-pub fn decode_value(stored: &[u8]) -> Result<&[u8], String> {
+/// The revisions and user bytes of a stored value, or why it is not one.
+pub fn decode_value(stored: &[u8]) -> Result<(KeyMeta, &[u8]), String> {
     match stored.first() {
-        Some(&VALUE_FORMAT) if stored.len() >= VALUE_HEADER_BYTES => Ok(&stored[VALUE_HEADER_BYTES..]),
+        Some(&VALUE_FORMAT) if stored.len() >= VALUE_HEADER_BYTES => {
+            let u = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&stored[1 + 8 * i..9 + 8 * i]);
+                u64::from_le_bytes(b)
+            };
+            let meta = KeyMeta { create_revision: u(0), mod_revision: u(1), version: u(2), lease: u(3) };
+            Ok((meta, &stored[VALUE_HEADER_BYTES..]))
+        }
+        Some(&VALUE_FORMAT) => Err(format!("a stored value of {} bytes is shorter than its header", stored.len())),
         Some(&f) => Err(format!("stored value of format {f}, this build reads format {VALUE_FORMAT}")),
         None => Err("empty stored value".into()),
+    }
+}
+
+/// The cluster revision a state holds (0 before the first write).
+pub fn load_revision(db: &cairn_lsm::Db) -> Result<u64, crate::storage::StorageError> {
+    read_revision(db.get(REVISION_KEY)?.as_deref())
+}
+
+/// Decodes the stored cluster revision.
+pub fn read_revision(stored: Option<&[u8]>) -> Result<u64, crate::storage::StorageError> {
+    match stored {
+        None => Ok(0),
+        Some(b) => <[u8; 8]>::try_from(b).map(u64::from_le_bytes).map_err(|_| crate::storage::StorageError::Corrupt {
+            what: "revision",
+            reason: format!("{} bytes", b.len()),
+        }),
     }
 }
 
@@ -250,11 +307,17 @@ mod tests {
             },
         };
         assert_eq!(Command::decode(&c.encode().expect("encode")).expect("decode"), c);
-        let s = SessionRecord { last_active_ms: 1, first_unacked: 3, responses: vec![(3, Outcome::Written(9))] };
+        let s = SessionRecord {
+            last_active_ms: 1,
+            first_unacked: 3,
+            responses: vec![(3, Outcome::Written { index: 9, revision: 4 })],
+        };
         assert_eq!(SessionRecord::decode(&s.encode().expect("encode")).expect("decode"), s);
         assert!(Command::decode(b"garbage").is_err());
-        assert_eq!(decode_value(&encode_value(4, b"xy")).expect("value"), b"xy");
+        let meta = KeyMeta { create_revision: 2, mod_revision: 5, version: 3, lease: 0 };
+        assert_eq!(decode_value(&encode_value(meta, b"xy")).expect("value"), (meta, &b"xy"[..]));
         assert!(decode_value(&[2, 0]).is_err());
+        assert!(decode_value(&[1, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err(), "format 1 is refused");
     }
 }
 

@@ -72,11 +72,21 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "session",
-            SessionRecord { last_active_ms: 1, first_unacked: 2, responses: vec![(2, Outcome::Written(7))] }
-                .encode()
-                .expect("encode"),
+            SessionRecord {
+                last_active_ms: 1,
+                first_unacked: 2,
+                responses: vec![(2, Outcome::Written { index: 7, revision: 3 })],
+            }
+            .encode()
+            .expect("encode"),
         ),
-        ("value", encode_value(5, b"hello")),
+        (
+            "value",
+            encode_value(
+                cairn_kv_client::protocol::KeyMeta { create_revision: 2, mod_revision: 5, version: 2, lease: 0 },
+                b"hello",
+            ),
+        ),
     ]
 }
 

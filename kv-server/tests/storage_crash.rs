@@ -118,6 +118,7 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
         value_bytes_max: 1 << 16,
         session_responses_max: 64,
         session_ttl_ms: u64::MAX / 4,
+        txn_ops_max: 1024,
     };
     let book = Arc::new(std::sync::RwLock::new(rec.book));
     let applier = Applier::new(db.clone(), site, book, tx, waiters.clone(), limits).map_err(|e| e.to_string())?;
@@ -208,7 +209,7 @@ impl Node {
 
     fn value(&self, key: &str) -> Option<Vec<u8>> {
         let v = self.db.get().get(&user_key(key.as_bytes())).expect("read")?;
-        Some(decode_value(&v).expect("stored value").to_vec())
+        Some(decode_value(&v).expect("stored value").1.to_vec())
     }
 }
 
@@ -300,7 +301,18 @@ fn write_state(fs: &NodeFs, dir: &Path, prefix: &str, keys: u32, index: u64) -> 
     let db = Db::open_with_fs(fs.clone(), dir, options()).expect("open");
     let mut b = WriteBatch::new();
     for i in 0..keys {
-        b.put(user_key(format!("{prefix}{i:04}").as_bytes()), cairn_kv_server::state::encode_value(index, b"v"));
+        b.put(
+            user_key(format!("{prefix}{i:04}").as_bytes()),
+            cairn_kv_server::state::encode_value(
+                cairn_kv_client::protocol::KeyMeta {
+                    create_revision: index,
+                    mod_revision: index,
+                    version: 1,
+                    lease: 0,
+                },
+                b"v",
+            ),
+        );
     }
     b.set_marker(cairn_lsm::Marker::new(index, 1));
     db.write(&b).expect("write");

@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod bench;
 mod out;
+mod txn;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -100,6 +101,15 @@ enum Cmd {
         /// l: linearizable (default); s: serializable (may be stale).
         #[arg(long, value_enum, default_value = "l")]
         consistency: Cons,
+    },
+    /// Run a transaction: comparisons, then the operations when they all
+    /// hold, then the operations otherwise, separated by blank lines (from
+    /// --file or stdin). Example: `mod("lock") = 0`, blank line,
+    /// `put lock me`, blank line, `get lock`.
+    Txn {
+        /// Read the transaction from this file instead of stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Remove KEY (or every key that starts with it).
     Del {
@@ -344,16 +354,38 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                     if o.hex { o.input(String::from_utf8_lossy(&buf).trim())? } else { buf }
                 }
             };
-            let index = client.put(o.input(key)?, value).await?;
-            o.done(index);
+            let w = client.write_full(vec![WriteOp::Put { key: o.input(key)?, value }]).await?;
+            o.done(w.index, w.revision);
+        }
+        Cmd::Txn { file } => {
+            let text = match file {
+                Some(f) => std::fs::read_to_string(f).map_err(|e| fail(2, format!("reading {}: {e}", f.display())))?,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!(
+                            "comparisons, a blank line, the operations when they hold, a blank line, the operations \
+                             otherwise; end with Ctrl-D"
+                        );
+                    }
+                    let mut t = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut t)
+                        .map_err(|e| fail(2, format!("reading the transaction from stdin: {e}")))?;
+                    t
+                }
+            };
+            let input = |s: &str| o.input(s).map_err(|f| f.message);
+            let t = txn::parse(&text, &input).map_err(|e| fail(2, e))?;
+            let r = client.txn(t).await?;
+            o.txn(&r);
         }
         Cmd::Get { key, prefix, range_end, limit, keys_only, consistency } => {
             let c = if *consistency == Cons::S { Consistency::Serializable } else { Consistency::Linearizable };
             let key = o.input(key)?;
             if !*prefix && range_end.is_none() {
-                let (v, index) = client.get_with(key.clone(), c).await?;
-                match v {
-                    Some(v) => o.value(&key, &v, *keys_only, index),
+                let (kv, revision) = client.get_kv(key.clone(), c).await?;
+                match kv {
+                    Some(kv) => o.value(&kv, *keys_only, revision),
                     None => return Err(fail(1, format!("key {} not found", o.show(&key)))),
                 }
             } else {
@@ -380,8 +412,8 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
             } else {
                 WriteOp::Delete { key }
             };
-            let index = client.write(vec![op]).await?;
-            o.done(index);
+            let w = client.write_full(vec![op]).await?;
+            o.done(w.index, w.revision);
         }
         Cmd::Scan { start, end, limit, keys_only } => {
             let mut from = o.input(start)?;

@@ -105,10 +105,63 @@ impl Out {
     }
 
     /// A write applied at `index`.
-    pub(crate) fn done(&self, index: u64) {
+    pub(crate) fn done(&self, index: u64, revision: u64) {
         match self.format {
-            Format::Json => self.json(json!({ "ok": true, "index": index })),
+            Format::Json => self.json(json!({ "ok": true, "index": index, "revision": revision })),
             _ => outln!("OK"),
+        }
+    }
+
+    /// A key-value with its revisions, as JSON.
+    fn kv_json(&self, kv: &cairn_kv_client::protocol::KeyValue) -> Value {
+        json!({
+            "key": self.show(&kv.key),
+            "value": self.show(&kv.value),
+            "create_revision": kv.meta.create_revision,
+            "mod_revision": kv.meta.mod_revision,
+            "version": kv.meta.version,
+        })
+    }
+
+    /// What a transaction did.
+    pub(crate) fn txn(&self, r: &cairn_kv_client::TxnResult) {
+        use cairn_kv_client::protocol::TxnOpResult;
+        if self.format == Format::Json {
+            let results: Vec<Value> = r
+                .results
+                .iter()
+                .map(|x| match x {
+                    TxnOpResult::Put { prev } => {
+                        json!({ "put": { "prev_kv": prev.as_ref().map(|p| self.kv_json(p)) } })
+                    }
+                    TxnOpResult::Delete { deleted, prev } => {
+                        json!({ "delete": { "deleted": deleted, "prev_kv": prev.as_ref().map(|p| self.kv_json(p)) } })
+                    }
+                    TxnOpResult::DeleteRange { deleted } => json!({ "delete_range": { "deleted": deleted } }),
+                    TxnOpResult::Get { kv } => json!({ "get": { "kv": kv.as_ref().map(|p| self.kv_json(p)) } }),
+                })
+                .collect();
+            self.json(json!({
+                "succeeded": r.succeeded, "index": r.index, "revision": r.revision,
+                "replayed": r.replayed, "results": results,
+            }));
+            return;
+        }
+        outln!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
+        for x in &r.results {
+            match x {
+                TxnOpResult::Put { prev: Some(p) } => outln!("OK (was {})", self.show(&p.value)),
+                TxnOpResult::Put { prev: None } => outln!("OK"),
+                TxnOpResult::Delete { deleted, prev: Some(p) } => outln!("{deleted} (was {})", self.show(&p.value)),
+                TxnOpResult::Delete { deleted, prev: None } | TxnOpResult::DeleteRange { deleted } => {
+                    outln!("{deleted}")
+                }
+                TxnOpResult::Get { kv: Some(kv) } => outln!("{}", self.show(&kv.value)),
+                TxnOpResult::Get { kv: None } => outln!("(absent)"),
+            }
+        }
+        if r.replayed {
+            outln!("(a retry of a transaction that had applied: its results are not kept)");
         }
     }
 
@@ -121,13 +174,26 @@ impl Out {
     }
 
     /// The value of one key.
-    pub(crate) fn value(&self, key: &[u8], v: &[u8], keys_only: bool, index: u64) {
+    pub(crate) fn value(&self, kv: &cairn_kv_client::protocol::KeyValue, keys_only: bool, revision: u64) {
+        let (key, v) = (&kv.key, &kv.value);
         match self.format {
-            Format::Json => self.json(json!({
-                "kvs": [if keys_only { json!({ "key": self.show(key) }) } else { json!({ "key": self.show(key), "value": self.show(v) }) }],
-                "index": index,
-            })),
-            Format::Table => table(&["KEY", "VALUE"], &[vec![self.show(key), if keys_only { String::new() } else { self.show(v) }]]),
+            Format::Json => {
+                let mut one = self.kv_json(kv);
+                if keys_only && let Some(m) = one.as_object_mut() {
+                    m.remove("value");
+                }
+                self.json(json!({ "kvs": [one], "revision": revision }))
+            }
+            Format::Table => table(
+                &["KEY", "VALUE", "CREATE", "MOD", "VERSION"],
+                &[vec![
+                    self.show(key),
+                    if keys_only { String::new() } else { self.show(v) },
+                    kv.meta.create_revision.to_string(),
+                    kv.meta.mod_revision.to_string(),
+                    kv.meta.version.to_string(),
+                ]],
+            ),
             Format::Simple if keys_only => outln!("{}", self.show(key)),
             Format::Simple => outln!("{}", self.show(v)),
         }
