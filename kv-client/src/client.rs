@@ -98,6 +98,7 @@ fn code_name(c: ErrorCode) -> &'static str {
         ErrorCode::Stopping => "node stopping",
         ErrorCode::NoSpace => "no space",
         ErrorCode::Busy => "busy",
+        ErrorCode::LeaseNotFound => "lease not found",
     }
 }
 
@@ -389,6 +390,60 @@ impl Client {
         }
     }
 
+    /// Grants a lease of `ttl` (rounded to ms; at least 1 s); returns its id.
+    /// Keep it alive with [`Client::lease_keep_alive`] well within `ttl`.
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<u64> {
+        match self.call(&Request::LeaseGrant { ttl_ms: ttl.as_millis() as u64 }).await? {
+            Response::LeaseGranted { id, .. } => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Restarts the lease's clock (at the leader); returns its TTL.
+    pub async fn lease_keep_alive(&self, id: u64) -> Result<Duration> {
+        match self.call(&Request::LeaseKeepAlive { id }).await? {
+            Response::LeaseAlive { ttl_ms, .. } => Ok(Duration::from_millis(ttl_ms)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Revokes a lease now; its keys are deleted at one revision.
+    pub async fn lease_revoke(&self, id: u64) -> Result<Written> {
+        match self.call(&Request::LeaseRevoke { id }).await? {
+            Response::Written { index, revision } => Ok(Written { index, revision }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A lease's TTL, the time it has left (as the leader sees it; `None`
+    /// when the node asked does not lead) and its keys.
+    pub async fn lease_time_to_live(&self, id: u64) -> Result<(Duration, Option<Duration>, Vec<Vec<u8>>)> {
+        match self.call(&Request::LeaseTimeToLive { id }).await? {
+            Response::LeaseInfo { ttl_ms, remaining_ms, keys, .. } => {
+                Ok((Duration::from_millis(ttl_ms), remaining_ms.map(Duration::from_millis), keys))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every lease id.
+    pub async fn lease_list(&self) -> Result<Vec<u64>> {
+        match self.call(&Request::LeaseList).await? {
+            Response::Leases(ids) => Ok(ids),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sets `key` to `value`, attached to `lease` (deleted when it ends).
+    pub async fn put_with_lease(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: u64,
+    ) -> Result<Written> {
+        self.write_full(vec![WriteOp::PutWithLease { key: key.into(), value: value.into(), lease }]).await
+    }
+
     /// Reads `key` with its revisions; returns the key-value (if present)
     /// and the cluster revision of the state read.
     pub async fn get_kv(
@@ -632,6 +687,8 @@ impl Client {
             req,
             Request::Write { .. }
                 | Request::Txn { .. }
+                | Request::LeaseGrant { .. }
+                | Request::LeaseRevoke { .. }
                 | Request::Register
                 | Request::MemberAdd { .. }
                 | Request::MemberPromote { .. }

@@ -27,6 +27,15 @@ pub enum WriteOp {
         /// The value (up to the value limit).
         value: Vec<u8>,
     },
+    /// Set a key and attach it to a lease (deleted when the lease ends).
+    PutWithLease {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The lease (granted, not expired).
+        lease: u64,
+    },
     /// Remove a key (absent keys are fine).
     Delete {
         /// The key.
@@ -123,6 +132,8 @@ pub enum TxnOp {
         value: Vec<u8>,
         /// Return the previous key-value.
         prev_kv: bool,
+        /// Attach the key to this lease (0: none; a put without a lease detaches it).
+        lease: u64,
     },
     /// Remove a key; `prev_kv`: return what it held.
     Delete {
@@ -216,6 +227,28 @@ pub enum Request {
         /// Operations when one does not.
         failure: Vec<TxnOp>,
     },
+    /// Grant a lease of `ttl_ms` (answer: [`Response::LeaseGranted`]).
+    LeaseGrant {
+        /// Its time to live, ms (at least 1 s).
+        ttl_ms: u64,
+    },
+    /// Restart a lease's clock (the leader only; answer: [`Response::LeaseAlive`]).
+    LeaseKeepAlive {
+        /// The lease.
+        id: u64,
+    },
+    /// Revoke a lease now: its keys are deleted (answer: [`Response::Written`]).
+    LeaseRevoke {
+        /// The lease.
+        id: u64,
+    },
+    /// A lease's TTL, time left and keys (answer: [`Response::LeaseInfo`]).
+    LeaseTimeToLive {
+        /// The lease.
+        id: u64,
+    },
+    /// Every lease (answer: [`Response::Leases`]).
+    LeaseList,
     /// Read one key.
     Get {
         /// The key.
@@ -321,6 +354,33 @@ pub enum Response {
         /// read results are not kept (empty).
         replayed: bool,
     },
+    /// A lease was granted.
+    LeaseGranted {
+        /// Its id (the index of the entry that granted it).
+        id: u64,
+        /// Its time to live, ms.
+        ttl_ms: u64,
+    },
+    /// A lease's clock restarted.
+    LeaseAlive {
+        /// The lease.
+        id: u64,
+        /// Its time to live, ms: keep it alive well within it.
+        ttl_ms: u64,
+    },
+    /// A lease.
+    LeaseInfo {
+        /// The lease.
+        id: u64,
+        /// Its time to live, ms.
+        ttl_ms: u64,
+        /// Ms left before the leader revokes it (`None`: asked of a node that does not lead).
+        remaining_ms: Option<u64>,
+        /// The keys attached to it.
+        keys: Vec<Vec<u8>>,
+    },
+    /// Every lease id.
+    Leases(Vec<u64>),
     /// A key's value, if present.
     Value {
         /// The value.
@@ -484,6 +544,8 @@ pub enum ErrorCode {
     NoSpace,
     /// Too many requests queued; retry later. Did not apply.
     Busy,
+    /// The lease does not exist (never granted, expired or revoked). Did not apply.
+    LeaseNotFound,
 }
 
 impl ErrorCode {

@@ -165,6 +165,17 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     let o = dev.kv_in(dev.dir.path(), &["txn"], Some(&t));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILURE\nv3\n");
+    // Leases: grant, attach, look, revoke.
+    let v = json(&dev.ok(&["lease", "grant", "60", "-w", "json"]));
+    let id = v["id"].as_u64().expect("lease id").to_string();
+    dev.ok(&["put", "svc/one", "addr", "--lease", &id]);
+    let v = json(&dev.ok(&["lease", "ttl", &id, "-w", "json"]));
+    assert_eq!(v["keys"][0], "svc/one");
+    assert!(dev.ok(&["lease", "list"]).lines().any(|l| l.trim() == id));
+    dev.ok(&["lease", "keep-alive", &id, "--once"]);
+    dev.ok(&["lease", "revoke", &id]);
+    assert_eq!(dev.kv(&["get", "svc/one"]).status.code(), Some(1), "the lease's key survived its revocation");
+    assert!(!dev.kv(&["put", "svc/two", "x", "--lease", &id]).status.success());
     // A malformed one names its line, exit code 2.
     let o = dev.kv_in(dev.dir.path(), &["txn"], Some("mod(k2) ~ 1\n"));
     assert_eq!(o.status.code(), Some(2));

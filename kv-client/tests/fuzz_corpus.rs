@@ -61,13 +61,22 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                     Compare { key: b"e".to_vec(), op: CompareOp::NotEqual, target: CompareTarget::Exists(true) },
                 ],
                 success: vec![
-                    TxnOp::Put { key: b"k".to_vec(), value: b"w".to_vec(), prev_kv: true },
+                    TxnOp::Put { key: b"k".to_vec(), value: b"w".to_vec(), prev_kv: true, lease: 7 },
                     TxnOp::Get { key: b"c".to_vec() },
                 ],
                 failure: vec![
                     TxnOp::Delete { key: b"k".to_vec(), prev_kv: false },
                     TxnOp::DeleteRange { start: b"a".to_vec(), end: b"b".to_vec() },
                 ],
+            },
+        ),
+        ("lease-grant", Request::LeaseGrant { ttl_ms: 5000 }),
+        ("lease-keep-alive", Request::LeaseKeepAlive { id: 42 }),
+        (
+            "write-lease",
+            Request::Write {
+                session: Session { client_id: 3, seq: 5, first_unacked: 5 },
+                ops: vec![WriteOp::PutWithLease { key: b"k".to_vec(), value: b"v".to_vec(), lease: 42 }],
             },
         ),
         ("member-add", Request::MemberAdd { id: 4, addr: "127.0.0.1:7104".into(), learner: true }),
@@ -101,6 +110,11 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 replayed: false,
             },
         ),
+        (
+            "lease-info",
+            Response::LeaseInfo { id: 42, ttl_ms: 5000, remaining_ms: Some(1200), keys: vec![b"k".to_vec()] },
+        ),
+        ("leases", Response::Leases(vec![1, 42])),
         ("status", Response::Status(StatusInfo { node_id: 1, alarms: vec![2], ..StatusInfo::default() })),
         ("members", Response::Members(vec![MemberInfo { id: 1, addr: "a:1".into(), learner: false }])),
         (

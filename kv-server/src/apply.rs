@@ -13,9 +13,11 @@ use cairn_lsm::{Db, Marker, WriteBatch};
 use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
 use tokio::sync::{oneshot, watch};
 
+use crate::lease::LeaseEvent;
 use crate::state::{
-    Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
-    alarm_key, decode_value, encode_value, load_revision, read_book, removed_key, session_key, user_key, write_book,
+    Book, CONF_KEY, Command, CommandOp, LEASE_PREFIX, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook,
+    addr_key, alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key,
+    session_key, user_key, write_book,
 };
 
 /// A proposal waiting for its entry to apply.
@@ -91,6 +93,10 @@ pub struct ApplyLimits {
     pub session_ttl_ms: u64,
     /// Comparisons plus operations in one transaction.
     pub txn_ops_max: usize,
+    /// Leases at once.
+    pub leases_max: usize,
+    /// Keys attached to one lease.
+    pub keys_per_lease_max: usize,
 }
 
 /// The apply worker's state.
@@ -108,6 +114,10 @@ pub struct Applier {
     /// to stored value, `None`: deleted): reads at apply see them before
     /// the batch reaches the LSM.
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Lease grants and revocations of the batch, for the lessor once it is written.
+    lease_events: Vec<LeaseEvent>,
+    /// Where lease events go (the lessor).
+    pub lease_tx: Option<tokio::sync::mpsc::Sender<LeaseEvent>>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -152,6 +162,8 @@ impl Applier {
             alarms,
             revision,
             pending: BTreeMap::new(),
+            lease_events: Vec::new(),
+            lease_tx: None,
             sessions,
             applied,
             waiters,
@@ -340,6 +352,14 @@ impl Applier {
         if let Err(e) = self.db.write(&batch) {
             return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
         }
+        if let Some(tx) = &self.lease_tx {
+            for e in self.lease_events.drain(..) {
+                if tx.blocking_send(e).is_err() {
+                    break;
+                }
+            }
+        }
+        self.lease_events.clear();
         if !self.book_changes.is_empty() {
             let mut book = write_book(&self.book);
             for c in self.book_changes.drain(..) {
@@ -436,6 +456,57 @@ impl Applier {
                 let outcome = self.apply_write(index, cmd.time_ms, session, &mut body, batch, touched);
                 outcome_response(outcome, None)
             }
+            CommandOp::LeaseGrant { ttl_ms } => {
+                if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(&ttl_ms) {
+                    return Response::error(
+                        ErrorCode::BadRequest,
+                        format!("a lease's TTL is {LEASE_TTL_MIN_MS} ms to {LEASE_TTL_MAX_MS} ms"),
+                    );
+                }
+                let m = Mutation {
+                    db: &self.db,
+                    pending: &mut self.pending,
+                    batch,
+                    next: self.revision + 1,
+                    changed: false,
+                };
+                if m.keys_in(&[LEASE_PREFIX], &[LEASE_PREFIX + 1]).len() >= self.limits.leases_max {
+                    return Response::error(ErrorCode::TooLarge, "too many leases (leases_max)");
+                }
+                let (k, v) = (lease_key(index), ttl_ms.to_le_bytes().to_vec());
+                batch.put(k.clone(), v.clone());
+                self.pending.insert(k, Some(v));
+                self.lease_events.push(LeaseEvent::Granted { id: index, ttl_ms });
+                Response::LeaseGranted { id: index, ttl_ms }
+            }
+            CommandOp::LeaseRevoke { id } => {
+                let mut m = Mutation {
+                    db: &self.db,
+                    pending: &mut self.pending,
+                    batch,
+                    next: self.revision + 1,
+                    changed: false,
+                };
+                if m.stored(&lease_key(id)).is_none() {
+                    return Response::error(ErrorCode::LeaseNotFound, format!("lease {id} does not exist"));
+                }
+                let lo = attach_key(id, &[]);
+                let hi = attach_key(id + 1, &[]);
+                for a in m.keys_in(&lo, &hi) {
+                    let key = a[9..].to_vec();
+                    if m.get(&key).is_some_and(|kv| kv.meta.lease == id) {
+                        m.delete(&key);
+                    }
+                    m.remove(&a);
+                }
+                m.remove(&lease_key(id));
+                if m.changed {
+                    self.revision += 1;
+                }
+                self.lease_events.push(LeaseEvent::Revoked { id });
+                tracing::debug!(lease = id, revision = self.revision, "lease revoked");
+                Response::Written { index, revision: self.revision }
+            }
             CommandOp::Txn { session, compares, success, failure } => {
                 let mut body = Body::Txn { compares: &compares, success: &success, failure: &failure, results: None };
                 let outcome = self.apply_write(index, cmd.time_ms, session, &mut body, batch, touched);
@@ -487,6 +558,43 @@ impl Applier {
                 success.iter().chain(failure.iter()).any(|o| matches!(o, TxnOp::Put { .. })),
             ),
         };
+        let leases: Vec<u64> = match body {
+            Body::Write(ops) => ops
+                .iter()
+                .filter_map(|o| match o {
+                    WriteOp::PutWithLease { lease, .. } => Some(*lease),
+                    _ => None,
+                })
+                .collect(),
+            Body::Txn { success, failure, .. } => success
+                .iter()
+                .chain(failure.iter())
+                .filter_map(|o| match o {
+                    TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let lease_missing = leases.iter().any(|id| {
+            let k = lease_key(*id);
+            match self.pending.get(&k) {
+                Some(v) => v.is_none(),
+                None => !matches!(self.db.get(&k), Ok(Some(_))),
+            }
+        });
+        // A lease may hold at most keys_per_lease_max keys (counted with
+        // every put of this write that names it, an upper bound).
+        let over = |id: u64| {
+            let now = keys_in(&self.db, &self.pending, &attach_key(id, &[]), &attach_key(id + 1, &[])).len();
+            now + leases.iter().filter(|l| **l == id).count() > self.limits.keys_per_lease_max
+        };
+        let checked = if checked.is_ok() && lease_missing {
+            Err(ErrorCode::LeaseNotFound)
+        } else if checked.is_ok() && leases.iter().any(|id| over(*id)) {
+            Err(ErrorCode::TooLarge)
+        } else {
+            checked
+        };
         let outcome = match checked {
             Err(code) => Outcome::Refused(code),
             // Deletes go on, so space can be freed.
@@ -504,7 +612,10 @@ impl Applier {
                         for op in ops.iter() {
                             match op {
                                 WriteOp::Put { key, value } => {
-                                    m.put(key, value);
+                                    m.put(key, value, 0);
+                                }
+                                WriteOp::PutWithLease { key, value, lease } => {
+                                    m.put(key, value, *lease);
                                 }
                                 WriteOp::Delete { key } => {
                                     m.delete(key);
@@ -522,8 +633,8 @@ impl Applier {
                         let mut out = Vec::with_capacity(branch.len());
                         for op in branch.iter() {
                             out.push(match op {
-                                TxnOp::Put { key, value, prev_kv } => {
-                                    let prev = m.put(key, value);
+                                TxnOp::Put { key, value, prev_kv, lease } => {
+                                    let prev = m.put(key, value, *lease);
                                     TxnOpResult::Put { prev: prev.filter(|_| *prev_kv) }
                                 }
                                 TxnOp::Delete { key, prev_kv } => {
@@ -639,18 +750,44 @@ impl Mutation<'_> {
         }
     }
 
-    /// Sets `key`; returns what it held.
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Option<KeyValue> {
+    /// Writes (or removes) one LSM key, through the overlay.
+    fn set(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
+        match &v {
+            Some(v) => self.batch.put(k.clone(), v.clone()),
+            None => self.batch.delete(k.clone()),
+        };
+        self.pending.insert(k, v);
+    }
+
+    /// Removes one LSM key (not a user key: no revision of its own).
+    fn remove(&mut self, k: &[u8]) {
+        self.set(k.to_vec(), None);
+    }
+
+    /// The LSM keys in `[lo, hi)`, as the overlay leaves them.
+    fn keys_in(&self, lo: &[u8], hi: &[u8]) -> std::collections::BTreeSet<Vec<u8>> {
+        keys_in(self.db, self.pending, lo, hi)
+    }
+
+    /// Sets `key` (attached to `lease`, 0: none); returns what it held.
+    fn put(&mut self, key: &[u8], value: &[u8], lease: u64) -> Option<KeyValue> {
         let prev = self.get(key);
         let meta = match &prev {
             Some(p) => KeyMeta {
                 create_revision: p.meta.create_revision,
                 mod_revision: self.next,
                 version: p.meta.version + 1,
-                lease: p.meta.lease,
+                lease,
             },
-            None => KeyMeta { create_revision: self.next, mod_revision: self.next, version: 1, lease: 0 },
+            None => KeyMeta { create_revision: self.next, mod_revision: self.next, version: 1, lease },
         };
+        let old_lease = prev.as_ref().map_or(0, |p| p.meta.lease);
+        if old_lease != 0 && old_lease != lease {
+            self.remove(&attach_key(old_lease, key));
+        }
+        if lease != 0 && old_lease != lease {
+            self.set(attach_key(lease, key), Some(Vec::new()));
+        }
         let k = user_key(key);
         let v = encode_value(meta, value);
         self.batch.put(k.clone(), v.clone());
@@ -662,6 +799,9 @@ impl Mutation<'_> {
     /// Removes `key`; returns what it held (an absent key changes nothing).
     fn delete(&mut self, key: &[u8]) -> Option<KeyValue> {
         let prev = self.get(key)?;
+        if prev.meta.lease != 0 {
+            self.remove(&attach_key(prev.meta.lease, key));
+        }
         let k = user_key(key);
         self.batch.delete(k.clone());
         self.pending.insert(k, None);
@@ -689,6 +829,9 @@ impl Mutation<'_> {
             }
         }
         for k in &present {
+            if let Some(kv) = self.get(&k[1..]).filter(|kv| kv.meta.lease != 0) {
+                self.remove(&attach_key(kv.meta.lease, &k[1..]));
+            }
             self.batch.delete(k.clone());
             self.pending.insert(k.clone(), None);
         }
@@ -718,6 +861,37 @@ impl Mutation<'_> {
         }
     }
 }
+
+/// The LSM keys in `[lo, hi)` of `db` as the overlay `pending` leaves them.
+fn keys_in(
+    db: &Db,
+    pending: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    lo: &[u8],
+    hi: &[u8],
+) -> std::collections::BTreeSet<Vec<u8>> {
+    let mut present = std::collections::BTreeSet::new();
+    for kv in db.range(lo.to_vec()..hi.to_vec()) {
+        match kv {
+            Ok((k, _)) => {
+                present.insert(k.to_vec());
+            }
+            Err(e) => crate::fatal(&format!("reading the state at apply: {e}")),
+        }
+    }
+    for (k, v) in pending.range(lo.to_vec()..hi.to_vec()) {
+        if v.is_some() {
+            present.insert(k.clone());
+        } else {
+            present.remove(k);
+        }
+    }
+    present
+}
+
+/// Shortest lease TTL granted, ms.
+pub const LEASE_TTL_MIN_MS: u64 = 1_000;
+/// Longest lease TTL granted, ms (a week).
+pub const LEASE_TTL_MAX_MS: u64 = 7 * 24 * 3_600_000;
 
 /// Checks a transaction against the limits.
 pub fn check_txn(
@@ -781,7 +955,7 @@ pub fn check_ops(ops: &[WriteOp], limits: ApplyLimits) -> Result<(), ErrorCode> 
     }
     for op in ops {
         match op {
-            WriteOp::Put { key, value } => {
+            WriteOp::Put { key, value } | WriteOp::PutWithLease { key, value, .. } => {
                 if key.is_empty() {
                     return Err(ErrorCode::BadRequest);
                 }
@@ -818,6 +992,7 @@ pub fn refusal_message(code: ErrorCode) -> &'static str {
         ErrorCode::TooLarge => "a key or value is over the limit",
         ErrorCode::NoSpace => "the cluster's space alarm is raised: only deletes are accepted until it is cleared",
         ErrorCode::BadRequest => "the write is malformed (an empty key, no operation, or an empty range)",
+        ErrorCode::LeaseNotFound => "a lease the write names does not exist (never granted, expired or revoked)",
         _ => "refused",
     }
 }

@@ -174,6 +174,10 @@ pub struct Limits {
     pub session_responses_max: usize,
     /// Comparisons plus operations in one transaction. Default 1024.
     pub txn_ops_max: usize,
+    /// Leases at once. Default 10,000.
+    pub leases_max: usize,
+    /// Keys attached to one lease. Default 10,000.
+    pub keys_per_lease_max: usize,
     /// Client connections at once. Default 1024.
     pub client_connections_max: usize,
 }
@@ -195,6 +199,8 @@ impl Default for Limits {
             scan_pairs_max: 10_000,
             session_responses_max: 1024,
             txn_ops_max: 1024,
+            leases_max: 10_000,
+            keys_per_lease_max: 10_000,
             client_connections_max: 1024,
         }
     }

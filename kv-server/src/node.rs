@@ -129,6 +129,8 @@ pub struct NodeTask {
     pub used_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The space quota.
     pub quota_bytes: u64,
+    /// `(this node leads, the leader known)`, for the lessor.
+    pub leader_watch: watch::Sender<(bool, Option<u64>)>,
 }
 
 impl std::fmt::Debug for NodeTask {
@@ -718,6 +720,8 @@ impl Loop {
         let term = self.t.raw.term().0;
         let leader = self.t.raw.leader();
         if term != self.last_term || leader != self.last_leader {
+            let me = self.t.raw.id();
+            self.t.leader_watch.send_replace((leader == Some(me), leader.map(|l| l.0)));
             if leader != self.last_leader {
                 metrics::counter!("cairn_raft_leader_changes_total").increment(1);
                 tracing::info!(term, leader = leader.map(|l| l.0), "leader changed");

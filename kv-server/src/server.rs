@@ -58,6 +58,8 @@ struct Ctx {
     book: crate::state::SharedBook,
     /// Test switch: serve linearizable reads from the local state (the seed's bug).
     read_locally_for_tests: bool,
+    /// The lessor (keep-alives, time left).
+    lessor: mpsc::Sender<crate::lease::LessorRequest>,
 }
 
 /// Test switches, read from `CAIRN_TEST_*` variables (never configuration).
@@ -84,6 +86,9 @@ pub struct TestSwitches {
     /// labelling checkpoints with the applied index instead of their
     /// durable marker (and sending no deltas).
     pub checkpoint_at_applied: bool,
+    /// `CAIRN_TEST_LEASE_NO_GRACE=1`: break the lease rule: a new leader
+    /// keeps the deadlines it saw as a follower.
+    pub lease_no_grace: bool,
     /// `CAIRN_TEST_READ_LOCALLY=1`: break the reads rule, serving
     /// linearizable reads from the local state without a read index (a
     /// leader cut off from its followers then answers stale).
@@ -100,6 +105,7 @@ impl TestSwitches {
             applied_from_log: on("CAIRN_TEST_APPLIED_FROM_LOG"),
             local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
             read_locally: on("CAIRN_TEST_READ_LOCALLY"),
+            lease_no_grace: on("CAIRN_TEST_LEASE_NO_GRACE"),
             merge_snapshots: on("CAIRN_TEST_MERGE_SNAPSHOTS"),
             checkpoint_at_applied: on("CAIRN_TEST_CHECKPOINT_AT_APPLIED"),
             failpoints: crate::failpoint::Failpoints::from_env(),
@@ -107,7 +113,8 @@ impl TestSwitches {
     }
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in ms since the epoch (what the leader writes into entries).
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -257,11 +264,15 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         session_responses_max: limits.session_responses_max,
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
         txn_ops_max: limits.txn_ops_max,
+        leases_max: limits.leases_max,
+        keys_per_lease_max: limits.keys_per_lease_max,
     };
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
+    let (lease_tx, lease_events) = mpsc::channel(1024);
+    applier.lease_tx = Some(lease_tx);
     applier.merge_snapshots_for_tests = switches.merge_snapshots;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let used_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -340,7 +351,25 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         })
     };
     let (node_tx, node_rx) = mpsc::channel(limits.proposal_queue_max);
+    let (leader_tx, leader_rx) = watch::channel((false, None));
+    let (lessor_tx, lessor_rx) = mpsc::channel(limits.pending_reads_max);
+    let lessor = crate::lease::Lessor::new(
+        crate::lease::LessorConfig {
+            check_every: Duration::from_millis(100),
+            election_timeout: cfg.tick * cfg.election_ticks,
+            revoke_retry: Duration::from_secs(2),
+            revokes_in_flight_max: 64,
+            no_grace_for_tests: switches.lease_no_grace,
+        },
+        leader_rx,
+        lease_events,
+        lessor_rx,
+        node_tx.clone(),
+        shared.clone(),
+    );
+    tokio::spawn(lessor.run());
     let task = NodeTask {
+        leader_watch: leader_tx,
         raw,
         name: cfg.name.clone(),
         cluster_id,
@@ -382,6 +411,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         apply_limits,
         request_timeout: Duration::from_secs(10),
         read_locally_for_tests: switches.read_locally,
+        lessor: lessor_tx,
     });
     let svc = peer::PeerService {
         cluster_id,
@@ -567,6 +597,68 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             }
             let op = CommandOp::Txn { session, compares, success, failure };
             propose_command(ctx, Command { time_ms: now_ms(), op }).await
+        }
+        Request::LeaseGrant { ttl_ms } => {
+            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::LeaseGrant { ttl_ms } }).await
+        }
+        Request::LeaseRevoke { id } => {
+            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::LeaseRevoke { id } }).await
+        }
+        Request::LeaseKeepAlive { id } => {
+            let (reply, rx) = oneshot::channel();
+            if ctx.lessor.try_send(crate::lease::LessorRequest::KeepAlive { id, reply }).is_err() {
+                return Response::error(ErrorCode::Busy, "the lessor's queue is full");
+            }
+            match rx.await {
+                Ok(Ok(ttl_ms)) => Response::LeaseAlive { id, ttl_ms },
+                Ok(Err(mut e)) => {
+                    if e.code == ErrorCode::NotLeader
+                        && let Some((l, _)) = e.leader.take()
+                    {
+                        let addr = crate::state::read_book(&ctx.book).addrs.get(&l).cloned().unwrap_or_default();
+                        e.leader = Some((l, addr));
+                    }
+                    Response::Error(e)
+                }
+                Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
+            }
+        }
+        Request::LeaseTimeToLive { id } => {
+            if let Err(r) = read_barrier(ctx, Consistency::Linearizable).await {
+                return r;
+            }
+            let view = ctx.db.get().read_view();
+            let ttl_ms = match view.get(&crate::state::lease_key(id)) {
+                Ok(Some(v)) => match <[u8; 8]>::try_from(&v[..]) {
+                    Ok(b) => u64::from_le_bytes(b),
+                    Err(_) => return Response::error(ErrorCode::Unavailable, "a malformed lease record"),
+                },
+                Ok(None) => return Response::error(ErrorCode::LeaseNotFound, format!("lease {id} does not exist")),
+                Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            };
+            let mut keys = Vec::new();
+            let (lo, hi) = (crate::state::attach_key(id, &[]), crate::state::attach_key(id + 1, &[]));
+            for kv in view.range(lo..hi) {
+                match kv {
+                    Ok((k, _)) => keys.push(k[9..].to_vec()),
+                    Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+                }
+            }
+            let (reply, rx) = oneshot::channel();
+            let remaining_ms = match ctx.lessor.try_send(crate::lease::LessorRequest::Remaining { id, reply }) {
+                Ok(()) => rx.await.ok().flatten(),
+                Err(_) => None,
+            };
+            Response::LeaseInfo { id, ttl_ms, remaining_ms, keys }
+        }
+        Request::LeaseList => {
+            if let Err(r) = read_barrier(ctx, Consistency::Linearizable).await {
+                return r;
+            }
+            match crate::state::load_leases(&ctx.db.get()) {
+                Ok(all) => Response::Leases(all.into_iter().map(|(id, _)| id).collect()),
+                Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            }
         }
         Request::Get { key, consistency } => {
             if key.len() > ctx.limits.key_bytes_max {

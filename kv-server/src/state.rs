@@ -13,9 +13,11 @@
 //! | `m` | `removed/` node id (u64 BE) | empty: the id was removed, for good |
 //! | `m` | `alarm/` node id (u64 BE) | empty: the node's space alarm is raised |
 //! | `m` | `revision` | the cluster revision (u64 LE): raised by one by each write that changes a key |
+//! | `l` | lease id (u64 BE) | its time to live in ms (u64 LE) |
+//! | `L` | lease id (u64 BE), user key | empty: the key is attached to the lease |
 //!
 //! Reserved for later: `r` (history of revisions, for watch and reads at a
-//! past revision), `l` (leases).
+//! past revision).
 
 /// Namespace of user keys.
 pub const USER_PREFIX: u8 = b'k';
@@ -31,6 +33,10 @@ pub const ADDR_PREFIX: &[u8] = b"maddr/";
 pub const REMOVED_PREFIX: &[u8] = b"mremoved/";
 /// The prefix of raised space alarms.
 pub const ALARM_PREFIX: &[u8] = b"malarm/";
+/// Namespace of leases.
+pub const LEASE_PREFIX: u8 = b'l';
+/// Namespace of the keys attached to leases.
+pub const ATTACH_PREFIX: u8 = b'L';
 /// The key of the cluster revision.
 pub const REVISION_KEY: &[u8] = b"mrevision";
 /// The format byte of a stored value (2: with revisions; 1, before them, is
@@ -92,6 +98,17 @@ mod records {
             node: u64,
             /// Raise or clear.
             raise: bool,
+        },
+        /// Grant a lease; its id is this entry's index.
+        LeaseGrant {
+            /// Its time to live, ms.
+            ttl_ms: u64,
+        },
+        /// Revoke a lease (a client's request, or the leader's on expiry):
+        /// its keys are deleted at one revision.
+        LeaseRevoke {
+            /// The lease.
+            id: u64,
         },
         /// Record the peer address of node `id` (before it is added).
         SetMember {
@@ -238,6 +255,35 @@ pub fn read_book(b: &SharedBook) -> std::sync::RwLockReadGuard<'_, Book> {
 /// Writes the shared book.
 pub fn write_book(b: &SharedBook) -> std::sync::RwLockWriteGuard<'_, Book> {
     b.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The LSM key of lease `id`.
+pub fn lease_key(id: u64) -> Vec<u8> {
+    let mut k = vec![LEASE_PREFIX];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The LSM key recording that user key `key` is attached to lease `id`.
+pub fn attach_key(id: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(ATTACH_PREFIX);
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Every lease the state holds: `(id, ttl in ms)`.
+pub fn load_leases(db: &cairn_lsm::Db) -> Result<Vec<(u64, u64)>, crate::storage::StorageError> {
+    let mut out = Vec::new();
+    for kv in db.prefix(&[LEASE_PREFIX]) {
+        let (k, v) = kv?;
+        let bad = || crate::storage::StorageError::Corrupt { what: "lease", reason: format!("{k:?}") };
+        let id = <[u8; 8]>::try_from(&k[1..]).map(u64::from_be_bytes).map_err(|_| bad())?;
+        let ttl = <[u8; 8]>::try_from(&v[..]).map(u64::from_le_bytes).map_err(|_| bad())?;
+        out.push((id, ttl));
+    }
+    Ok(out)
 }
 
 /// The LSM key of session `id`.

@@ -67,6 +67,14 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             Command { time_ms: 2, op: CommandOp::Alarm { node: 3, raise: true } }.encode().expect("encode"),
         ),
         (
+            "command-lease-grant",
+            Command { time_ms: 3, op: CommandOp::LeaseGrant { ttl_ms: 5000 } }.encode().expect("encode"),
+        ),
+        (
+            "command-lease-revoke",
+            Command { time_ms: 3, op: CommandOp::LeaseRevoke { id: 42 } }.encode().expect("encode"),
+        ),
+        (
             "command-member",
             Command { time_ms: 2, op: CommandOp::SetMember { id: 4, addr: "h:1".into() } }.encode().expect("encode"),
         ),

@@ -119,6 +119,8 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
         session_responses_max: 64,
         session_ttl_ms: u64::MAX / 4,
         txn_ops_max: 1024,
+        leases_max: 100,
+        keys_per_lease_max: 100,
     };
     let book = Arc::new(std::sync::RwLock::new(rec.book));
     let applier = Applier::new(db.clone(), site, book, tx, waiters.clone(), limits).map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use cairn_kv_client::{Client, Consistency, Txn};
 use common::Cluster;
 
 fn put(key: &str, value: &str, prev_kv: bool) -> TxnOp {
-    TxnOp::Put { key: key.into(), value: value.into(), prev_kv }
+    TxnOp::Put { key: key.into(), value: value.into(), prev_kv, lease: 0 }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,8 +152,8 @@ async fn retried_txn(env: &[(&str, &str)]) -> (cairn_kv_client::TxnResult, cairn
     let cas = || {
         Txn::new()
             .when("once", CompareOp::Equal, CompareTarget::ModRevision(0))
-            .then(TxnOp::Put { key: b"once".to_vec(), value: b"1".to_vec(), prev_kv: false })
-            .otherwise(TxnOp::Put { key: b"once".to_vec(), value: b"2".to_vec(), prev_kv: false })
+            .then(TxnOp::Put { key: b"once".to_vec(), value: b"1".to_vec(), prev_kv: false, lease: 0 })
+            .otherwise(TxnOp::Put { key: b"once".to_vec(), value: b"2".to_vec(), prev_kv: false, lease: 0 })
     };
     let first = c.txn_with(id, 1, cas()).await.expect("txn");
     let again = c.txn_with(id, 1, cas()).await.expect("retry");
@@ -205,6 +205,7 @@ async fn cas_increments(env: &[(&str, &str)]) -> (u64, u64) {
                             key: b"counter".to_vec(),
                             value: (n + 1).to_string().into_bytes(),
                             prev_kv: false,
+                            lease: 0,
                         },
                     );
                     match c.txn(t).await {

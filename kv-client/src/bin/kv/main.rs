@@ -81,6 +81,14 @@ enum Cmd {
         key: String,
         /// The value.
         value: Option<String>,
+        /// Attach the key to this lease (it is deleted when the lease ends).
+        #[arg(long)]
+        lease: Option<u64>,
+    },
+    /// Leases: grant, keep-alive, revoke, ttl, list.
+    Lease {
+        #[command(subcommand)]
+        cmd: LeaseCmd,
     },
     /// Print the value of KEY, or of a range of keys.
     Get {
@@ -166,6 +174,35 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCmd {
+    /// Grant a lease of TTL seconds; prints its id.
+    Grant {
+        /// Its time to live, in seconds.
+        ttl: u64,
+    },
+    /// Keep lease ID alive (every third of its TTL) until Ctrl-C.
+    KeepAlive {
+        /// The lease.
+        id: u64,
+        /// Once, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Revoke lease ID now: its keys are deleted.
+    Revoke {
+        /// The lease.
+        id: u64,
+    },
+    /// Lease ID's TTL, time left and keys.
+    Ttl {
+        /// The lease.
+        id: u64,
+    },
+    /// Every lease.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -343,7 +380,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
 
 async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, endpoints: &[String]) -> Result<(), Fail> {
     match &cli.cmd {
-        Cmd::Put { key, value } => {
+        Cmd::Put { key, value, lease } => {
             let value = match value {
                 Some(v) => o.input(v)?,
                 None => {
@@ -354,7 +391,12 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                     if o.hex { o.input(String::from_utf8_lossy(&buf).trim())? } else { buf }
                 }
             };
-            let w = client.write_full(vec![WriteOp::Put { key: o.input(key)?, value }]).await?;
+            let key = o.input(key)?;
+            let op = match lease {
+                Some(lease) => WriteOp::PutWithLease { key, value, lease: *lease },
+                None => WriteOp::Put { key, value },
+            };
+            let w = client.write_full(vec![op]).await?;
             o.done(w.index, w.revision);
         }
         Cmd::Txn { file } => {
@@ -436,6 +478,44 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
             }
             o.pairs(&all, *keys_only, false, index);
         }
+        Cmd::Lease { cmd } => match cmd {
+            LeaseCmd::Grant { ttl } => {
+                let id = client.lease_grant(Duration::from_secs(*ttl)).await?;
+                o.line(&format!("lease {id} granted with TTL {ttl}s"), serde_json::json!({ "id": id, "ttl": ttl }));
+            }
+            LeaseCmd::KeepAlive { id, once } => loop {
+                let ttl = client.lease_keep_alive(*id).await?;
+                o.line(
+                    &format!("lease {id} kept alive with TTL {}s", ttl.as_secs()),
+                    serde_json::json!({ "id": id, "ttl": ttl.as_secs() }),
+                );
+                if *once {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = tokio::signal::ctrl_c() => return Err(fail(130, "interrupted")),
+                }
+            },
+            LeaseCmd::Revoke { id } => {
+                let w = client.lease_revoke(*id).await?;
+                o.line(&format!("lease {id} revoked"), serde_json::json!({ "id": id, "revision": w.revision }));
+            }
+            LeaseCmd::Ttl { id } => {
+                let (ttl, left, keys) = client.lease_time_to_live(*id).await?;
+                let shown: Vec<String> = keys.iter().map(|k| o.show(k)).collect();
+                let left_s = left.map_or("unknown (ask the leader)".to_string(), |l| format!("{}s", l.as_secs()));
+                o.line(
+                    &format!("lease {id}: TTL {}s, {left_s} left, keys: {}", ttl.as_secs(), shown.join(", ")),
+                    serde_json::json!({ "id": id, "ttl": ttl.as_secs(), "remaining_ms": left.map(|l| l.as_millis() as u64), "keys": shown }),
+                );
+            }
+            LeaseCmd::List => {
+                let ids = client.lease_list().await?;
+                let text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                o.line(&text.join("\n"), serde_json::json!({ "leases": ids }));
+            }
+        },
         Cmd::Member { cmd } => {
             let members = match cmd {
                 MemberCmd::List => client.members().await?,

@@ -107,7 +107,7 @@ fn op(line: &str, input: &dyn Fn(&str) -> Result<Vec<u8>, String>) -> Result<Txn
     };
     match w.as_slice() {
         [cmd, key, value] if cmd.as_str() == "put" => {
-            Ok(TxnOp::Put { key: input(key)?, value: input(value)?, prev_kv })
+            Ok(TxnOp::Put { key: input(key)?, value: input(value)?, prev_kv, lease: 0 })
         }
         [cmd, key] if cmd.as_str() == "get" && !prev_kv => Ok(TxnOp::Get { key: input(key)? }),
         [cmd, key] if cmd.as_str() == "del" => Ok(TxnOp::Delete { key: input(key)?, prev_kv }),
@@ -170,7 +170,10 @@ mod tests {
         );
         assert_eq!(t.compares[1].target, CompareTarget::Value(b"old value".to_vec()));
         assert_eq!(t.compares[2].target, CompareTarget::Exists(true));
-        assert_eq!(t.success[0], TxnOp::Put { key: b"lock".to_vec(), value: b"me \"x\"".to_vec(), prev_kv: true });
+        assert_eq!(
+            t.success[0],
+            TxnOp::Put { key: b"lock".to_vec(), value: b"me \"x\"".to_vec(), prev_kv: true, lease: 0 }
+        );
         assert_eq!(t.success[1], TxnOp::Get { key: b"c".to_vec() });
         assert_eq!(
             t.failure,

@@ -1,0 +1,244 @@
+//! Leases: the leader's clock for them. A lease is granted and revoked by
+//! replicated entries (the state holds each lease and the keys attached to
+//! it, see [`crate::state`]); when it *expires* is decided by the leader
+//! alone, which then proposes its revocation, so every replica deletes its
+//! keys at the same revision.
+//!
+//! Keep-alives reach only the leader and are not replicated: a node that
+//! takes office does not know when each lease was last kept alive, so it
+//! gives every lease its whole TTL again plus an election timeout (as etcd
+//! does). A leader change therefore never expires a lease that was being
+//! kept alive; it can only extend one that was not.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_kv_client::protocol::{ErrorCode, ErrorInfo};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::node::NodeRequest;
+use crate::state::{Command, CommandOp};
+
+/// What the apply worker tells the lessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// A lease was granted (applied).
+    Granted {
+        /// Its id.
+        id: u64,
+        /// Its time to live, ms.
+        ttl_ms: u64,
+    },
+    /// A lease was revoked (applied): its keys are gone.
+    Revoked {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// What a client asks the lessor.
+#[derive(Debug)]
+pub enum LessorRequest {
+    /// Restart the lease's clock; the answer is its TTL.
+    KeepAlive {
+        /// The lease.
+        id: u64,
+        /// Its TTL in ms, or why not.
+        reply: oneshot::Sender<Result<u64, ErrorInfo>>,
+    },
+    /// How long the lease has left, as this leader sees it.
+    Remaining {
+        /// The lease.
+        id: u64,
+        /// Ms left (`None`: this node does not lead, or the lease is unknown).
+        reply: oneshot::Sender<Option<u64>>,
+    },
+}
+
+/// The bounds and clocks of the lessor.
+#[derive(Debug, Clone, Copy)]
+pub struct LessorConfig {
+    /// How often deadlines are checked.
+    pub check_every: Duration,
+    /// Added to every lease's TTL when this node takes office.
+    pub election_timeout: Duration,
+    /// A revocation proposed and not applied after this long is proposed again.
+    pub revoke_retry: Duration,
+    /// Test switch: on taking office keep the deadlines seen as a follower
+    /// (breaks the lease rule: kept-alive leases expire at a leader change).
+    pub no_grace_for_tests: bool,
+
+    /// Revocations in flight at once.
+    pub revokes_in_flight_max: usize,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    revoking_since: Option<Instant>,
+}
+
+/// The lessor task: owns the deadlines while this node leads.
+pub struct Lessor {
+    cfg: LessorConfig,
+    /// Whether this node leads now, and the leader it knows.
+    leader: watch::Receiver<(bool, Option<u64>)>,
+    events: mpsc::Receiver<LeaseEvent>,
+    requests: mpsc::Receiver<LessorRequest>,
+    node: mpsc::Sender<NodeRequest>,
+    db: Arc<crate::snapshot::SharedDb>,
+    leases: HashMap<u64, Lease>,
+    leading: bool,
+}
+
+impl std::fmt::Debug for Lessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lessor").field("leases", &self.leases.len()).field("leading", &self.leading).finish()
+    }
+}
+
+impl Lessor {
+    /// A lessor over the live state `db`, proposing through `node`.
+    pub fn new(
+        cfg: LessorConfig,
+        leader: watch::Receiver<(bool, Option<u64>)>,
+        events: mpsc::Receiver<LeaseEvent>,
+        requests: mpsc::Receiver<LessorRequest>,
+        node: mpsc::Sender<NodeRequest>,
+        db: Arc<crate::snapshot::SharedDb>,
+    ) -> Lessor {
+        Lessor { cfg, leader, events, requests, node, db, leases: HashMap::new(), leading: false }
+    }
+
+    /// Runs until the node stops.
+    pub async fn run(mut self) {
+        let mut check = tokio::time::interval(self.cfg.check_every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = check.tick() => self.expire().await,
+                changed = self.leader.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let (leading, _) = *self.leader.borrow_and_update();
+                    if leading && !self.leading {
+                        self.take_office();
+                    }
+                    self.leading = leading;
+                }
+                e = self.events.recv() => match e {
+                    Some(LeaseEvent::Granted { id, ttl_ms }) => {
+                        let ttl = Duration::from_millis(ttl_ms);
+                        self.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, revoking_since: None });
+                    }
+                    Some(LeaseEvent::Revoked { id }) => {
+                        self.leases.remove(&id);
+                    }
+                    None => return,
+                },
+                r = self.requests.recv() => match r {
+                    Some(r) => self.answer(r),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Every lease in the state gets its whole TTL plus an election timeout.
+    fn take_office(&mut self) {
+        let now = Instant::now();
+        if self.cfg.no_grace_for_tests {
+            tracing::warn!("test switch: the follower's lease deadlines are kept");
+            return;
+        }
+
+        match crate::state::load_leases(&self.db.get()) {
+            Ok(all) => {
+                self.leases = all
+                    .into_iter()
+                    .map(|(id, ttl_ms)| {
+                        let ttl = Duration::from_millis(ttl_ms);
+                        (id, Lease { ttl, deadline: now + ttl + self.cfg.election_timeout, revoking_since: None })
+                    })
+                    .collect();
+                tracing::info!(leases = self.leases.len(), "leading: every lease's clock restarted");
+            }
+            Err(e) => crate::fatal(&format!("reading the leases from the state: {e}")),
+        }
+    }
+
+    fn answer(&mut self, r: LessorRequest) {
+        let (leading, leader) = *self.leader.borrow();
+        match r {
+            LessorRequest::KeepAlive { id, reply } => {
+                let answer = if !leading {
+                    Err(ErrorInfo {
+                        code: ErrorCode::NotLeader,
+                        message: "keep-alives go to the leader".into(),
+                        leader: leader.filter(|l| *l != 0).map(|l| (l, String::new())),
+                    })
+                } else {
+                    match self.leases.get_mut(&id) {
+                        Some(l) if l.revoking_since.is_none() => {
+                            l.deadline = Instant::now() + l.ttl;
+                            Ok(l.ttl.as_millis() as u64)
+                        }
+                        _ => Err(ErrorInfo {
+                            code: ErrorCode::LeaseNotFound,
+                            message: format!("lease {id} is unknown, expired or revoked"),
+                            leader: None,
+                        }),
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            LessorRequest::Remaining { id, reply } => {
+                let left = self
+                    .leases
+                    .get(&id)
+                    .filter(|_| leading)
+                    .map(|l| l.deadline.saturating_duration_since(Instant::now()).as_millis() as u64);
+                let _ = reply.send(left);
+            }
+        }
+    }
+
+    /// Proposes the revocation of every lease past its deadline (while leading).
+    async fn expire(&mut self) {
+        if !self.leading {
+            return;
+        }
+        let now = Instant::now();
+        let in_flight =
+            self.leases.values().filter(|l| l.revoking_since.is_some_and(|s| now - s < self.cfg.revoke_retry)).count();
+        let mut room = self.cfg.revokes_in_flight_max.saturating_sub(in_flight);
+        let due: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now && l.revoking_since.is_none_or(|s| now - s >= self.cfg.revoke_retry))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if room == 0 {
+                break;
+            }
+            room -= 1;
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.revoking_since = Some(now);
+            }
+            tracing::info!(lease = id, "lease expired: revoking it");
+            metrics::counter!("cairn_lease_expired_total").increment(1);
+            let cmd = Command { time_ms: crate::server::now_ms(), op: CommandOp::LeaseRevoke { id } };
+            let Ok(data) = cmd.encode() else { continue };
+            let (reply, _answer) = oneshot::channel();
+            if self.node.try_send(NodeRequest::Propose { data, reply }).is_err() {
+                // A full queue: proposed again at a later check.
+                if let Some(l) = self.leases.get_mut(&id) {
+                    l.revoking_since = None;
+                }
+            }
+        }
+    }
+}
