@@ -21,7 +21,21 @@ pub enum Input {
     Delete,
     /// Read the key.
     Get,
+    /// Compare and swap: if the key holds `expect` (`None`: absent), set it
+    /// to `new`. The op's `output` says whether it swapped: `Some([1])` yes,
+    /// `Some([0])` no (`None` with an unknown outcome).
+    Cas {
+        /// The value it must hold (`None`: absent).
+        expect: Option<Vec<u8>>,
+        /// The value set when it does.
+        new: Vec<u8>,
+    },
 }
+
+/// The `output` of a compare-and-swap that swapped.
+pub const SWAPPED: &[u8] = &[1];
+/// The `output` of a compare-and-swap that did not.
+pub const NOT_SWAPPED: &[u8] = &[0];
 
 /// One operation of a client, as it saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,6 +128,19 @@ fn describe(op: &Op) -> String {
             op.call,
             ret
         ),
+        Input::Cas { expect, new } => format!(
+            "client {} cas {} -> {}: {} [{}, {}]",
+            op.client,
+            expect.as_deref().map_or("absent".to_string(), show),
+            show(new),
+            match (op.ret, op.output.as_deref()) {
+                (None, _) => "unknown",
+                (_, Some(SWAPPED)) => "swapped",
+                _ => "not swapped",
+            },
+            op.call,
+            ret
+        ),
     }
 }
 
@@ -157,6 +184,11 @@ fn minimize(mut h: Vec<Op>, steps_max: u64) -> Vec<Op> {
         Input::Get => true,
         Input::Put(v) => !h.iter().any(|o| o.input == Input::Get && o.output.as_ref() == Some(v)),
         Input::Delete => !h.iter().any(|o| o.input == Input::Get && o.output.is_none()),
+        // A swap writes like a put; one that did not swap constrains like a get.
+        Input::Cas { new, .. } => !h.iter().any(|o| {
+            (o.input == Input::Get && o.output.as_ref() == Some(new))
+                || matches!(&o.input, Input::Cas { expect: Some(e), .. } if e == new)
+        }),
     };
     // Gets first (they constrain the most), then the writes.
     for pass_gets in [true, false] {
@@ -203,6 +235,8 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
         Put(u32),
         Del,
         Get(u32), // 0: absent
+        // expect (0: absent), new, swapped (None: unknown outcome)
+        Cas(u32, u32, Option<bool>),
     }
     let inputs: Vec<In> = h
         .iter()
@@ -210,6 +244,11 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
             Input::Put(v) => In::Put(id_of(v)),
             Input::Delete => In::Del,
             Input::Get => In::Get(op.output.as_deref().map_or(0, &mut id_of)),
+            Input::Cas { expect, new } => In::Cas(
+                expect.as_deref().map_or(0, &mut id_of),
+                id_of(new),
+                op.ret.map(|_| op.output.as_deref() == Some(SWAPPED)),
+            ),
         })
         .collect();
     // Events in time order; at equal times calls come first (more concurrency allowed).
@@ -266,6 +305,14 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
                 In::Put(v) => (true, v),
                 In::Del => (true, 0),
                 In::Get(v) => (v == state, state),
+                In::Cas(expect, new, swapped) => {
+                    let holds = expect == state;
+                    match swapped {
+                        Some(true) => (holds, new),
+                        Some(false) => (!holds, state),
+                        None => (true, if holds { new } else { state }),
+                    }
+                }
             };
             let mut moved = false;
             if ok {
@@ -322,9 +369,14 @@ pub fn history_json(ops: &[Op]) -> String {
             Input::Put(v) => ("put", text(v)),
             Input::Delete => ("delete", "null".to_string()),
             Input::Get => ("get", "null".to_string()),
+            Input::Cas { expect, new } => (
+                "cas",
+                format!("{{\"expect\":{},\"new\":{}}}", expect.as_deref().map_or("null".to_string(), text), text(new)),
+            ),
         };
         let output = match (&op.input, &op.output) {
             (Input::Get, Some(v)) => text(v),
+            (Input::Cas { .. }, Some(v)) => (v.as_slice() == SWAPPED).to_string(),
             _ => "null".to_string(),
         };
         let ret = op.ret.map_or("null".to_string(), |r| r.to_string());
@@ -355,7 +407,45 @@ mod tests {
         op.ret = None;
         op
     }
+    fn cas(c: u64, expect: Option<&str>, new: &str, swapped: bool, call: u64, ret: u64) -> Op {
+        Op {
+            client: c,
+            key: b"k".to_vec(),
+            input: Input::Cas { expect: expect.map(|e| e.into()), new: new.into() },
+            output: Some(if swapped { SWAPPED } else { NOT_SWAPPED }.to_vec()),
+            call,
+            ret: Some(ret),
+        }
+    }
     const B: u64 = 1_000_000;
+
+    #[test]
+    fn compare_and_swap_histories() {
+        // Two increments from 0: one swaps, the other sees its value.
+        let ok = [
+            put(1, "0", 0, 1),
+            cas(1, Some("0"), "1", true, 2, 5),
+            cas(2, Some("0"), "1", false, 3, 6),
+            cas(2, Some("1"), "2", true, 7, 8),
+            get(3, Some("2"), 9, 10),
+        ];
+        assert_eq!(check_key(&ok, B), Some(true));
+        // Both swapped from the same value: a lost update.
+        let lost = [put(1, "0", 0, 1), cas(1, Some("0"), "1", true, 2, 3), cas(2, Some("0"), "1", true, 4, 5)];
+        assert_eq!(check_key(&lost, B), Some(false));
+        // A swap that failed although the value was there, alone.
+        let wrong = [put(1, "0", 0, 1), cas(2, Some("0"), "1", false, 2, 3), get(3, Some("0"), 4, 5)];
+        assert_eq!(check_key(&wrong, B), Some(false));
+        // A swap on an absent key.
+        assert_eq!(check_key(&[cas(1, None, "a", true, 0, 1), get(2, Some("a"), 2, 3)], B), Some(true));
+        // An unknown outcome may have swapped or not.
+        let maybe = [put(1, "0", 0, 1), unknown(cas(1, Some("0"), "1", true, 2, 3)), get(2, Some("1"), 4, 5)];
+        assert_eq!(check_key(&maybe, B), Some(true));
+        let maybe_not = [put(1, "0", 0, 1), unknown(cas(1, Some("0"), "1", true, 2, 3)), get(2, Some("0"), 4, 5)];
+        assert_eq!(check_key(&maybe_not, B), Some(true));
+        let report = check(&lost, B);
+        assert!(!report.ok() && report.describe().contains("cas"), "{}", report.describe());
+    }
 
     #[test]
     fn sequential_and_concurrent_histories_pass() {
@@ -450,10 +540,14 @@ mod tests {
             let call = u64::from(start) * 10;
             let ret = call + u64::from(len) * 10 + 1;
             let point = call + (ret - call) / 2;
-            let input = match kind % 3 {
+            let input = match kind % 4 {
                 0 => Input::Put(format!("v{i}").into_bytes()),
                 1 => Input::Delete,
-                _ => Input::Get,
+                2 => Input::Get,
+                _ => Input::Cas {
+                    expect: i.checked_sub(1).filter(|_| i % 2 == 1).map(|p| format!("v{p}").into_bytes()),
+                    new: format!("v{i}").into_bytes(),
+                },
             };
             ops.push((
                 point * 1000 + i as u64,
@@ -467,6 +561,13 @@ mod tests {
                 Input::Put(v) => state = Some(v.clone()),
                 Input::Delete => state = None,
                 Input::Get => op.output = state.clone(),
+                Input::Cas { expect, new } => {
+                    let swapped = *expect == state;
+                    if swapped {
+                        state = Some(new.clone());
+                    }
+                    op.output = Some(if swapped { SWAPPED } else { NOT_SWAPPED }.to_vec());
+                }
             }
         }
         ops.into_iter().map(|(_, o)| o).collect()

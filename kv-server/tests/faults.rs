@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_fault_tests::linearizability::{Input, Op, check};
+use cairn_fault_tests::linearizability::{Input, NOT_SWAPPED, Op, SWAPPED, check};
 use cairn_kv_client::{Client, Consistency};
 use common::Cluster;
 use rand::{Rng, SeedableRng};
@@ -61,6 +61,31 @@ impl History {
             Err(_) => None,
         };
         self.push(Op { client, key: key.into(), input: Input::Delete, output: None, call, ret });
+    }
+
+    /// A compare-and-swap through `c` (a transaction: if `key` holds
+    /// `expect`, or is absent for `None`, put `new`), recorded like a put.
+    async fn cas(&self, c: &Client, client: u64, key: &str, expect: Option<Vec<u8>>, new: String) {
+        use cairn_kv_client::protocol::{CompareOp, CompareTarget, TxnOp};
+        let target = match &expect {
+            Some(v) => CompareTarget::Value(v.clone()),
+            None => CompareTarget::Exists(false),
+        };
+        let t = cairn_kv_client::Txn::new().when(key, CompareOp::Equal, target).then(TxnOp::Put {
+            key: key.into(),
+            value: new.clone().into_bytes(),
+            prev_kv: false,
+            lease: 0,
+        });
+        let call = self.now();
+        let r = c.txn(t).await;
+        let (output, ret) = match &r {
+            Ok(t) => (Some(if t.succeeded { SWAPPED } else { NOT_SWAPPED }.to_vec()), Some(self.now())),
+            Err(e) if e.certainly_not_applied() => return,
+            Err(_) => (None, None),
+        };
+        let input = Input::Cas { expect, new: new.into_bytes() };
+        self.push(Op { client, key: key.into(), input, output, call, ret });
     }
 
     /// A get through `c` at `consistency`, recorded only when it answered.
@@ -170,8 +195,9 @@ fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     }
 }
 
-/// One seeded run on `n` nodes: four clients on four keys (puts, deletes
-/// and linearizable gets) while faults hit random nodes: kill -9 and
+/// One seeded run on `n` nodes: four clients on four keys (puts, deletes,
+/// compare-and-swap transactions and linearizable gets) while faults hit
+/// random nodes: kill -9 and
 /// restart, SIGSTOP and SIGCONT, partitions of every shape, slow, flapping
 /// and duplicating links, crash points, failing disks, two faults at once.
 /// Then the faults stop, every key is read once more, the whole history
@@ -200,14 +226,22 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 100 + w);
         workers.push(tokio::spawn(async move {
             let mut n = 0u64;
+            // The last value this client saw per key: what its swaps expect.
+            let mut seen: std::collections::HashMap<&str, Option<Vec<u8>>> = Default::default();
             while !stop.load(Ordering::Relaxed) {
                 let key = keys[rng.random_range(0..keys.len())];
-                match rng.random_range(0..10) {
+                match rng.random_range(0..12) {
                     0..5 => {
-                        let _ = h.get(&c, w, key, Consistency::Linearizable).await;
+                        if let Some(v) = h.get(&c, w, key, Consistency::Linearizable).await {
+                            seen.insert(key, v);
+                        }
                     }
                     5..9 => h.put(&c, w, key, format!("w{w}-{n}")).await,
-                    _ => h.delete(&c, w, key).await,
+                    9 => h.delete(&c, w, key).await,
+                    _ => {
+                        let expect = seen.get(key).cloned().flatten();
+                        h.cas(&c, w, key, expect, format!("c{w}-{n}")).await
+                    }
                 }
                 n += 1;
             }
