@@ -16,7 +16,7 @@
 //! `version` (`ver`), `create`, `mod` or `exists`; OP is `=`, `!=`, `<` or
 //! `>`; the operand is a quoted string for `value`, a number for the
 //! revisions and the version, `true` or `false` for `exists`. An operation
-//! is `put KEY VALUE [--prev-kv]`, `get KEY`, `del KEY [--prev-kv]` or
+//! is `put KEY VALUE [--prev-kv] [--lease ID]`, `get KEY`, `del KEY [--prev-kv]` or
 //! `delrange START END`. Words may be quoted with `"` (with `\"` and `\\`
 //! inside); with `--hex`, keys and values are hex.
 
@@ -97,9 +97,16 @@ fn compare(line: &str, input: &dyn Fn(&str) -> Result<Vec<u8>, String>) -> Resul
 
 /// Parses one operation line.
 fn op(line: &str, input: &dyn Fn(&str) -> Result<Vec<u8>, String>) -> Result<TxnOp, String> {
-    let w = words(line)?;
+    let mut w = words(line)?;
     let prev_kv = w.iter().any(|x| x == "--prev-kv");
-    let w: Vec<&String> = w.iter().filter(|x| *x != "--prev-kv").collect();
+    w.retain(|x| x != "--prev-kv");
+    let mut lease = 0;
+    if let Some(at) = w.iter().position(|x| x == "--lease") {
+        let id = w.get(at + 1).and_then(|x| x.parse::<u64>().ok());
+        lease = id.ok_or_else(|| format!("`{line}`: --lease takes a lease id"))?;
+        w.drain(at..at + 2);
+    }
+    let w: Vec<&String> = w.iter().collect();
     let bad = |why: &str| {
         format!(
             "`{line}`: {why} (expected `put KEY VALUE [--prev-kv]`, `get KEY`, `del KEY [--prev-kv]` or `delrange START END`)"
@@ -107,8 +114,9 @@ fn op(line: &str, input: &dyn Fn(&str) -> Result<Vec<u8>, String>) -> Result<Txn
     };
     match w.as_slice() {
         [cmd, key, value] if cmd.as_str() == "put" => {
-            Ok(TxnOp::Put { key: input(key)?, value: input(value)?, prev_kv, lease: 0 })
+            Ok(TxnOp::Put { key: input(key)?, value: input(value)?, prev_kv, lease })
         }
+        _ if lease != 0 && w.first().is_none_or(|c| c.as_str() != "put") => Err(bad("--lease goes with put")),
         [cmd, key] if cmd.as_str() == "get" && !prev_kv => Ok(TxnOp::Get { key: input(key)? }),
         [cmd, key] if cmd.as_str() == "del" => Ok(TxnOp::Delete { key: input(key)?, prev_kv }),
         [cmd, start, end] if cmd.as_str() == "delrange" && !prev_kv => {
@@ -182,6 +190,12 @@ mod tests {
                 TxnOp::DeleteRange { start: b"a".to_vec(), end: b"b".to_vec() },
             ]
         );
+        let t = parse("create(lock) = 0\n\nput lock me --lease 42\n", &plain).expect("parse");
+        assert_eq!(
+            t.success[0],
+            TxnOp::Put { key: b"lock".to_vec(), value: b"me".to_vec(), prev_kv: false, lease: 42 }
+        );
+        assert!(parse("\nget k --lease 4\n", &plain).is_err());
         // No comparisons: the success part comes right after the first blank line.
         let t = parse("\nput a b\n", &plain).expect("parse");
         assert!(t.compares.is_empty() && t.success.len() == 1 && t.failure.is_empty());
