@@ -81,6 +81,13 @@ pub enum Error {
     /// The server answered something this client does not expect.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A watch asked for revisions the history no longer holds: `oldest` is
+    /// the oldest revision it can start from.
+    #[error("the history was compacted: the oldest revision available is {oldest}")]
+    Compacted {
+        /// The oldest revision watchable.
+        oldest: u64,
+    },
     /// The options are unusable (a bad CA file, no endpoints).
     #[error("client configuration: {0}")]
     Config(String),
@@ -107,7 +114,7 @@ impl Error {
     pub fn certainly_not_applied(&self) -> bool {
         match self {
             Error::Refused(info) => info.code.certainly_not_applied(),
-            Error::Unreachable(_) | Error::Config(_) => true,
+            Error::Unreachable(_) | Error::Config(_) | Error::Compacted { .. } => true,
             Error::Indeterminate(_) | Error::Protocol(_) => false,
         }
     }
@@ -164,6 +171,81 @@ pub struct ScanPage {
     pub metas: Vec<crate::protocol::KeyMeta>,
     /// The cluster revision of the state read.
     pub revision: u64,
+}
+
+/// A watch: which keys, from which revision, what to deliver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// First key.
+    pub start: Vec<u8>,
+    /// `None`: the key `start` alone; `Some(end)`: keys in `[start, end)`;
+    /// `Some(empty)`: every key from `start` on.
+    pub end: Option<Vec<u8>>,
+    /// First revision delivered (0: from the next write on).
+    pub start_revision: u64,
+    /// Deliver each event's previous key-value.
+    pub prev_kv: bool,
+    /// Progress when nothing happens for this long (zero: the node's default of 5 s).
+    pub progress: Duration,
+}
+
+impl WatchOptions {
+    /// The changes of one key.
+    pub fn key(key: impl Into<Vec<u8>>) -> WatchOptions {
+        WatchOptions { start: key.into(), ..WatchOptions::default() }
+    }
+    /// The changes of every key that starts with `prefix`.
+    pub fn prefix(prefix: impl Into<Vec<u8>>) -> WatchOptions {
+        let start = prefix.into();
+        let mut end = start.clone();
+        while end.last() == Some(&0xff) {
+            end.pop();
+        }
+        match end.last_mut() {
+            Some(b) => *b += 1,
+            None => end.clear(),
+        }
+        WatchOptions { start, end: Some(end), ..WatchOptions::default() }
+    }
+    /// From revision `revision` on (what the history still holds).
+    pub fn from_revision(mut self, revision: u64) -> WatchOptions {
+        self.start_revision = revision;
+        self
+    }
+    /// With each event's previous key-value.
+    pub fn with_prev_kv(mut self) -> WatchOptions {
+        self.prev_kv = true;
+        self
+    }
+    /// With progress after `every` of quiet.
+    pub fn with_progress(mut self, every: Duration) -> WatchOptions {
+        self.progress = every;
+        self
+    }
+}
+
+/// What a watch delivers, in revision order, each event once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchMessage {
+    /// Events; every event of the watch up to `revision` has now been delivered.
+    Events {
+        /// The events, in revision order.
+        events: Vec<crate::protocol::WatchEvent>,
+        /// Delivered up to here.
+        revision: u64,
+    },
+    /// Nothing new up to `revision`.
+    Progress {
+        /// Delivered up to here.
+        revision: u64,
+    },
+}
+
+enum WatchStop {
+    /// Give up and tell the caller.
+    Fatal(Error),
+    /// Reconnect (to any node) and resume.
+    Retry(String),
 }
 
 /// What a write left: the log index that applied it and the cluster
@@ -386,6 +468,108 @@ impl Client {
             Response::TxnDone { succeeded, index, revision, results, replayed } => {
                 Ok(TxnResult { succeeded, index, revision, results, replayed })
             }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Watches keys: the returned channel delivers their changes from the
+    /// revision asked, in revision order, each exactly once, across
+    /// disconnects and leader changes (the watch resumes, on any node, from
+    /// the revision after the last one delivered). It ends with an error when
+    /// the history no longer holds the revision to resume from
+    /// ([`Error::Compacted`]) or the request is refused; dropping the
+    /// receiver ends it.
+    pub fn watch(&self, opts: WatchOptions) -> tokio::sync::mpsc::Receiver<Result<WatchMessage>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let c = self.clone();
+        tokio::spawn(async move { c.run_watch(opts, tx).await });
+        rx
+    }
+
+    async fn run_watch(&self, opts: WatchOptions, tx: tokio::sync::mpsc::Sender<Result<WatchMessage>>) {
+        let mut next = opts.start_revision;
+        let mut backoff = self.inner.opts.backoff_min;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            match self.watch_stream(&opts, &mut next, &tx).await {
+                Ok(true) => return,
+                Ok(false) => backoff = self.inner.opts.backoff_min,
+                Err(WatchStop::Fatal(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(WatchStop::Retry(_reason)) => {
+                    self.drop_connection().await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.inner.opts.backoff_max);
+                }
+            }
+        }
+    }
+
+    /// One watch stream. `Ok(true)`: the caller is gone; `Ok(false)`: resume now.
+    async fn watch_stream(
+        &self,
+        opts: &WatchOptions,
+        next: &mut u64,
+        tx: &tokio::sync::mpsc::Sender<Result<WatchMessage>>,
+    ) -> std::result::Result<bool, WatchStop> {
+        let conn = match self.current_connection().await {
+            Ok(c) => c,
+            Err(ConnErr::Refused(e)) => return Err(WatchStop::Fatal(Error::Refused(e))),
+            Err(ConnErr::Failed(reason)) => return Err(WatchStop::Retry(reason)),
+        };
+        let broke = |e: &dyn std::fmt::Display| WatchStop::Retry(format!("the watch stream broke: {e}"));
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broke(&e))?;
+        let req = Request::Watch {
+            start: opts.start.clone(),
+            end: opts.end.clone(),
+            start_revision: *next,
+            prev_kv: opts.prev_kv,
+            progress_ms: opts.progress.as_millis() as u64,
+        };
+        let bytes = frame::encode(&req).map_err(|e| WatchStop::Fatal(Error::Protocol(e.to_string())))?;
+        send.write_all(&bytes).await.map_err(|e| broke(&e))?;
+        let _ = send.finish();
+        let max = self.inner.opts.frame_bytes_max;
+        loop {
+            let r = frame::read::<Response>(&mut recv, max).await.map_err(|e| broke(&e))?;
+            let msg = match r {
+                Response::WatchProgress { revision } => {
+                    *next = (*next).max(revision + 1);
+                    WatchMessage::Progress { revision }
+                }
+                Response::WatchEvents { events, revision } => {
+                    *next = (*next).max(revision + 1);
+                    WatchMessage::Events { events, revision }
+                }
+                Response::WatchEnded(crate::protocol::WatchEnd::TooSlow { resume_from }) => {
+                    *next = resume_from;
+                    return Ok(false);
+                }
+                Response::WatchEnded(crate::protocol::WatchEnd::Compacted { oldest }) => {
+                    return Err(WatchStop::Fatal(Error::Compacted { oldest }));
+                }
+                Response::Error(e)
+                    if matches!(e.code, ErrorCode::Busy | ErrorCode::Stopping | ErrorCode::Unavailable) =>
+                {
+                    return Err(WatchStop::Retry(e.message));
+                }
+                Response::Error(e) => return Err(WatchStop::Fatal(Error::Refused(e))),
+                other => return Err(WatchStop::Fatal(unexpected(&other))),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Drops the history below `revision` (watches cannot start before it then).
+    pub async fn compact(&self, revision: u64) -> Result<Written> {
+        match self.call(&Request::Compact { revision }).await? {
+            Response::Written { index, revision } => Ok(Written { index, revision }),
             other => Err(unexpected(&other)),
         }
     }
@@ -688,6 +872,7 @@ impl Client {
             Request::Write { .. }
                 | Request::Txn { .. }
                 | Request::LeaseGrant { .. }
+                | Request::Compact { .. }
                 | Request::LeaseRevoke { .. }
                 | Request::Register
                 | Request::MemberAdd { .. }

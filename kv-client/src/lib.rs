@@ -8,5 +8,5 @@ pub mod fuzzing;
 pub mod protocol;
 mod wire;
 
-pub use client::{Client, ClientOptions, Error, Result, ScanPage, Txn, TxnResult, Written};
+pub use client::{Client, ClientOptions, Error, Result, ScanPage, Txn, TxnResult, WatchMessage, WatchOptions, Written};
 pub use protocol::{Consistency, ErrorCode, Request, Response, WriteOp};

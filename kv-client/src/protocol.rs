@@ -7,8 +7,9 @@
 //! sends one request frame and reads one response frame.
 
 pub use crate::wire::{
-    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, ErrorInfo, KeyMeta, KeyValue, MemberInfo, Request,
-    Response, Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WriteOp,
+    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, ErrorInfo, EventKind, KeyMeta, KeyValue, MemberInfo,
+    Request, Response, Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WatchEnd, WatchEvent,
+    WriteOp,
 };
 
 /// ALPN of the client protocol, version 1. The version is the suffix: a

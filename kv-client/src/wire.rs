@@ -78,6 +78,49 @@ pub struct KeyValue {
     pub meta: KeyMeta,
 }
 
+/// What happened to a key.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum EventKind {
+    /// The key was set.
+    Put,
+    /// The key was deleted (by a delete, a range delete or its lease's end).
+    Delete,
+}
+
+/// One change of a key, at a revision.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub struct WatchEvent {
+    /// The revision of the write that made it.
+    pub revision: u64,
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key and, for a put, its new value and revisions (for a delete:
+    /// an empty value, `mod_revision` the delete's revision).
+    pub kv: KeyValue,
+    /// What the key held before (when the watch asked for it).
+    pub prev: Option<KeyValue>,
+}
+
+/// Why the node ended a watch.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug), attr(allow(missing_docs)))]
+pub enum WatchEnd {
+    /// The watcher fell too far behind the node's event buffer: watch again
+    /// from `resume_from` (nothing before it was lost).
+    TooSlow {
+        /// The first revision not delivered.
+        resume_from: u64,
+    },
+    /// The revision asked is no longer in the history: `oldest` is the
+    /// oldest revision still available.
+    Compacted {
+        /// The oldest revision watchable.
+        oldest: u64,
+    },
+}
+
 /// What a transaction's comparison looks at, and the operand.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[rkyv(derive(Debug), attr(allow(missing_docs)))]
@@ -227,6 +270,30 @@ pub enum Request {
         /// Operations when one does not.
         failure: Vec<TxnOp>,
     },
+    /// Stream the changes of the keys in `[start, end)` (`end = None`: the
+    /// key `start` alone; an empty `end`: every key from `start` on) from
+    /// revision `start_revision` (0: from now), on a stream of its own: the
+    /// node answers [`Response::WatchProgress`] first (the revision it starts
+    /// after), then [`Response::WatchEvents`] in revision order and a
+    /// progress frame every `progress_ms` when idle, until the client closes
+    /// the stream or the node ends it ([`Response::WatchEnded`]).
+    Watch {
+        /// First key.
+        start: Vec<u8>,
+        /// End of the range (see above).
+        end: Option<Vec<u8>>,
+        /// First revision to deliver (0: the next one).
+        start_revision: u64,
+        /// Send each event's previous key-value.
+        prev_kv: bool,
+        /// Idle time before a progress frame, ms (0: none).
+        progress_ms: u64,
+    },
+    /// Drop the history below `revision` (answer: [`Response::Written`]).
+    Compact {
+        /// The oldest revision to keep.
+        revision: u64,
+    },
     /// Grant a lease of `ttl_ms` (answer: [`Response::LeaseGranted`]).
     LeaseGrant {
         /// Its time to live, ms (at least 1 s).
@@ -354,6 +421,20 @@ pub enum Response {
         /// read results are not kept (empty).
         replayed: bool,
     },
+    /// Events of a watch, in revision order.
+    WatchEvents {
+        /// The events.
+        events: Vec<WatchEvent>,
+        /// Every event of the watch up to this revision was delivered.
+        revision: u64,
+    },
+    /// Every event of the watch up to `revision` was delivered (nothing new, or the start).
+    WatchProgress {
+        /// The revision.
+        revision: u64,
+    },
+    /// The node ended the watch.
+    WatchEnded(WatchEnd),
     /// A lease was granted.
     LeaseGranted {
         /// Its id (the index of the entry that granted it).

@@ -165,6 +165,30 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     let o = dev.kv_in(dev.dir.path(), &["txn"], Some(&t));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILURE\nv3\n");
+    // Watch: from revision 1, the history of a prefix, one JSON object per event;
+    // with a command run per event. Stopped by a kill (it runs until Ctrl-C).
+    dev.ok(&["put", "watched/a", "1"]);
+    dev.ok(&["del", "watched/a"]);
+    let marker = dev.dir.path().join("events.txt");
+    let script = format!("echo \"$KV_WATCH_TYPE $KV_WATCH_KEY\" >> {}", marker.display());
+    let mut w = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["watch", "watched/", "--prefix", "--rev", "1", "-w", "json", "--", "sh", "-c", &script])
+        .current_dir(dev.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kv watch");
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = w.kill();
+    let out = w.wait_with_output().expect("kv watch");
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(json).collect();
+    assert_eq!(lines.len(), 2, "{}", text(&out.stdout));
+    assert_eq!(lines[0]["type"], "PUT");
+    assert_eq!(lines[0]["kv"]["value"], "1");
+    assert_eq!(lines[1]["type"], "DELETE");
+    assert_eq!(std::fs::read_to_string(&marker).expect("the command ran"), "PUT watched/a\nDELETE watched/a\n");
+    dev.ok(&["compact", &lines[1]["revision"].as_u64().expect("revision").to_string()]);
+
     // Leases: grant, attach, look, revoke.
     let v = json(&dev.ok(&["lease", "grant", "60", "-w", "json"]));
     let id = v["id"].as_u64().expect("lease id").to_string();

@@ -6,8 +6,8 @@ use std::path::Path;
 use cairn_kv_client::frame::encode;
 use cairn_kv_client::fuzzing::fuzz_frames;
 use cairn_kv_client::protocol::{
-    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, KeyMeta, KeyValue, MemberInfo, Request, Response,
-    Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WriteOp,
+    Compare, CompareOp, CompareTarget, Consistency, ErrorCode, EventKind, KeyMeta, KeyValue, MemberInfo, Request,
+    Response, Session, SnapshotFile, SnapshotHeader, StatusInfo, TxnOp, TxnOpResult, WatchEnd, WatchEvent, WriteOp,
 };
 use proptest::prelude::*;
 
@@ -70,6 +70,17 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 ],
             },
         ),
+        (
+            "watch",
+            Request::Watch {
+                start: b"a/".to_vec(),
+                end: Some(b"a0".to_vec()),
+                start_revision: 7,
+                prev_kv: true,
+                progress_ms: 1000,
+            },
+        ),
+        ("compact", Request::Compact { revision: 9 }),
         ("lease-grant", Request::LeaseGrant { ttl_ms: 5000 }),
         ("lease-keep-alive", Request::LeaseKeepAlive { id: 42 }),
         (
@@ -115,6 +126,19 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             Response::LeaseInfo { id: 42, ttl_ms: 5000, remaining_ms: Some(1200), keys: vec![b"k".to_vec()] },
         ),
         ("leases", Response::Leases(vec![1, 42])),
+        (
+            "watch-events",
+            Response::WatchEvents {
+                events: vec![WatchEvent {
+                    revision: 8,
+                    kind: EventKind::Put,
+                    kv: KeyValue { key: b"a/1".to_vec(), value: b"v".to_vec(), meta: KeyMeta::default() },
+                    prev: None,
+                }],
+                revision: 8,
+            },
+        ),
+        ("watch-ended", Response::WatchEnded(WatchEnd::Compacted { oldest: 5 })),
         ("status", Response::Status(StatusInfo { node_id: 1, alarms: vec![2], ..StatusInfo::default() })),
         ("members", Response::Members(vec![MemberInfo { id: 1, addr: "a:1".into(), learner: false }])),
         (

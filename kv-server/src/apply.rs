@@ -14,6 +14,18 @@ use cairn_raft_core::{ConfState, Entry, EntryKind, Term};
 use tokio::sync::{oneshot, watch};
 
 use crate::lease::LeaseEvent;
+use cairn_kv_client::protocol::{EventKind, WatchEvent};
+
+/// What the apply worker publishes to watchers.
+#[derive(Clone, Debug)]
+pub enum WatchFeed {
+    /// The events of one applied batch, in revision order (written to the
+    /// state's history in the same batch).
+    Events(Arc<Vec<WatchEvent>>),
+    /// A snapshot replaced the state: watchers read the history again from
+    /// where they were.
+    Reset,
+}
 use crate::state::{
     Book, CONF_KEY, Command, CommandOp, LEASE_PREFIX, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook,
     addr_key, alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key,
@@ -118,6 +130,12 @@ pub struct Applier {
     lease_events: Vec<LeaseEvent>,
     /// Where lease events go (the lessor).
     pub lease_tx: Option<tokio::sync::mpsc::Sender<LeaseEvent>>,
+    /// The events of the batch being applied.
+    events: Vec<WatchEvent>,
+    /// The oldest revision the history keeps.
+    compacted: u64,
+    /// Where events go (the watchers).
+    pub watch_tx: Option<tokio::sync::broadcast::Sender<WatchFeed>>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -153,6 +171,7 @@ impl Applier {
         let sessions = load_sessions(&db)?;
         let alarms = read_book(&book).alarms.clone();
         let revision = load_revision(&db)?;
+        let compacted = crate::state::load_compacted(&db)?;
         Ok(Applier {
             shared,
             db,
@@ -164,6 +183,9 @@ impl Applier {
             pending: BTreeMap::new(),
             lease_events: Vec::new(),
             lease_tx: None,
+            events: Vec::new(),
+            compacted,
+            watch_tx: None,
             sessions,
             applied,
             waiters,
@@ -228,12 +250,18 @@ impl Applier {
         };
         let sessions = load_sessions(&db).map_err(|e| format!("reading the installed state's sessions: {e}"))?;
         let revision = load_revision(&db).map_err(|e| format!("reading the installed state's revision: {e}"))?;
+        let compacted = crate::state::load_compacted(&db)
+            .map_err(|e| format!("reading the installed state's history bound: {e}"))?;
         let book =
             Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
         let old = (!delta && !merge).then(|| self.shared.replace(db.clone()));
         self.db = db;
         self.sessions = sessions;
         self.revision = revision;
+        self.compacted = compacted;
+        if let Some(tx) = &self.watch_tx {
+            let _ = tx.send(WatchFeed::Reset);
+        }
         self.alarms = book.alarms.clone();
         *write_book(&self.book) = book;
         self.applied.send_replace(c.manifest.index);
@@ -305,6 +333,7 @@ impl Applier {
         let mut batch = WriteBatch::new();
         let revision_before = self.revision;
         self.pending.clear();
+        self.events.clear();
         let mut answers: Vec<(u64, Term, Response)> = Vec::with_capacity(entries.len());
         let mut touched: Vec<u64> = Vec::new();
         for e in entries {
@@ -351,6 +380,13 @@ impl Applier {
         batch.set_marker(Marker::new(last.index.0, last.term.0));
         if let Err(e) = self.db.write(&batch) {
             return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
+        }
+        if !self.events.is_empty() {
+            let events = Arc::new(std::mem::take(&mut self.events));
+            if let Some(tx) = &self.watch_tx {
+                // No watcher: nothing to do (send only fails without receivers).
+                let _ = tx.send(WatchFeed::Events(events));
+            }
         }
         if let Some(tx) = &self.lease_tx {
             for e in self.lease_events.drain(..) {
@@ -456,6 +492,21 @@ impl Applier {
                 let outcome = self.apply_write(index, cmd.time_ms, session, &mut body, batch, touched);
                 outcome_response(outcome, None)
             }
+            CommandOp::Compact { revision } => {
+                if revision > self.revision {
+                    return Response::error(
+                        ErrorCode::BadRequest,
+                        format!("revision {revision} is in the future (the cluster is at {})", self.revision),
+                    );
+                }
+                if revision > self.compacted {
+                    batch.delete_range(crate::state::history_key(0, 0), crate::state::history_key(revision, 0));
+                    batch.put(crate::state::COMPACTED_KEY.to_vec(), revision.to_le_bytes().to_vec());
+                    self.compacted = revision;
+                    tracing::info!(revision, "history compacted");
+                }
+                Response::Written { index, revision: self.revision }
+            }
             CommandOp::LeaseGrant { ttl_ms } => {
                 if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(&ttl_ms) {
                     return Response::error(
@@ -469,6 +520,8 @@ impl Applier {
                     batch,
                     next: self.revision + 1,
                     changed: false,
+                    events: &mut self.events,
+                    event_n: 0,
                 };
                 if m.keys_in(&[LEASE_PREFIX], &[LEASE_PREFIX + 1]).len() >= self.limits.leases_max {
                     return Response::error(ErrorCode::TooLarge, "too many leases (leases_max)");
@@ -486,6 +539,8 @@ impl Applier {
                     batch,
                     next: self.revision + 1,
                     changed: false,
+                    events: &mut self.events,
+                    event_n: 0,
                 };
                 if m.stored(&lease_key(id)).is_none() {
                     return Response::error(ErrorCode::LeaseNotFound, format!("lease {id} does not exist"));
@@ -606,6 +661,8 @@ impl Applier {
                     batch,
                     next: self.revision + 1,
                     changed: false,
+                    events: &mut self.events,
+                    event_n: 0,
                 };
                 let outcome = match body {
                     Body::Write(ops) => {
@@ -729,6 +786,10 @@ struct Mutation<'a> {
     batch: &'a mut WriteBatch,
     next: u64,
     changed: bool,
+    /// The events of the batch (this write's are added, revision `next`).
+    events: &'a mut Vec<WatchEvent>,
+    /// Events of this write so far (their number within the revision).
+    event_n: u32,
 }
 
 impl Mutation<'_> {
@@ -748,6 +809,16 @@ impl Mutation<'_> {
             Ok((meta, value)) => Some(KeyValue { key: key.to_vec(), value: value.to_vec(), meta }),
             Err(e) => crate::fatal(&format!("a stored value cannot be read at apply: {e}")),
         }
+    }
+
+    /// Records a change of a user key in the history (in the same batch)
+    /// and for the watchers.
+    fn event(&mut self, kind: EventKind, kv: KeyValue, prev: Option<KeyValue>) {
+        let e = WatchEvent { revision: self.next, kind, kv, prev };
+        self.batch
+            .put(crate::state::history_key(self.next, self.event_n), archived(cairn_kv_client::frame::archive(&e)));
+        self.event_n += 1;
+        self.events.push(e);
     }
 
     /// Writes (or removes) one LSM key, through the overlay.
@@ -793,6 +864,7 @@ impl Mutation<'_> {
         self.batch.put(k.clone(), v.clone());
         self.pending.insert(k, Some(v));
         self.changed = true;
+        self.event(EventKind::Put, KeyValue { key: key.to_vec(), value: value.to_vec(), meta }, prev.clone());
         prev
     }
 
@@ -806,6 +878,12 @@ impl Mutation<'_> {
         self.batch.delete(k.clone());
         self.pending.insert(k, None);
         self.changed = true;
+        let gone = KeyValue {
+            key: key.to_vec(),
+            value: Vec::new(),
+            meta: KeyMeta { mod_revision: self.next, ..KeyMeta::default() },
+        };
+        self.event(EventKind::Delete, gone, Some(prev.clone()));
         Some(prev)
     }
 
@@ -829,13 +907,8 @@ impl Mutation<'_> {
             }
         }
         for k in &present {
-            if let Some(kv) = self.get(&k[1..]).filter(|kv| kv.meta.lease != 0) {
-                self.remove(&attach_key(kv.meta.lease, &k[1..]));
-            }
-            self.batch.delete(k.clone());
-            self.pending.insert(k.clone(), None);
+            self.delete(&k[1..]);
         }
-        self.changed |= !present.is_empty();
         present.len() as u64
     }
 

@@ -176,6 +176,14 @@ pub struct Limits {
     pub txn_ops_max: usize,
     /// Leases at once. Default 10,000.
     pub leases_max: usize,
+    /// Watch streams at once. Default 10,000.
+    pub watchers_max: usize,
+    /// Applied batches of events buffered for watchers; a watcher further
+    /// behind is ended as too slow (it resumes). Default 1024.
+    pub watch_buffer_batches: usize,
+    /// Revisions of history kept; the leader compacts the history beyond
+    /// (checked every 10 s). Default 100,000.
+    pub history_revisions_max: u64,
     /// Keys attached to one lease. Default 10,000.
     pub keys_per_lease_max: usize,
     /// Client connections at once. Default 1024.
@@ -200,6 +208,9 @@ impl Default for Limits {
             session_responses_max: 1024,
             txn_ops_max: 1024,
             leases_max: 10_000,
+            watchers_max: 10_000,
+            watch_buffer_batches: 1024,
+            history_revisions_max: 100_000,
             keys_per_lease_max: 10_000,
             client_connections_max: 1024,
         }

@@ -12,7 +12,7 @@ const MAX: usize = 1 << 20;
 
 /// Arbitrary bytes through every decoder of the node's own formats: a peer
 /// frame, a snapshot stream's hello and its answer, an entry's command, a session record,
-/// a stored value. An error or a value, never a panic; a command that
+/// a stored value, a history record. An error or a value, never a panic; a command that
 /// decodes encodes to bytes that decode to the same command.
 pub fn fuzz_decoders(data: &[u8]) {
     let _ = decode_frame::<PeerFrame>(data, MAX);
@@ -30,4 +30,5 @@ pub fn fuzz_decoders(data: &[u8]) {
         assert_eq!(again.as_ref(), Some(&s), "a session record does not survive a round trip");
     }
     let _ = decode_value(data);
+    let _ = cairn_kv_client::frame::decode::<cairn_kv_client::protocol::WatchEvent>(data);
 }

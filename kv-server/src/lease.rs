@@ -71,6 +71,9 @@ pub struct LessorConfig {
 
     /// Revocations in flight at once.
     pub revokes_in_flight_max: usize,
+    /// Revisions of history kept: while leading, every 10 s the lessor
+    /// proposes the compaction of what lies beyond.
+    pub history_revisions_max: u64,
 }
 
 struct Lease {
@@ -115,9 +118,12 @@ impl Lessor {
     pub async fn run(mut self) {
         let mut check = tokio::time::interval(self.cfg.check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut compaction = tokio::time::interval(Duration::from_secs(10));
+        compaction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = check.tick() => self.expire().await,
+                _ = compaction.tick() => self.maybe_compact(),
                 changed = self.leader.changed() => {
                     if changed.is_err() {
                         return;
@@ -203,6 +209,27 @@ impl Lessor {
                 let _ = reply.send(left);
             }
         }
+    }
+
+    /// Proposes a compaction of the history beyond `history_revisions_max` (while leading).
+    fn maybe_compact(&self) {
+        if !self.leading {
+            return;
+        }
+        let db = self.db.get();
+        let (Ok(revision), Ok(compacted)) = (crate::state::load_revision(&db), crate::state::load_compacted(&db))
+        else {
+            return;
+        };
+        let keep = self.cfg.history_revisions_max.max(1);
+        if revision <= compacted.saturating_add(keep) {
+            return;
+        }
+        let cmd = Command { time_ms: crate::server::now_ms(), op: CommandOp::Compact { revision: revision - keep } };
+        let Ok(data) = cmd.encode() else { return };
+        let (reply, _answer) = oneshot::channel();
+        let _ = self.node.try_send(NodeRequest::Propose { data, reply });
+        tracing::info!(below = revision - keep, "compacting the history");
     }
 
     /// Proposes the revocation of every lease past its deadline (while leading).

@@ -60,6 +60,12 @@ struct Ctx {
     read_locally_for_tests: bool,
     /// The lessor (keep-alives, time left).
     lessor: mpsc::Sender<crate::lease::LessorRequest>,
+    /// Events applied, for watchers.
+    watch_tx: tokio::sync::broadcast::Sender<crate::apply::WatchFeed>,
+    /// Watch streams at once.
+    watchers: tokio::sync::Semaphore,
+    /// Test switch: watches skip the history (live events only).
+    watch_skip_history_for_tests: bool,
 }
 
 /// Test switches, read from `CAIRN_TEST_*` variables (never configuration).
@@ -89,6 +95,10 @@ pub struct TestSwitches {
     /// `CAIRN_TEST_LEASE_NO_GRACE=1`: break the lease rule: a new leader
     /// keeps the deadlines it saw as a follower.
     pub lease_no_grace: bool,
+    /// `CAIRN_TEST_WATCH_SKIP_HISTORY=1`: break the watch rule, serving a
+    /// watch from the live events only (a resumed watch misses what was
+    /// written while it was away).
+    pub watch_skip_history: bool,
     /// `CAIRN_TEST_READ_LOCALLY=1`: break the reads rule, serving
     /// linearizable reads from the local state without a read index (a
     /// leader cut off from its followers then answers stale).
@@ -106,6 +116,7 @@ impl TestSwitches {
             local_quota: on("CAIRN_TEST_LOCAL_QUOTA"),
             read_locally: on("CAIRN_TEST_READ_LOCALLY"),
             lease_no_grace: on("CAIRN_TEST_LEASE_NO_GRACE"),
+            watch_skip_history: on("CAIRN_TEST_WATCH_SKIP_HISTORY"),
             merge_snapshots: on("CAIRN_TEST_MERGE_SNAPSHOTS"),
             checkpoint_at_applied: on("CAIRN_TEST_CHECKPOINT_AT_APPLIED"),
             failpoints: crate::failpoint::Failpoints::from_env(),
@@ -273,6 +284,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let (lease_tx, lease_events) = mpsc::channel(1024);
     applier.lease_tx = Some(lease_tx);
+    let (watch_tx, _) = tokio::sync::broadcast::channel(limits.watch_buffer_batches.max(1));
+    applier.watch_tx = Some(watch_tx.clone());
     applier.merge_snapshots_for_tests = switches.merge_snapshots;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let used_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -360,6 +373,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
             revoke_retry: Duration::from_secs(2),
             revokes_in_flight_max: 64,
             no_grace_for_tests: switches.lease_no_grace,
+            history_revisions_max: limits.history_revisions_max,
         },
         leader_rx,
         lease_events,
@@ -396,6 +410,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     };
     let node_task = tokio::spawn(task.run());
 
+    let watchers_max = limits.watchers_max;
     let ctx = Arc::new(Ctx {
         id: cfg.id,
         cluster_id,
@@ -412,6 +427,9 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         request_timeout: Duration::from_secs(10),
         read_locally_for_tests: switches.read_locally,
         lessor: lessor_tx,
+        watch_tx,
+        watchers: tokio::sync::Semaphore::new(watchers_max),
+        watch_skip_history_for_tests: switches.watch_skip_history,
     });
     let svc = peer::PeerService {
         cluster_id,
@@ -540,6 +558,14 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let resp = match frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await {
+                Ok(Request::Watch { start, end, start_revision, prev_kv, progress_ms }) => {
+                    let w = WatchSpec { start, end, start_revision, prev_kv, progress_ms };
+                    if let Err(e) = serve_watch(&ctx, w, &mut send).await {
+                        tracing::debug!(error = %e, "a watch ended");
+                    }
+                    let _ = send.finish();
+                    return;
+                }
                 Ok(Request::SnapshotSave) => match save_snapshot(&ctx, &mut send).await {
                     Ok(()) => {
                         let _ = send.finish();
@@ -573,6 +599,10 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
     match req {
         Request::Hello { .. } => Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id },
         Request::SnapshotSave => Response::error(ErrorCode::BadRequest, "a snapshot save is a stream of its own"),
+        Request::Watch { .. } => Response::error(ErrorCode::BadRequest, "a watch is a stream of its own"),
+        Request::Compact { revision } => {
+            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Compact { revision } }).await
+        }
         Request::Register => propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Register }).await,
         Request::Write { session, ops } => {
             if let Err(code) = check_ops(&ops, ctx.apply_limits) {
@@ -934,6 +964,174 @@ async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
         }
     }
     ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
+}
+
+/// A watch as asked.
+struct WatchSpec {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    start_revision: u64,
+    prev_kv: bool,
+    progress_ms: u64,
+}
+
+impl WatchSpec {
+    fn covers(&self, key: &[u8]) -> bool {
+        match &self.end {
+            None => key == self.start.as_slice(),
+            Some(e) if e.is_empty() => key >= self.start.as_slice(),
+            Some(e) => key >= self.start.as_slice() && key < e.as_slice(),
+        }
+    }
+}
+
+/// Events per frame of a watch at most.
+const WATCH_FRAME_EVENTS_MAX: usize = 256;
+/// Idle time after which a watch sends progress anyway (a gone client shows
+/// as a failed write), when it asked for none.
+const WATCH_KEEPALIVE: Duration = Duration::from_secs(5);
+
+async fn write_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), String> {
+    let bytes = frame::encode(r).map_err(|e| e.to_string())?;
+    send.write_all(&bytes).await.map_err(|e| format!("the watcher is gone: {e}"))
+}
+
+/// Sends the history's events of `w` in `(after, upto]` from the live state; returns `upto`.
+async fn watch_history(
+    ctx: &Ctx,
+    w: &WatchSpec,
+    after: u64,
+    send: &mut quinn::SendStream,
+) -> Result<Result<u64, u64>, String> {
+    let view = ctx.db.get().read_view();
+    let read = |k: &[u8]| -> Result<u64, String> {
+        crate::state::read_revision(view.get(k).map_err(|e| e.to_string())?.as_deref()).map_err(|e| e.to_string())
+    };
+    let upto = read(REVISION_KEY)?;
+    let compacted = read(crate::state::COMPACTED_KEY)?;
+    if after + 1 < compacted {
+        return Ok(Err(compacted));
+    }
+    let mut out: Vec<cairn_kv_client::protocol::WatchEvent> = Vec::new();
+    let lo = crate::state::history_key(after + 1, 0);
+    let hi = crate::state::history_key(upto.saturating_add(1), 0);
+    for kv in view.range(lo..hi) {
+        let (_, v) = kv.map_err(|e| format!("reading the history: {e}"))?;
+        let mut e: cairn_kv_client::protocol::WatchEvent =
+            frame::decode(&v).map_err(|e| format!("a damaged history record: {e}"))?;
+        if !w.covers(&e.kv.key) {
+            continue;
+        }
+        if !w.prev_kv {
+            e.prev = None;
+        }
+        // Frames hold whole revisions, so "delivered up to" is exact.
+        if let Some(last) = out.last().map(|l| l.revision)
+            && out.len() >= WATCH_FRAME_EVENTS_MAX
+            && last != e.revision
+        {
+            write_frame(send, &Response::WatchEvents { events: std::mem::take(&mut out), revision: last }).await?;
+        }
+        out.push(e);
+    }
+    if out.is_empty() {
+        write_frame(send, &Response::WatchProgress { revision: upto }).await?;
+    } else {
+        write_frame(send, &Response::WatchEvents { events: out, revision: upto }).await?;
+    }
+    Ok(Ok(upto))
+}
+
+/// Serves one watch stream: the history from the revision asked, then the
+/// events as they apply, in revision order, each once; progress when idle.
+async fn serve_watch(ctx: &Ctx, w: WatchSpec, send: &mut quinn::SendStream) -> Result<(), String> {
+    let Ok(_permit) = ctx.watchers.try_acquire() else {
+        return write_frame(send, &Response::error(ErrorCode::Busy, "too many watches (watchers_max)")).await;
+    };
+    if w.start.len() > ctx.limits.key_bytes_max || w.end.as_ref().is_some_and(|e| e.len() > ctx.limits.key_bytes_max) {
+        return write_frame(send, &Response::error(ErrorCode::TooLarge, "a key of the watch is over the limit")).await;
+    }
+    // Subscribe first, then read the history: an event applied in between
+    // is in both and goes out once (by revision); none falls between.
+    let mut feed = ctx.watch_tx.subscribe();
+    let after = if w.start_revision == 0 {
+        let view = ctx.db.get().read_view();
+        crate::state::read_revision(view.get(REVISION_KEY).map_err(|e| e.to_string())?.as_deref())
+            .map_err(|e| e.to_string())?
+    } else {
+        w.start_revision - 1
+    };
+    let compacted = crate::state::load_compacted(&ctx.db.get()).map_err(|e| e.to_string())?;
+    if after + 1 < compacted {
+        let end = cairn_kv_client::protocol::WatchEnd::Compacted { oldest: compacted };
+        return write_frame(send, &Response::WatchEnded(end)).await;
+    }
+    write_frame(send, &Response::WatchProgress { revision: after }).await?;
+    let history = if ctx.watch_skip_history_for_tests {
+        let now = crate::state::load_revision(&ctx.db.get()).map_err(|e| e.to_string())?;
+        Ok(now)
+    } else {
+        watch_history(ctx, &w, after, send).await?
+    };
+    let mut sent = match history {
+        Ok(upto) => upto.max(after),
+        Err(oldest) => {
+            return write_frame(send, &Response::WatchEnded(cairn_kv_client::protocol::WatchEnd::Compacted { oldest }))
+                .await;
+        }
+    };
+    let idle = if w.progress_ms == 0 { WATCH_KEEPALIVE } else { Duration::from_millis(w.progress_ms) };
+    loop {
+        let next = tokio::time::timeout(idle, feed.recv()).await;
+        match next {
+            Err(_) => write_frame(send, &Response::WatchProgress { revision: sent }).await?,
+            Ok(Ok(crate::apply::WatchFeed::Events(evs))) => {
+                let Some(top) = evs.last().map(|e| e.revision) else { continue };
+                if top <= sent {
+                    continue;
+                }
+                let out: Vec<_> = evs
+                    .iter()
+                    .filter(|e| e.revision > sent && w.covers(&e.kv.key))
+                    .map(|e| {
+                        let mut e = e.clone();
+                        if !w.prev_kv {
+                            e.prev = None;
+                        }
+                        e
+                    })
+                    .collect();
+                sent = top;
+                // Frames hold whole revisions; the last one says `top`.
+                let mut frame_events: Vec<cairn_kv_client::protocol::WatchEvent> = Vec::new();
+                for e in out {
+                    if let Some(last) = frame_events.last().map(|l| l.revision)
+                        && frame_events.len() >= WATCH_FRAME_EVENTS_MAX
+                        && last != e.revision
+                    {
+                        let events = std::mem::take(&mut frame_events);
+                        write_frame(send, &Response::WatchEvents { events, revision: last }).await?;
+                    }
+                    frame_events.push(e);
+                }
+                if !frame_events.is_empty() {
+                    write_frame(send, &Response::WatchEvents { events: frame_events, revision: top }).await?;
+                }
+            }
+            Ok(Ok(crate::apply::WatchFeed::Reset)) => match watch_history(ctx, &w, sent, send).await? {
+                Ok(upto) => sent = sent.max(upto),
+                Err(oldest) => {
+                    let end = cairn_kv_client::protocol::WatchEnd::Compacted { oldest };
+                    return write_frame(send, &Response::WatchEnded(end)).await;
+                }
+            },
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                let end = cairn_kv_client::protocol::WatchEnd::TooSlow { resume_from: sent + 1 };
+                return write_frame(send, &Response::WatchEnded(end)).await;
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return Ok(()),
+        }
+    }
 }
 
 /// Sends a request to the Raft task and waits for its answer.

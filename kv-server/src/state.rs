@@ -15,9 +15,8 @@
 //! | `m` | `revision` | the cluster revision (u64 LE): raised by one by each write that changes a key |
 //! | `l` | lease id (u64 BE) | its time to live in ms (u64 LE) |
 //! | `L` | lease id (u64 BE), user key | empty: the key is attached to the lease |
-//!
-//! Reserved for later: `r` (history of revisions, for watch and reads at a
-//! past revision).
+//! | `r` | revision (u64 BE), event number in it (u32 BE) | a [`cairn_kv_client::protocol::WatchEvent`] (rkyv) |
+//! | `m` | `compacted` | the oldest revision the history keeps (u64 LE; absent: 0) |
 
 /// Namespace of user keys.
 pub const USER_PREFIX: u8 = b'k';
@@ -37,6 +36,10 @@ pub const ALARM_PREFIX: &[u8] = b"malarm/";
 pub const LEASE_PREFIX: u8 = b'l';
 /// Namespace of the keys attached to leases.
 pub const ATTACH_PREFIX: u8 = b'L';
+/// Namespace of the history.
+pub const HISTORY_PREFIX: u8 = b'r';
+/// The key of the oldest revision the history keeps.
+pub const COMPACTED_KEY: &[u8] = b"mcompacted";
 /// The key of the cluster revision.
 pub const REVISION_KEY: &[u8] = b"mrevision";
 /// The format byte of a stored value (2: with revisions; 1, before them, is
@@ -98,6 +101,11 @@ mod records {
             node: u64,
             /// Raise or clear.
             raise: bool,
+        },
+        /// Drop the history below `revision`.
+        Compact {
+            /// The oldest revision kept.
+            revision: u64,
         },
         /// Grant a lease; its id is this entry's index.
         LeaseGrant {
@@ -255,6 +263,20 @@ pub fn read_book(b: &SharedBook) -> std::sync::RwLockReadGuard<'_, Book> {
 /// Writes the shared book.
 pub fn write_book(b: &SharedBook) -> std::sync::RwLockWriteGuard<'_, Book> {
     b.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The LSM key of the `n`-th event of `revision`.
+pub fn history_key(revision: u64, n: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(HISTORY_PREFIX);
+    k.extend_from_slice(&revision.to_be_bytes());
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The oldest revision the history keeps (0 before any compaction).
+pub fn load_compacted(db: &cairn_lsm::Db) -> Result<u64, crate::storage::StorageError> {
+    read_revision(db.get(COMPACTED_KEY)?.as_deref())
 }
 
 /// The LSM key of lease `id`.

@@ -67,6 +67,20 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             Command { time_ms: 2, op: CommandOp::Alarm { node: 3, raise: true } }.encode().expect("encode"),
         ),
         (
+            "history-event",
+            cairn_kv_client::frame::archive(&cairn_kv_client::protocol::WatchEvent {
+                revision: 4,
+                kind: cairn_kv_client::protocol::EventKind::Delete,
+                kv: cairn_kv_client::protocol::KeyValue {
+                    key: b"k".to_vec(),
+                    value: Vec::new(),
+                    meta: cairn_kv_client::protocol::KeyMeta::default(),
+                },
+                prev: None,
+            })
+            .expect("encode"),
+        ),
+        (
             "command-lease-grant",
             Command { time_ms: 3, op: CommandOp::LeaseGrant { ttl_ms: 5000 } }.encode().expect("encode"),
         ),

@@ -153,9 +153,10 @@ async fn a_follower_a_little_behind_catches_up_by_a_delta() {
         let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
         assert!(cluster.stop(follower), "the follower did not stop cleanly");
 
-        // About 1.6 MiB: at least one flush on the leader, far from a table compaction.
-        for w in 0..200 {
-            let ops = (0..8)
+        // About 0.75 MiB of values (twice that with the history): at least one
+        // flush on the leader, far from a table compaction.
+        for w in 0..150 {
+            let ops = (0..5)
                 .map(|i| WriteOp::Put { key: format!("n-{w:03}-{i:03}").into_bytes(), value: vec![b'n'; 1000] })
                 .chain(
                     (w < 10)
@@ -282,11 +283,16 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
 /// Stops `follower`, writes `writes` batches of 100 keys, and waits until
 /// the leader's log starts past where the follower stopped.
 async fn leave_behind(cluster: &mut Cluster, leader: u64, follower: u64, writes: usize) {
+    leave_behind_with(cluster, leader, follower, writes, 100).await
+}
+
+/// [`leave_behind`] with `keys` keys per write.
+async fn leave_behind_with(cluster: &mut Cluster, leader: u64, follower: u64, writes: usize, keys: usize) {
     let c = cluster.client();
     let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
     assert!(cluster.stop(follower), "the follower did not stop cleanly");
     for w in 0..writes {
-        let ops = (0..100)
+        let ops = (0..keys)
             .map(|i| WriteOp::Put { key: format!("b-{w:05}-{i:03}").into_bytes(), value: vec![b'y'; 100] })
             .collect();
         c.write(ops).await.expect("write");
@@ -346,7 +352,7 @@ async fn a_follower_that_crashes_during_a_delta_install_recovers_by_the_repair_r
             Cluster::start(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")]);
         let leader = cluster.leader(Duration::from_secs(20)).await;
         let follower = (1..=3).find(|i| *i != leader).expect("a follower");
-        leave_behind(&mut cluster, leader, follower, 100).await;
+        leave_behind_with(&mut cluster, leader, follower, 200, 30).await;
         cluster.node_env.insert(follower, vec![("CAIRN_TEST_FAILPOINT".into(), "ingest-installed".into())]);
         cluster.start_node(follower);
         let code = cluster.wait_exit(follower, Duration::from_secs(20));
@@ -365,7 +371,7 @@ async fn a_follower_that_crashes_during_a_delta_install_recovers_by_the_repair_r
     let log = std::fs::read_to_string(cluster.layout.dir.join(format!("node-{follower}.log"))).expect("log");
     assert!(log.contains("the state is ahead of the log"), "the restart did not take the repair path");
     let one = cluster.client_of(follower);
-    let (v, _) = one.get_with("b-00099-099", Consistency::Serializable).await.expect("get");
+    let (v, _) = one.get_with("b-00199-029", Consistency::Serializable).await.expect("get");
     assert!(v.is_some(), "the last key written is missing on the follower");
     let s = cluster.client().status_of(&cluster.endpoint(follower), false).await.expect("status");
     assert_eq!(s.deltas_installed, 0, "after the restart it needed no second snapshot: {s:?}");

@@ -85,6 +85,33 @@ enum Cmd {
         #[arg(long)]
         lease: Option<u64>,
     },
+    /// Print the changes of KEY (or of a prefix or range) as they happen,
+    /// until Ctrl-C; with `-- COMMAND...`, run it for each event (with
+    /// KV_WATCH_TYPE, KV_WATCH_KEY, KV_WATCH_VALUE, KV_WATCH_REVISION set).
+    Watch {
+        /// The key (the first key with --prefix or --range-end).
+        key: String,
+        /// Every key that starts with KEY.
+        #[arg(long, conflicts_with = "range_end")]
+        prefix: bool,
+        /// Keys from KEY up to this one (exclusive).
+        #[arg(long)]
+        range_end: Option<String>,
+        /// From this revision on (what the history still holds); default: from now.
+        #[arg(long)]
+        rev: Option<u64>,
+        /// Also print each event's previous value.
+        #[arg(long)]
+        prev_kv: bool,
+        /// A command to run per event.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Drop the history below revision REV (watches cannot start before it).
+    Compact {
+        /// The oldest revision to keep.
+        rev: u64,
+    },
     /// Leases: grant, keep-alive, revoke, ttl, list.
     Lease {
         #[command(subcommand)]
@@ -477,6 +504,53 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                 }
             }
             o.pairs(&all, *keys_only, false, index);
+        }
+        Cmd::Compact { rev } => {
+            let w = client.compact(*rev).await?;
+            o.line(
+                &format!("compacted below revision {rev}"),
+                serde_json::json!({ "compacted": rev, "revision": w.revision }),
+            );
+        }
+        Cmd::Watch { key, prefix, range_end, rev, prev_kv, command } => {
+            let key = o.input(key)?;
+            let mut w = if *prefix {
+                cairn_kv_client::WatchOptions::prefix(key)
+            } else if let Some(e) = range_end {
+                cairn_kv_client::WatchOptions { end: Some(o.input(e)?), ..cairn_kv_client::WatchOptions::key(key) }
+            } else {
+                cairn_kv_client::WatchOptions::key(key)
+            };
+            w.start_revision = rev.unwrap_or(0);
+            w.prev_kv = *prev_kv;
+            let mut rx = client.watch(w);
+            loop {
+                let msg = tokio::select! {
+                    m = rx.recv() => m,
+                    _ = tokio::signal::ctrl_c() => return Err(fail(130, "interrupted")),
+                };
+                let Some(msg) = msg else { return Ok(()) };
+                if let cairn_kv_client::WatchMessage::Events { events, .. } = msg? {
+                    for e in &events {
+                        o.event(e);
+                        if let Some((prog, args)) = command.split_first() {
+                            let kind =
+                                if e.kind == cairn_kv_client::protocol::EventKind::Put { "PUT" } else { "DELETE" };
+                            let status = std::process::Command::new(prog)
+                                .args(args)
+                                .env("KV_WATCH_TYPE", kind)
+                                .env("KV_WATCH_KEY", o.show(&e.kv.key))
+                                .env("KV_WATCH_VALUE", o.show(&e.kv.value))
+                                .env("KV_WATCH_REVISION", e.revision.to_string())
+                                .status()
+                                .map_err(|err| fail(2, format!("running {prog}: {err}")))?;
+                            if !status.success() {
+                                eprintln!("kv: {prog} exited with {status}");
+                            }
+                        }
+                    }
+                }
+            }
         }
         Cmd::Lease { cmd } => match cmd {
             LeaseCmd::Grant { ttl } => {

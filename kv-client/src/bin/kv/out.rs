@@ -123,6 +123,28 @@ impl Out {
         })
     }
 
+    /// One event of a watch: `PUT key value` (or `DELETE key`), one line.
+    pub(crate) fn event(&self, e: &cairn_kv_client::protocol::WatchEvent) {
+        use cairn_kv_client::protocol::EventKind;
+        let kind = if e.kind == EventKind::Put { "PUT" } else { "DELETE" };
+        match self.format {
+            Format::Json => self.json(json!({
+                "type": kind,
+                "revision": e.revision,
+                "kv": self.kv_json(&e.kv),
+                "prev_kv": e.prev.as_ref().map(|p| self.kv_json(p)),
+            })),
+            _ => {
+                let prev = e.prev.as_ref().map(|p| format!(" (was {})", self.show(&p.value))).unwrap_or_default();
+                if e.kind == EventKind::Put {
+                    outln!("{kind} {} {}{prev}", self.show(&e.kv.key), self.show(&e.kv.value));
+                } else {
+                    outln!("{kind} {}{prev}", self.show(&e.kv.key));
+                }
+            }
+        }
+    }
+
     /// What a transaction did.
     pub(crate) fn txn(&self, r: &cairn_kv_client::TxnResult) {
         use cairn_kv_client::protocol::TxnOpResult;
