@@ -103,6 +103,9 @@ enum Cmd {
         /// Also print each event's previous value.
         #[arg(long)]
         prev_kv: bool,
+        /// Exit after the first change (for scripts that wait for one).
+        #[arg(long)]
+        once: bool,
         /// A command to run per event.
         #[arg(last = true)]
         command: Vec<String>,
@@ -512,7 +515,7 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                 serde_json::json!({ "compacted": rev, "revision": w.revision }),
             );
         }
-        Cmd::Watch { key, prefix, range_end, rev, prev_kv, command } => {
+        Cmd::Watch { key, prefix, range_end, rev, prev_kv, once, command } => {
             let key = o.input(key)?;
             let mut w = if *prefix {
                 cairn_kv_client::WatchOptions::prefix(key)
@@ -548,6 +551,9 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                                 eprintln!("kv: {prog} exited with {status}");
                             }
                         }
+                    }
+                    if *once && !events.is_empty() {
+                        return Ok(());
                     }
                 }
             }
