@@ -165,6 +165,11 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     let o = dev.kv_in(dev.dir.path(), &["txn"], Some(&t));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILURE\nv3\n");
+    // A range in JSON carries each key's revisions and the revision read.
+    let v = json(&dev.ok(&["get", "k", "--prefix", "-w", "json"]));
+    assert!(v["revision"].as_u64().expect("revision") > 0, "{v}");
+    assert!(v["kvs"][0]["mod_revision"].as_u64().expect("mod revision") > 0, "{v}");
+
     // Watch: from revision 1, the history of a prefix, one JSON object per event;
     // with a command run per event. Stopped by a kill (it runs until Ctrl-C).
     dev.ok(&["put", "watched/a", "1"]);

@@ -466,7 +466,7 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                     None => prefix_end(&key),
                 };
                 let page = client.scan_with(key, end, *limit, *keys_only, c).await?;
-                o.pairs(&page.pairs, *keys_only, page.more, page.index);
+                o.pairs(&page.pairs, &page.metas, *keys_only, page.more, page.revision);
             }
         }
         Cmd::Del { key, prefix } => {
@@ -491,22 +491,24 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
             let mut from = o.input(start)?;
             let end = end.as_deref().map(|e| o.input(e)).transpose()?;
             let mut all = Vec::new();
-            let mut index = 0;
+            let mut metas = Vec::new();
+            let mut revision = 0;
             loop {
                 let want = if *limit == 0 { 0 } else { (*limit - all.len() as u64).min(10_000) as u32 };
                 let page =
                     client.scan_with(from.clone(), end.clone(), want, *keys_only, Consistency::Linearizable).await?;
-                index = index.max(page.index);
+                revision = revision.max(page.revision);
                 let more = page.more;
                 if let Some((k, _)) = page.pairs.last() {
                     from = [k.as_slice(), &[0]].concat();
                 }
                 all.extend(page.pairs);
+                metas.extend(page.metas);
                 if !more || (*limit > 0 && all.len() as u64 >= *limit) {
                     break;
                 }
             }
-            o.pairs(&all, *keys_only, false, index);
+            o.pairs(&all, &metas, *keys_only, false, revision);
         }
         Cmd::Compact { rev } => {
             let w = client.compact(*rev).await?;

@@ -222,20 +222,35 @@ impl Out {
     }
 
     /// Pairs of a range.
-    pub(crate) fn pairs(&self, pairs: &[(Vec<u8>, Vec<u8>)], keys_only: bool, more: bool, index: u64) {
+    /// Pairs of a range; `metas` (the same length, or empty) adds their revisions to JSON.
+    pub(crate) fn pairs(
+        &self,
+        pairs: &[(Vec<u8>, Vec<u8>)],
+        metas: &[cairn_kv_client::protocol::KeyMeta],
+        keys_only: bool,
+        more: bool,
+        revision: u64,
+    ) {
         match self.format {
             Format::Json => {
                 let kvs: Vec<Value> = pairs
                     .iter()
-                    .map(|(k, v)| {
-                        if keys_only {
+                    .enumerate()
+                    .map(|(i, (k, v))| {
+                        let mut one = if keys_only {
                             json!({ "key": self.show(k) })
                         } else {
                             json!({ "key": self.show(k), "value": self.show(v) })
+                        };
+                        if let (Some(m), Some(obj)) = (metas.get(i), one.as_object_mut()) {
+                            obj.insert("create_revision".into(), json!(m.create_revision));
+                            obj.insert("mod_revision".into(), json!(m.mod_revision));
+                            obj.insert("version".into(), json!(m.version));
                         }
+                        one
                     })
                     .collect();
-                self.json(json!({ "kvs": kvs, "more": more, "count": pairs.len(), "index": index }));
+                self.json(json!({ "kvs": kvs, "more": more, "count": pairs.len(), "revision": revision }));
             }
             Format::Table => {
                 let rows: Vec<Vec<String>> = pairs
