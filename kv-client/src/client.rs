@@ -396,17 +396,7 @@ impl Client {
     /// Applies `ops` atomically and exactly once (retrying through leader
     /// changes with the same session sequence number).
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<u64> {
-        let client_id = self.session_id().await?;
-        let seq = {
-            let mut s = lock(&self.inner.session);
-            s.next_seq += 1;
-            let seq = s.next_seq;
-            s.inflight.insert(seq);
-            seq
-        };
-        let result = self.write_with(client_id, seq, ops).await;
-        lock(&self.inner.session).inflight.remove(&seq);
-        result
+        self.write_full(ops).await.map(|w| w.index)
     }
 
     /// Sends a write with an explicit session and sequence number (for

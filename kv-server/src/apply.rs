@@ -889,23 +889,7 @@ impl Mutation<'_> {
 
     /// Removes every key in `[start, end)`; returns how many there were.
     fn delete_range(&mut self, start: &[u8], end: &[u8]) -> u64 {
-        let (lo, hi) = (user_key(start), user_key(end));
-        let mut present: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
-        for kv in self.db.range(lo.clone()..hi.clone()) {
-            match kv {
-                Ok((k, _)) => {
-                    present.insert(k.to_vec());
-                }
-                Err(e) => crate::fatal(&format!("reading the state at apply: {e}")),
-            }
-        }
-        for (k, v) in self.pending.range(lo..hi) {
-            if v.is_some() {
-                present.insert(k.clone());
-            } else {
-                present.remove(k);
-            }
-        }
+        let present = self.keys_in(&user_key(start), &user_key(end));
         for k in &present {
             self.delete(&k[1..]);
         }
@@ -976,43 +960,50 @@ pub fn check_txn(
     if compares.len() + success.len() + failure.len() > limits.txn_ops_max {
         return Err(ErrorCode::TooLarge);
     }
-    let key = |k: &[u8]| {
-        if k.is_empty() {
-            Err(ErrorCode::BadRequest)
-        } else if k.len() > limits.key_bytes_max {
-            Err(ErrorCode::TooLarge)
-        } else {
-            Ok(())
-        }
-    };
     for c in compares {
-        key(&c.key)?;
-        if let CompareTarget::Value(v) = &c.target
-            && v.len() > limits.value_bytes_max
-        {
-            return Err(ErrorCode::TooLarge);
+        check_key(&c.key, limits)?;
+        if let CompareTarget::Value(v) = &c.target {
+            check_value(v, limits)?;
         }
     }
     for op in success.iter().chain(failure) {
         match op {
-            TxnOp::Put { key: k, value, .. } => {
-                key(k)?;
-                if value.len() > limits.value_bytes_max {
-                    return Err(ErrorCode::TooLarge);
-                }
+            TxnOp::Put { key, value, .. } => {
+                check_key(key, limits)?;
+                check_value(value, limits)?;
             }
-            TxnOp::Delete { key: k, .. } | TxnOp::Get { key: k } => key(k)?,
-            TxnOp::DeleteRange { start, end } => {
-                if start >= end {
-                    return Err(ErrorCode::BadRequest);
-                }
-                if start.len() > limits.key_bytes_max || end.len() > limits.key_bytes_max {
-                    return Err(ErrorCode::TooLarge);
-                }
-            }
+            TxnOp::Delete { key, .. } | TxnOp::Get { key } => check_key(key, limits)?,
+            TxnOp::DeleteRange { start, end } => check_range(start, end, limits)?,
         }
     }
     Ok(())
+}
+
+/// A key: not empty, not over the limit.
+fn check_key(key: &[u8], limits: ApplyLimits) -> Result<(), ErrorCode> {
+    if key.is_empty() {
+        Err(ErrorCode::BadRequest)
+    } else if key.len() > limits.key_bytes_max {
+        Err(ErrorCode::TooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// A value: not over the limit.
+fn check_value(value: &[u8], limits: ApplyLimits) -> Result<(), ErrorCode> {
+    if value.len() > limits.value_bytes_max { Err(ErrorCode::TooLarge) } else { Ok(()) }
+}
+
+/// A range `[start, end)`: not empty, bounds not over the key limit.
+fn check_range(start: &[u8], end: &[u8], limits: ApplyLimits) -> Result<(), ErrorCode> {
+    if start >= end {
+        Err(ErrorCode::BadRequest)
+    } else if start.len() > limits.key_bytes_max || end.len() > limits.key_bytes_max {
+        Err(ErrorCode::TooLarge)
+    } else {
+        Ok(())
+    }
 }
 
 /// The bytes of an archived record of the state, or a stop: a state that
@@ -1029,29 +1020,11 @@ pub fn check_ops(ops: &[WriteOp], limits: ApplyLimits) -> Result<(), ErrorCode> 
     for op in ops {
         match op {
             WriteOp::Put { key, value } | WriteOp::PutWithLease { key, value, .. } => {
-                if key.is_empty() {
-                    return Err(ErrorCode::BadRequest);
-                }
-                if key.len() > limits.key_bytes_max || value.len() > limits.value_bytes_max {
-                    return Err(ErrorCode::TooLarge);
-                }
+                check_key(key, limits)?;
+                check_value(value, limits)?;
             }
-            WriteOp::Delete { key } => {
-                if key.is_empty() {
-                    return Err(ErrorCode::BadRequest);
-                }
-                if key.len() > limits.key_bytes_max {
-                    return Err(ErrorCode::TooLarge);
-                }
-            }
-            WriteOp::DeleteRange { start, end } => {
-                if start >= end {
-                    return Err(ErrorCode::BadRequest);
-                }
-                if start.len() > limits.key_bytes_max || end.len() > limits.key_bytes_max {
-                    return Err(ErrorCode::TooLarge);
-                }
-            }
+            WriteOp::Delete { key } => check_key(key, limits)?,
+            WriteOp::DeleteRange { start, end } => check_range(start, end, limits)?,
         }
     }
     Ok(())

@@ -225,11 +225,16 @@ impl Lessor {
         if revision <= compacted.saturating_add(keep) {
             return;
         }
-        let cmd = Command { time_ms: crate::server::now_ms(), op: CommandOp::Compact { revision: revision - keep } };
-        let Ok(data) = cmd.encode() else { return };
+        if self.propose(CommandOp::Compact { revision: revision - keep }) {
+            tracing::info!(below = revision - keep, "compacting the history");
+        }
+    }
+
+    /// Proposes `op` without waiting for it; false when the node's queue is full.
+    fn propose(&self, op: CommandOp) -> bool {
+        let Ok(data) = (Command { time_ms: crate::server::now_ms(), op }).encode() else { return false };
         let (reply, _answer) = oneshot::channel();
-        let _ = self.node.try_send(NodeRequest::Propose { data, reply });
-        tracing::info!(below = revision - keep, "compacting the history");
+        self.node.try_send(NodeRequest::Propose { data, reply }).is_ok()
     }
 
     /// Proposes the revocation of every lease past its deadline (while leading).
@@ -257,10 +262,7 @@ impl Lessor {
             }
             tracing::info!(lease = id, "lease expired: revoking it");
             metrics::counter!("cairn_lease_expired_total").increment(1);
-            let cmd = Command { time_ms: crate::server::now_ms(), op: CommandOp::LeaseRevoke { id } };
-            let Ok(data) = cmd.encode() else { continue };
-            let (reply, _answer) = oneshot::channel();
-            if self.node.try_send(NodeRequest::Propose { data, reply }).is_err() {
+            if !self.propose(CommandOp::LeaseRevoke { id }) {
                 // A full queue: proposed again at a later check.
                 if let Some(l) = self.leases.get_mut(&id) {
                     l.revoking_since = None;

@@ -700,11 +700,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             };
             // One read view: the value and the revision of the same state.
             let view = ctx.db.get().read_view();
-            let revision = match view
-                .get(REVISION_KEY)
-                .map_err(|e| e.to_string())
-                .and_then(|r| crate::state::read_revision(r.as_deref()).map_err(|e| e.to_string()))
-            {
+            let revision = match view_u64(&view, REVISION_KEY) {
                 Ok(r) => r,
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
@@ -730,11 +726,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 None => vec![USER_PREFIX + 1],
             };
             let view = ctx.db.get().read_view();
-            let revision = match view
-                .get(REVISION_KEY)
-                .map_err(|e| e.to_string())
-                .and_then(|r| crate::state::read_revision(r.as_deref()).map_err(|e| e.to_string()))
-            {
+            let revision = match view_u64(&view, REVISION_KEY) {
                 Ok(r) => r,
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
@@ -966,6 +958,12 @@ async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
     ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
 }
 
+/// A u64 record of the state (the revision, the history bound) as `view` sees it (absent: 0).
+fn view_u64(view: &cairn_lsm::ReadView, key: &[u8]) -> Result<u64, String> {
+    let stored = view.get(key).map_err(|e| e.to_string())?;
+    crate::state::read_revision(stored.as_deref()).map_err(|e| e.to_string())
+}
+
 /// A watch as asked.
 struct WatchSpec {
     start: Vec<u8>,
@@ -1004,11 +1002,8 @@ async fn watch_history(
     send: &mut quinn::SendStream,
 ) -> Result<Result<u64, u64>, String> {
     let view = ctx.db.get().read_view();
-    let read = |k: &[u8]| -> Result<u64, String> {
-        crate::state::read_revision(view.get(k).map_err(|e| e.to_string())?.as_deref()).map_err(|e| e.to_string())
-    };
-    let upto = read(REVISION_KEY)?;
-    let compacted = read(crate::state::COMPACTED_KEY)?;
+    let upto = view_u64(&view, REVISION_KEY)?;
+    let compacted = view_u64(&view, crate::state::COMPACTED_KEY)?;
     if after + 1 < compacted {
         return Ok(Err(compacted));
     }
@@ -1054,13 +1049,8 @@ async fn serve_watch(ctx: &Ctx, w: WatchSpec, send: &mut quinn::SendStream) -> R
     // Subscribe first, then read the history: an event applied in between
     // is in both and goes out once (by revision); none falls between.
     let mut feed = ctx.watch_tx.subscribe();
-    let after = if w.start_revision == 0 {
-        let view = ctx.db.get().read_view();
-        crate::state::read_revision(view.get(REVISION_KEY).map_err(|e| e.to_string())?.as_deref())
-            .map_err(|e| e.to_string())?
-    } else {
-        w.start_revision - 1
-    };
+    let after =
+        if w.start_revision == 0 { view_u64(&ctx.db.get().read_view(), REVISION_KEY)? } else { w.start_revision - 1 };
     let compacted = crate::state::load_compacted(&ctx.db.get()).map_err(|e| e.to_string())?;
     if after + 1 < compacted {
         let end = cairn_kv_client::protocol::WatchEnd::Compacted { oldest: compacted };

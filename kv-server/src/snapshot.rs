@@ -637,16 +637,12 @@ pub async fn receive_snapshot(
                 if live.durable_marker().is_some_and(|m| (m.index, m.term) >= (index.0, term.0)) {
                     // The state passed the delta meanwhile (it caught up from the log): nothing to do.
                     tracing::info!(index = index.0, "a delta arrived after the state passed it; dropped");
-                    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
-                        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
-                    }
+                    remove_staged(&c.dir);
                     continue;
                 }
                 if let Err(e) = tokio::task::block_in_place(|| check_delta(&live, &c)) {
                     state.refuse_deltas.store(true, Ordering::Relaxed);
-                    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
-                        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
-                    }
+                    remove_staged(&c.dir);
                     return Err(format!("a delta at {} this state cannot use: {e}", index.0));
                 }
             } else {
@@ -711,10 +707,16 @@ fn check_delta(db: &Db, c: &Completed) -> Result<(), String> {
 pub fn install_delta(db: &Db, c: &Completed) -> Result<(), String> {
     let (delta, paths) = read_delta(c)?;
     db.ingest_delta(&delta, &paths).map_err(|e| e.to_string())?;
-    if let Err(e) = std::fs::remove_dir_all(&c.dir) {
-        tracing::warn!(dir = %c.dir.display(), error = %e, "cannot remove a staging directory");
-    }
+    remove_staged(&c.dir);
     Ok(())
+}
+
+/// Removes a received file set from the staging area (a failure is only logged:
+/// the next start clears what is left).
+fn remove_staged(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a staging directory");
+    }
 }
 
 /// Installs a received checkpoint as the live state: its files are linked
