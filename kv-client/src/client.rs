@@ -106,6 +106,7 @@ fn code_name(c: ErrorCode) -> &'static str {
         ErrorCode::NoSpace => "no space",
         ErrorCode::Busy => "busy",
         ErrorCode::LeaseNotFound => "lease not found",
+        ErrorCode::Compacted => "revision compacted",
     }
 }
 
@@ -625,8 +626,20 @@ impl Client {
         key: impl Into<Vec<u8>>,
         consistency: Consistency,
     ) -> Result<(Option<crate::protocol::KeyValue>, u64)> {
+        self.get_kv_at(key, 0, consistency).await
+    }
+
+    /// Reads `key` as it was at `revision` (0: now), while the cluster's
+    /// history holds that revision ([`ErrorCode::Compacted`] once it does
+    /// not); returns the key-value then and the revision read.
+    pub async fn get_kv_at(
+        &self,
+        key: impl Into<Vec<u8>>,
+        revision: u64,
+        consistency: Consistency,
+    ) -> Result<(Option<crate::protocol::KeyValue>, u64)> {
         let key = key.into();
-        match self.call(&Request::Get { key: key.clone(), consistency }).await? {
+        match self.call(&Request::Get { key: key.clone(), consistency, revision }).await? {
             Response::Value { value, meta, revision, .. } => {
                 Ok((value.zip(meta).map(|(value, meta)| crate::protocol::KeyValue { key, value, meta }), revision))
             }
@@ -642,7 +655,7 @@ impl Client {
     /// Reads `key` with a chosen consistency; returns the value and the
     /// applied index it was read at.
     pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<(Option<Vec<u8>>, u64)> {
-        match self.call(&Request::Get { key: key.into(), consistency }).await? {
+        match self.call(&Request::Get { key: key.into(), consistency, revision: 0 }).await? {
             Response::Value { value, index, .. } => Ok((value, index)),
             other => Err(unexpected(&other)),
         }
@@ -668,7 +681,22 @@ impl Client {
         keys_only: bool,
         consistency: Consistency,
     ) -> Result<ScanPage> {
-        let req = Request::Scan { start: start.into(), end, limit, keys_only, consistency };
+        self.scan_at(start, end, limit, keys_only, consistency, 0).await
+    }
+
+    /// [`Client::scan_with`] on the state as it was at `revision` (0: now),
+    /// while the cluster's history holds that revision. Page through a past
+    /// state by asking the same revision again from after the last key.
+    pub async fn scan_at(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+        keys_only: bool,
+        consistency: Consistency,
+        revision: u64,
+    ) -> Result<ScanPage> {
+        let req = Request::Scan { start: start.into(), end, limit, keys_only, consistency, revision };
         match self.call(&req).await? {
             Response::Scanned { pairs, more, index, metas, revision } => {
                 Ok(ScanPage { pairs, more, index, metas, revision })

@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_bad_headers_are_refused() {
-        let req = Request::Get { key: b"k".to_vec(), consistency: Default::default() };
+        let req = Request::Get { key: b"k".to_vec(), consistency: Default::default(), revision: 0 };
         let f = encode(&req).expect("encode");
         assert_eq!(decode_frame::<Request>(&f, 1 << 20).expect("decode"), req);
         let mut bad = f.clone();
@@ -201,7 +201,7 @@ mod fuzz_like {
         /// A valid frame with bytes flipped: never a panic.
         #[test]
         fn decoding_damaged_frames_never_panics(key in proptest::collection::vec(any::<u8>(), 0..64), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut f = encode(&Request::Get { key, consistency: Default::default() }).expect("encode");
+            let mut f = encode(&Request::Get { key, consistency: Default::default(), revision: 0 }).expect("encode");
             for (pos, x) in flips {
                 let n = f.len();
                 f[pos % n] ^= x;

@@ -322,6 +322,9 @@ pub enum Request {
         key: Vec<u8>,
         /// How fresh.
         consistency: Consistency,
+        /// 0: the current state. Otherwise the state as it was at this
+        /// revision, while the history holds it (else [`ErrorCode::Compacted`]).
+        revision: u64,
     },
     /// Read keys in `[start, end)` (or from `start` to the end of the key
     /// space), in order, at most `limit` of them (0: the server's page bound).
@@ -336,6 +339,9 @@ pub enum Request {
         keys_only: bool,
         /// How fresh.
         consistency: Consistency,
+        /// 0: the current state. Otherwise the state as it was at this
+        /// revision, while the history holds it (else [`ErrorCode::Compacted`]).
+        revision: u64,
     },
     /// This node's view of the cluster.
     Status {
@@ -627,6 +633,9 @@ pub enum ErrorCode {
     Busy,
     /// The lease does not exist (never granted, expired or revoked). Did not apply.
     LeaseNotFound,
+    /// A read at a revision the history no longer holds; the message names
+    /// the oldest revision readable.
+    Compacted,
 }
 
 impl ErrorCode {

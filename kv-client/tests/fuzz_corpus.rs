@@ -40,7 +40,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 ],
             },
         ),
-        ("get", Request::Get { key: b"k".to_vec(), consistency: Consistency::Serializable }),
+        ("get", Request::Get { key: b"k".to_vec(), consistency: Consistency::Serializable, revision: 7 }),
         (
             "scan",
             Request::Scan {
@@ -49,6 +49,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 limit: 10,
                 keys_only: true,
                 consistency: Consistency::Linearizable,
+                revision: 0,
             },
         ),
         (
@@ -153,6 +154,10 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         ("error", Response::error(ErrorCode::NotLeader, "no")),
+        (
+            "error-compacted",
+            Response::error(ErrorCode::Compacted, "revision 3 is compacted: the oldest revision readable is 9"),
+        ),
     ];
     let mut out: Vec<(&str, Vec<u8>)> = reqs.iter().map(|(n, r)| (*n, encode(r).expect("encode"))).collect();
     out.extend(resps.iter().map(|(n, r)| (*n, encode(r).expect("encode"))));

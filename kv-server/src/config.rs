@@ -184,6 +184,12 @@ pub struct Limits {
     /// Revisions of history kept; the leader compacts the history beyond
     /// (checked every 10 s). Default 100,000.
     pub history_revisions_max: u64,
+    /// Age of the history kept, ms (0: no bound by age, only by
+    /// `history_revisions_max`). The leader samples the revision as time
+    /// passes and compacts the history older than this; a new leader starts
+    /// sampling afresh, so it first compacts by age once it has led this
+    /// long (etcd's periodic compactor behaves the same). Default 0.
+    pub history_retention_ms: u64,
     /// Keys attached to one lease. Default 10,000.
     pub keys_per_lease_max: usize,
     /// Client connections at once. Default 1024.
@@ -211,6 +217,7 @@ impl Default for Limits {
             watchers_max: 10_000,
             watch_buffer_batches: 1024,
             history_revisions_max: 100_000,
+            history_retention_ms: 0,
             keys_per_lease_max: 10_000,
             client_connections_max: 1024,
         }
@@ -322,6 +329,10 @@ pub struct RunArgs {
     /// How often the data directory is measured against the quota, ms.
     #[arg(long, env = "CAIRN_QUOTA_CHECK_MS")]
     pub quota_check_ms: Option<u64>,
+    /// Age of the watch history kept, ms (0: bounded by revisions only);
+    /// overrides `[limits] history_retention_ms`.
+    #[arg(long, env = "CAIRN_HISTORY_RETENTION_MS")]
+    pub history_retention_ms: Option<u64>,
 }
 
 /// The log filter variable (read by the tracing set-up, not a flag).
@@ -410,7 +421,10 @@ impl Config {
         if log_format != "text" && log_format != "json" {
             return Err(ConfigError(format!("log format `{log_format}` is neither `text` nor `json`")));
         }
-        let limits = file.limits.unwrap_or_default();
+        let mut limits = file.limits.unwrap_or_default();
+        if let Some(ms) = args.history_retention_ms {
+            limits.history_retention_ms = ms;
+        }
         let mut snapshot = file.snapshot.unwrap_or_default();
         if let Some(d) = args.snapshot_deltas {
             snapshot.deltas = d;

@@ -74,6 +74,59 @@ pub struct LessorConfig {
     /// Revisions of history kept: while leading, every 10 s the lessor
     /// proposes the compaction of what lies beyond.
     pub history_revisions_max: u64,
+    /// Age of history kept (zero: no bound by age).
+    pub history_retention: Duration,
+}
+
+/// Samples of (time, revision) kept for compaction by age, at most.
+const REVISION_SAMPLES_MAX: usize = 256;
+
+/// How often the history's bounds are checked: every 10 s, or four times per
+/// retention period when that is shorter (at least every 100 ms).
+fn compaction_period(retention: Duration) -> Duration {
+    let ten = Duration::from_secs(10);
+    if retention.is_zero() { ten } else { (retention / 4).clamp(Duration::from_millis(100), ten) }
+}
+
+/// The revisions a leader saw as time passed, oldest first: the history
+/// older than the retention ends at the newest sample at least that old.
+#[derive(Debug, Default)]
+struct RevisionSamples {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RevisionSamples {
+    /// Records `revision` at `now` (at most one sample per `retention /
+    /// REVISION_SAMPLES_MAX`, so the samples are bounded); returns the
+    /// revision the state had `retention` ago, when a sample is that old.
+    fn observe(&mut self, now: Instant, revision: u64, retention: Duration) -> Option<u64> {
+        let spacing = retention / REVISION_SAMPLES_MAX as u32;
+        if self.samples.back().is_none_or(|(t, _)| now.duration_since(*t) >= spacing) {
+            self.samples.push_back((now, revision));
+        }
+        let cutoff = now.checked_sub(retention)?;
+        let mut old = None;
+        // Drop every sample older than the newest one past the cutoff.
+        while let Some(&(t, r)) = self.samples.front() {
+            if t > cutoff {
+                break;
+            }
+            old = Some(r);
+            self.samples.pop_front();
+        }
+        if let Some(r) = old {
+            // Keep it: it still marks the cutoff until a newer one passes it.
+            self.samples.push_front((cutoff, r));
+        }
+        while self.samples.len() > REVISION_SAMPLES_MAX {
+            self.samples.pop_front();
+        }
+        old
+    }
+
+    fn clear(&mut self) {
+        self.samples.clear();
+    }
 }
 
 struct Lease {
@@ -93,6 +146,7 @@ pub struct Lessor {
     db: Arc<crate::snapshot::SharedDb>,
     leases: HashMap<u64, Lease>,
     leading: bool,
+    samples: RevisionSamples,
 }
 
 impl std::fmt::Debug for Lessor {
@@ -111,19 +165,29 @@ impl Lessor {
         node: mpsc::Sender<NodeRequest>,
         db: Arc<crate::snapshot::SharedDb>,
     ) -> Lessor {
-        Lessor { cfg, leader, events, requests, node, db, leases: HashMap::new(), leading: false }
+        Lessor {
+            cfg,
+            leader,
+            events,
+            requests,
+            node,
+            db,
+            leases: HashMap::new(),
+            leading: false,
+            samples: RevisionSamples::default(),
+        }
     }
 
     /// Runs until the node stops.
     pub async fn run(mut self) {
         let mut check = tokio::time::interval(self.cfg.check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut compaction = tokio::time::interval(Duration::from_secs(10));
+        let mut compaction = tokio::time::interval(compaction_period(self.cfg.history_retention));
         compaction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = check.tick() => self.expire().await,
-                _ = compaction.tick() => self.maybe_compact(),
+                _ = compaction.tick() => self.maybe_compact(Instant::now()),
                 changed = self.leader.changed() => {
                     if changed.is_err() {
                         return;
@@ -211,9 +275,11 @@ impl Lessor {
         }
     }
 
-    /// Proposes a compaction of the history beyond `history_revisions_max` (while leading).
-    fn maybe_compact(&self) {
+    /// Proposes a compaction of the history beyond `history_revisions_max`
+    /// revisions or older than `history_retention` (while leading).
+    fn maybe_compact(&mut self, now: Instant) {
         if !self.leading {
+            self.samples.clear();
             return;
         }
         let db = self.db.get();
@@ -222,11 +288,18 @@ impl Lessor {
             return;
         };
         let keep = self.cfg.history_revisions_max.max(1);
-        if revision <= compacted.saturating_add(keep) {
+        let mut below = revision.saturating_sub(keep);
+        if !self.cfg.history_retention.is_zero()
+            && let Some(then) = self.samples.observe(now, revision, self.cfg.history_retention)
+        {
+            // Keep every change after the state as it was `retention` ago.
+            below = below.max((then + 1).min(revision));
+        }
+        if below <= compacted {
             return;
         }
-        if self.propose(CommandOp::Compact { revision: revision - keep }) {
-            tracing::info!(below = revision - keep, "compacting the history");
+        if self.propose(CommandOp::Compact { revision: below }) {
+            tracing::info!(below, "compacting the history");
         }
     }
 
@@ -269,5 +342,41 @@ impl Lessor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_samples_name_the_revision_of_retention_ago() {
+        let retention = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut s = RevisionSamples::default();
+        // Revision 10 * i at second i.
+        let mut last = None;
+        for i in 0..=300u64 {
+            let got = s.observe(t0 + Duration::from_secs(i), 10 * i, retention);
+            if i < 60 {
+                assert_eq!(got, None, "nothing is {retention:?} old at second {i}");
+            } else {
+                // Samples are a second apart here, so the answer is exact
+                // to the spacing (60 s / 256 < 1 s).
+                assert_eq!(got, Some(10 * (i - 60)), "at second {i}");
+            }
+            last = got.or(last);
+            assert!(s.samples.len() <= REVISION_SAMPLES_MAX);
+        }
+        assert_eq!(last, Some(2400));
+        // Sampled often, the samples stay bounded.
+        let mut s = RevisionSamples::default();
+        for i in 0..100_000u64 {
+            s.observe(t0 + Duration::from_millis(i), i, retention);
+            assert!(s.samples.len() <= REVISION_SAMPLES_MAX + 1);
+        }
+        assert_eq!(compaction_period(Duration::ZERO), Duration::from_secs(10));
+        assert_eq!(compaction_period(Duration::from_secs(2)), Duration::from_millis(500));
+        assert_eq!(compaction_period(Duration::from_millis(10)), Duration::from_millis(100));
     }
 }

@@ -7,6 +7,7 @@ pub mod dev;
 pub mod failpoint;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 pub mod lease;
 pub mod node;
 pub mod peer;

@@ -374,6 +374,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
             revokes_in_flight_max: 64,
             no_grace_for_tests: switches.lease_no_grace,
             history_revisions_max: limits.history_revisions_max,
+            history_retention: Duration::from_millis(limits.history_retention_ms),
         },
         leader_rx,
         lease_events,
@@ -690,7 +691,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             }
         }
-        Request::Get { key, consistency } => {
+        Request::Get { key, consistency, revision: at } => {
             if key.len() > ctx.limits.key_bytes_max {
                 return Response::error(ErrorCode::TooLarge, "the key is over the limit");
             }
@@ -704,6 +705,17 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Ok(r) => r,
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
+            if at != 0 {
+                let undo = match crate::history::undo_to(&view, at, |k| k == key.as_slice()) {
+                    Ok(u) => u,
+                    Err(e) => return past_read_refusal(e),
+                };
+                if let Some(before) = undo.before.get(&key) {
+                    let (value, meta) = before.clone().map(|kv| (kv.value, kv.meta)).unzip();
+                    return Response::Value { value, index, meta, revision: at };
+                }
+            }
+            let revision = if at != 0 { at } else { revision };
             match view.get(&user_key(&key)) {
                 Ok(Some(v)) => match decode_value(&v) {
                     Ok((meta, v)) => Response::Value { value: Some(v.to_vec()), index, meta: Some(meta), revision },
@@ -713,7 +725,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             }
         }
-        Request::Scan { start, end, limit, keys_only, consistency } => {
+        Request::Scan { start, end, limit, keys_only, consistency, revision: at } => {
             let index = match read_barrier(ctx, consistency).await {
                 Ok(i) => i,
                 Err(r) => return r,
@@ -721,8 +733,8 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             let limit =
                 if limit == 0 { ctx.limits.scan_pairs_max } else { limit.min(ctx.limits.scan_pairs_max) } as usize;
             let lo = user_key(&start);
-            let hi = match end {
-                Some(e) => user_key(&e),
+            let hi = match &end {
+                Some(e) => user_key(e),
                 None => vec![USER_PREFIX + 1],
             };
             let view = ctx.db.get().read_view();
@@ -731,27 +743,64 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
             if lo >= hi {
+                let revision = if at != 0 { at } else { revision };
                 return Response::Scanned { pairs: Vec::new(), more: false, index, metas: Vec::new(), revision };
             }
+            // At a past revision: the keys changed since, as they were then.
+            let mut before = std::collections::BTreeMap::new();
+            if at != 0 {
+                let covers = |k: &[u8]| k >= start.as_slice() && end.as_ref().is_none_or(|e| k < e.as_slice());
+                match crate::history::undo_to(&view, at, covers) {
+                    Ok(u) => before = u.before,
+                    Err(e) => return past_read_refusal(e),
+                }
+            }
+            let mut undone = before.into_iter().peekable();
+            let mut current = view.range(lo..hi).peekable();
             let mut pairs = Vec::new();
             let mut metas = Vec::new();
             let mut more = false;
-            for kv in view.range(lo..hi) {
-                let (k, v) = match kv {
-                    Ok(kv) => kv,
-                    Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
+            loop {
+                // The next key of the merge: the current state's, unless the
+                // history says what the key held at the revision.
+                let next_current = match current.peek() {
+                    Some(Ok((k, _))) => Some(k[1..].to_vec()),
+                    Some(Err(e)) => {
+                        return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}"));
+                    }
+                    None => None,
+                };
+                let take_undone = match (undone.peek(), &next_current) {
+                    (Some((uk, _)), Some(ck)) => uk <= ck,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                let item = if take_undone {
+                    let Some((uk, kv)) = undone.next() else { break };
+                    if next_current.as_deref() == Some(uk.as_slice()) {
+                        current.next();
+                    }
+                    match kv {
+                        Some(kv) => (kv.key, kv.value, kv.meta),
+                        None => continue,
+                    }
+                } else {
+                    let Some(Ok((k, v))) = current.next() else { break };
+                    match decode_value(&v) {
+                        Ok((meta, v)) => (k[1..].to_vec(), v.to_vec(), meta),
+                        Err(e) => return Response::error(ErrorCode::Unavailable, e),
+                    }
                 };
                 if pairs.len() == limit {
                     more = true;
                     break;
                 }
-                let (meta, v) = match decode_value(&v) {
-                    Ok((meta, v)) => (meta, if keys_only { Vec::new() } else { v.to_vec() }),
-                    Err(e) => return Response::error(ErrorCode::Unavailable, e),
-                };
-                pairs.push((k[1..].to_vec(), v));
+                let (k, v, meta) = item;
+                pairs.push((k, if keys_only { Vec::new() } else { v }));
                 metas.push(meta);
             }
+            let revision = if at != 0 { at } else { revision };
             Response::Scanned { pairs, more, index, metas, revision }
         }
         Request::Status { with_hash } => {
@@ -959,6 +1008,17 @@ async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
 }
 
 /// A u64 record of the state (the revision, the history bound) as `view` sees it (absent: 0).
+/// The answer to a read at a revision that cannot be served.
+fn past_read_refusal(e: crate::history::PastReadError) -> Response {
+    use crate::history::PastReadError;
+    let code = match e {
+        PastReadError::Future { .. } => ErrorCode::BadRequest,
+        PastReadError::Compacted { .. } => ErrorCode::Compacted,
+        PastReadError::Storage(_) => ErrorCode::Unavailable,
+    };
+    Response::error(code, e.to_string())
+}
+
 fn view_u64(view: &cairn_lsm::ReadView, key: &[u8]) -> Result<u64, String> {
     let stored = view.get(key).map_err(|e| e.to_string())?;
     crate::state::read_revision(stored.as_deref()).map_err(|e| e.to_string())

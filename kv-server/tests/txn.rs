@@ -123,6 +123,51 @@ async fn revisions_and_transactions_behave_as_documented() {
     // Bad input is refused whole.
     let bad = c.txn(Txn::new().then(TxnOp::DeleteRange { start: b"z".to_vec(), end: b"a".to_vec() })).await;
     assert!(bad.is_err(), "an empty range was accepted");
+
+    // Reads at a past revision see the state as it was then.
+    let at = |key: &'static str, rev: u64| {
+        let c = c.clone();
+        async move {
+            let (kv, read) = c.get_kv_at(key, rev, Consistency::Linearizable).await.expect("get at");
+            assert_eq!(read, rev, "the revision read is the one asked");
+            kv.map(|kv| (String::from_utf8(kv.value).expect("utf8"), kv.meta.version))
+        }
+    };
+    assert_eq!(at("a", w1.revision).await, Some(("1".into(), 1)));
+    assert_eq!(at("a", w2.revision).await, Some(("2".into(), 2)));
+    assert_eq!(at("b", w2.revision).await, None, "b did not exist yet");
+    assert_eq!(at("b", w4.revision).await, Some(("x".into(), 1)));
+    assert_eq!(at("b", t2.revision).await, None, "b was deleted");
+    assert_eq!(at("b", w5.revision).await, Some(("again".into(), 1)));
+    let keys = |p: &cairn_kv_client::ScanPage| {
+        p.pairs
+            .iter()
+            .map(|(k, v)| format!("{}={}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
+            .collect::<Vec<_>>()
+    };
+    let page = c.scan_at("", None, 0, false, Consistency::Linearizable, w4.revision).await.expect("scan at");
+    assert_eq!(keys(&page), ["a=2", "b=x", "c=y"]);
+    assert_eq!(page.revision, w4.revision);
+    let page = c.scan_at("", None, 0, false, Consistency::Serializable, t2.revision).await.expect("scan at");
+    assert_eq!(keys(&page), ["a=3"], "b and c deleted, a changed by the transaction");
+    let page = c.scan_at("", None, 2, false, Consistency::Linearizable, w4.revision).await.expect("scan at");
+    assert_eq!((keys(&page), page.more), (vec!["a=2".to_string(), "b=x".to_string()], true));
+    let page = c.scan_at("b\0", None, 2, true, Consistency::Linearizable, w4.revision).await.expect("scan at");
+    assert_eq!((keys(&page), page.more), (vec!["c=".to_string()], false), "the next page of the same state");
+    let refused = |r: Result<(Option<cairn_kv_client::protocol::KeyValue>, u64), cairn_kv_client::Error>| match r {
+        Err(cairn_kv_client::Error::Refused(info)) => (info.code, info.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (code, _) = refused(c.get_kv_at("a", w5.revision + 100, Consistency::Linearizable).await);
+    assert_eq!(code, cairn_kv_client::protocol::ErrorCode::BadRequest, "a future revision");
+    // Compacting at t's revision keeps every change from it on: the state
+    // at the revision before it (w4's) can still be read, no earlier one.
+    c.compact(t.revision).await.expect("compact");
+    assert_eq!(at("a", w4.revision).await, Some(("2".into(), 2)));
+    let (code, message) = refused(c.get_kv_at("a", w2.revision - 1, Consistency::Linearizable).await);
+    assert_eq!(code, cairn_kv_client::protocol::ErrorCode::Compacted);
+    assert!(message.contains(&format!("oldest revision readable is {}", w4.revision)), "{message}");
+
     // Every replica holds the same revision.
     cluster.converged(Duration::from_secs(20)).await;
 }

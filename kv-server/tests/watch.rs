@@ -89,6 +89,42 @@ async fn a_watch_delivers_history_then_live_events_in_order() {
     cluster.converged(Duration::from_secs(20)).await;
 }
 
+/// With `history_retention_ms` set, the leader compacts the history older
+/// than the retention by itself, and never what is younger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_older_than_its_retention_is_compacted() {
+    let retention = Duration::from_millis(1500);
+    let cluster = Cluster::start(&[("CAIRN_HISTORY_RETENTION_MS", "1500")]);
+    cluster.leader(Duration::from_secs(20)).await;
+    let c = cluster.client();
+    let w1 = c.write_full(vec![WriteOp::Put { key: b"a".to_vec(), value: b"1".to_vec() }]).await.expect("put");
+    let w2 = c.write_full(vec![WriteOp::Put { key: b"a".to_vec(), value: b"2".to_vec() }]).await.expect("put");
+    let written = Instant::now();
+    let read = c.get_kv_at("a", w1.revision, cairn_kv_client::Consistency::Linearizable).await;
+    if written.elapsed() < retention {
+        let (kv, _) = read.expect("a revision younger than the retention is readable");
+        assert_eq!(kv.expect("a").value, b"1");
+    }
+    tokio::time::sleep(retention * 2).await;
+    let w3 = c.write_full(vec![WriteOp::Put { key: b"a".to_vec(), value: b"3".to_vec() }]).await.expect("put");
+    // The state as of `retention` ago (w2's) stays readable; older ones go.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match c.get_kv_at("a", w1.revision, cairn_kv_client::Consistency::Linearizable).await {
+            Err(Error::Refused(info)) if info.code == cairn_kv_client::protocol::ErrorCode::Compacted => break,
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("the history was not compacted by age: {other:?}"),
+        }
+    }
+    let (kv, _) = c.get_kv_at("a", w2.revision, cairn_kv_client::Consistency::Linearizable).await.expect("read w2");
+    assert_eq!(kv.expect("a").value, b"2");
+    let mut old = c.watch(WatchOptions::key("a").from_revision(w1.revision));
+    match tokio::time::timeout(Duration::from_secs(10), old.recv()).await {
+        Ok(Some(Err(Error::Compacted { oldest }))) => assert_eq!(oldest, w3.revision),
+        other => panic!("expected a compacted error, got {other:?}"),
+    }
+}
+
 /// Writers put numbered values under `e/`, recording each write's revision;
 /// a watcher connected to one node receives events while that node, and the
 /// leader, are killed and restarted. The watcher must end with exactly the

@@ -139,6 +139,10 @@ enum Cmd {
         /// l: linearizable (default); s: serializable (may be stale).
         #[arg(long, value_enum, default_value = "l")]
         consistency: Cons,
+        /// Read the state as it was at this revision (while the history
+        /// holds it; 0: now).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
     },
     /// Run a transaction: comparisons, then the operations when they all
     /// hold, then the operations otherwise, separated by blank lines (from
@@ -171,6 +175,11 @@ enum Cmd {
         /// Print only the keys.
         #[arg(long)]
         keys_only: bool,
+        /// Read the state as it was at this revision (0: now). Every page
+        /// is read at the revision of the first, so the keys printed are one
+        /// state, whatever writes happen meanwhile.
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
     },
     /// Members: list, add, promote, remove.
     Member {
@@ -451,11 +460,11 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
             let r = client.txn(t).await?;
             o.txn(&r);
         }
-        Cmd::Get { key, prefix, range_end, limit, keys_only, consistency } => {
+        Cmd::Get { key, prefix, range_end, limit, keys_only, consistency, rev } => {
             let c = if *consistency == Cons::S { Consistency::Serializable } else { Consistency::Linearizable };
             let key = o.input(key)?;
             if !*prefix && range_end.is_none() {
-                let (kv, revision) = client.get_kv(key.clone(), c).await?;
+                let (kv, revision) = client.get_kv_at(key.clone(), *rev, c).await?;
                 match kv {
                     Some(kv) => o.value(&kv, *keys_only, revision),
                     None => return Err(fail(1, format!("key {} not found", o.show(&key)))),
@@ -465,7 +474,7 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
                     Some(e) => Some(o.input(e)?),
                     None => prefix_end(&key),
                 };
-                let page = client.scan_with(key, end, *limit, *keys_only, c).await?;
+                let page = client.scan_at(key, end, *limit, *keys_only, c, *rev).await?;
                 o.pairs(&page.pairs, &page.metas, *keys_only, page.more, page.revision);
             }
         }
@@ -487,17 +496,19 @@ async fn dispatch(cli: &Cli, o: &Out, client: &Client, opts: &ClientOptions, end
             let w = client.write_full(vec![op]).await?;
             o.done(w.index, w.revision);
         }
-        Cmd::Scan { start, end, limit, keys_only } => {
+        Cmd::Scan { start, end, limit, keys_only, rev } => {
             let mut from = o.input(start)?;
             let end = end.as_deref().map(|e| o.input(e)).transpose()?;
             let mut all = Vec::new();
             let mut metas = Vec::new();
-            let mut revision = 0;
+            // The first page fixes the revision; the others read that state.
+            let mut revision = *rev;
             loop {
                 let want = if *limit == 0 { 0 } else { (*limit - all.len() as u64).min(10_000) as u32 };
-                let page =
-                    client.scan_with(from.clone(), end.clone(), want, *keys_only, Consistency::Linearizable).await?;
-                revision = revision.max(page.revision);
+                let page = client
+                    .scan_at(from.clone(), end.clone(), want, *keys_only, Consistency::Linearizable, revision)
+                    .await?;
+                revision = page.revision;
                 let more = page.more;
                 if let Some((k, _)) = page.pairs.last() {
                     from = [k.as_slice(), &[0]].concat();

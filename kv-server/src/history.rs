@@ -1,0 +1,195 @@
+//! Reads at a past revision, from the watch history.
+//!
+//! The state keeps each key's current value under `k` and every change, with
+//! the key's previous value, under `r` (by revision). The state of a key at
+//! revision `R` is its current value if no change after `R` touched it, and
+//! otherwise the previous value recorded by the first change after `R`. So a
+//! read at `R` reads the current state and the history `(R, now]` from one
+//! read view, and undoes the changes. Its cost grows with the writes since
+//! `R` (every event after `R` is read, whatever the key), never with the size
+//! of the state; the history is bounded by `history_revisions_max`.
+//! No index by key is written: puts pay nothing for this.
+
+use std::collections::BTreeMap;
+
+use cairn_kv_client::frame;
+use cairn_kv_client::protocol::{KeyValue, WatchEvent};
+use cairn_lsm::ReadView;
+
+use crate::state::{COMPACTED_KEY, REVISION_KEY, history_key, read_revision};
+
+/// Why a read at a past revision could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PastReadError {
+    /// The revision is after the state's revision.
+    Future {
+        /// The revision asked.
+        asked: u64,
+        /// The state's revision.
+        current: u64,
+    },
+    /// The history no longer holds the changes after the revision.
+    Compacted {
+        /// The revision asked.
+        asked: u64,
+        /// The oldest revision readable.
+        oldest: u64,
+    },
+    /// The state could not be read, or a record is damaged.
+    Storage(String),
+}
+
+impl std::fmt::Display for PastReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PastReadError::Future { asked, current } => {
+                write!(f, "revision {asked} is in the future (the cluster is at {current})")
+            }
+            PastReadError::Compacted { asked, oldest } => {
+                write!(f, "revision {asked} is compacted: the oldest revision readable is {oldest}")
+            }
+            PastReadError::Storage(e) => write!(f, "reading the history: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PastReadError {}
+
+fn view_u64(view: &ReadView, key: &[u8]) -> Result<u64, PastReadError> {
+    let stored = view.get(key).map_err(|e| PastReadError::Storage(e.to_string()))?;
+    read_revision(stored.as_deref()).map_err(|e| PastReadError::Storage(e.to_string()))
+}
+
+/// What a past read needs: the keys changed after the revision, each with
+/// what it held at the revision (`None`: absent), for the keys `covers` picks.
+#[derive(Debug, Default)]
+pub struct Undo {
+    /// The state's current revision.
+    pub current: u64,
+    /// Each key changed after the revision asked, and its value then.
+    pub before: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Events read (all keys).
+    pub events_read: u64,
+}
+
+/// The changes to undo to see the state of `view` as it was at `revision`,
+/// for the keys `covers` accepts. `revision` must be at most the current one
+/// and at least the oldest the history holds (the compacted revision minus
+/// one: the history then holds every change after it).
+pub fn undo_to(view: &ReadView, revision: u64, covers: impl Fn(&[u8]) -> bool) -> Result<Undo, PastReadError> {
+    let current = view_u64(view, REVISION_KEY)?;
+    if revision > current {
+        return Err(PastReadError::Future { asked: revision, current });
+    }
+    let compacted = view_u64(view, COMPACTED_KEY)?;
+    // The history keeps every change at `compacted` and later, so the state
+    // at `compacted - 1` can be rebuilt, and no earlier one.
+    let oldest = compacted.saturating_sub(1);
+    if revision < oldest {
+        return Err(PastReadError::Compacted { asked: revision, oldest });
+    }
+    let mut undo = Undo { current, ..Undo::default() };
+    if revision == current {
+        return Ok(undo);
+    }
+    let lo = history_key(revision + 1, 0);
+    let hi = history_key(current.saturating_add(1), 0);
+    for kv in view.range(lo..hi) {
+        let (_, v) = kv.map_err(|e| PastReadError::Storage(e.to_string()))?;
+        undo.events_read += 1;
+        let e: WatchEvent =
+            frame::decode(&v).map_err(|e| PastReadError::Storage(format!("a damaged history record: {e}")))?;
+        if !covers(&e.kv.key) || undo.before.contains_key(&e.kv.key) {
+            continue;
+        }
+        // The first change after the revision recorded what the key held at it.
+        undo.before.insert(e.kv.key, e.prev);
+    }
+    Ok(undo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{encode_value, user_key};
+    use cairn_kv_client::protocol::{EventKind, KeyMeta};
+    use cairn_lsm::{Db, Options, WriteBatch};
+
+    fn kv(key: &[u8], value: &[u8], rev: u64, create: u64, version: u64) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            meta: KeyMeta { create_revision: create, mod_revision: rev, version, lease: 0 },
+        }
+    }
+
+    /// Writes puts and deletes the way the apply worker does (value under
+    /// `k`, event under `r`, revision under `m`), keeping a model of every
+    /// revision's state, then checks every past read against the model.
+    #[test]
+    fn undoing_the_history_gives_each_past_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path(), Options::default()).expect("open");
+        let mut state: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+        let mut past: Vec<BTreeMap<Vec<u8>, KeyValue>> = vec![state.clone()];
+        let mut seed = 7u64;
+        for rev in 1..=300u64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = format!("k{}", (seed >> 33) % 12).into_bytes();
+            let delete = (seed >> 20).is_multiple_of(4);
+            let prev = state.get(&key).cloned();
+            let mut b = WriteBatch::new();
+            let e = if delete {
+                let Some(p) = prev.clone() else {
+                    past.push(state.clone());
+                    b.put(REVISION_KEY.to_vec(), rev.to_le_bytes().to_vec());
+                    db.write(&b).expect("write");
+                    continue;
+                };
+                state.remove(&key);
+                b.delete(user_key(&key));
+                WatchEvent { revision: rev, kind: EventKind::Delete, kv: kv(&key, b"", rev, 0, 0), prev: Some(p) }
+            } else {
+                let (create, version) =
+                    prev.as_ref().map_or((rev, 1), |p| (p.meta.create_revision, p.meta.version + 1));
+                let new = kv(&key, format!("v{rev}").as_bytes(), rev, create, version);
+                b.put(user_key(&key), encode_value(new.meta, &new.value));
+                state.insert(key.clone(), new.clone());
+                WatchEvent { revision: rev, kind: EventKind::Put, kv: new, prev }
+            };
+            b.put(history_key(rev, 0), frame::archive(&e).expect("archive"));
+            b.put(REVISION_KEY.to_vec(), rev.to_le_bytes().to_vec());
+            db.write(&b).expect("write");
+            past.push(state.clone());
+        }
+        let view = db.read_view();
+        for (r, expected) in past.iter().enumerate() {
+            let undo = undo_to(&view, r as u64, |_| true).expect("undo");
+            let mut got = BTreeMap::new();
+            for item in view.range(user_key(b"")..vec![crate::state::USER_PREFIX + 1]) {
+                let (k, v) = item.expect("read");
+                let key = k[1..].to_vec();
+                if undo.before.contains_key(&key) {
+                    continue;
+                }
+                let (meta, value) = crate::state::decode_value(&v).expect("decode");
+                got.insert(key.clone(), KeyValue { key, value: value.to_vec(), meta });
+            }
+            for (k, v) in undo.before {
+                if let Some(v) = v {
+                    got.insert(k, v);
+                }
+            }
+            assert_eq!(&got, expected, "the state at revision {r}");
+        }
+        assert_eq!(undo_to(&view, 301, |_| true).err(), Some(PastReadError::Future { asked: 301, current: 300 }));
+        // Compact below 100: revision 99 is still readable, 98 is not.
+        let mut b = WriteBatch::new();
+        b.delete_range(history_key(0, 0), history_key(100, 0));
+        b.put(COMPACTED_KEY.to_vec(), 100u64.to_le_bytes().to_vec());
+        db.write(&b).expect("compact");
+        let view = db.read_view();
+        assert!(undo_to(&view, 99, |_| true).is_ok());
+        assert_eq!(undo_to(&view, 98, |_| true).err(), Some(PastReadError::Compacted { asked: 98, oldest: 99 }));
+    }
+}
