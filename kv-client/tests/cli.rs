@@ -169,6 +169,13 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     let v = json(&dev.ok(&["get", "k", "--prefix", "-w", "json"]));
     assert!(v["revision"].as_u64().expect("revision") > 0, "{v}");
     assert!(v["kvs"][0]["mod_revision"].as_u64().expect("mod revision") > 0, "{v}");
+    // At a past revision: k2 as the put left it, before the transaction.
+    assert_eq!(dev.ok(&["get", "k2", "--rev", &put_rev.to_string()]).trim(), "v2");
+    let v = json(&dev.ok(&["get", "k", "--prefix", "--rev", &put_rev.to_string(), "-w", "json"]));
+    assert_eq!(v["revision"].as_u64(), Some(put_rev), "{v}");
+    assert!(v["kvs"].as_array().expect("kvs").iter().any(|kv| kv["key"] == "k2" && kv["value"] == "v2"), "{v}");
+    let o = dev.kv(&["get", "k2", "--rev", &(put_rev + 1000).to_string()]);
+    assert!(!o.status.success(), "a future revision was read");
 
     // Watch: from revision 1, the history of a prefix, one JSON object per event;
     // with a command run per event. Stopped by a kill (it runs until Ctrl-C).
