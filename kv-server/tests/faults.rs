@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_fault_tests::linearizability::{Input, NOT_SWAPPED, Op, SWAPPED, check};
-use cairn_kv_client::{Client, Consistency};
+use cairn_fault_tests::watch::{Event, Outcome, Write, check_watch};
+use cairn_kv_client::{Client, Consistency, WatchMessage, WatchOptions};
 use common::Cluster;
 use rand::{Rng, SeedableRng};
 
@@ -23,11 +24,13 @@ use rand::{Rng, SeedableRng};
 struct History {
     start: Instant,
     ops: Arc<Mutex<Vec<Op>>>,
+    /// The writes of unique values, for the watch check.
+    writes: Arc<Mutex<Vec<Write>>>,
 }
 
 impl History {
     fn new() -> History {
-        History { start: Instant::now(), ops: Arc::default() }
+        History { start: Instant::now(), ops: Arc::default(), writes: Arc::default() }
     }
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
@@ -37,6 +40,10 @@ impl History {
     }
     fn ops(&self) -> Vec<Op> {
         self.ops.lock().expect("history").clone()
+    }
+    fn write(&self, keys: &[&str], value: &str, call: u64, ret: Option<u64>, outcome: Outcome) {
+        let keys = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+        self.writes.lock().expect("writes").push(Write { keys, value: value.into(), call, ret, outcome });
     }
 
     /// A put through `c`, recorded: completed, or of unknown outcome
@@ -49,7 +56,28 @@ impl History {
             Err(e) if e.certainly_not_applied() => return,
             Err(_) => None,
         };
+        self.write(&[key], &value, call, ret, if ret.is_some() { Outcome::Applied } else { Outcome::Unknown });
         self.push(Op { client, key: key.into(), input: Input::Put(value.into_bytes()), output: None, call, ret });
+    }
+
+    /// One write that puts `value` on two keys atomically: a put of each in
+    /// the per-key history, one write of both for the watch check (which
+    /// sees whether both changed at one revision).
+    async fn put_pair(&self, c: &Client, client: u64, keys: [&str; 2], value: String) {
+        use cairn_kv_client::protocol::WriteOp;
+        let ops = keys.iter().map(|k| WriteOp::Put { key: k.as_bytes().to_vec(), value: value.clone().into_bytes() });
+        let call = self.now();
+        let r = c.write(ops.collect()).await;
+        let ret = match &r {
+            Ok(_) => Some(self.now()),
+            Err(e) if e.certainly_not_applied() => return,
+            Err(_) => None,
+        };
+        self.write(&keys, &value, call, ret, if ret.is_some() { Outcome::Applied } else { Outcome::Unknown });
+        for key in keys {
+            let input = Input::Put(value.clone().into_bytes());
+            self.push(Op { client, key: key.into(), input, output: None, call, ret });
+        }
     }
 
     async fn delete(&self, c: &Client, client: u64, key: &str) {
@@ -84,6 +112,12 @@ impl History {
             Err(e) if e.certainly_not_applied() => return,
             Err(_) => (None, None),
         };
+        let outcome = match (&r, ret) {
+            (Ok(t), Some(_)) if t.succeeded => Outcome::Applied,
+            (Ok(_), Some(_)) => Outcome::NotApplied,
+            _ => Outcome::Unknown,
+        };
+        self.write(&[key], &new, call, ret, outcome);
         let input = Input::Cas { expect, new: new.into_bytes() };
         self.push(Op { client, key: key.into(), input, output, call, ret });
     }
@@ -214,6 +248,60 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     let h = History::new();
     let stop = Arc::new(AtomicBool::new(false));
     let keys = ["a", "b", "c", "d"];
+    // A watcher of every key from revision 1, resuming by itself through
+    // the faults, and also leaving every 1-3 s to watch again from the next
+    // revision on another node (a client that disconnects and resumes);
+    // what it receives is checked against the writes at the end.
+    let watched: Arc<Mutex<(Vec<Event>, u64, Option<String>)>> = Arc::default();
+    let watcher = {
+        let base = cluster.options();
+        let watched = watched.clone();
+        let stop = stop.clone();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 100 + 50);
+        tokio::spawn(async move {
+            let mut turn = 0usize;
+            loop {
+                let mut opts = base.clone();
+                let n = opts.endpoints.len();
+                opts.endpoints.rotate_left(turn % n);
+                turn += 1;
+                let c = Client::new(opts).expect("client");
+                let from = watched.lock().expect("watched").1 + 1;
+                let mut w = WatchOptions::key("a").from_revision(from).with_prev_kv();
+                w.end = Some(b"e".to_vec());
+                let mut rx = c.watch(w.with_progress(Duration::from_millis(500)));
+                let leave = tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000)));
+                tokio::pin!(leave);
+                loop {
+                    let m = tokio::select! {
+                        m = rx.recv() => m,
+                        _ = &mut leave, if !stop.load(Ordering::Relaxed) => break,
+                    };
+                    let Some(m) = m else { break };
+                    let mut g = watched.lock().expect("watched");
+                    match m {
+                        Ok(WatchMessage::Events { events, revision }) => {
+                            g.0.extend(events.into_iter().map(|e| Event {
+                                revision: e.revision,
+                                value: (e.kind == cairn_kv_client::protocol::EventKind::Put).then_some(e.kv.value),
+                                key: e.kv.key,
+                                prev: e.prev.map(|p| p.value),
+                                version: e.kv.meta.version,
+                            }));
+                            g.1 = g.1.max(revision);
+                        }
+                        Ok(WatchMessage::Progress { revision }) => g.1 = g.1.max(revision),
+                        Err(e) => {
+                            g.2 = Some(e.to_string());
+                            return;
+                        }
+                    }
+                }
+                drop(rx);
+                c.close().await;
+            }
+        })
+    };
     let mut workers = Vec::new();
     for w in 0..4u64 {
         let mut opts = cluster.options();
@@ -230,7 +318,7 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
             let mut seen: std::collections::HashMap<&str, Option<Vec<u8>>> = Default::default();
             while !stop.load(Ordering::Relaxed) {
                 let key = keys[rng.random_range(0..keys.len())];
-                match rng.random_range(0..12) {
+                match rng.random_range(0..13) {
                     0..5 => {
                         if let Some(v) = h.get(&c, w, key, Consistency::Linearizable).await {
                             seen.insert(key, v);
@@ -238,6 +326,12 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
                     }
                     5..9 => h.put(&c, w, key, format!("w{w}-{n}")).await,
                     9 => h.delete(&c, w, key).await,
+                    10 => {
+                        let other = keys[rng.random_range(0..keys.len())];
+                        if other != key {
+                            h.put_pair(&c, w, [key, other], format!("p{w}-{n}")).await;
+                        }
+                    }
                     _ => {
                         let expect = seen.get(key).cloned().flatten();
                         h.cas(&c, w, key, expect, format!("c{w}-{n}")).await
@@ -415,12 +509,56 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
         let _ = w.await;
     }
     let c = cluster.client();
+    let mut final_state = std::collections::BTreeMap::new();
     for k in keys {
-        if h.get(&c, 99, k, Consistency::Linearizable).await.is_none() {
-            return Err(format!("seed {seed}: the final read of {k} failed after the faults stopped"));
-        }
+        match h.get(&c, 99, k, Consistency::Linearizable).await {
+            Some(v) => final_state.insert(k.as_bytes().to_vec(), v),
+            None => return Err(format!("seed {seed}: the final read of {k} failed after the faults stopped")),
+        };
     }
     let serving = settled.elapsed();
+    // The watcher must reach the final revision, then match the writes.
+    let final_revision = match c.get_kv("a", Consistency::Linearizable).await {
+        Ok((_, r)) => r,
+        Err(e) => return Err(format!("seed {seed}: reading the final revision: {e}")),
+    };
+    let watch_deadline = Instant::now() + Duration::from_secs(30);
+    let (events, watch_error) = loop {
+        {
+            let g = watched.lock().expect("watched");
+            if g.1 >= final_revision || g.2.is_some() || Instant::now() > watch_deadline {
+                let events: Vec<Event> = g.0.iter().filter(|e| e.revision <= final_revision).cloned().collect();
+                let error = g.2.clone().or_else(|| {
+                    (g.1 < final_revision)
+                        .then(|| format!("the watch reached revision {} of {final_revision} in 30 s", g.1))
+                });
+                break (events, error);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    watcher.abort();
+    let writes = h.writes.lock().expect("writes").clone();
+    let watch_check = match watch_error {
+        Some(e) => Err(e),
+        None => check_watch(&events, &writes, &final_state, final_revision),
+    };
+    let watch_report = match watch_check {
+        Ok(r) => r,
+        Err(e) => {
+            let file = h.save(&format!("seed-{seed}"));
+            let events_file = std::env::temp_dir().join(format!("cairn-watch-seed-{seed}-{}.txt", std::process::id()));
+            let _ = std::fs::write(&events_file, format!("{events:#?}"));
+            let logs = cluster.keep_logs(&format!("seed-{seed}"));
+            return Err(format!(
+                "seed {seed}: the watch disagrees with the writes: {e} (history in {}, events in {}, node logs in {}); \
+                 faults: {faults:?}",
+                file.display(),
+                events_file.display(),
+                logs.display()
+            ));
+        }
+    };
     let ops = h.ops();
     let unknown = ops.iter().filter(|o| o.ret.is_none()).count();
     let checked = Instant::now();
@@ -450,13 +588,18 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     }
     Ok(format!(
         "seed {seed}, {n} nodes: {} operations ({unknown} of unknown outcome) on {} keys through {} faults, \
-         linearizable (checked in {check_time:?}, {}, {} keys at the search bound); serving {serving:?} after the \
-         faults stopped; faults: {faults:?}",
+         linearizable (checked in {check_time:?}, {}, {} keys at the search bound); the watcher received {} \
+         events over {} revisions, each once and in order, matching {} applied writes ({} of two keys, each at \
+         one revision); serving {serving:?} after the faults stopped; faults: {faults:?}",
         ops.len(),
         report.keys,
         faults.len(),
         slowest.unwrap_or_default(),
-        report.unknown
+        report.unknown,
+        watch_report.events,
+        watch_report.revisions,
+        watch_report.applied,
+        watch_report.multi_key
     ))
 }
 
