@@ -257,13 +257,15 @@ mod tests {
         Write { keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(), value: value.into(), call, ret, outcome }
     }
 
-    fn fin(pairs: &[(&str, Option<&str>)]) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+    type State = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+    fn fin(pairs: &[(&str, Option<&str>)]) -> State {
         pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect()
     }
 
     /// a=1 (rev 1), a,b=2 together (rev 2), b deleted (rev 3), a=3 (rev 4,
     /// unknown outcome); a CAS that failed wrote nothing.
-    fn good() -> (Vec<Event>, Vec<Write>, BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
+    fn good() -> (Vec<Event>, Vec<Write>, State) {
         let events = vec![
             put(1, "a", "1", None, 1),
             put(2, "a", "2", Some("1"), 2),
@@ -288,7 +290,7 @@ mod tests {
         assert_eq!((r.events, r.applied, r.multi_key), (5, 3, 1));
     }
 
-    fn fails(e: &[Event], w: &[Write], f: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, rev: u64, words: &str) {
+    fn fails(e: &[Event], w: &[Write], f: &State, rev: u64, words: &str) {
         match check_watch(e, w, f, rev) {
             Ok(r) => panic!("accepted ({r:?}); expected a failure about {words:?}"),
             Err(msg) => assert!(msg.contains(words), "{msg:?} does not say {words:?}"),

@@ -568,7 +568,8 @@ impl Client {
     /// Grants a lease of `ttl` (rounded to ms; at least 1 s); returns its id.
     /// Keep it alive with [`Client::lease_keep_alive`] well within `ttl`.
     pub async fn lease_grant(&self, ttl: Duration) -> Result<u64> {
-        match self.call(&Request::LeaseGrant { ttl_ms: ttl.as_millis() as u64 }).await? {
+        let client_id = self.session_id().await?;
+        match self.call(&Request::LeaseGrant { ttl_ms: ttl.as_millis() as u64, client_id }).await? {
             Response::LeaseGranted { id, .. } => Ok(id),
             other => Err(unexpected(&other)),
         }

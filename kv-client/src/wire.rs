@@ -298,6 +298,9 @@ pub enum Request {
     LeaseGrant {
         /// Its time to live, ms (at least 1 s).
         ttl_ms: u64,
+        /// The asking client's session id: its leases count against the
+        /// cluster's `leases_per_client_max` (0: the shared anonymous budget).
+        client_id: u64,
     },
     /// Restart a lease's clock (the leader only; answer: [`Response::LeaseAlive`]).
     LeaseKeepAlive {

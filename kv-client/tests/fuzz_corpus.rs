@@ -82,7 +82,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             },
         ),
         ("compact", Request::Compact { revision: 9 }),
-        ("lease-grant", Request::LeaseGrant { ttl_ms: 5000 }),
+        ("lease-grant", Request::LeaseGrant { ttl_ms: 5000, client_id: 4 }),
         ("lease-keep-alive", Request::LeaseKeepAlive { id: 42 }),
         (
             "write-lease",

@@ -27,9 +27,9 @@ pub enum WatchFeed {
     Reset,
 }
 use crate::state::{
-    Book, CONF_KEY, Command, CommandOp, LEASE_PREFIX, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook,
-    addr_key, alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key,
-    session_key, user_key, write_book,
+    Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
+    alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key, session_key,
+    user_key, write_book,
 };
 
 /// A proposal waiting for its entry to apply.
@@ -107,6 +107,8 @@ pub struct ApplyLimits {
     pub txn_ops_max: usize,
     /// Leases at once.
     pub leases_max: usize,
+    /// Leases at once per owner (client).
+    pub leases_per_client_max: usize,
     /// Keys attached to one lease.
     pub keys_per_lease_max: usize,
 }
@@ -134,6 +136,8 @@ pub struct Applier {
     events: Vec<WatchEvent>,
     /// The oldest revision the history keeps.
     compacted: u64,
+    /// Each lease's owner, as of the entries applied so far.
+    leases: LeaseOwners,
     /// Where events go (the watchers).
     pub watch_tx: Option<tokio::sync::broadcast::Sender<WatchFeed>>,
     sessions: HashMap<u64, SessionRecord>,
@@ -172,6 +176,7 @@ impl Applier {
         let alarms = read_book(&book).alarms.clone();
         let revision = load_revision(&db)?;
         let compacted = crate::state::load_compacted(&db)?;
+        let leases = LeaseOwners::load(&db)?;
         Ok(Applier {
             shared,
             db,
@@ -185,6 +190,7 @@ impl Applier {
             lease_tx: None,
             events: Vec::new(),
             compacted,
+            leases,
             watch_tx: None,
             sessions,
             applied,
@@ -254,11 +260,13 @@ impl Applier {
             .map_err(|e| format!("reading the installed state's history bound: {e}"))?;
         let book =
             Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
+        let leases = LeaseOwners::load(&db).map_err(|e| format!("reading the installed state's leases: {e}"))?;
         let old = (!delta && !merge).then(|| self.shared.replace(db.clone()));
         self.db = db;
         self.sessions = sessions;
         self.revision = revision;
         self.compacted = compacted;
+        self.leases = leases;
         if let Some(tx) = &self.watch_tx {
             let _ = tx.send(WatchFeed::Reset);
         }
@@ -306,6 +314,45 @@ fn retire(old: Arc<Db>) {
         }
     }
     tracing::info!(dir = %dir.display(), "the replaced state is still read; the next start removes it");
+}
+
+/// Who holds each lease (derived from the `l` records, kept in memory so
+/// that a grant checks its limits without a scan).
+#[derive(Debug, Default)]
+struct LeaseOwners {
+    owner_of: HashMap<u64, u64>,
+    count: HashMap<u64, usize>,
+}
+
+impl LeaseOwners {
+    fn load(db: &Db) -> Result<LeaseOwners, crate::storage::StorageError> {
+        let mut o = LeaseOwners::default();
+        for (id, _, owner) in crate::state::load_leases(db)? {
+            o.granted(id, owner);
+        }
+        Ok(o)
+    }
+
+    fn held_by(&self, owner: u64) -> usize {
+        self.count.get(&owner).copied().unwrap_or(0)
+    }
+
+    fn granted(&mut self, id: u64, owner: u64) {
+        if self.owner_of.insert(id, owner).is_none() {
+            *self.count.entry(owner).or_default() += 1;
+        }
+    }
+
+    fn revoked(&mut self, id: u64) {
+        if let Some(owner) = self.owner_of.remove(&id)
+            && let Some(n) = self.count.get_mut(&owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(&owner);
+            }
+        }
+    }
 }
 
 /// The sessions the state holds.
@@ -507,26 +554,24 @@ impl Applier {
                 }
                 Response::Written { index, revision: self.revision }
             }
-            CommandOp::LeaseGrant { ttl_ms } => {
+            CommandOp::LeaseGrant { ttl_ms, owner } => {
                 if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(&ttl_ms) {
                     return Response::error(
                         ErrorCode::BadRequest,
                         format!("a lease's TTL is {LEASE_TTL_MIN_MS} ms to {LEASE_TTL_MAX_MS} ms"),
                     );
                 }
-                let m = Mutation {
-                    db: &self.db,
-                    pending: &mut self.pending,
-                    batch,
-                    next: self.revision + 1,
-                    changed: false,
-                    events: &mut self.events,
-                    event_n: 0,
-                };
-                if m.keys_in(&[LEASE_PREFIX], &[LEASE_PREFIX + 1]).len() >= self.limits.leases_max {
+                if self.leases.owner_of.len() >= self.limits.leases_max {
                     return Response::error(ErrorCode::TooLarge, "too many leases (leases_max)");
                 }
-                let (k, v) = (lease_key(index), ttl_ms.to_le_bytes().to_vec());
+                if self.leases.held_by(owner) >= self.limits.leases_per_client_max {
+                    return Response::error(
+                        ErrorCode::TooLarge,
+                        format!("client {owner} holds leases_per_client_max leases; revoke one first"),
+                    );
+                }
+                self.leases.granted(index, owner);
+                let (k, v) = (lease_key(index), crate::state::encode_lease(ttl_ms, owner));
                 batch.put(k.clone(), v.clone());
                 self.pending.insert(k, Some(v));
                 self.lease_events.push(LeaseEvent::Granted { id: index, ttl_ms });
@@ -558,6 +603,7 @@ impl Applier {
                 if m.changed {
                     self.revision += 1;
                 }
+                self.leases.revoked(id);
                 self.lease_events.push(LeaseEvent::Revoked { id });
                 tracing::debug!(lease = id, revision = self.revision, "lease revoked");
                 Response::Written { index, revision: self.revision }

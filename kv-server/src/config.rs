@@ -176,6 +176,9 @@ pub struct Limits {
     pub txn_ops_max: usize,
     /// Leases at once. Default 10,000.
     pub leases_max: usize,
+    /// Leases at once granted to one client (by its session id), so that a
+    /// client granting in a loop cannot take every lease. Default 1,000.
+    pub leases_per_client_max: usize,
     /// Watch streams at once. Default 10,000.
     pub watchers_max: usize,
     /// Applied batches of events buffered for watchers; a watcher further
@@ -214,6 +217,7 @@ impl Default for Limits {
             session_responses_max: 1024,
             txn_ops_max: 1024,
             leases_max: 10_000,
+            leases_per_client_max: 1_000,
             watchers_max: 10_000,
             watch_buffer_batches: 1024,
             history_revisions_max: 100_000,

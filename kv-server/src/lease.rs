@@ -51,8 +51,9 @@ pub enum LessorRequest {
     Remaining {
         /// The lease.
         id: u64,
-        /// Ms left (`None`: this node does not lead, or the lease is unknown).
-        reply: oneshot::Sender<Option<u64>>,
+        /// Ms left (`None`: the lessor does not know the lease yet);
+        /// `NotLeader` on a node that does not lead (only the leader knows).
+        reply: oneshot::Sender<Result<Option<u64>, ErrorInfo>>,
     },
 }
 
@@ -76,6 +77,16 @@ pub struct LessorConfig {
     pub history_revisions_max: u64,
     /// Age of history kept (zero: no bound by age).
     pub history_retention: Duration,
+}
+
+/// A `NotLeader` refusal naming the leader this node knows (its address is
+/// filled in by the server).
+fn not_leader(leader: Option<u64>, message: &str) -> ErrorInfo {
+    ErrorInfo {
+        code: ErrorCode::NotLeader,
+        message: message.into(),
+        leader: leader.filter(|l| *l != 0).map(|l| (l, String::new())),
+    }
 }
 
 /// Samples of (time, revision) kept for compaction by age, at most.
@@ -228,7 +239,7 @@ impl Lessor {
             Ok(all) => {
                 self.leases = all
                     .into_iter()
-                    .map(|(id, ttl_ms)| {
+                    .map(|(id, ttl_ms, _)| {
                         let ttl = Duration::from_millis(ttl_ms);
                         (id, Lease { ttl, deadline: now + ttl + self.cfg.election_timeout, revoking_since: None })
                     })
@@ -244,11 +255,7 @@ impl Lessor {
         match r {
             LessorRequest::KeepAlive { id, reply } => {
                 let answer = if !leading {
-                    Err(ErrorInfo {
-                        code: ErrorCode::NotLeader,
-                        message: "keep-alives go to the leader".into(),
-                        leader: leader.filter(|l| *l != 0).map(|l| (l, String::new())),
-                    })
+                    Err(not_leader(leader, "keep-alives go to the leader"))
                 } else {
                     match self.leases.get_mut(&id) {
                         Some(l) if l.revoking_since.is_none() => {
@@ -265,12 +272,15 @@ impl Lessor {
                 let _ = reply.send(answer);
             }
             LessorRequest::Remaining { id, reply } => {
-                let left = self
-                    .leases
-                    .get(&id)
-                    .filter(|_| leading)
-                    .map(|l| l.deadline.saturating_duration_since(Instant::now()).as_millis() as u64);
-                let _ = reply.send(left);
+                let answer = if leading {
+                    Ok(self
+                        .leases
+                        .get(&id)
+                        .map(|l| l.deadline.saturating_duration_since(Instant::now()).as_millis() as u64))
+                } else {
+                    Err(not_leader(leader, "a lease's time left is known to the leader"))
+                };
+                let _ = reply.send(answer);
             }
         }
     }

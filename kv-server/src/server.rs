@@ -276,6 +276,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         session_ttl_ms: cfg.session_ttl.as_millis() as u64,
         txn_ops_max: limits.txn_ops_max,
         leases_max: limits.leases_max,
+        leases_per_client_max: limits.leases_per_client_max,
         keys_per_lease_max: limits.keys_per_lease_max,
     };
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
@@ -629,8 +630,9 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             let op = CommandOp::Txn { session, compares, success, failure };
             propose_command(ctx, Command { time_ms: now_ms(), op }).await
         }
-        Request::LeaseGrant { ttl_ms } => {
-            propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::LeaseGrant { ttl_ms } }).await
+        Request::LeaseGrant { ttl_ms, client_id } => {
+            let op = CommandOp::LeaseGrant { ttl_ms, owner: client_id };
+            propose_command(ctx, Command { time_ms: now_ms(), op }).await
         }
         Request::LeaseRevoke { id } => {
             propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::LeaseRevoke { id } }).await
@@ -642,27 +644,29 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             }
             match rx.await {
                 Ok(Ok(ttl_ms)) => Response::LeaseAlive { id, ttl_ms },
-                Ok(Err(mut e)) => {
-                    if e.code == ErrorCode::NotLeader
-                        && let Some((l, _)) = e.leader.take()
-                    {
-                        let addr = crate::state::read_book(&ctx.book).addrs.get(&l).cloned().unwrap_or_default();
-                        e.leader = Some((l, addr));
-                    }
-                    Response::Error(e)
-                }
+                Ok(Err(e)) => lessor_refusal(ctx, e),
                 Err(_) => Response::error(ErrorCode::Stopping, "the node is stopping"),
             }
         }
         Request::LeaseTimeToLive { id } => {
+            // Only the leader knows the time left: a follower sends the client there.
+            let (reply, rx) = oneshot::channel();
+            if ctx.lessor.try_send(crate::lease::LessorRequest::Remaining { id, reply }).is_err() {
+                return Response::error(ErrorCode::Busy, "the lessor's queue is full");
+            }
+            let remaining_ms = match rx.await {
+                Ok(Ok(left)) => left,
+                Ok(Err(e)) => return lessor_refusal(ctx, e),
+                Err(_) => return Response::error(ErrorCode::Stopping, "the node is stopping"),
+            };
             if let Err(r) = read_barrier(ctx, Consistency::Linearizable).await {
                 return r;
             }
             let view = ctx.db.get().read_view();
             let ttl_ms = match view.get(&crate::state::lease_key(id)) {
-                Ok(Some(v)) => match <[u8; 8]>::try_from(&v[..]) {
-                    Ok(b) => u64::from_le_bytes(b),
-                    Err(_) => return Response::error(ErrorCode::Unavailable, "a malformed lease record"),
+                Ok(Some(v)) => match crate::state::decode_lease(&v) {
+                    Some((ttl, _)) => ttl,
+                    None => return Response::error(ErrorCode::Unavailable, "a malformed lease record"),
                 },
                 Ok(None) => return Response::error(ErrorCode::LeaseNotFound, format!("lease {id} does not exist")),
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
@@ -675,11 +679,6 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                     Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
                 }
             }
-            let (reply, rx) = oneshot::channel();
-            let remaining_ms = match ctx.lessor.try_send(crate::lease::LessorRequest::Remaining { id, reply }) {
-                Ok(()) => rx.await.ok().flatten(),
-                Err(_) => None,
-            };
             Response::LeaseInfo { id, ttl_ms, remaining_ms, keys }
         }
         Request::LeaseList => {
@@ -687,7 +686,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 return r;
             }
             match crate::state::load_leases(&ctx.db.get()) {
-                Ok(all) => Response::Leases(all.into_iter().map(|(id, _)| id).collect()),
+                Ok(all) => Response::Leases(all.into_iter().map(|(id, _, _)| id).collect()),
                 Err(e) => Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             }
         }
@@ -1008,6 +1007,17 @@ async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
 }
 
 /// A u64 record of the state (the revision, the history bound) as `view` sees it (absent: 0).
+/// The lessor's refusal, with the leader's address filled in.
+fn lessor_refusal(ctx: &Ctx, mut e: cairn_kv_client::protocol::ErrorInfo) -> Response {
+    if e.code == ErrorCode::NotLeader
+        && let Some((l, _)) = e.leader.take()
+    {
+        let addr = crate::state::read_book(&ctx.book).addrs.get(&l).cloned().unwrap_or_default();
+        e.leader = Some((l, addr));
+    }
+    Response::Error(e)
+}
+
 /// The answer to a read at a revision that cannot be served.
 fn past_read_refusal(e: crate::history::PastReadError) -> Response {
     use crate::history::PastReadError;

@@ -111,6 +111,8 @@ mod records {
         LeaseGrant {
             /// Its time to live, ms.
             ttl_ms: u64,
+            /// The client it counts against (`leases_per_client_max`).
+            owner: u64,
         },
         /// Revoke a lease (a client's request, or the leader's on expiry):
         /// its keys are deleted at one revision.
@@ -295,15 +297,35 @@ pub fn attach_key(id: u64, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// Every lease the state holds: `(id, ttl in ms)`.
-pub fn load_leases(db: &cairn_lsm::Db) -> Result<Vec<(u64, u64)>, crate::storage::StorageError> {
+/// A lease record: its TTL in ms and the client it counts against (u64 LE
+/// each).
+pub fn encode_lease(ttl_ms: u64, owner: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&ttl_ms.to_le_bytes());
+    v.extend_from_slice(&owner.to_le_bytes());
+    v
+}
+
+/// Reads a lease record: `(ttl in ms, owner)`; a record of 8 bytes (before
+/// owners were recorded) has owner 0.
+pub fn decode_lease(v: &[u8]) -> Option<(u64, u64)> {
+    let word = |i: usize| v.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
+    match v.len() {
+        8 => Some((word(0)?, 0)),
+        16 => Some((word(0)?, word(8)?)),
+        _ => None,
+    }
+}
+
+/// Every lease the state holds: `(id, ttl in ms, owner)`.
+pub fn load_leases(db: &cairn_lsm::Db) -> Result<Vec<(u64, u64, u64)>, crate::storage::StorageError> {
     let mut out = Vec::new();
     for kv in db.prefix(&[LEASE_PREFIX]) {
         let (k, v) = kv?;
         let bad = || crate::storage::StorageError::Corrupt { what: "lease", reason: format!("{k:?}") };
         let id = <[u8; 8]>::try_from(&k[1..]).map(u64::from_be_bytes).map_err(|_| bad())?;
-        let ttl = <[u8; 8]>::try_from(&v[..]).map(u64::from_le_bytes).map_err(|_| bad())?;
-        out.push((id, ttl));
+        let (ttl, owner) = decode_lease(&v).ok_or_else(bad)?;
+        out.push((id, ttl, owner));
     }
     Ok(out)
 }

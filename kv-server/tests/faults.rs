@@ -19,6 +19,10 @@ use cairn_kv_client::{Client, Consistency, WatchMessage, WatchOptions};
 use common::Cluster;
 use rand::{Rng, SeedableRng};
 
+/// What the fault run's watcher received: the events, the revision delivered
+/// up to, and the error that ended it, if one did.
+type Watched = (Vec<Event>, u64, Option<String>);
+
 /// Operations as the clients saw them, with times since the test began.
 #[derive(Clone)]
 struct History {
@@ -252,7 +256,7 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     // the faults, and also leaving every 1-3 s to watch again from the next
     // revision on another node (a client that disconnects and resumes);
     // what it receives is checked against the writes at the end.
-    let watched: Arc<Mutex<(Vec<Event>, u64, Option<String>)>> = Arc::default();
+    let watched: Arc<Mutex<Watched>> = Arc::default();
     let watcher = {
         let base = cluster.options();
         let watched = watched.clone();

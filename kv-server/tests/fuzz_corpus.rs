@@ -82,7 +82,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "command-lease-grant",
-            Command { time_ms: 3, op: CommandOp::LeaseGrant { ttl_ms: 5000 } }.encode().expect("encode"),
+            Command { time_ms: 3, op: CommandOp::LeaseGrant { ttl_ms: 5000, owner: 4 } }.encode().expect("encode"),
         ),
         (
             "command-lease-revoke",

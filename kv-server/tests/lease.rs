@@ -42,6 +42,13 @@ async fn a_lease_not_kept_alive_expires_and_its_keys_vanish_everywhere_at_one_re
     assert_eq!(kv.expect("svc/a").meta.lease, id);
     assert!(c.lease_list().await.expect("list").contains(&id));
     let _ = (left, last);
+    // Only the leader knows the time left: asked of a follower, the client is
+    // sent to the leader and gets it.
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = cluster.ids().into_iter().find(|n| *n != leader).expect("a follower");
+    let (_, left, _) = cluster.client_of(follower).lease_time_to_live(id).await.expect("ttl via a follower");
+    let left = left.expect("the time left, from the leader");
+    assert!(left <= Duration::from_secs(2), "{left:?} left of a 2 s lease");
 
     let took = wait_gone(&c, "svc/a", Duration::from_secs(10)).await.expect("the lease did not expire");
     let after_grant = granted.elapsed();
@@ -81,6 +88,27 @@ async fn a_lease_not_kept_alive_expires_and_its_keys_vanish_everywhere_at_one_re
     let e = c.lease_revoke(id2).await.expect_err("a second revoke");
     assert_eq!(e.code(), Some(ErrorCode::LeaseNotFound));
     cluster.converged(Duration::from_secs(20)).await;
+}
+
+/// One client may hold at most `leases_per_client_max` leases; others are
+/// not held back by it, and a revocation frees a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holds_at_most_its_share_of_leases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("limits.toml");
+    std::fs::write(&config, "[limits]\nleases_per_client_max = 2\n").expect("write config");
+    let cluster = Cluster::start(&[("CAIRN_CONFIG", config.to_str().expect("utf-8 path"))]);
+    cluster.leader(Duration::from_secs(20)).await;
+    let (a, b) = (cluster.client(), cluster.client());
+    let first = a.lease_grant(Duration::from_secs(60)).await.expect("grant 1");
+    a.lease_grant(Duration::from_secs(60)).await.expect("grant 2");
+    let e = a.lease_grant(Duration::from_secs(60)).await.expect_err("a third lease for one client");
+    assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
+    assert!(e.to_string().contains("leases_per_client_max"), "{e}");
+    b.lease_grant(Duration::from_secs(60)).await.expect("another client's lease");
+    a.lease_revoke(first).await.expect("revoke");
+    a.lease_grant(Duration::from_secs(60)).await.expect("a grant after a revocation");
+    assert_eq!(a.lease_list().await.expect("list").len(), 3);
 }
 
 /// A lease kept alive through two leader kills; the scenario returns

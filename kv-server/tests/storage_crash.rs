@@ -120,6 +120,7 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
         session_ttl_ms: u64::MAX / 4,
         txn_ops_max: 1024,
         leases_max: 100,
+        leases_per_client_max: 100,
         keys_per_lease_max: 100,
     };
     let book = Arc::new(std::sync::RwLock::new(rec.book));
