@@ -16,6 +16,9 @@ use crate::config::SnapshotSettings;
 use crate::snapshot::{ReceiveState, SendContext, SendRequest, SharedDb};
 use crate::storage::{MarkerJob, WalJob, WalStore};
 
+/// Where a read's index goes.
+type ReadReply = oneshot::Sender<Result<u64, ErrorInfo>>;
+
 /// Requests to the Raft task.
 #[derive(Debug)]
 pub enum NodeRequest {
@@ -142,7 +145,11 @@ impl std::fmt::Debug for NodeTask {
 struct Loop {
     t: NodeTask,
     peers: HashMap<NodeId, mpsc::Sender<Message>>,
-    reads: HashMap<u64, oneshot::Sender<Result<u64, ErrorInfo>>>,
+    /// Reads waiting for a read index, by the context of the request that
+    /// asks it for all of them.
+    reads: HashMap<u64, Vec<ReadReply>>,
+    /// How many reads `reads` holds.
+    reads_waiting: usize,
     read_seq: u64,
     last_term: u64,
     last_leader: Option<NodeId>,
@@ -165,6 +172,7 @@ impl NodeTask {
             t: self,
             peers: HashMap::new(),
             reads: HashMap::new(),
+            reads_waiting: 0,
             read_seq: 0,
             last_term: 0,
             last_leader: None,
@@ -244,11 +252,13 @@ impl Loop {
 
     fn handle_requests(&mut self, first: NodeRequest) {
         let mut batch: Vec<(Vec<u8>, oneshot::Sender<Response>)> = Vec::new();
+        let mut reads: Vec<ReadReply> = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(r) = next.take() {
             match r {
                 NodeRequest::Propose { data, reply } => batch.push((data, reply)),
+                NodeRequest::ReadIndex { reply } => reads.push(reply),
                 other => self.handle_other(other),
             }
             taken += 1;
@@ -258,6 +268,48 @@ impl Loop {
         }
         if !batch.is_empty() {
             self.propose(batch);
+        }
+        if !reads.is_empty() {
+            self.read_batch(reads);
+        }
+    }
+
+    /// Asks one read index for every read in `replies` (they all arrived
+    /// before it is asked, so the index it returns serves each of them
+    /// linearizably): one round of heartbeats per batch, not per read, as
+    /// etcd's read loop does.
+    fn read_batch(&mut self, mut replies: Vec<ReadReply>) {
+        let room = self.t.pending_reads_max.saturating_sub(self.reads_waiting);
+        if replies.len() > room {
+            for reply in replies.drain(room..) {
+                let _ = reply.send(Err(ErrorInfo {
+                    code: ErrorCode::Busy,
+                    message: "too many reads waiting for a read index".into(),
+                    leader: None,
+                }));
+            }
+        }
+        if replies.is_empty() {
+            return;
+        }
+        let fail = |replies: Vec<ReadReply>, message: String| {
+            for reply in replies {
+                let _ =
+                    reply.send(Err(ErrorInfo { code: ErrorCode::Unavailable, message: message.clone(), leader: None }));
+            }
+        };
+        if self.t.raw.leader().is_none() {
+            return fail(replies, "no leader known (an election may be running)".into());
+        }
+        self.read_seq += 1;
+        let ctx = self.read_seq.to_le_bytes().to_vec();
+        match self.t.raw.read_index(ctx) {
+            Ok(()) => {
+                metrics::counter!("cairn_read_index_requests_total").increment(1);
+                self.reads_waiting += replies.len();
+                self.reads.insert(self.read_seq, replies);
+            }
+            Err(e) => fail(replies, format!("cannot get a read index: {e}")),
         }
     }
 
@@ -297,38 +349,7 @@ impl Loop {
     fn handle_other(&mut self, r: NodeRequest) {
         match r {
             NodeRequest::Propose { .. } => unreachable!("handled by the caller"),
-            NodeRequest::ReadIndex { reply } => {
-                if self.reads.len() >= self.t.pending_reads_max {
-                    let _ = reply.send(Err(ErrorInfo {
-                        code: ErrorCode::Busy,
-                        message: "too many reads waiting for a read index".into(),
-                        leader: None,
-                    }));
-                    return;
-                }
-                if self.t.raw.leader().is_none() {
-                    let _ = reply.send(Err(ErrorInfo {
-                        code: ErrorCode::Unavailable,
-                        message: "no leader known (an election may be running)".into(),
-                        leader: None,
-                    }));
-                    return;
-                }
-                self.read_seq += 1;
-                let ctx = self.read_seq.to_le_bytes().to_vec();
-                match self.t.raw.read_index(ctx) {
-                    Ok(()) => {
-                        self.reads.insert(self.read_seq, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(ErrorInfo {
-                            code: ErrorCode::Unavailable,
-                            message: format!("cannot get a read index: {e}"),
-                            leader: None,
-                        }));
-                    }
-                }
-            }
+            NodeRequest::ReadIndex { reply } => self.read_batch(vec![reply]),
             NodeRequest::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -712,8 +733,11 @@ impl Loop {
                 let Some(id) = rs.context.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
                     continue;
                 };
-                if let Some(reply) = self.reads.remove(&id) {
-                    let _ = reply.send(Ok(rs.index.0));
+                if let Some(replies) = self.reads.remove(&id) {
+                    self.reads_waiting -= replies.len();
+                    for reply in replies {
+                        let _ = reply.send(Ok(rs.index.0));
+                    }
                 }
             }
         }
@@ -728,13 +752,14 @@ impl Loop {
             }
             // Reads waiting on an old term's leader will not be confirmed: fail them.
             if term != self.last_term {
-                for (_, reply) in self.reads.drain() {
+                for reply in self.reads.drain().flat_map(|(_, r)| r) {
                     let _ = reply.send(Err(ErrorInfo {
                         code: ErrorCode::Unavailable,
                         message: "the term changed while the read waited".into(),
                         leader: None,
                     }));
                 }
+                self.reads_waiting = 0;
             }
             self.last_term = term;
             self.last_leader = leader;
