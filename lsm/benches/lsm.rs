@@ -24,6 +24,31 @@ fn bench(c: &mut Criterion) {
                 .expect("put");
         })
     });
+    // Point reads of keys the memtable lacks (the apply path of a store that
+    // reads each key before it writes it), with and without the memtable's
+    // key filter, and of keys it holds.
+    for bits in [8, 0] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut o = options();
+        o.memtable_bloom_bits_per_entry = bits;
+        let mdb = Db::open(dir.path(), o).expect("open");
+        for k in 0..100_000u64 {
+            mdb.put(format!("m{k:015}"), value.clone()).expect("put");
+        }
+        let mut j = 0u64;
+        c.bench_function(&format!("get_miss_memtable_filter_{bits}"), |b| {
+            b.iter(|| {
+                j = (j + 7919) % 100_000;
+                black_box(mdb.get(format!("m{j:015}x").as_bytes()).expect("get"));
+            })
+        });
+        c.bench_function(&format!("get_hit_memtable_filter_{bits}"), |b| {
+            b.iter(|| {
+                j = (j + 7919) % 100_000;
+                black_box(mdb.get(format!("m{j:015}").as_bytes()).expect("get"));
+            })
+        });
+    }
     for k in 0..100_000u64 {
         db.put(format!("k{k:015}"), value.clone()).expect("put");
     }

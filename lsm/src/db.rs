@@ -438,7 +438,8 @@ impl Db {
         let mut last_seq = version.last_seq;
         let mut last_marker = version.marker;
         let chunk_bytes = crate::memtable::arena_chunk_bytes(opts.write_buffer_bytes);
-        let mut active = Arc::new(Memtable::new(1, chunk_bytes, last_marker));
+        let filter_bits = crate::memtable::filter_bits(opts.write_buffer_bytes, opts.memtable_bloom_bits_per_entry);
+        let mut active = Arc::new(Memtable::new(1, chunk_bytes, filter_bits, last_marker));
         let mut sealed: Vec<Arc<Memtable>> = Vec::new();
         let mut next_mem_id = 2;
         let wal = match opts.durability {
@@ -469,7 +470,7 @@ impl Db {
                         if active.approximate_bytes() >= opts.write_buffer_bytes {
                             let full = std::mem::replace(
                                 &mut active,
-                                Arc::new(Memtable::new(next_mem_id, chunk_bytes, last_marker)),
+                                Arc::new(Memtable::new(next_mem_id, chunk_bytes, filter_bits, last_marker)),
                             );
                             sealed.insert(0, full);
                             next_mem_id += 1;
@@ -794,6 +795,10 @@ fn apply_batch(mem: &Memtable, b: &WriteBatch, first: Seqno) {
 }
 
 impl Inner {
+    fn memtable_filter_bits(&self) -> usize {
+        crate::memtable::filter_bits(self.opts.write_buffer_bytes, self.opts.memtable_bloom_bits_per_entry)
+    }
+
     fn check_usable(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -966,6 +971,7 @@ impl Inner {
             active: Arc::new(Memtable::new(
                 id,
                 crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes),
+                self.memtable_filter_bits(),
                 w.last_marker,
             )),
             sealed,
@@ -1733,7 +1739,7 @@ impl Inner {
         self.install(&mut vs, edit, &opened, |cur| {
             if o.discard_memtables {
                 let chunk = crate::memtable::arena_chunk_bytes(self.opts.write_buffer_bytes);
-                (Arc::new(Memtable::new(next_mem, chunk, next_after)), Vec::new())
+                (Arc::new(Memtable::new(next_mem, chunk, self.memtable_filter_bits(), next_after)), Vec::new())
             } else {
                 (Arc::clone(&cur.active), cur.sealed.clone())
             }

@@ -109,6 +109,11 @@ pub struct Options {
     pub block_restart_interval: usize,
     /// Bloom filter bits per key (0: no filter). Default 10 (about 1% false positives).
     pub bloom_bits_per_key: u32,
+    /// Filter bits per memtable entry (0: no filter). Each memtable keeps a
+    /// filter of its keys so a point read of a key it lacks skips the skip
+    /// list (RocksDB's `memtable_whole_key_filtering`); sized for the most
+    /// entries a memtable of `write_buffer_bytes` can hold. Default 8.
+    pub memtable_bloom_bits_per_entry: u32,
     /// Compression of each level's data blocks; the last entry applies to
     /// every deeper level. Default: LZ4 on L0 and L1, zstd level 1 below.
     pub compression_per_level: Vec<Compression>,
@@ -186,6 +191,7 @@ impl Default for Options {
             block_bytes: 4 << 10,
             block_restart_interval: 16,
             bloom_bits_per_key: 10,
+            memtable_bloom_bits_per_entry: 8,
             compression_per_level: vec![Compression::Lz4, Compression::Lz4, Compression::Zstd(1)],
             block_cache_bytes: 64 << 20,
             table_bytes_target: 64 << 20,
