@@ -19,4 +19,4 @@ done
 $K bench get -c 64 --conns 16 --duration 10 -w json
 $K bench get -c 64 --conns 16 --duration 10 --consistency s -w json
 kill -INT $DEV; wait $DEV
-echo "cluster folder: $D"
+rm -rf "$D"

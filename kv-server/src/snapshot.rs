@@ -445,9 +445,24 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
     let _ = ctx.done.send((to, ok)).await;
 }
 
+/// One attempt to reach a follower for a snapshot (a handshake on loopback
+/// or a LAN takes a few ms; on a loaded machine, tens).
+const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
+
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
-    let conn = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, Duration::from_secs(5)).await?;
+    // Short attempts, again and again for up to 5 s: a follower that was down
+    // is served within half a second of coming back, instead of after a
+    // long handshake timeout runs out (QUIC ignores the "port unreachable"
+    // of a stopped node, so an attempt made while it was down cannot succeed).
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let conn = loop {
+        match crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, DIAL_ATTEMPT).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= give_up => return Err(e),
+            Err(_) => {}
+        }
+    };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a snapshot stream: {e}"))?;
     let hello = SnapshotHello { cluster_id: ctx.cluster_id, from: ctx.me, to: req.to, term: req.term, conf: req.conf };
     let hb = frame::encode(&hello).map_err(|e| e.to_string())?;
