@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,10 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Largest response frame accepted, in bytes. Default 64 MiB.
     pub frame_bytes_max: usize,
+    /// Requests in progress at once on a connection's request pipe (see
+    /// `Request::Pipe`); a call past it waits for one to end. Default 256,
+    /// the nodes' default `streams_per_connection_max`.
+    pub pipe_requests_max: usize,
 }
 
 impl ClientOptions {
@@ -57,6 +62,7 @@ impl ClientOptions {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(500),
             frame_bytes_max: 64 << 20,
+            pipe_requests_max: 256,
         }
     }
 }
@@ -142,8 +148,8 @@ struct SessionState {
 struct Inner {
     endpoint: quinn::Endpoint,
     opts: ClientOptions,
-    /// The connection in use and the node it reaches.
-    conn: tokio::sync::Mutex<Option<(SocketAddr, quinn::Connection)>>,
+    /// The connection in use.
+    conn: tokio::sync::Mutex<Option<Link>>,
     /// Where the last redirect pointed.
     leader_hint: Mutex<Option<String>>,
     session: Mutex<SessionState>,
@@ -151,6 +157,126 @@ struct Inner {
     next_endpoint: Mutex<usize>,
     /// Endpoints that failed to connect, and when.
     failed: Mutex<HashMap<String, Instant>>,
+}
+
+/// An authenticated connection to a node and its request pipe.
+#[derive(Clone, Debug)]
+struct Link {
+    conn: quinn::Connection,
+    pipe: Arc<Pipe>,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        self.conn.close_reason().is_none() && !self.pipe.state.broken.load(Ordering::Acquire)
+    }
+}
+
+/// Answers awaited on a pipe, by request id.
+type Waiting = HashMap<u64, tokio::sync::oneshot::Sender<std::result::Result<Response, String>>>;
+
+/// The client's side of a request pipe (see `Request::Pipe`): callers hand
+/// their tagged frames to a writer task, which gathers those queued together
+/// into one write; a reader task hands each answer to the caller waiting for
+/// its id. When the last `Pipe` is dropped the writer finishes the stream,
+/// the node finishes its side, and both tasks end.
+#[derive(Debug)]
+struct Pipe {
+    out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    state: Arc<PipeState>,
+    next_id: AtomicU64,
+    /// Bounds the requests in progress (`pipe_requests_max`).
+    permits: tokio::sync::Semaphore,
+}
+
+#[derive(Debug, Default)]
+struct PipeState {
+    waiting: Mutex<Waiting>,
+    broken: AtomicBool,
+}
+
+impl PipeState {
+    /// Marks the pipe broken and fails every call waiting on it.
+    fn break_off(&self, reason: &str) {
+        self.broken.store(true, Ordering::Release);
+        for (_, tx) in lock(&self.waiting).drain() {
+            let _ = tx.send(Err(reason.to_string()));
+        }
+    }
+}
+
+/// Bytes of requests gathered into one write on a pipe, at most.
+const PIPE_WRITE_BYTES: usize = 256 << 10;
+
+impl Pipe {
+    /// Opens a pipe on `conn` and starts its writer and reader tasks.
+    async fn open(conn: &quinn::Connection, opts: &ClientOptions) -> std::result::Result<Pipe, String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a request pipe: {e}"))?;
+        let opener = frame::encode(&Request::Pipe).map_err(|e| e.to_string())?;
+        let queue = opts.pipe_requests_max.max(1);
+        let (out, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue);
+        let state = Arc::new(PipeState::default());
+        let writer_state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = opener;
+            loop {
+                while buf.len() < PIPE_WRITE_BYTES {
+                    match rx.try_recv() {
+                        Ok(more) => buf.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = send.write_all(&buf).await {
+                    writer_state.break_off(&format!("the request pipe broke: {e}"));
+                    return;
+                }
+                match rx.recv().await {
+                    Some(next) => buf = next,
+                    None => break,
+                }
+            }
+            let _ = send.finish();
+        });
+        let reader_state = state.clone();
+        let max = opts.frame_bytes_max;
+        tokio::spawn(async move {
+            let reason = loop {
+                let (id, payload) = match frame::read_tagged(&mut recv, max).await {
+                    Ok(next) => next,
+                    Err(FrameError::End) => break "the node ended the request pipe".to_string(),
+                    Err(e) => break format!("the request pipe broke: {e}"),
+                };
+                let answer = payload.and_then(|p| frame::decode::<Response>(&p)).map_err(|e| e.to_string());
+                if let Some(tx) = lock(&reader_state.waiting).remove(&id) {
+                    let _ = tx.send(answer);
+                }
+            };
+            reader_state.break_off(&reason);
+        });
+        Ok(Pipe { out, state, next_id: AtomicU64::new(1), permits: tokio::sync::Semaphore::new(queue) })
+    }
+
+    /// Sends `req` and waits for its answer.
+    async fn call(&self, req: &Request) -> std::result::Result<Response, String> {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode_tagged(id, req).map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.state.waiting).insert(id, tx);
+        // Forgets the id if this call is dropped (its deadline passed) before the answer.
+        struct Forget<'a>(&'a PipeState, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.waiting).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.state, id);
+        if self.state.broken.load(Ordering::Acquire) {
+            return Err("the request pipe is broken".into());
+        }
+        self.out.send(bytes).await.map_err(|_| "the request pipe is closed".to_string())?;
+        rx.await.map_err(|_| "the request pipe closed before an answer".to_string())?
+    }
 }
 
 /// A client of a Cairn cluster. Cheap to clone; clones share the connection and session.
@@ -513,7 +639,7 @@ impl Client {
             Err(ConnErr::Failed(reason)) => return Err(WatchStop::Retry(reason)),
         };
         let broke = |e: &dyn std::fmt::Display| WatchStop::Retry(format!("the watch stream broke: {e}"));
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broke(&e))?;
+        let (mut send, mut recv) = conn.conn.open_bi().await.map_err(|e| broke(&e))?;
         let req = Request::Watch {
             start: opts.start.clone(),
             end: opts.end.clone(),
@@ -717,12 +843,14 @@ impl Client {
     /// The status of one node, by address, without redirects or retries.
     pub async fn status_of(&self, addr: &str, with_hash: bool) -> Result<StatusInfo> {
         let sock = resolve(addr).await?;
-        let conn = self.connect(sock).await.map_err(|e| match e {
+        let link = self.connect(sock).await.map_err(|e| match e {
             ConnErr::Refused(info) => Error::Refused(info),
             ConnErr::Failed(s) => Error::Unreachable(s),
         })?;
         let deadline = Instant::now() + self.inner.opts.request_timeout;
-        match self.exchange(&conn, &Request::Status { with_hash }, deadline).await {
+        let answer = self.exchange(&link, &Request::Status { with_hash }, deadline).await;
+        link.conn.close(0u32.into(), b"done");
+        match answer {
             Ok(Response::Status(s)) => Ok(s),
             Ok(Response::Error(e)) => Err(Error::Refused(e)),
             Ok(other) => Err(unexpected(&other)),
@@ -785,7 +913,7 @@ impl Client {
             Err(ConnErr::Failed(reason)) => return Err(Error::Unreachable(reason)),
         };
         let lost = |e: &dyn std::fmt::Display| Error::Unreachable(format!("the snapshot stream broke: {e}"));
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        let (mut send, mut recv) = conn.conn.open_bi().await.map_err(|e| lost(&e))?;
         let bytes = frame::encode(&Request::SnapshotSave).map_err(|e| Error::Protocol(e.to_string()))?;
         send.write_all(&bytes).await.map_err(|e| lost(&e))?;
         let _ = send.finish();
@@ -937,18 +1065,19 @@ impl Client {
     }
 
     async fn drop_connection(&self) {
-        if let Some((_, c)) = self.inner.conn.lock().await.take() {
-            c.close(0u32.into(), b"retrying elsewhere");
+        if let Some(link) = self.inner.conn.lock().await.take() {
+            link.conn.close(0u32.into(), b"retrying elsewhere");
         }
     }
 
     /// The connection in use, or a new one to the leader hint or the next endpoint.
-    async fn current_connection(&self) -> std::result::Result<quinn::Connection, ConnErr> {
+    async fn current_connection(&self) -> std::result::Result<Link, ConnErr> {
         let mut guard = self.inner.conn.lock().await;
-        if let Some((_, c)) = guard.as_ref()
-            && c.close_reason().is_none()
-        {
-            return Ok(c.clone());
+        if let Some(link) = guard.as_ref() {
+            if link.usable() {
+                return Ok(link.clone());
+            }
+            link.conn.close(0u32.into(), b"the request pipe broke");
         }
         let opts = &self.inner.opts;
         // Skip an endpoint that just failed to connect while another is left.
@@ -964,14 +1093,14 @@ impl Client {
             opts.endpoints[pick].clone()
         });
         let connected = match resolve(&target).await {
-            Ok(addr) => self.connect(addr).await.map(|c| (addr, c)),
+            Ok(addr) => self.connect(addr).await,
             Err(e) => Err(ConnErr::Failed(e.to_string())),
         };
         match connected {
-            Ok((addr, conn)) => {
+            Ok(link) => {
                 lock(&self.inner.failed).remove(&target);
-                *guard = Some((addr, conn.clone()));
-                Ok(conn)
+                *guard = Some(link.clone());
+                Ok(link)
             }
             Err(e) => {
                 if matches!(e, ConnErr::Failed(_)) {
@@ -982,8 +1111,8 @@ impl Client {
         }
     }
 
-    /// A new authenticated connection to `addr`.
-    async fn connect(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, ConnErr> {
+    /// A new authenticated connection to `addr`, with its request pipe.
+    async fn connect(&self, addr: SocketAddr) -> std::result::Result<Link, ConnErr> {
         let opts = &self.inner.opts;
         let connecting =
             self.inner.endpoint.connect(addr, &opts.server_name).map_err(|e| format!("connecting to {addr}: {e}"))?;
@@ -992,15 +1121,26 @@ impl Client {
             .map_err(|_| format!("connecting to {addr}: timed out"))?
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         let deadline = Instant::now() + opts.connect_timeout.min(opts.request_timeout);
-        match self.exchange(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
-            Response::HelloOk { .. } => Ok(conn),
+        match self.exchange_on_stream(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
+            Response::HelloOk { .. } => {
+                let pipe = Pipe::open(&conn, opts).await.map_err(ConnErr::Failed)?;
+                Ok(Link { conn, pipe: Arc::new(pipe) })
+            }
             Response::Error(e) => Err(ConnErr::Refused(e)),
             other => Err(ConnErr::Failed(format!("{addr} answered Hello with {other:?}"))),
         }
     }
 
-    /// One request on a new stream of `conn`.
-    async fn exchange(
+    /// One request on the pipe of `link`.
+    async fn exchange(&self, link: &Link, req: &Request, deadline: Instant) -> std::result::Result<Response, String> {
+        match tokio::time::timeout_at(deadline.into(), link.pipe.call(req)).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out waiting for an answer".into()),
+        }
+    }
+
+    /// One request on a new stream of `conn` (the Hello, before the pipe).
+    async fn exchange_on_stream(
         &self,
         conn: &quinn::Connection,
         req: &Request,

@@ -60,9 +60,27 @@ pub fn encode<T>(value: &T) -> Result<Vec<u8>, FrameError>
 where
     T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
 {
+    encode_after(&[], value)
+}
+
+/// Encodes `value` as one frame of a request pipe: the request id (u64 LE),
+/// then the frame (see `Request::Pipe`).
+pub fn encode_tagged<T>(id: u64, value: &T) -> Result<Vec<u8>, FrameError>
+where
+    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
+{
+    encode_after(&id.to_le_bytes(), value)
+}
+
+/// `prefix`, then `value` as one frame.
+fn encode_after<T>(prefix: &[u8], value: &T) -> Result<Vec<u8>, FrameError>
+where
+    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
+{
     let payload = rkyv::to_bytes::<rancor::Error>(value).map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = u32::try_from(payload.len()).map_err(|_| FrameError::Encode("payload over 4 GiB".into()))?;
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    let mut out = Vec::with_capacity(prefix.len() + HEADER_BYTES + payload.len());
+    out.extend_from_slice(prefix);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
     out.extend_from_slice(&[0, 0]);
@@ -126,14 +144,55 @@ where
 /// Reads one frame's payload from a QUIC stream: `Err(FrameError::End)` if the
 /// stream ended before the frame began.
 pub async fn read_payload(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
-    use tokio::io::AsyncReadExt;
     let mut header = [0u8; HEADER_BYTES];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::End),
-        Err(e) => return Err(FrameError::Read(e.to_string())),
-    }
+    read_start(recv, &mut header).await?;
     let len = parse_header(&header, max)?;
+    read_exactly(recv, len).await
+}
+
+/// Reads the next frame of a request pipe (see `Request::Pipe`): its id and
+/// payload, or its id and [`FrameError::TooLarge`] for a frame over `max`,
+/// whose bytes are read and dropped so that the pipe stays in step (the
+/// caller answers that request with an error and goes on). `Err(End)`: the
+/// stream ended between frames; any other `Err`: the pipe cannot go on.
+pub async fn read_tagged(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(u64, Result<Vec<u8>, FrameError>), FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut id = [0u8; 8];
+    read_start(recv, &mut id).await?;
+    let id = u64::from_le_bytes(id);
+    let mut header = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut header).await.map_err(|e| FrameError::Read(e.to_string()))?;
+    match parse_header(&header, max) {
+        Ok(len) => Ok((id, Ok(read_exactly(recv, len).await?))),
+        Err(FrameError::TooLarge { len, max }) => {
+            let skipped = tokio::io::copy(&mut (&mut *recv).take(len), &mut tokio::io::sink())
+                .await
+                .map_err(|e| FrameError::Read(e.to_string()))?;
+            if skipped != len {
+                return Err(FrameError::Read(format!("stream ended after {skipped} of {len} payload bytes")));
+            }
+            Ok((id, Err(FrameError::TooLarge { len, max })))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Fills `buf` with the first bytes of a frame: `Err(End)` if the stream
+/// ended cleanly before it.
+async fn read_start(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), FrameError> {
+    match recv.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Err(FrameError::End),
+        Err(e) => Err(FrameError::Read(e.to_string())),
+    }
+}
+
+/// Reads `len` payload bytes.
+async fn read_exactly(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
+    use tokio::io::AsyncReadExt;
     // The buffer grows with what arrives, so an announced length costs
     // memory only once the peer actually sends the bytes.
     let mut payload = Vec::with_capacity(len.min(64 << 10));

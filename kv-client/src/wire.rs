@@ -390,6 +390,18 @@ pub enum Request {
         /// Raise or clear.
         raise: bool,
     },
+    /// Make this stream a request pipe (the stream's first frame; it gets
+    /// no answer of its own). From then on, each frame in either direction
+    /// is preceded by a request id (u64 LE): the client sends requests
+    /// under ids of its choosing, and the node answers each under its id,
+    /// in the order they complete. The node works on at most
+    /// `streams_per_connection_max` requests of a pipe at once and reads no
+    /// further until one ends. A request over the size limit is skipped and
+    /// answered `TooLarge`; the pipe goes on. Watch and snapshot save need
+    /// streams of their own. One pipe per connection replaces a stream per
+    /// request: no stream to open, and answers that complete together leave
+    /// in one write.
+    Pipe,
 }
 
 /// The answer to a request.

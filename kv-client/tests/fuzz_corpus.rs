@@ -29,6 +29,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
     let reqs = [
         ("hello", Request::Hello { token: "t".into() }),
         ("register", Request::Register),
+        ("pipe", Request::Pipe),
         (
             "write",
             Request::Write {

@@ -154,7 +154,8 @@ pub struct Limits {
     pub request_bytes_max: usize,
     /// Largest peer frame (a Raft message), bytes. Default 64 MiB.
     pub peer_frame_bytes_max: usize,
-    /// Concurrent request streams per client connection. Default 256.
+    /// Concurrent request streams per client connection, and requests in
+    /// progress at once on one request pipe. Default 256.
     pub streams_per_connection_max: u32,
     /// Proposals waiting for the Raft task. Default 4096.
     pub proposal_queue_max: usize,

@@ -560,6 +560,10 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let resp = match frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await {
+                Ok(Request::Pipe) => {
+                    serve_pipe(ctx, send, recv).await;
+                    return;
+                }
                 Ok(Request::Watch { start, end, start_revision, prev_kv, progress_ms }) => {
                     let w = WatchSpec { start, end, start_revision, prev_kv, progress_ms };
                     if let Err(e) = serve_watch(&ctx, w, &mut send).await {
@@ -581,10 +585,7 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
                     }
                 },
                 Ok(req) => handle(&ctx, req).await,
-                Err(frame::FrameError::TooLarge { len, max }) => {
-                    Response::error(ErrorCode::TooLarge, format!("a request of {len} bytes is over the limit of {max}"))
-                }
-                Err(e) => Response::error(ErrorCode::BadRequest, format!("malformed request: {e}")),
+                Err(e) => refuse_frame(e),
             };
             match frame::encode(&resp) {
                 Ok(bytes) => {
@@ -597,11 +598,82 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
     }
 }
 
+/// The answer to a request frame that could not be read.
+fn refuse_frame(e: frame::FrameError) -> Response {
+    match e {
+        frame::FrameError::TooLarge { len, max } => {
+            Response::error(ErrorCode::TooLarge, format!("a request of {len} bytes is over the limit of {max}"))
+        }
+        e => Response::error(ErrorCode::BadRequest, format!("malformed request: {e}")),
+    }
+}
+
+/// Bytes of answers gathered into one write on a request pipe, at most.
+const PIPE_WRITE_BYTES: usize = 256 << 10;
+
+/// Serves a request pipe (see [`Request::Pipe`]) until the client ends its
+/// side: at most `streams_per_connection_max` requests in progress, the
+/// answers written by one task that gathers those ready together into one
+/// write.
+async fn serve_pipe(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let in_flight = ctx.limits.streams_per_connection_max.max(1) as usize;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(in_flight);
+    let writer = tokio::spawn(async move {
+        while let Some(mut buf) = rx.recv().await {
+            while buf.len() < PIPE_WRITE_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let (id, payload) = match frame::read_tagged(&mut recv, ctx.limits.request_bytes_max).await {
+            Ok(next) => next,
+            Err(frame::FrameError::End) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "a request pipe broke off");
+                break;
+            }
+        };
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = match payload.and_then(|p| frame::decode::<Request>(&p)) {
+                Ok(Request::Watch { .. } | Request::SnapshotSave | Request::Pipe) => Response::error(
+                    ErrorCode::BadRequest,
+                    "a watch, a snapshot save or a pipe needs a stream of its own",
+                ),
+                Ok(req) => handle(&ctx, req).await,
+                Err(e) => refuse_frame(e),
+            };
+            match frame::encode_tagged(id, &resp) {
+                Ok(bytes) => {
+                    let _ = tx.send(bytes).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a response"),
+            }
+            drop(permit);
+        });
+    }
+    // The writer finishes the stream once every request taken has been answered.
+    drop(tx);
+    let _ = writer.await;
+}
+
 async fn handle(ctx: &Ctx, req: Request) -> Response {
     match req {
         Request::Hello { .. } => Response::HelloOk { node_id: ctx.id, cluster_id: ctx.cluster_id },
         Request::SnapshotSave => Response::error(ErrorCode::BadRequest, "a snapshot save is a stream of its own"),
         Request::Watch { .. } => Response::error(ErrorCode::BadRequest, "a watch is a stream of its own"),
+        Request::Pipe => Response::error(ErrorCode::BadRequest, "a pipe is a stream of its own"),
         Request::Compact { revision } => {
             propose_command(ctx, Command { time_ms: now_ms(), op: CommandOp::Compact { revision } }).await
         }

@@ -65,6 +65,13 @@ async fn exchange_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response
     frame::read::<Response>(&mut recv, 1 << 20).await.map_err(|e| e.to_string())
 }
 
+/// A pipe frame of an unknown frame version.
+fn bad_version_tagged() -> Vec<u8> {
+    let mut f = frame::encode_tagged(12, &Request::Status { with_hash: false }).expect("encode");
+    f[8 + 4] = 99;
+    f
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_the_node_keeps_serving() {
     let cluster = Cluster::start(&[]);
@@ -104,6 +111,45 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
         other => panic!("a frame of version 99 answered with {other:?}"),
     }
     // The same connection still works.
+    assert!(matches!(
+        exchange_raw(&conn, &frame::encode(&Request::Status { with_hash: false }).expect("e")).await,
+        Ok(Response::Status(_))
+    ));
+
+    // The same on a request pipe: each bad frame is answered under its id
+    // and the pipe goes on; a frame that breaks the framing ends the pipe,
+    // not the connection.
+    let (mut send, mut recv) = conn.open_bi().await.expect("pipe");
+    let mut bytes = frame::encode(&Request::Pipe).expect("encode");
+    let status = Request::Status { with_hash: false };
+    bytes.extend(frame::encode_tagged(7, &status).expect("encode"));
+    bytes.extend(8u64.to_le_bytes());
+    bytes.extend(&garbage);
+    bytes.extend(9u64.to_le_bytes());
+    let oversized = 5usize << 20;
+    bytes.extend((oversized as u32).to_le_bytes());
+    bytes.extend([1, 0, 0, 0]);
+    bytes.extend(vec![0u8; oversized]);
+    let watch = Request::Watch { start: b"a".to_vec(), end: None, start_revision: 0, prev_kv: false, progress_ms: 0 };
+    bytes.extend(frame::encode_tagged(10, &watch).expect("encode"));
+    bytes.extend(frame::encode_tagged(11, &status).expect("encode"));
+    send.write_all(&bytes).await.expect("write");
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 5 {
+        let (id, payload) = frame::read_tagged(&mut recv, 1 << 20).await.expect("an answer");
+        answers.insert(id, frame::decode::<Response>(&payload.expect("payload")).expect("decode"));
+    }
+    assert!(matches!(answers.get(&7), Some(Response::Status(_))), "{answers:?}");
+    assert!(matches!(answers.get(&11), Some(Response::Status(_))), "{answers:?}");
+    for (id, code) in [(8, ErrorCode::BadRequest), (9, ErrorCode::TooLarge), (10, ErrorCode::BadRequest)] {
+        match answers.get(&id) {
+            Some(Response::Error(e)) => assert_eq!(e.code, code, "request {id}: {}", e.message),
+            other => panic!("request {id} answered with {other:?}"),
+        }
+    }
+    send.write_all(&bad_version_tagged()).await.expect("write");
+    let end = frame::read_tagged(&mut recv, 1 << 20).await;
+    assert!(matches!(end, Err(frame::FrameError::End)), "the pipe went on after a frame of version 99: {end:?}");
     assert!(matches!(
         exchange_raw(&conn, &frame::encode(&Request::Status { with_hash: false }).expect("e")).await,
         Ok(Response::Status(_))
