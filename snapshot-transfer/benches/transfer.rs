@@ -75,8 +75,13 @@ fn main() {
     let raw = (tables * TABLE_MIB) as f64 * 1048576.0;
     let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch under target/");
     let cfg = Config::default();
+    // CAIRN_TRANSFER_BENCH_WRITE_BEHIND=0 turns the receiver's write-behind off (for an A/B).
+    let write_behind = std::env::var("CAIRN_TRANSFER_BENCH_WRITE_BEHIND").map_or(true, |v| v != "0");
     let cold = drop_caches();
-    println!("{} tables of {TABLE_MIB} MiB; page cache dropped before each copy: {cold}", tables);
+    println!(
+        "{} tables of {TABLE_MIB} MiB; page cache dropped before each copy: {cold}; write-behind: {write_behind}",
+        tables
+    );
     println!(
         "| set | method | seconds | MB/s | wire bytes | raw bytes | zstd bytes (1 MiB chunks) | wire / min(raw, zstd) | peak RSS MiB |"
     );
@@ -104,6 +109,7 @@ fn main() {
         let (mut source, manifest) = Source::open(&*fs, &src, &names, 1000, 3, 1).expect("source");
         let manifest_s = t.elapsed().as_secs_f64();
         let mut staging = Staging::new(fs.clone(), scratch.path().join(format!("staging-{label}")), vec![]);
+        staging.set_write_behind(write_behind);
         let (done, stats) = run_local(&cfg, &mut source, manifest, &mut staging).expect("transfer");
         let total_s = t.elapsed().as_secs_f64();
         let rss = peak_rss_kib() as f64 / 1024.0;

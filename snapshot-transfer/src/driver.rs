@@ -130,8 +130,31 @@ struct Open {
     manifest: Manifest,
     dir: PathBuf,
     files: Vec<Box<dyn FsFile>>,
+    /// Per file, the checksum of the bytes written so far and their count,
+    /// while the file has been written in order from offset 0 in this
+    /// process; `None` once it was not (resumed, linked, written out of
+    /// order), and then verification reads the file back.
+    written: Vec<Option<Running>>,
     progress: Box<dyn FsFile>,
     progress_len: u64,
+}
+
+/// The checksum of the bytes written to a file in order from offset 0.
+struct Running {
+    hash: Box<Xxh3>,
+    len: u64,
+}
+
+impl Running {
+    fn new() -> Running {
+        Running { hash: Box::new(Xxh3::new()), len: 0 }
+    }
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("len", &self.len).finish_non_exhaustive()
+    }
 }
 
 /// The receiver's side: staging directories under a root, one per checkpoint
@@ -147,6 +170,7 @@ pub struct Staging {
     open: Option<Open>,
     completed: Option<Completed>,
     skip_data_sync: bool,
+    write_behind: bool,
 }
 
 fn encode_progress_record(file: u32, offset: u64) -> [u8; PROGRESS_RECORD_BYTES] {
@@ -195,7 +219,23 @@ impl Staging {
     /// `reference_dirs` (for example the node's own live tables) are
     /// hard-linked instead of received.
     pub fn new(fs: Arc<dyn Fs>, root: impl Into<PathBuf>, reference_dirs: Vec<PathBuf>) -> Self {
-        Staging { fs, root: root.into(), reference_dirs, open: None, completed: None, skip_data_sync: false }
+        Staging {
+            fs,
+            root: root.into(),
+            reference_dirs,
+            open: None,
+            completed: None,
+            skip_data_sync: false,
+            write_behind: true,
+        }
+    }
+
+    /// Whether each write starts its own writeback at once
+    /// ([`FsFile::start_writeback`]), so that the disk writes while more
+    /// data arrives and each persist waits for less. Default on; off, the
+    /// kernel writes back when it sees fit and each persist waits for all.
+    pub fn set_write_behind(&mut self, on: bool) {
+        self.write_behind = on;
     }
 
     /// Replaces the directories searched for files identical by content
@@ -231,9 +271,7 @@ impl Staging {
                     Ok(())
                 }
                 Action::Prepare { manifest } => self.prepare(manifest).map(|d| rx.handle_prepared(&d)),
-                Action::Write { file, offset, data } => {
-                    self.with_file(file, |f, p| f.write_all_at(&data, offset).map_err(io("write staged file", p)))
-                }
+                Action::Write { file, offset, data } => self.write(file, offset, &data),
                 Action::Persist { offsets } => self.persist(&offsets).map(|()| rx.handle_persisted(&offsets)),
                 Action::Verify { file } => self.verify(file).map(|ok| rx.handle_verified(file, ok)),
                 Action::Reset { file } => self.reset(file),
@@ -355,7 +393,8 @@ impl Staging {
             files.push(f);
         }
         fs.sync_dir(&dir).map_err(io("fsync staging directory", &dir))?;
-        self.open = Some(Open { manifest: manifest.clone(), dir: dir.clone(), files, progress, progress_len });
+        let written = durable.iter().map(|&d| (d == 0).then(Running::new)).collect();
+        self.open = Some(Open { manifest: manifest.clone(), dir: dir.clone(), files, written, progress, progress_len });
         if !linked.is_empty() {
             self.append_progress(&linked)?;
         }
@@ -408,6 +447,31 @@ impl Staging {
         fs.sync_dir(&self.root).map_err(io("fsync staging root", &self.root))
     }
 
+    /// Writes received bytes, starts their writeback (unless turned off),
+    /// and carries the file's running checksum on when they follow what was
+    /// written before.
+    fn write(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let write_behind = self.write_behind;
+        self.with_file(file, |f, p| {
+            f.write_all_at(data, offset).map_err(io("write staged file", p))?;
+            if write_behind && let Err(e) = f.start_writeback(offset, data.len() as u64) {
+                tracing::debug!(error = %e, file = %p.display(), "starting writeback failed; the persist will wait longer");
+            }
+            Ok(())
+        })?;
+        if let Some(slot) = self.open.as_mut().and_then(|o| o.written.get_mut(file as usize)) {
+            *slot = match slot.take() {
+                Some(mut r) if r.len == offset => {
+                    r.hash.update(data);
+                    r.len += data.len() as u64;
+                    Some(r)
+                }
+                _ => None,
+            };
+        }
+        Ok(())
+    }
+
     fn persist(&mut self, offsets: &[(u32, u64)]) -> Result<()> {
         for &(file, _) in offsets.iter().filter(|_| !self.skip_data_sync) {
             self.with_file(file, |f, p| f.sync_data().map_err(io("fdatasync staged file", p)))?;
@@ -418,6 +482,15 @@ impl Staging {
     fn verify(&self, file: u32) -> Result<bool> {
         let o = self.open.as_ref().ok_or(Error::Config("no staging area open"))?;
         let meta = o.manifest.files.get(file as usize).ok_or(Error::Config("file outside the manifest"))?;
+        // Written in order by this process: the bytes were checksummed on
+        // their way to the file; nothing else wrote to it since.
+        if let Some(Some(r)) = o.written.get(file as usize)
+            && r.len == meta.len
+        {
+            let f = &o.files[file as usize];
+            let len = f.len().map_err(io("stat", &o.dir.join(&meta.name)))?;
+            return Ok(len == meta.len && r.hash.digest() == meta.checksum);
+        }
         let (sum, len) = checksum_file(&*o.files[file as usize], &o.dir.join(&meta.name))?;
         Ok(len == meta.len && sum == meta.checksum)
     }
@@ -434,6 +507,7 @@ impl Staging {
         let p = o.dir.join(&meta.name);
         fs.remove_file(&p).map_err(io("remove damaged staged file", &p))?;
         o.files[file as usize] = fs.open(&p, OpenMode::CreateNew).map_err(io("create staged file", &p))?;
+        o.written[file as usize] = Some(Running::new());
         fs.sync_dir(&o.dir).map_err(io("fsync staging directory", &o.dir))
     }
 

@@ -34,6 +34,14 @@ pub trait FsFile: Send + Sync + Debug {
     }
     /// Truncates or extends.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Starts writing the `len` bytes at `offset` back to the disk without
+    /// waiting for them: a hint, so that a later [`FsFile::sync_data`] has
+    /// less left to wait for, and the disk works while more data arrives.
+    /// The default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 
     /// Fills `buf` from `offset` or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -93,6 +101,22 @@ impl FsFile for StdFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    /// On Linux, `posix_fadvise(POSIX_FADV_DONTNEED)`: the kernel starts
+    /// writeback of the range's dirty pages at once and does not wait for it
+    /// (pages still dirty or under writeback stay cached). Elsewhere nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return Ok(()) };
+            nix::fcntl::posix_fadvise(&self.0, offset, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+                .map_err(io::Error::from)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (offset, len);
+            Ok(())
+        }
     }
 }
 

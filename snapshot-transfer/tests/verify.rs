@@ -1,0 +1,141 @@
+//! Verification of received files: a file this process wrote in order from
+//! offset 0 is checked by the checksum taken of its bytes on their way to the
+//! disk, without reading it back; a file it did not write that way (here: one
+//! hard-linked from a reference directory) is read back whole. And each write
+//! starts its own writeback unless write-behind is off.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cairn_snapshot_transfer::{Config, Fs, FsFile, OpenMode, PROGRESS_FILE, Source, Staging, StdFs, run_local};
+use common::{assert_identical, make_checkpoint, names};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Bytes read from staged data files.
+    staged_reads: AtomicU64,
+    /// Writeback hints given.
+    hints: AtomicU64,
+}
+
+/// The real file system, counting reads of staged files and writeback hints.
+#[derive(Debug)]
+struct CountingFs {
+    staging: PathBuf,
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug)]
+struct CountingFile {
+    inner: Box<dyn FsFile>,
+    staged: bool,
+    counts: Arc<Counts>,
+}
+
+impl FsFile for CountingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.inner.read_at(buf, offset)?;
+        if self.staged {
+            self.counts.staged_reads.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.counts.hints.fetch_add(1, Ordering::Relaxed);
+        self.inner.start_writeback(offset, len)
+    }
+}
+
+impl Fs for CountingFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn FsFile>> {
+        let staged = path.starts_with(&self.staging) && path.file_name().is_some_and(|n| n != PROGRESS_FILE);
+        Ok(Box::new(CountingFile { inner: StdFs.open(path, mode)?, staged, counts: self.counts.clone() }))
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.create_dir_all(path)
+    }
+    fn read_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        StdFs.read_dir(path)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        StdFs.hard_link(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn remove_dir(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.remove_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.sync_dir(path)
+    }
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        StdFs.exists(path)
+    }
+}
+
+fn small_chunks() -> Config {
+    let mut cfg = Config::default();
+    cfg.chunk_bytes_max = 8 << 10; // several chunks per file
+    cfg.sync_bytes = 32 << 10;
+    cfg
+}
+
+#[test]
+fn files_written_in_order_are_not_read_back_and_a_linked_one_is() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let src = tmp.path().join("src");
+    let files = make_checkpoint(&StdFs, &src, &mut rng, 4, 100_000);
+    // The receiver already holds file 1 by content: it is linked, not sent.
+    let live = tmp.path().join("live");
+    std::fs::create_dir_all(&live).expect("mkdir");
+    std::fs::write(live.join(&files[1].0), &files[1].1).expect("write");
+    let counts = Arc::new(Counts::default());
+    let root = tmp.path().join("staging");
+    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
+    let (mut source, manifest) = Source::open(&*fs, &src, &names(&files), 10, 1, 1).expect("source");
+    let mut staging = Staging::new(fs.clone(), &root, vec![live]);
+    let (done, _) = run_local(&small_chunks(), &mut source, manifest, &mut staging).expect("transfer");
+    assert_identical(&StdFs, &done.dir, &files);
+    // Only the linked file was read back, whole.
+    assert_eq!(counts.staged_reads.load(Ordering::Relaxed), files[1].1.len() as u64);
+    let sent_chunks: u64 =
+        files.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, f)| f.1.len().div_ceil(8 << 10) as u64).sum();
+    assert_eq!(counts.hints.load(Ordering::Relaxed), sent_chunks, "one writeback hint per chunk written");
+}
+
+#[test]
+fn without_write_behind_no_writeback_is_started() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let src = tmp.path().join("src");
+    let files = make_checkpoint(&StdFs, &src, &mut rng, 3, 50_000);
+    let counts = Arc::new(Counts::default());
+    let root = tmp.path().join("staging");
+    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
+    let (mut source, manifest) = Source::open(&*fs, &src, &names(&files), 10, 1, 1).expect("source");
+    let mut staging = Staging::new(fs.clone(), &root, vec![]);
+    staging.set_write_behind(false);
+    let (done, _) = run_local(&small_chunks(), &mut source, manifest, &mut staging).expect("transfer");
+    assert_identical(&StdFs, &done.dir, &files);
+    assert_eq!(counts.hints.load(Ordering::Relaxed), 0);
+    assert_eq!(counts.staged_reads.load(Ordering::Relaxed), 0);
+}
