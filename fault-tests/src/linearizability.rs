@@ -7,6 +7,12 @@
 //! and a get that failed is left out (it has no effect). A history is
 //! linearizable when every key's sub-history is (P-compositionality).
 //!
+//! [`check_whole`] runs the same search over a whole history of a small key
+//! space as one object, for operations that span keys (a write of several
+//! keys, a transaction comparing several): those are not P-compositional by
+//! key, and only the whole check sees one taking effect on some keys and not
+//! yet on others.
+//!
 //! The search is bounded: a key whose check takes more than `steps_max`
 //! steps is reported as unknown, and the caller counts it as a failure.
 
@@ -220,10 +226,6 @@ struct Event {
 /// Whether one key's history is linearizable: `Some(true)`, `Some(false)`,
 /// or `None` when the search took more than `steps_max` steps.
 pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
-    let n = h.len();
-    if n == 0 {
-        return Some(true);
-    }
     // Values as small ids; state: the id held, or none.
     let mut ids: HashMap<Vec<u8>, u32> = HashMap::new();
     let mut id_of = |v: &[u8]| -> u32 {
@@ -251,11 +253,48 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
             ),
         })
         .collect();
+    let times: Vec<(u64, Option<u64>)> = h.iter().map(|op| (op.call, op.ret)).collect();
+    search(
+        &times,
+        0u32,
+        |op, &state| match inputs[op] {
+            In::Put(v) => Some(v),
+            In::Del => Some(0),
+            In::Get(v) => (v == state).then_some(state),
+            In::Cas(expect, new, swapped) => {
+                let holds = expect == state;
+                match swapped {
+                    Some(true) => holds.then_some(new),
+                    Some(false) => (!holds).then_some(state),
+                    None => Some(if holds { new } else { state }),
+                }
+            }
+        },
+        steps_max,
+    )
+}
+
+/// Wing & Gong's search with Lowe's memoization over operations given by
+/// their (call, return) times (`None`: unknown outcome, may take effect any
+/// time after its call, or never) and a model: `step(op, state)` is the
+/// state after `op` if `op` may take effect in `state`, else `None`.
+/// `Some(true)`: a linearization exists; `Some(false)`: none does; `None`:
+/// more than `steps_max` steps.
+fn search<S: Clone + Eq + std::hash::Hash>(
+    times: &[(u64, Option<u64>)],
+    init: S,
+    step: impl Fn(usize, &S) -> Option<S>,
+    steps_max: u64,
+) -> Option<bool> {
+    let n = times.len();
+    if n == 0 {
+        return Some(true);
+    }
     // Events in time order; at equal times calls come first (more concurrency allowed).
     let mut events: Vec<Event> = Vec::with_capacity(2 * n);
-    for (i, op) in h.iter().enumerate() {
-        events.push(Event { op: i, is_call: true, time: op.call });
-        events.push(Event { op: i, is_call: false, time: op.ret.unwrap_or(u64::MAX) });
+    for (i, &(call, ret)) in times.iter().enumerate() {
+        events.push(Event { op: i, is_call: true, time: call });
+        events.push(Event { op: i, is_call: false, time: ret.unwrap_or(u64::MAX) });
     }
     events.sort_by_key(|e| (e.time, !e.is_call));
     // A doubly linked list over the events: node 0 is the head, nodes 1..=m
@@ -286,9 +325,9 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
     }
     let words = n.div_ceil(64);
     let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, u32)> = HashSet::new();
-    let mut state: u32 = 0;
-    let mut stack: Vec<(usize, u32)> = Vec::new(); // (op, state before it)
+    let mut cache: HashSet<(Vec<u64>, S)> = HashSet::new();
+    let mut state = init;
+    let mut stack: Vec<(usize, S)> = Vec::new(); // (op, state before it)
     let mut cur = next[0];
     let mut steps = 0u64;
     while next[0] != tail {
@@ -301,26 +340,12 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
         }
         let e = events[cur - 1];
         if e.is_call {
-            let (ok, after) = match inputs[e.op] {
-                In::Put(v) => (true, v),
-                In::Del => (true, 0),
-                In::Get(v) => (v == state, state),
-                In::Cas(expect, new, swapped) => {
-                    let holds = expect == state;
-                    match swapped {
-                        Some(true) => (holds, new),
-                        Some(false) => (!holds, state),
-                        None => (true, if holds { new } else { state }),
-                    }
-                }
-            };
             let mut moved = false;
-            if ok {
+            if let Some(after) = step(e.op, &state) {
                 linearized[e.op / 64] |= 1 << (e.op % 64);
-                if cache.insert((linearized.clone(), after)) {
+                if cache.insert((linearized.clone(), after.clone())) {
                     moved = true;
-                    stack.push((e.op, state));
-                    state = after;
+                    stack.push((e.op, std::mem::replace(&mut state, after)));
                     unlink(&mut next, &mut prev, call_node[e.op]);
                     unlink(&mut next, &mut prev, ret_node[e.op]);
                     cur = next[0];
@@ -343,6 +368,109 @@ pub fn check_key(h: &[Op], steps_max: u64) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// One operation over a small key space, for [`check_whole`]: the check
+/// that is not split by key, so that a write of several keys at once is one
+/// operation and must take effect on all of them at one point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiOp {
+    /// The client that ran it.
+    pub client: u64,
+    /// What it asked and, for a read or a transaction, what it saw.
+    pub input: MultiInput,
+    /// When it was invoked.
+    pub call: u64,
+    /// When it completed; `None` when its outcome is unknown.
+    pub ret: Option<u64>,
+}
+
+/// What a [`MultiOp`] did. A value of `None` is an absent key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MultiInput {
+    /// Read one key, which held `output`.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+        /// What it held (`None`: absent).
+        output: Option<Vec<u8>>,
+    },
+    /// Set (`Some`) or remove (`None`) each key, all at once.
+    Write(Vec<(Vec<u8>, Option<Vec<u8>>)>),
+    /// If every key holds its expected value, do `writes`, all at once.
+    Txn {
+        /// Each key and the value it must hold (`None`: absent).
+        compares: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        /// What it writes when they all hold.
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        /// Whether it did (`None`: the outcome is unknown).
+        swapped: Option<bool>,
+    },
+}
+
+/// Whether a whole history over a small key space is linearizable, checked
+/// as one object (the state of every key) rather than key by key: slower,
+/// and it catches what the per-key check cannot, a multi-key write seen
+/// half applied (one key's new value read, then another key's old value).
+/// A get that failed (no return) is left out. `Some(true)`, `Some(false)`,
+/// or `None` when the search took more than `steps_max` steps.
+pub fn check_whole(ops: &[MultiOp], steps_max: u64) -> Option<bool> {
+    let ops: Vec<&MultiOp> =
+        ops.iter().filter(|o| !(matches!(o.input, MultiInput::Get { .. }) && o.ret.is_none())).collect();
+    // Keys and values as small ids; the state holds each key's value id (0: absent).
+    let mut keys: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut values: HashMap<Vec<u8>, u32> = HashMap::new();
+    let mut pair = |k: &[u8], v: Option<&[u8]>| -> (usize, u32) {
+        let next_key = keys.len();
+        let key = *keys.entry(k.to_vec()).or_insert(next_key);
+        let next_value = values.len() as u32 + 1;
+        (key, v.map_or(0, |v| *values.entry(v.to_vec()).or_insert(next_value)))
+    };
+    type Pairs = Vec<(usize, u32)>;
+    enum In {
+        Get(usize, u32),
+        Txn(Pairs, Pairs, Option<bool>),
+    }
+    let mut to_pairs =
+        |list: &[(Vec<u8>, Option<Vec<u8>>)]| -> Pairs { list.iter().map(|(k, v)| pair(k, v.as_deref())).collect() };
+    let mut inputs = Vec::with_capacity(ops.len());
+    for o in &ops {
+        inputs.push(match &o.input {
+            MultiInput::Get { key, output } => {
+                let (k, v) = to_pairs(&[(key.clone(), output.clone())])[0];
+                In::Get(k, v)
+            }
+            MultiInput::Write(w) => In::Txn(Vec::new(), to_pairs(w), Some(true)),
+            MultiInput::Txn { compares, writes, swapped } => {
+                In::Txn(to_pairs(compares), to_pairs(writes), if o.ret.is_some() { *swapped } else { None })
+            }
+        });
+    }
+    let init = vec![0u32; keys.len()];
+    let times: Vec<(u64, Option<u64>)> = ops.iter().map(|o| (o.call, o.ret)).collect();
+    search(
+        &times,
+        init,
+        |op, state: &Vec<u32>| match &inputs[op] {
+            In::Get(k, v) => (state[*k] == *v).then(|| state.clone()),
+            In::Txn(compares, writes, swapped) => {
+                let holds = compares.iter().all(|(k, v)| state[*k] == *v);
+                let apply = || {
+                    let mut after = state.clone();
+                    for (k, v) in writes {
+                        after[*k] = *v;
+                    }
+                    after
+                };
+                match swapped {
+                    Some(true) => holds.then(apply),
+                    Some(false) => (!holds).then(|| state.clone()),
+                    None => Some(if holds { apply() } else { state.clone() }),
+                }
+            }
+        },
+        steps_max,
+    )
 }
 
 /// The history as JSON lines, one operation per line (`client`, `key`,
@@ -418,6 +546,88 @@ mod tests {
         }
     }
     const B: u64 = 1_000_000;
+
+    fn kv(k: &str, v: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+        (k.into(), v.map(|v| v.into()))
+    }
+    fn mget(c: u64, k: &str, saw: Option<&str>, call: u64, ret: u64) -> MultiOp {
+        MultiOp {
+            client: c,
+            input: MultiInput::Get { key: k.into(), output: saw.map(|s| s.into()) },
+            call,
+            ret: Some(ret),
+        }
+    }
+    fn mwrite(c: u64, w: &[(&str, Option<&str>)], call: u64, ret: Option<u64>) -> MultiOp {
+        MultiOp { client: c, input: MultiInput::Write(w.iter().map(|(k, v)| kv(k, *v)).collect()), call, ret }
+    }
+
+    #[test]
+    fn a_multi_key_write_seen_half_applied_is_caught_only_by_the_whole_check() {
+        // A write of a and b with an unknown outcome; client 2 reads a's new
+        // value, then b's old one: each key alone is fine (the write takes
+        // effect before the first read for a, after the second for b), the
+        // whole history is not.
+        let w = mwrite(1, &[("a", Some("1")), ("b", Some("1"))], 0, None);
+        let ra = mget(2, "a", Some("1"), 10 * B, 11 * B);
+        let rb = mget(2, "b", None, 20 * B, 21 * B);
+        let per_key: Vec<Op> = vec![
+            Op { client: 1, key: b"a".to_vec(), input: Input::Put(b"1".to_vec()), output: None, call: 0, ret: None },
+            Op { client: 1, key: b"b".to_vec(), input: Input::Put(b"1".to_vec()), output: None, call: 0, ret: None },
+            Op {
+                client: 2,
+                key: b"a".to_vec(),
+                input: Input::Get,
+                output: Some(b"1".to_vec()),
+                call: 10 * B,
+                ret: Some(11 * B),
+            },
+            Op { client: 2, key: b"b".to_vec(), input: Input::Get, output: None, call: 20 * B, ret: Some(21 * B) },
+        ];
+        assert!(check(&per_key, 1_000_000).ok(), "each key alone is linearizable");
+        assert_eq!(check_whole(&[w.clone(), ra.clone(), rb], 1_000_000), Some(false));
+        // Both keys read new: fine.
+        let rb_new = mget(2, "b", Some("1"), 20 * B, 21 * B);
+        assert_eq!(check_whole(&[w, ra, rb_new], 1_000_000), Some(true));
+    }
+
+    #[test]
+    fn multi_key_transactions() {
+        let init = mwrite(1, &[("a", Some("0")), ("b", Some("0"))], 0, Some(B));
+        let txn = |c: u64, from: &str, to: &str, swapped: Option<bool>, call: u64, ret: Option<u64>| MultiOp {
+            client: c,
+            input: MultiInput::Txn {
+                compares: vec![kv("a", Some(from)), kv("b", Some(from))],
+                writes: vec![kv("a", Some(to)), kv("b", Some(to))],
+                swapped,
+            },
+            call,
+            ret,
+        };
+        // Two transfers from 0: one swaps, the other must not.
+        let ok = [
+            init.clone(),
+            txn(2, "0", "x", Some(true), 2 * B, Some(3 * B)),
+            txn(3, "0", "y", Some(false), 4 * B, Some(5 * B)),
+        ];
+        assert_eq!(check_whole(&ok, 1_000_000), Some(true));
+        // Both say they swapped from 0, one after the other: a lost update.
+        let lost = [
+            init.clone(),
+            txn(2, "0", "x", Some(true), 2 * B, Some(3 * B)),
+            txn(3, "0", "y", Some(true), 4 * B, Some(5 * B)),
+        ];
+        assert_eq!(check_whole(&lost, 1_000_000), Some(false));
+        // One that did not swap although both keys held 0 throughout.
+        let refused =
+            [init.clone(), txn(2, "0", "x", Some(false), 2 * B, Some(3 * B)), mget(3, "a", Some("0"), 4 * B, 5 * B)];
+        assert_eq!(check_whole(&refused, 1_000_000), Some(false));
+        // An unknown outcome may or may not have applied.
+        let maybe = [init.clone(), txn(2, "0", "x", None, 2 * B, None), mget(3, "b", Some("x"), 4 * B, 5 * B)];
+        assert_eq!(check_whole(&maybe, 1_000_000), Some(true));
+        let maybe_not = [init, txn(2, "0", "x", None, 2 * B, None), mget(3, "b", Some("0"), 4 * B, 5 * B)];
+        assert_eq!(check_whole(&maybe_not, 1_000_000), Some(true));
+    }
 
     #[test]
     fn compare_and_swap_histories() {

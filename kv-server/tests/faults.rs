@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_fault_tests::linearizability::{Input, NOT_SWAPPED, Op, SWAPPED, check};
+use cairn_fault_tests::linearizability::{Input, MultiInput, MultiOp, NOT_SWAPPED, Op, SWAPPED, check, check_whole};
 use cairn_fault_tests::watch::{Event, Outcome, Write, check_watch};
 use cairn_kv_client::{Client, Consistency, WatchMessage, WatchOptions};
 use common::Cluster;
@@ -28,13 +28,16 @@ type Watched = (Vec<Event>, u64, Option<String>);
 struct History {
     start: Instant,
     ops: Arc<Mutex<Vec<Op>>>,
+    /// The same operations, a write of several keys as one, for the check
+    /// that is not split by key.
+    multi: Arc<Mutex<Vec<MultiOp>>>,
     /// The writes of unique values, for the watch check.
     writes: Arc<Mutex<Vec<Write>>>,
 }
 
 impl History {
     fn new() -> History {
-        History { start: Instant::now(), ops: Arc::default(), writes: Arc::default() }
+        History { start: Instant::now(), ops: Arc::default(), multi: Arc::default(), writes: Arc::default() }
     }
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
@@ -44,6 +47,12 @@ impl History {
     }
     fn ops(&self) -> Vec<Op> {
         self.ops.lock().expect("history").clone()
+    }
+    fn push_multi(&self, client: u64, input: MultiInput, call: u64, ret: Option<u64>) {
+        self.multi.lock().expect("history").push(MultiOp { client, input, call, ret });
+    }
+    fn multi(&self) -> Vec<MultiOp> {
+        self.multi.lock().expect("history").clone()
     }
     fn write(&self, keys: &[&str], value: &str, call: u64, ret: Option<u64>, outcome: Outcome) {
         let keys = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
@@ -61,6 +70,8 @@ impl History {
             Err(_) => None,
         };
         self.write(&[key], &value, call, ret, if ret.is_some() { Outcome::Applied } else { Outcome::Unknown });
+        let kv = (key.as_bytes().to_vec(), Some(value.clone().into_bytes()));
+        self.push_multi(client, MultiInput::Write(vec![kv]), call, ret);
         self.push(Op { client, key: key.into(), input: Input::Put(value.into_bytes()), output: None, call, ret });
     }
 
@@ -78,6 +89,8 @@ impl History {
             Err(_) => None,
         };
         self.write(&keys, &value, call, ret, if ret.is_some() { Outcome::Applied } else { Outcome::Unknown });
+        let both = keys.iter().map(|k| (k.as_bytes().to_vec(), Some(value.clone().into_bytes()))).collect();
+        self.push_multi(client, MultiInput::Write(both), call, ret);
         for key in keys {
             let input = Input::Put(value.clone().into_bytes());
             self.push(Op { client, key: key.into(), input, output: None, call, ret });
@@ -92,6 +105,7 @@ impl History {
             Err(e) if e.certainly_not_applied() => return,
             Err(_) => None,
         };
+        self.push_multi(client, MultiInput::Write(vec![(key.as_bytes().to_vec(), None)]), call, ret);
         self.push(Op { client, key: key.into(), input: Input::Delete, output: None, call, ret });
     }
 
@@ -122,8 +136,63 @@ impl History {
             _ => Outcome::Unknown,
         };
         self.write(&[key], &new, call, ret, outcome);
+        let k = key.as_bytes().to_vec();
+        let txn = MultiInput::Txn {
+            compares: vec![(k.clone(), expect.clone())],
+            writes: vec![(k, Some(new.clone().into_bytes()))],
+            swapped: output.as_ref().map(|o| o == SWAPPED),
+        };
+        self.push_multi(client, txn, call, ret);
         let input = Input::Cas { expect, new: new.into_bytes() };
         self.push(Op { client, key: key.into(), input, output, call, ret });
+    }
+
+    /// A compare-and-swap of two keys at once (a transaction: if both hold
+    /// what this client last saw, put `new` on both). It goes into the
+    /// whole-history check as one operation; the per-key check, which sees
+    /// each key alone, cannot model its condition on the other key, so there
+    /// it appears as a put of unknown outcome on each key whose outcome is
+    /// not known to be "not swapped" (which a put of unknown outcome covers:
+    /// it may or may not take effect).
+    async fn cas_pair(&self, c: &Client, client: u64, keys: [&str; 2], expect: [Option<Vec<u8>>; 2], new: String) {
+        use cairn_kv_client::protocol::{CompareOp, CompareTarget, TxnOp};
+        let mut t = cairn_kv_client::Txn::new();
+        for (key, e) in keys.iter().zip(&expect) {
+            let target = match e {
+                Some(v) => CompareTarget::Value(v.clone()),
+                None => CompareTarget::Exists(false),
+            };
+            t = t.when(*key, CompareOp::Equal, target);
+        }
+        for key in keys {
+            t = t.then(TxnOp::Put { key: key.into(), value: new.clone().into_bytes(), prev_kv: false, lease: 0 });
+        }
+        let call = self.now();
+        let r = c.txn(t).await;
+        let (swapped, ret) = match &r {
+            Ok(t) => (Some(t.succeeded), Some(self.now())),
+            Err(e) if e.certainly_not_applied() => return,
+            Err(_) => (None, None),
+        };
+        let outcome = match swapped {
+            Some(true) => Outcome::Applied,
+            Some(false) => Outcome::NotApplied,
+            None => Outcome::Unknown,
+        };
+        self.write(&keys, &new, call, ret, outcome);
+        let txn = MultiInput::Txn {
+            compares: keys.iter().map(|k| k.as_bytes().to_vec()).zip(expect).collect(),
+            writes: keys.iter().map(|k| (k.as_bytes().to_vec(), Some(new.clone().into_bytes()))).collect(),
+            swapped,
+        };
+        self.push_multi(client, txn, call, ret);
+        if swapped != Some(false) {
+            for key in keys {
+                let input = Input::Put(new.clone().into_bytes());
+                let (call, ret) = if swapped == Some(true) { (call, ret) } else { (call, None) };
+                self.push(Op { client, key: key.into(), input, output: None, call, ret });
+            }
+        }
     }
 
     /// A get through `c` at `consistency`, recorded only when it answered.
@@ -132,6 +201,7 @@ impl History {
         let (v, _) = c.get_with(key, consistency).await.ok()?;
         let ret = Some(self.now());
         self.push(Op { client, key: key.into(), input: Input::Get, output: v.clone(), call, ret });
+        self.push_multi(client, MultiInput::Get { key: key.as_bytes().to_vec(), output: v.clone() }, call, ret);
         Some(v)
     }
 
@@ -234,13 +304,15 @@ fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
 }
 
 /// One seeded run on `n` nodes: four clients on four keys (puts, deletes,
-/// compare-and-swap transactions and linearizable gets) while faults hit
+/// compare-and-swap transactions of one key and of two, puts of two keys at
+/// once, and linearizable gets) while faults hit
 /// random nodes: kill -9 and
 /// restart, SIGSTOP and SIGCONT, partitions of every shape, slow, flapping
 /// and duplicating links, crash points, failing disks, two faults at once.
-/// Then the faults stop, every key is read once more, the whole history
-/// must be linearizable, and the replicas must hash the same at one applied
-/// index.
+/// Then the faults stop, every key is read once more, the history must be
+/// linearizable key by key and as a whole (not split by key, so two-key
+/// writes and transactions are single operations), and the replicas must
+/// hash the same at one applied index.
 async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     // A small memtable and release margin: flushes, log releases and
@@ -322,7 +394,7 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
             let mut seen: std::collections::HashMap<&str, Option<Vec<u8>>> = Default::default();
             while !stop.load(Ordering::Relaxed) {
                 let key = keys[rng.random_range(0..keys.len())];
-                match rng.random_range(0..13) {
+                match rng.random_range(0..14) {
                     0..5 => {
                         if let Some(v) = h.get(&c, w, key, Consistency::Linearizable).await {
                             seen.insert(key, v);
@@ -334,6 +406,19 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
                         let other = keys[rng.random_range(0..keys.len())];
                         if other != key {
                             h.put_pair(&c, w, [key, other], format!("p{w}-{n}")).await;
+                        }
+                    }
+                    11 => {
+                        let other = keys[rng.random_range(0..keys.len())];
+                        if other != key {
+                            // Read both first, so that the swap has a chance.
+                            for k in [key, other] {
+                                if let Some(v) = h.get(&c, w, k, Consistency::Linearizable).await {
+                                    seen.insert(k, v);
+                                }
+                            }
+                            let expect = [key, other].map(|k| seen.get(k).cloned().flatten());
+                            h.cas_pair(&c, w, [key, other], expect, format!("t{w}-{n}")).await;
                         }
                     }
                     _ => {
@@ -583,6 +668,30 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
             report.describe()
         ));
     }
+    // The same history as one object (the state of all four keys), so a
+    // write or transaction of two keys must take effect on both at once.
+    let multi = h.multi();
+    let checked = Instant::now();
+    let whole = check_whole(&multi, 20_000_000);
+    let whole_time = checked.elapsed();
+    let pair_txns: Vec<Option<bool>> = multi
+        .iter()
+        .filter_map(|o| match &o.input {
+            MultiInput::Txn { compares, swapped, .. } if compares.len() == 2 => Some(*swapped),
+            _ => None,
+        })
+        .collect();
+    if whole != Some(true) {
+        let file = h.save(&format!("seed-{seed}"));
+        let logs = cluster.keep_logs(&format!("seed-{seed}"));
+        let what = if whole.is_none() { "hit the search bound" } else { "is not linearizable" };
+        return Err(format!(
+            "seed {seed}: the whole history, checked without splitting by key, {what} (per-key history in {}, \
+             node logs in {}); faults: {faults:?}",
+            file.display(),
+            logs.display()
+        ));
+    }
     if let Err(seen) = cluster.try_converged(Duration::from_secs(30)).await {
         let logs = cluster.keep_logs(&format!("seed-{seed}"));
         return Err(format!(
@@ -592,7 +701,9 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     }
     Ok(format!(
         "seed {seed}, {n} nodes: {} operations ({unknown} of unknown outcome) on {} keys through {} faults, \
-         linearizable (checked in {check_time:?}, {}, {} keys at the search bound); the watcher received {} \
+         linearizable (checked in {check_time:?}, {}, {} keys at the search bound; the whole history of {} \
+         operations, two-key writes and transactions as one, checked without splitting by key in \
+         {whole_time:?}; {} two-key transactions, {} swapped); the watcher received {} \
          events over {} revisions, each once and in order, matching {} applied writes ({} of two keys, each at \
          one revision); serving {serving:?} after the faults stopped; faults: {faults:?}",
         ops.len(),
@@ -600,6 +711,9 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
         faults.len(),
         slowest.unwrap_or_default(),
         report.unknown,
+        multi.len(),
+        pair_txns.len(),
+        pair_txns.iter().filter(|s| **s == Some(true)).count(),
         watch_report.events,
         watch_report.revisions,
         watch_report.applied,
