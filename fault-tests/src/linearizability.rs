@@ -431,18 +431,19 @@ pub fn check_whole(ops: &[MultiOp], steps_max: u64) -> Option<bool> {
         Get(usize, u32),
         Txn(Pairs, Pairs, Option<bool>),
     }
-    let mut to_pairs =
-        |list: &[(Vec<u8>, Option<Vec<u8>>)]| -> Pairs { list.iter().map(|(k, v)| pair(k, v.as_deref())).collect() };
     let mut inputs = Vec::with_capacity(ops.len());
     for o in &ops {
+        let mut ids = |list: &[(Vec<u8>, Option<Vec<u8>>)]| -> Pairs {
+            list.iter().map(|(k, v)| pair(k, v.as_deref())).collect()
+        };
         inputs.push(match &o.input {
             MultiInput::Get { key, output } => {
-                let (k, v) = to_pairs(&[(key.clone(), output.clone())])[0];
+                let (k, v) = pair(key, output.as_deref());
                 In::Get(k, v)
             }
-            MultiInput::Write(w) => In::Txn(Vec::new(), to_pairs(w), Some(true)),
+            MultiInput::Write(w) => In::Txn(Vec::new(), ids(w), Some(true)),
             MultiInput::Txn { compares, writes, swapped } => {
-                In::Txn(to_pairs(compares), to_pairs(writes), if o.ret.is_some() { *swapped } else { None })
+                In::Txn(ids(compares), ids(writes), if o.ret.is_some() { *swapped } else { None })
             }
         });
     }

@@ -205,37 +205,19 @@ impl PipeState {
     }
 }
 
-/// Bytes of requests gathered into one write on a pipe, at most.
-const PIPE_WRITE_BYTES: usize = 256 << 10;
-
 impl Pipe {
     /// Opens a pipe on `conn` and starts its writer and reader tasks.
     async fn open(conn: &quinn::Connection, opts: &ClientOptions) -> std::result::Result<Pipe, String> {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a request pipe: {e}"))?;
+        let (send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a request pipe: {e}"))?;
         let opener = frame::encode(&Request::Pipe).map_err(|e| e.to_string())?;
         let queue = opts.pipe_requests_max.max(1);
-        let (out, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue);
+        let (out, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue);
         let state = Arc::new(PipeState::default());
         let writer_state = state.clone();
         tokio::spawn(async move {
-            let mut buf = opener;
-            loop {
-                while buf.len() < PIPE_WRITE_BYTES {
-                    match rx.try_recv() {
-                        Ok(more) => buf.extend_from_slice(&more),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = send.write_all(&buf).await {
-                    writer_state.break_off(&format!("the request pipe broke: {e}"));
-                    return;
-                }
-                match rx.recv().await {
-                    Some(next) => buf = next,
-                    None => break,
-                }
+            if let Err(e) = frame::write_pipe(send, rx, opener).await {
+                writer_state.break_off(&format!("the request pipe broke: {e}"));
             }
-            let _ = send.finish();
         });
         let reader_state = state.clone();
         let max = opts.frame_bytes_max;

@@ -180,6 +180,39 @@ pub async fn read_tagged(
     }
 }
 
+/// Bytes of frames gathered into one write on a request pipe, at most (a
+/// single larger frame goes alone).
+pub const PIPE_WRITE_BYTES: usize = 256 << 10;
+
+/// The writer of a request pipe, either side: writes `first` (if any), then
+/// the frames that arrive on `rx`, those queued together gathered into one
+/// write of up to [`PIPE_WRITE_BYTES`]; finishes the stream once `rx` closes.
+pub async fn write_pipe(
+    mut send: quinn::SendStream,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    first: Vec<u8>,
+) -> Result<(), quinn::WriteError> {
+    let mut buf = first;
+    loop {
+        if buf.is_empty() {
+            match rx.recv().await {
+                Some(next) => buf = next,
+                None => break,
+            }
+        }
+        while buf.len() < PIPE_WRITE_BYTES {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        send.write_all(&buf).await?;
+        buf.clear();
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
 /// Fills `buf` with the first bytes of a frame: `Err(End)` if the stream
 /// ended cleanly before it.
 async fn read_start(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), FrameError> {

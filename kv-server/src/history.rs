@@ -16,7 +16,7 @@ use cairn_kv_client::frame;
 use cairn_kv_client::protocol::{KeyValue, WatchEvent};
 use cairn_lsm::ReadView;
 
-use crate::state::{COMPACTED_KEY, REVISION_KEY, history_key, read_revision};
+use crate::state::{COMPACTED_KEY, REVISION_KEY, history_key, view_u64};
 
 /// Why a read at a past revision could not be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +55,6 @@ impl std::fmt::Display for PastReadError {
 
 impl std::error::Error for PastReadError {}
 
-fn view_u64(view: &ReadView, key: &[u8]) -> Result<u64, PastReadError> {
-    let stored = view.get(key).map_err(|e| PastReadError::Storage(e.to_string()))?;
-    read_revision(stored.as_deref()).map_err(|e| PastReadError::Storage(e.to_string()))
-}
-
 /// What a past read needs: the keys changed after the revision, each with
 /// what it held at the revision (`None`: absent), for the keys `covers` picks.
 #[derive(Debug, Default)]
@@ -77,11 +72,11 @@ pub struct Undo {
 /// and at least the oldest the history holds (the compacted revision minus
 /// one: the history then holds every change after it).
 pub fn undo_to(view: &ReadView, revision: u64, covers: impl Fn(&[u8]) -> bool) -> Result<Undo, PastReadError> {
-    let current = view_u64(view, REVISION_KEY)?;
+    let current = view_u64(view, REVISION_KEY).map_err(PastReadError::Storage)?;
     if revision > current {
         return Err(PastReadError::Future { asked: revision, current });
     }
-    let compacted = view_u64(view, COMPACTED_KEY)?;
+    let compacted = view_u64(view, COMPACTED_KEY).map_err(PastReadError::Storage)?;
     // The history keeps every change at `compacted` and later, so the state
     // at `compacted - 1` can be rebuilt, and no earlier one.
     let oldest = compacted.saturating_sub(1);

@@ -148,8 +148,6 @@ struct Loop {
     /// Reads waiting for a read index, by the context of the request that
     /// asks it for all of them.
     reads: HashMap<u64, Vec<ReadReply>>,
-    /// How many reads `reads` holds.
-    reads_waiting: usize,
     read_seq: u64,
     last_term: u64,
     last_leader: Option<NodeId>,
@@ -172,7 +170,6 @@ impl NodeTask {
             t: self,
             peers: HashMap::new(),
             reads: HashMap::new(),
-            reads_waiting: 0,
             read_seq: 0,
             last_term: 0,
             last_leader: None,
@@ -279,7 +276,9 @@ impl Loop {
     /// linearizably): one round of heartbeats per batch, not per read, as
     /// etcd's read loop does.
     fn read_batch(&mut self, mut replies: Vec<ReadReply>) {
-        let room = self.t.pending_reads_max.saturating_sub(self.reads_waiting);
+        // Few rounds are outstanding at once (usually one), so counting is cheap.
+        let waiting: usize = self.reads.values().map(Vec::len).sum();
+        let room = self.t.pending_reads_max.saturating_sub(waiting);
         if replies.len() > room {
             for reply in replies.drain(room..) {
                 let _ = reply.send(Err(ErrorInfo {
@@ -306,7 +305,6 @@ impl Loop {
         match self.t.raw.read_index(ctx) {
             Ok(()) => {
                 metrics::counter!("cairn_read_index_requests_total").increment(1);
-                self.reads_waiting += replies.len();
                 self.reads.insert(self.read_seq, replies);
             }
             Err(e) => fail(replies, format!("cannot get a read index: {e}")),
@@ -734,7 +732,6 @@ impl Loop {
                     continue;
                 };
                 if let Some(replies) = self.reads.remove(&id) {
-                    self.reads_waiting -= replies.len();
                     for reply in replies {
                         let _ = reply.send(Ok(rs.index.0));
                     }
@@ -759,7 +756,6 @@ impl Loop {
                         leader: None,
                     }));
                 }
-                self.reads_waiting = 0;
             }
             self.last_term = term;
             self.last_leader = leader;

@@ -608,30 +608,14 @@ fn refuse_frame(e: frame::FrameError) -> Response {
     }
 }
 
-/// Bytes of answers gathered into one write on a request pipe, at most.
-const PIPE_WRITE_BYTES: usize = 256 << 10;
-
 /// Serves a request pipe (see [`Request::Pipe`]) until the client ends its
 /// side: at most `streams_per_connection_max` requests in progress, the
 /// answers written by one task that gathers those ready together into one
 /// write.
-async fn serve_pipe(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let in_flight = ctx.limits.streams_per_connection_max.max(1) as usize;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(in_flight);
-    let writer = tokio::spawn(async move {
-        while let Some(mut buf) = rx.recv().await {
-            while buf.len() < PIPE_WRITE_BYTES {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-        let _ = send.finish();
-    });
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(in_flight);
+    let writer = tokio::spawn(frame::write_pipe(send, rx, Vec::new()));
     let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
@@ -646,11 +630,8 @@ async fn serve_pipe(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn:
         let ctx = ctx.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            // `handle` refuses a watch, a snapshot save or a pipe: each needs a stream of its own.
             let resp = match payload.and_then(|p| frame::decode::<Request>(&p)) {
-                Ok(Request::Watch { .. } | Request::SnapshotSave | Request::Pipe) => Response::error(
-                    ErrorCode::BadRequest,
-                    "a watch, a snapshot save or a pipe needs a stream of its own",
-                ),
                 Ok(req) => handle(&ctx, req).await,
                 Err(e) => refuse_frame(e),
             };
@@ -772,7 +753,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             };
             // One read view: the value and the revision of the same state.
             let view = ctx.db.get().read_view();
-            let revision = match view_u64(&view, REVISION_KEY) {
+            let revision = match crate::state::view_u64(&view, REVISION_KEY) {
                 Ok(r) => r,
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
@@ -809,7 +790,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 None => vec![USER_PREFIX + 1],
             };
             let view = ctx.db.get().read_view();
-            let revision = match view_u64(&view, REVISION_KEY) {
+            let revision = match crate::state::view_u64(&view, REVISION_KEY) {
                 Ok(r) => r,
                 Err(e) => return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}")),
             };
@@ -833,23 +814,19 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             let mut more = false;
             loop {
                 // The next key of the merge: the current state's, unless the
-                // history says what the key held at the revision.
-                let next_current = match current.peek() {
-                    Some(Ok((k, _))) => Some(k[1..].to_vec()),
-                    Some(Err(e)) => {
+                // history says what a key at or before it held at the revision.
+                let (take_undone, same_key) = match (undone.peek(), current.peek()) {
+                    (_, Some(Err(e))) => {
                         return Response::error(ErrorCode::Unavailable, format!("reading the state: {e}"));
                     }
-                    None => None,
-                };
-                let take_undone = match (undone.peek(), &next_current) {
-                    (Some((uk, _)), Some(ck)) => uk <= ck,
-                    (Some(_), None) => true,
-                    (None, Some(_)) => false,
+                    (Some((uk, _)), Some(Ok((k, _)))) => (uk.as_slice() <= &k[1..], uk.as_slice() == &k[1..]),
+                    (Some(_), None) => (true, false),
+                    (None, Some(Ok(_))) => (false, false),
                     (None, None) => break,
                 };
-                let item = if take_undone {
-                    let Some((uk, kv)) = undone.next() else { break };
-                    if next_current.as_deref() == Some(uk.as_slice()) {
+                let (k, v, meta) = if take_undone {
+                    let Some((_, kv)) = undone.next() else { break };
+                    if same_key {
                         current.next();
                     }
                     match kv {
@@ -859,7 +836,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 } else {
                     let Some(Ok((k, v))) = current.next() else { break };
                     match decode_value(&v) {
-                        Ok((meta, v)) => (k[1..].to_vec(), v.to_vec(), meta),
+                        Ok((meta, v)) => (k[1..].to_vec(), if keys_only { Vec::new() } else { v.to_vec() }, meta),
                         Err(e) => return Response::error(ErrorCode::Unavailable, e),
                     }
                 };
@@ -867,7 +844,6 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                     more = true;
                     break;
                 }
-                let (k, v, meta) = item;
                 pairs.push((k, if keys_only { Vec::new() } else { v }));
                 metas.push(meta);
             }
@@ -1078,7 +1054,6 @@ async fn member_change(ctx: &Ctx, change: MemberChange) -> Response {
     ask(ctx, |reply| NodeRequest::Members { reply }).await.map_or_else(|r| r, Response::Members)
 }
 
-/// A u64 record of the state (the revision, the history bound) as `view` sees it (absent: 0).
 /// The lessor's refusal, with the leader's address filled in.
 fn lessor_refusal(ctx: &Ctx, mut e: cairn_kv_client::protocol::ErrorInfo) -> Response {
     if e.code == ErrorCode::NotLeader
@@ -1099,11 +1074,6 @@ fn past_read_refusal(e: crate::history::PastReadError) -> Response {
         PastReadError::Storage(_) => ErrorCode::Unavailable,
     };
     Response::error(code, e.to_string())
-}
-
-fn view_u64(view: &cairn_lsm::ReadView, key: &[u8]) -> Result<u64, String> {
-    let stored = view.get(key).map_err(|e| e.to_string())?;
-    crate::state::read_revision(stored.as_deref()).map_err(|e| e.to_string())
 }
 
 /// A watch as asked.
@@ -1144,8 +1114,8 @@ async fn watch_history(
     send: &mut quinn::SendStream,
 ) -> Result<Result<u64, u64>, String> {
     let view = ctx.db.get().read_view();
-    let upto = view_u64(&view, REVISION_KEY)?;
-    let compacted = view_u64(&view, crate::state::COMPACTED_KEY)?;
+    let upto = crate::state::view_u64(&view, REVISION_KEY)?;
+    let compacted = crate::state::view_u64(&view, crate::state::COMPACTED_KEY)?;
     if after + 1 < compacted {
         return Ok(Err(compacted));
     }
@@ -1191,8 +1161,11 @@ async fn serve_watch(ctx: &Ctx, w: WatchSpec, send: &mut quinn::SendStream) -> R
     // Subscribe first, then read the history: an event applied in between
     // is in both and goes out once (by revision); none falls between.
     let mut feed = ctx.watch_tx.subscribe();
-    let after =
-        if w.start_revision == 0 { view_u64(&ctx.db.get().read_view(), REVISION_KEY)? } else { w.start_revision - 1 };
+    let after = if w.start_revision == 0 {
+        crate::state::view_u64(&ctx.db.get().read_view(), REVISION_KEY)?
+    } else {
+        w.start_revision - 1
+    };
     let compacted = crate::state::load_compacted(&ctx.db.get()).map_err(|e| e.to_string())?;
     if after + 1 < compacted {
         let end = cairn_kv_client::protocol::WatchEnd::Compacted { oldest: compacted };

@@ -371,6 +371,13 @@ pub fn load_revision(db: &cairn_lsm::Db) -> Result<u64, crate::storage::StorageE
     read_revision(db.get(REVISION_KEY)?.as_deref())
 }
 
+/// A u64 record of the state (the revision, the history bound) as `view`
+/// sees it (absent: 0).
+pub fn view_u64(view: &cairn_lsm::ReadView, key: &[u8]) -> Result<u64, String> {
+    let stored = view.get(key).map_err(|e| e.to_string())?;
+    read_revision(stored.as_deref()).map_err(|e| e.to_string())
+}
+
 /// Decodes the stored cluster revision.
 pub fn read_revision(stored: Option<&[u8]>) -> Result<u64, crate::storage::StorageError> {
     match stored {

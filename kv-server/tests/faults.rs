@@ -188,8 +188,8 @@ impl History {
         self.push_multi(client, txn, call, ret);
         if swapped != Some(false) {
             for key in keys {
+                // Swapped: a put that completed; unknown (`ret` is `None`): one that may have.
                 let input = Input::Put(new.clone().into_bytes());
-                let (call, ret) = if swapped == Some(true) { (call, ret) } else { (call, None) };
                 self.push(Op { client, key: key.into(), input, output: None, call, ret });
             }
         }

@@ -91,11 +91,31 @@ impl Fs for CountingFs {
     }
 }
 
-fn small_chunks() -> Config {
+/// Chunk size of these transfers: several chunks per file.
+const CHUNK: u32 = 8 << 10;
+
+/// Sends `files` (held in `src`) to a staging area under `tmp` through the
+/// counting file system, with `reference` directories and write-behind as
+/// given; checks the result is identical and returns the counts.
+fn transfer_counted(
+    tmp: &Path,
+    src: &Path,
+    files: &[(String, Vec<u8>)],
+    reference: Vec<PathBuf>,
+    write_behind: bool,
+) -> Arc<Counts> {
     let mut cfg = Config::default();
-    cfg.chunk_bytes_max = 8 << 10; // several chunks per file
+    cfg.chunk_bytes_max = CHUNK;
     cfg.sync_bytes = 32 << 10;
-    cfg
+    let counts = Arc::new(Counts::default());
+    let root = tmp.join("staging");
+    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
+    let (mut source, manifest) = Source::open(&*fs, src, &names(files), 10, 1, 1).expect("source");
+    let mut staging = Staging::new(fs.clone(), &root, reference);
+    staging.set_write_behind(write_behind);
+    let (done, _) = run_local(&cfg, &mut source, manifest, &mut staging).expect("transfer");
+    assert_identical(&StdFs, &done.dir, files);
+    counts
 }
 
 #[test]
@@ -108,17 +128,11 @@ fn files_written_in_order_are_not_read_back_and_a_linked_one_is() {
     let live = tmp.path().join("live");
     std::fs::create_dir_all(&live).expect("mkdir");
     std::fs::write(live.join(&files[1].0), &files[1].1).expect("write");
-    let counts = Arc::new(Counts::default());
-    let root = tmp.path().join("staging");
-    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
-    let (mut source, manifest) = Source::open(&*fs, &src, &names(&files), 10, 1, 1).expect("source");
-    let mut staging = Staging::new(fs.clone(), &root, vec![live]);
-    let (done, _) = run_local(&small_chunks(), &mut source, manifest, &mut staging).expect("transfer");
-    assert_identical(&StdFs, &done.dir, &files);
+    let counts = transfer_counted(tmp.path(), &src, &files, vec![live], true);
     // Only the linked file was read back, whole.
     assert_eq!(counts.staged_reads.load(Ordering::Relaxed), files[1].1.len() as u64);
     let sent_chunks: u64 =
-        files.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, f)| f.1.len().div_ceil(8 << 10) as u64).sum();
+        files.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, f)| f.1.len().div_ceil(CHUNK as usize) as u64).sum();
     assert_eq!(counts.hints.load(Ordering::Relaxed), sent_chunks, "one writeback hint per chunk written");
 }
 
@@ -128,14 +142,7 @@ fn without_write_behind_no_writeback_is_started() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let src = tmp.path().join("src");
     let files = make_checkpoint(&StdFs, &src, &mut rng, 3, 50_000);
-    let counts = Arc::new(Counts::default());
-    let root = tmp.path().join("staging");
-    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
-    let (mut source, manifest) = Source::open(&*fs, &src, &names(&files), 10, 1, 1).expect("source");
-    let mut staging = Staging::new(fs.clone(), &root, vec![]);
-    staging.set_write_behind(false);
-    let (done, _) = run_local(&small_chunks(), &mut source, manifest, &mut staging).expect("transfer");
-    assert_identical(&StdFs, &done.dir, &files);
+    let counts = transfer_counted(tmp.path(), &src, &files, vec![], false);
     assert_eq!(counts.hints.load(Ordering::Relaxed), 0);
     assert_eq!(counts.staged_reads.load(Ordering::Relaxed), 0);
 }
