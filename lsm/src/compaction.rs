@@ -20,6 +20,7 @@ pub(crate) struct Output {
     pub(crate) id: TableId,
     pub(crate) path: PathBuf,
     pub(crate) bytes: u64,
+    pub(crate) file_xxh3: u64,
 }
 
 /// What a compaction needs besides its inputs.
@@ -92,9 +93,8 @@ pub(crate) fn run(inputs: &[Arc<Table>], job: Job<'_>, outputs: &mut Vec<Output>
             job.fs.remove_file(&w.path).map_err(crate::error::io("remove empty table", &w.path))?;
             return Ok(());
         }
-        let (props, bytes) = tw.finish()?;
-        let _ = props;
-        outputs.push(Output { id: w.id, path: w.path, bytes });
+        let written = tw.finish()?;
+        outputs.push(Output { id: w.id, path: w.path, bytes: written.bytes, file_xxh3: written.file_xxh3 });
         Ok(())
     };
     while let Some(e) = merge.next_entry()? {

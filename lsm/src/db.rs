@@ -145,8 +145,20 @@ pub struct CheckpointInfo {
     pub marker: Option<Marker>,
     /// The highest sequence number it holds.
     pub last_seq: Seqno,
-    /// Its table files, relative to `dir`.
-    pub tables: Vec<PathBuf>,
+    /// Its table files.
+    pub tables: Vec<CheckpointTable>,
+}
+
+/// One table file of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointTable {
+    /// The file, relative to the checkpoint's directory.
+    pub path: PathBuf,
+    /// xxh3-64 of the whole file, recorded when the engine wrote the table
+    /// (so a sender of the checkpoint need not read it to checksum it).
+    /// `None` for tables ingested from elsewhere and for tables recorded by a
+    /// build before edit format 2.
+    pub xxh3: Option<u64>,
 }
 
 /// How [`Db::ingest`] treats the memtables.
@@ -384,7 +396,8 @@ impl Db {
         };
         let (manifest, version, next_table_id) = if let Some((m, edits)) = opened {
             // Fold the edits first: only the tables live at the end are opened.
-            let mut live: std::collections::BTreeMap<TableId, (u8, u64)> = std::collections::BTreeMap::new();
+            let mut live: std::collections::BTreeMap<TableId, (u8, u64, Option<u64>)> =
+                std::collections::BTreeMap::new();
             let mut v = Version::empty(opts.levels);
             let mut next_id = 1;
             for e in &edits {
@@ -395,7 +408,7 @@ impl Db {
                     live.remove(id);
                 }
                 for a in &e.added {
-                    live.insert(a.id, (a.level, a.seq_offset));
+                    live.insert(a.id, (a.level, a.seq_offset, a.file_xxh3));
                     next_id = next_id.max(a.id + 1);
                 }
                 if let Some(n) = e.next_table_id {
@@ -404,10 +417,10 @@ impl Db {
                 let meta_only = Edit { added: Vec::new(), removed: Vec::new(), full: false, ..e.clone() };
                 v = v.apply(&meta_only, &[]);
             }
-            for (id, (level, seq_offset)) in live {
+            for (id, (level, seq_offset, file_xxh3)) in live {
                 let t =
                     Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?;
-                v.levels[level as usize].push(Arc::new(t));
+                v.levels[level as usize].push(Arc::new(t.with_file_xxh3(file_xxh3)));
             }
             v.sort();
             (m, v, next_id)
@@ -1209,13 +1222,11 @@ impl Inner {
         let Some(mem) = sv.sealed.last().cloned() else { return Ok(false) };
         drop(sv);
         let _span = tracing::info_span!("lsm_flush", memtable = mem.id).entered();
-        let mut written: Option<(TableId, PathBuf)> = None;
         let mut opened = Vec::new();
         let has_data = mem.entry_count() > 0 || mem.has_range_deletes();
         if has_data {
             let (id, path) = self.new_table_id();
             let mut w = TableWriter::create(&*self.fs, &path, self.settings(0)).map_err(|e| self.poison(e))?;
-            written = Some((id, path.clone()));
             let res = (|| {
                 let mut it = MemIter::new(Arc::clone(&mem), true, None);
                 while let Some(e) = it.next_entry() {
@@ -1227,11 +1238,12 @@ impl Inner {
                 w.set_markers(mem.markers());
                 w.set_coverage_after(mem.after());
                 self.opts.hook(HookPoint::FlushTableWritten)?;
-                let (_props, bytes) = w.finish()?;
+                let written = w.finish()?;
                 self.sync_tables_dir()?;
                 self.opts.hook(HookPoint::FlushTableSynced)?;
-                self.counters.flush_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.counters.flush_bytes.fetch_add(written.bytes, Ordering::Relaxed);
                 Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())
+                    .map(|t| t.with_file_xxh3(Some(written.file_xxh3)))
             })();
             match res {
                 Ok(t) => opened.push(Arc::new(t)),
@@ -1249,7 +1261,7 @@ impl Inner {
         }
         let (_, seq_max) = mem.seq_range();
         let edit = Edit {
-            added: written.iter().map(|(id, _)| Added { level: 0, id: *id, seq_offset: 0 }).collect(),
+            added: opened.iter().map(|t| Added { level: 0, id: t.id, seq_offset: 0, file_xxh3: t.file_xxh3 }).collect(),
             marker: if self.opts.record_latest_marker_for_tests {
                 lock(&self.write).last_marker
             } else {
@@ -1316,7 +1328,12 @@ impl Inner {
         if c.trivial_move {
             let t = &inputs[0];
             let edit = Edit {
-                added: vec![Added { level: c.output_level as u8, id: t.id, seq_offset: t.seq_offset }],
+                added: vec![Added {
+                    level: c.output_level as u8,
+                    id: t.id,
+                    seq_offset: t.seq_offset,
+                    file_xxh3: t.file_xxh3,
+                }],
                 removed: vec![t.id],
                 ..Edit::default()
             };
@@ -1343,7 +1360,10 @@ impl Inner {
             .and_then(|()| {
                 outputs
                     .iter()
-                    .map(|o| Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone()).map(Arc::new))
+                    .map(|o| {
+                        Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone())
+                            .map(|t| Arc::new(t.with_file_xxh3(Some(o.file_xxh3))))
+                    })
                     .collect::<Result<Vec<_>>>()
             });
         let opened = match res {
@@ -1352,7 +1372,10 @@ impl Inner {
         };
         let written: u64 = outputs.iter().map(|o| o.bytes).sum();
         let edit = Edit {
-            added: outputs.iter().map(|o| Added { level: c.output_level as u8, id: o.id, seq_offset: 0 }).collect(),
+            added: outputs
+                .iter()
+                .map(|o| Added { level: c.output_level as u8, id: o.id, seq_offset: 0, file_xxh3: Some(o.file_xxh3) })
+                .collect(),
             removed: c.upper.iter().chain(c.lower.iter()).copied().collect(),
             ..Edit::default()
         };
@@ -1556,7 +1579,7 @@ impl Inner {
             let name = table_file_name(t.id);
             let to = tdir.join(&name);
             self.fs.hard_link(t.path(), &to).map_err(io("link table into checkpoint", &to))?;
-            tables.push(PathBuf::from(TABLES_DIR).join(name));
+            tables.push(CheckpointTable { path: PathBuf::from(TABLES_DIR).join(name), xxh3: t.file_xxh3 });
         }
         self.fs.sync_dir(&tdir).map_err(io("fsync checkpoint tables", &tdir))?;
         self.opts.hook(HookPoint::CheckpointLinked)?;
@@ -1722,7 +1745,7 @@ impl Inner {
                 copy_file(&*self.fs, p, &to)?;
             }
             let t = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?;
-            added.push(Added { level: 0, id, seq_offset: *off });
+            added.push(Added { level: 0, id, seq_offset: *off, file_xxh3: None });
             opened.push(Arc::new(t));
         }
         self.sync_tables_dir()?;

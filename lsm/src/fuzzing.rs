@@ -128,7 +128,7 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     let _ = std::fs::remove_dir_all(&dir);
     let e = crate::version::Edit {
         full: true,
-        added: vec![crate::version::Added { level: 1, id: 3, seq_offset: 0 }],
+        added: vec![crate::version::Added { level: 1, id: 3, seq_offset: 0, file_xxh3: Some(7) }],
         removed: vec![1, 2],
         marker: Some(crate::Marker::new(9, 2)),
         flushed_seq: Some(17),

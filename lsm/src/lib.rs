@@ -23,7 +23,7 @@ mod version;
 pub mod fuzzing;
 
 pub use batch::WriteBatch;
-pub use db::{CheckpointInfo, Db, IngestOptions, LevelStats, ReadView, Stats};
+pub use db::{CheckpointInfo, CheckpointTable, Db, IngestOptions, LevelStats, ReadView, Stats};
 pub use delta::{DELTA_FILE, Delta, DeltaTable};
 pub use error::{Error, Result};
 pub use iter::Iter;

@@ -267,6 +267,17 @@ pub(crate) struct TableWriter {
     range_dels: Vec<RangeTombstone>,
     props: Props,
     has_any: bool,
+    /// xxh3-64 of every byte written so far (the whole file once finished).
+    file_hash: xxhash_rust::xxh3::Xxh3,
+}
+
+/// What [`TableWriter::finish`] wrote.
+#[derive(Debug)]
+pub(crate) struct Written {
+    /// The file's size in bytes.
+    pub(crate) bytes: u64,
+    /// xxh3-64 of the whole file, taken on the bytes' way to the disk.
+    pub(crate) file_xxh3: u64,
 }
 
 impl std::fmt::Debug for TableWriter {
@@ -295,6 +306,7 @@ impl TableWriter {
             range_dels: Vec::new(),
             props: Props { seq_min: Seqno::MAX, ..Props::default() },
             has_any: false,
+            file_hash: xxhash_rust::xxh3::Xxh3::new(),
         })
     }
 
@@ -390,6 +402,7 @@ impl TableWriter {
 
     fn flush_buffer(&mut self) -> Result<()> {
         self.file.write_all_at(&self.out, self.file_offset).map_err(io("write table", &self.path))?;
+        self.file_hash.update(&self.out);
         self.file_offset += self.out.len() as u64;
         self.out.clear();
         Ok(())
@@ -402,8 +415,8 @@ impl TableWriter {
     }
 
     /// Writes the filter, range-delete, index and props blocks and the footer,
-    /// syncs the file, and returns its props and size.
-    pub(crate) fn finish(mut self) -> Result<(Props, u64)> {
+    /// syncs the file, and returns its size and whole-file checksum.
+    pub(crate) fn finish(mut self) -> Result<Written> {
         assert!(self.has_any, "an empty table is never written");
         self.finish_data_block()?;
         let filter = bloom::build(&self.hashes, self.settings.bloom_bits_per_key);
@@ -441,7 +454,7 @@ impl TableWriter {
         if !self.settings.skip_sync {
             self.file.sync_data().map_err(io("fsync table", &self.path))?;
         }
-        Ok((self.props, self.file_offset))
+        Ok(Written { bytes: self.file_offset, file_xxh3: self.file_hash.digest() })
     }
 }
 
@@ -540,6 +553,9 @@ pub(crate) struct Table {
     pub(crate) file_bytes: u64,
     /// Added to every stored sequence number (tables ingested from elsewhere).
     pub(crate) seq_offset: u64,
+    /// xxh3-64 of the whole file, recorded when this engine wrote it (`None`
+    /// for tables ingested from elsewhere or recorded by an older build).
+    pub(crate) file_xxh3: Option<u64>,
     cache: BlockCache,
     obsolete: AtomicBool,
 }
@@ -624,6 +640,7 @@ impl Table {
             props,
             file_bytes: size,
             seq_offset,
+            file_xxh3: None,
             cache,
             obsolete: AtomicBool::new(false),
         })
@@ -631,6 +648,12 @@ impl Table {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The same table with its recorded whole-file checksum.
+    pub(crate) fn with_file_xxh3(mut self, file_xxh3: Option<u64>) -> Table {
+        self.file_xxh3 = file_xxh3;
+        self
     }
 
     /// Deletes the file once the last reader lets go.

@@ -67,7 +67,10 @@ impl Version {
     pub(crate) fn full_edit(&self, next_table_id: TableId) -> Edit {
         Edit {
             full: true,
-            added: self.tables().map(|(l, t)| Added { level: l as u8, id: t.id, seq_offset: t.seq_offset }).collect(),
+            added: self
+                .tables()
+                .map(|(l, t)| Added { level: l as u8, id: t.id, seq_offset: t.seq_offset, file_xxh3: t.file_xxh3 })
+                .collect(),
             removed: Vec::new(),
             marker: self.marker,
             flushed_seq: Some(self.flushed_seq),
@@ -88,6 +91,8 @@ pub(crate) struct Added {
     pub(crate) level: u8,
     pub(crate) id: TableId,
     pub(crate) seq_offset: u64,
+    /// xxh3-64 of the whole table file, if known (edit format 2 on).
+    pub(crate) file_xxh3: Option<u64>,
 }
 
 /// A version edit: one manifest record. Installed atomically.
@@ -103,7 +108,8 @@ pub(crate) struct Edit {
     pub(crate) next_table_id: Option<TableId>,
 }
 
-const EDIT_FORMAT_VERSION: u8 = 1;
+/// Format 2 added each table's whole-file checksum; format 1 is still read.
+const EDIT_FORMAT_VERSION: u8 = 2;
 /// Bound on the tables one edit may name (a sanity bound for decoding).
 const EDIT_TABLES_MAX: u32 = 1 << 22;
 
@@ -126,6 +132,7 @@ impl Edit {
             out.push(a.level);
             out.extend_from_slice(&a.id.to_le_bytes());
             out.extend_from_slice(&a.seq_offset.to_le_bytes());
+            opt(&mut out, a.file_xxh3);
         }
         out.extend_from_slice(&(self.removed.len() as u32).to_le_bytes());
         for id in &self.removed {
@@ -138,8 +145,8 @@ impl Edit {
     pub(crate) fn decode(data: &[u8], levels: usize) -> Result<Edit, String> {
         let mut r = Reader::new(data);
         let v = r.u8()?;
-        if v != EDIT_FORMAT_VERSION {
-            return Err(format!("edit format version {v} (this build reads {EDIT_FORMAT_VERSION})"));
+        if !(1..=EDIT_FORMAT_VERSION).contains(&v) {
+            return Err(format!("edit format version {v} (this build reads 1 to {EDIT_FORMAT_VERSION})"));
         }
         let full = match r.u8()? {
             0 => false,
@@ -167,7 +174,9 @@ impl Edit {
             if level as usize >= levels {
                 return Err(format!("table on level {level} of {levels}"));
             }
-            added.push(Added { level, id: r.u64()?, seq_offset: r.u64()? });
+            let (id, seq_offset) = (r.u64()?, r.u64()?);
+            let file_xxh3 = if v >= 2 { opt(&mut r)? } else { None };
+            added.push(Added { level, id, seq_offset, file_xxh3 });
         }
         let n = r.u32()?;
         if n > EDIT_TABLES_MAX {
@@ -192,7 +201,10 @@ mod tests {
     fn edit_round_trip_and_truncation() {
         let e = Edit {
             full: true,
-            added: vec![Added { level: 2, id: 9, seq_offset: 77 }],
+            added: vec![
+                Added { level: 2, id: 9, seq_offset: 77, file_xxh3: Some(0xfeed) },
+                Added { level: 0, id: 10, seq_offset: 0, file_xxh3: None },
+            ],
             removed: vec![3, 4],
             marker: Some(Marker::new(10, 2)),
             flushed_seq: Some(5),
@@ -205,5 +217,25 @@ mod tests {
             assert!(Edit::decode(&b[..n], 7).is_err());
         }
         assert!(Edit::decode(&b, 2).is_err(), "level beyond the configured levels");
+    }
+
+    #[test]
+    fn format_1_edits_still_decode() {
+        // Written by a build before whole-file checksums: version 1, not
+        // full, no marker, flushed_seq 5, no last_seq, no next id, one
+        // added table (level 1, id 3, seq offset 0), none removed.
+        let mut b = vec![1u8, 0, 0, 1];
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.push(1);
+        b.extend_from_slice(&3u64.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let e = Edit::decode(&b, 7).expect("a format 1 edit");
+        assert_eq!(e.added, vec![Added { level: 1, id: 3, seq_offset: 0, file_xxh3: None }]);
+        assert_eq!(e.flushed_seq, Some(5));
+        b[0] = 3;
+        assert!(Edit::decode(&b, 7).is_err_and(|e| e.contains("format version 3")));
     }
 }

@@ -165,7 +165,7 @@ fn checkpoint_opens_and_ingest_shifts_sequence_numbers() {
     for i in 0..400 {
         dst.put(format!("k{:03}", i % 200), "newer locally").expect("put");
     }
-    let files: Vec<PathBuf> = info.tables.iter().map(|t| dir.path().join("ckpt").join(t)).collect();
+    let files: Vec<PathBuf> = info.tables.iter().map(|t| dir.path().join("ckpt").join(&t.path)).collect();
     dst.ingest(&files, IngestOptions::new()).expect("ingest");
     // Ingested data is newer than everything local: its range delete and values win.
     assert_eq!(dst.get(b"k000").expect("get").as_deref(), Some(&b"old"[..]));
@@ -221,4 +221,49 @@ fn writes_stall_by_a_bounded_amount_when_l0_is_full() {
     assert!(st.slowdowns > 0 && st.stall_time >= std::time::Duration::from_millis(300), "{st:?}");
     // Reads still work during a stall.
     assert!(db.get(b"k000001").expect("get").is_some());
+}
+
+/// Every table of a checkpoint carries the xxh3 of its whole file as the
+/// engine wrote it: after flushes and compactions, through reopen (edits and
+/// full versions in the manifest), and in the checkpoint's own manifest. A
+/// table ingested from elsewhere has none.
+#[test]
+fn checkpoint_tables_carry_whole_file_checksums() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut o = small();
+    o.manifest_edits_per_snapshot = 3; // full versions in the manifest, not only edits
+    let check = |info: &cairn_lsm::CheckpointInfo, want_known: bool| {
+        assert!(!info.tables.is_empty());
+        for t in &info.tables {
+            let bytes = std::fs::read(info.dir.join(&t.path)).expect("read table");
+            let actual = xxhash_rust::xxh3::xxh3_64(&bytes);
+            match t.xxh3 {
+                Some(x) => assert_eq!(x, actual, "{}: the recorded checksum is the file's", t.path.display()),
+                None => assert!(!want_known, "{}: no checksum recorded", t.path.display()),
+            }
+        }
+    };
+    let db = Db::open(dir.path().join("db"), o.clone()).expect("open");
+    for i in 0..3000 {
+        db.put(format!("k{:05}", (i * 7919) % 3000), format!("value {i}")).expect("put");
+    }
+    db.delete_range("k00100", "k00200").expect("range delete");
+    db.compact_range("k00000".as_bytes().."k01000".as_bytes()).expect("compact");
+    let first = db.checkpoint(dir.path().join("c1")).expect("checkpoint");
+    check(&first, true);
+    assert!(first.tables.iter().all(|t| t.xxh3.is_some()));
+    db.close().expect("close");
+
+    let db = Db::open(dir.path().join("db"), o.clone()).expect("reopen");
+    check(&db.checkpoint(dir.path().join("c2")).expect("checkpoint"), true);
+    let copy = Db::open(&first.dir, o.clone()).expect("open the checkpoint");
+    check(&copy.checkpoint(dir.path().join("c3")).expect("checkpoint of the checkpoint"), true);
+
+    // Ingested tables: no recorded checksum, and the others keep theirs.
+    let files: Vec<PathBuf> = first.tables.iter().map(|t| first.dir.join(&t.path)).collect();
+    db.ingest(&files, IngestOptions::new()).expect("ingest");
+    let mixed = db.checkpoint(dir.path().join("c4")).expect("checkpoint");
+    check(&mixed, false);
+    assert!(mixed.tables.iter().any(|t| t.xxh3.is_none()));
+    assert!(mixed.tables.iter().any(|t| t.xxh3.is_some()));
 }
