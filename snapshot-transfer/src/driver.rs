@@ -49,12 +49,36 @@ fn checksum_file(file: &dyn FsFile, path: &Path) -> Result<(u64, u64)> {
     Ok((h.digest(), len))
 }
 
+/// A file for [`Source::open_known`]: the name it is sent under, where it
+/// is, and its xxh3-64 if the caller already knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceFile {
+    /// The plain name on the wire (see [`Source::open_files`]).
+    pub name: String,
+    /// The file to read.
+    pub path: PathBuf,
+    /// xxh3-64 of the whole file, as whoever wrote it recorded it (for
+    /// example `cairn_lsm::CheckpointTable::xxh3`). `None`: the file is read
+    /// once to compute it. A wrong value cannot hand over damage: the
+    /// receiver checks every file against it, receives a mismatching file
+    /// again, and refuses the transfer after
+    /// [`Config::file_checksum_failures_max`] mismatches of one file.
+    ///
+    /// [`Config::file_checksum_failures_max`]: crate::Config::file_checksum_failures_max
+    pub xxh3: Option<u64>,
+}
+
 /// The sender's side: the files of a checkpoint, read on demand.
 #[derive(Debug)]
 pub struct Source {
     files: Vec<(PathBuf, Box<dyn FsFile>, u64)>,
     buf: Vec<u8>,
+    /// Per file, the end of what was asked to be read ahead.
+    prefetched: Vec<u64>,
 }
+
+/// How far ahead of its reads the sender asks the kernel to read a file.
+const PREFETCH_BYTES: u64 = 32 << 20;
 
 impl Source {
     /// Opens `names` in `dir` and builds the manifest (each file is read once
@@ -81,24 +105,58 @@ impl Source {
         term: u64,
         transfer_id: u64,
     ) -> Result<(Source, Manifest)> {
+        let files: Vec<SourceFile> = named
+            .iter()
+            .map(|(name, path)| SourceFile { name: name.clone(), path: path.clone(), xxh3: None })
+            .collect();
+        Source::open_known(fs, &files, index, term, transfer_id)
+    }
+
+    /// Like [`Source::open_files`], but a file whose checksum the caller
+    /// knows is not read to build the manifest: only its length is taken.
+    pub fn open_known(
+        fs: &dyn Fs,
+        named: &[SourceFile],
+        index: u64,
+        term: u64,
+        transfer_id: u64,
+    ) -> Result<(Source, Manifest)> {
         let mut files = Vec::new();
         let mut metas = Vec::new();
-        for (name, path) in named {
+        for SourceFile { name, path, xxh3 } in named {
             crate::frame::check_name(name)?;
             let path = path.clone();
             let f = fs.open(&path, OpenMode::Read).map_err(io("open checkpoint file", &path))?;
-            let (checksum, len) = checksum_file(&*f, &path)?;
+            let (checksum, len) = match xxh3 {
+                Some(x) => (*x, f.len().map_err(io("stat", &path))?),
+                None => checksum_file(&*f, &path)?,
+            };
             metas.push(FileMeta { name: name.clone(), len, checksum });
             files.push((path, f, len));
         }
-        Ok((Source { files, buf: Vec::new() }, Manifest { transfer_id, index, term, files: metas }))
+        let prefetched = vec![0; files.len()];
+        Ok((Source { files, buf: Vec::new(), prefetched }, Manifest { transfer_id, index, term, files: metas }))
     }
 
     /// Reads what the sender asked for.
     pub fn read(&mut self, req: &ReadRequest) -> Result<&[u8]> {
         let (path, f, len) = self.files.get(req.file as usize).ok_or(Error::Config("read of an unknown file"))?;
-        if req.offset + u64::from(req.len) > *len {
+        let end = req.offset + u64::from(req.len);
+        if end > *len {
             return Err(Error::SourceChanged(path.clone()));
+        }
+        // Keep the disk reading ahead (half a window at a time) while this
+        // thread frames and sends what it has.
+        let ahead = &mut self.prefetched[req.file as usize];
+        if *ahead < req.offset {
+            *ahead = req.offset;
+        }
+        if *ahead < *len && *ahead < end + PREFETCH_BYTES / 2 {
+            let to = (end + PREFETCH_BYTES).min(*len);
+            if let Err(e) = f.prefetch(*ahead, to - *ahead) {
+                tracing::debug!(error = %e, path = %path.display(), "read-ahead hint failed");
+            }
+            *ahead = to;
         }
         self.buf.resize(req.len as usize, 0);
         f.read_exact_at(&mut self.buf, req.offset).map_err(|e| match e.kind() {
@@ -129,14 +187,32 @@ const STAGING_PREFIX: &str = "checkpoint-";
 struct Open {
     manifest: Manifest,
     dir: PathBuf,
-    files: Vec<Box<dyn FsFile>>,
+    /// Shared with a background persist (see [`Staging::set_background_persist`]).
+    files: Vec<Arc<dyn FsFile>>,
     /// Per file, the checksum of the bytes written so far and their count,
     /// while the file has been written in order from offset 0 in this
     /// process; `None` once it was not (resumed, linked, written out of
     /// order), and then verification reads the file back.
     written: Vec<Option<Running>>,
-    progress: Box<dyn FsFile>,
+    progress: Arc<dyn FsFile>,
     progress_len: u64,
+}
+
+/// A persist running on a thread of its own: its offsets, and the thread
+/// (which fdatasyncs the files, then appends and fdatasyncs the records).
+struct Persisting {
+    /// The checkpoint (index, term) it is for: its result is given to no
+    /// other. (A sender that reconnects or restarts carries on the same
+    /// checkpoint under a new transfer id; the persist is still its own.)
+    checkpoint: Option<(u64, u64)>,
+    offsets: Vec<(u32, u64)>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl std::fmt::Debug for Persisting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persisting").field("offsets", &self.offsets).finish_non_exhaustive()
+    }
 }
 
 /// The checksum of the bytes written to a file in order from offset 0.
@@ -171,6 +247,8 @@ pub struct Staging {
     completed: Option<Completed>,
     skip_data_sync: bool,
     write_behind: bool,
+    background_persist: bool,
+    persisting: Option<Persisting>,
 }
 
 fn encode_progress_record(file: u32, offset: u64) -> [u8; PROGRESS_RECORD_BYTES] {
@@ -180,6 +258,14 @@ fn encode_progress_record(file: u32, offset: u64) -> [u8; PROGRESS_RECORD_BYTES]
     let check = xxhash_rust::xxh3::xxh3_64(&r[..16]);
     r[16..24].copy_from_slice(&check.to_le_bytes());
     r
+}
+
+fn progress_records(records: &[(u32, u64)]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(records.len() * PROGRESS_RECORD_BYTES);
+    for &(f, off) in records {
+        buf.extend_from_slice(&encode_progress_record(f, off));
+    }
+    buf
 }
 
 /// Reads a progress log: the manifest it is for, and the durable offset of
@@ -227,7 +313,36 @@ impl Staging {
             completed: None,
             skip_data_sync: false,
             write_behind: true,
+            background_persist: false,
+            persisting: None,
         }
+    }
+
+    /// Whether a persist runs on a thread of its own while the receiver goes
+    /// on writing what arrives (default off: [`Staging::drive`] does the
+    /// persist itself, and returns when it is done). The order that makes a
+    /// crash safe is the same: the files' data is fdatasynced, then the
+    /// offsets are recorded and fdatasynced, then they are acknowledged. The
+    /// caller must then call [`Staging::drive`] again once
+    /// the persist's thread ends, even when no frame arrives, since the
+    /// acknowledgements wait for it: while [`Staging::persist_pending`], call
+    /// [`Staging::drive`] every millisecond or so, or [`Staging::wait_persist`].
+    pub fn set_background_persist(&mut self, on: bool) {
+        self.background_persist = on;
+    }
+
+    /// A background persist was started and [`Staging::drive`] has not yet
+    /// taken its result (it may have ended already).
+    pub fn persist_pending(&self) -> bool {
+        self.persisting.is_some()
+    }
+
+    /// Waits for the background persist, if one runs, and carries out what
+    /// follows from it (like [`Staging::drive`]).
+    pub fn wait_persist(&mut self, rx: &mut Receiver, send: &mut dyn FnMut(Frame)) -> Result<()> {
+        let r = self.finish_persist(rx, true);
+        self.fail_on_error(r, rx, send)?;
+        self.drive(rx, send)
     }
 
     /// Whether each write starts its own writeback at once
@@ -264,31 +379,107 @@ impl Staging {
     /// to `send`. On an I/O error the receiver is told (it rejects the transfer)
     /// and the error is returned: the caller decides whether the node goes on.
     pub fn drive(&mut self, rx: &mut Receiver, send: &mut dyn FnMut(Frame)) -> Result<()> {
-        while let Some(action) = rx.poll_action() {
+        loop {
+            let r = self.finish_persist(rx, false);
+            self.fail_on_error(r, rx, send)?;
+            let Some(action) = rx.poll_action() else { return Ok(()) };
             let r = match action {
                 Action::Send(f) => {
                     send(f);
                     Ok(())
                 }
-                Action::Prepare { manifest } => self.prepare(manifest).map(|d| rx.handle_prepared(&d)),
-                Action::Write { file, offset, data } => self.write(file, offset, &data),
-                Action::Persist { offsets } => self.persist(&offsets).map(|()| rx.handle_persisted(&offsets)),
-                Action::Verify { file } => self.verify(file).map(|ok| rx.handle_verified(file, ok)),
-                Action::Reset { file } => self.reset(file),
-                Action::Complete { manifest } => self.complete(manifest).map(|()| rx.handle_completed()),
-            };
-            if let Err(e) = r {
-                tracing::error!(error = %e, "snapshot receiver failed to write; rejecting the transfer");
-                rx.handle_io_error(&e.to_string());
-                while let Some(a) = rx.poll_action() {
-                    if let Action::Send(f) = a {
-                        send(f);
+                Action::Prepare { manifest } => {
+                    // A persist of the transfer this one replaces: its records
+                    // are in the log (Prepare reads them back), its result is
+                    // not this transfer's.
+                    if let Some(p) = self.persisting.take() {
+                        let _ = p.thread.join();
                     }
+                    self.prepare(manifest).map(|d| rx.handle_prepared(&d))
                 }
-                self.open = None;
-                return Err(e);
+                Action::Write { file, offset, data } => self.write(file, offset, &data),
+                Action::Persist { offsets } if self.background_persist => {
+                    self.start_persist(offsets, rx.manifest().map(|m| (m.index, m.term)))
+                }
+                Action::Persist { offsets } => self.persist(&offsets).map(|()| rx.handle_persisted(&offsets)),
+                // The receiver asks for these only once nothing is being
+                // persisted; waiting keeps the log's records in order anyway.
+                Action::Verify { file } => self
+                    .finish_persist(rx, true)
+                    .and_then(|()| self.verify(file))
+                    .map(|ok| rx.handle_verified(file, ok)),
+                Action::Reset { file } => self.finish_persist(rx, true).and_then(|()| self.reset(file)),
+                Action::Complete { manifest } => {
+                    self.finish_persist(rx, true).and_then(|()| self.complete(manifest)).map(|()| rx.handle_completed())
+                }
+            };
+            self.fail_on_error(r, rx, send)?;
+        }
+    }
+
+    /// On an I/O error: the receiver rejects the transfer (its frames are
+    /// sent), the staging area is closed, and the error returned.
+    fn fail_on_error(&mut self, r: Result<()>, rx: &mut Receiver, send: &mut dyn FnMut(Frame)) -> Result<()> {
+        let Err(e) = r else { return Ok(()) };
+        tracing::error!(error = %e, "snapshot receiver failed to write; rejecting the transfer");
+        rx.handle_io_error(&e.to_string());
+        while let Some(a) = rx.poll_action() {
+            if let Action::Send(f) = a {
+                send(f);
             }
         }
+        if let Some(p) = self.persisting.take() {
+            let _ = p.thread.join();
+        }
+        self.open = None;
+        Err(e)
+    }
+
+    /// Takes the result of the background persist if it is done (or, with
+    /// `wait`, once it is) and tells the receiver.
+    fn finish_persist(&mut self, rx: &mut Receiver, wait: bool) -> Result<()> {
+        if !self.persisting.as_ref().is_some_and(|p| wait || p.thread.is_finished()) {
+            return Ok(());
+        }
+        let Some(p) = self.persisting.take() else { return Ok(()) };
+        let r = p.thread.join().map_err(|_| Error::Failed("the persist thread panicked".into()))?;
+        r?;
+        if let Some(o) = self.open.as_mut() {
+            o.progress_len += (p.offsets.len() * PROGRESS_RECORD_BYTES) as u64;
+        }
+        // A newer checkpoint may have replaced the transfer meanwhile (its
+        // Prepare, queued, starts from what the log holds).
+        if rx.manifest().map(|m| (m.index, m.term)) == p.checkpoint {
+            rx.handle_persisted(&p.offsets);
+        }
+        Ok(())
+    }
+
+    /// Starts a persist on a thread of its own.
+    fn start_persist(&mut self, offsets: Vec<(u32, u64)>, checkpoint: Option<(u64, u64)>) -> Result<()> {
+        // The receiver keeps one persist outstanding at a time.
+        debug_assert!(self.persisting.is_none(), "one persist at a time");
+        let o = self.open.as_ref().ok_or(Error::Config("no staging area open"))?;
+        let mut files = Vec::new();
+        if !self.skip_data_sync {
+            for &(file, _) in &offsets {
+                let h = o.files.get(file as usize).ok_or(Error::Config("file outside the manifest"))?;
+                files.push((Arc::clone(h), o.dir.join(&o.manifest.files[file as usize].name)));
+            }
+        }
+        let records = progress_records(&offsets);
+        let (progress, at, path) = (Arc::clone(&o.progress), o.progress_len, o.dir.join(PROGRESS_FILE));
+        let thread = std::thread::Builder::new()
+            .name("cairn-xfer-persist".into())
+            .spawn(move || {
+                for (f, p) in &files {
+                    f.sync_data().map_err(io("fdatasync staged file", p))?;
+                }
+                progress.write_all_at(&records, at).map_err(io("write progress", &path))?;
+                progress.sync_data().map_err(io("fdatasync progress", &path))
+            })
+            .map_err(|e| Error::Io { op: "start the persist thread", path: o.dir.clone(), source: e })?;
+        self.persisting = Some(Persisting { checkpoint, offsets, thread });
         Ok(())
     }
 
@@ -300,10 +491,7 @@ impl Staging {
 
     fn append_progress(&mut self, records: &[(u32, u64)]) -> Result<()> {
         let o = self.open.as_mut().ok_or(Error::Config("no staging area open"))?;
-        let mut buf = Vec::with_capacity(records.len() * PROGRESS_RECORD_BYTES);
-        for &(f, off) in records {
-            buf.extend_from_slice(&encode_progress_record(f, off));
-        }
+        let buf = progress_records(records);
         let path = o.dir.join(PROGRESS_FILE);
         o.progress.write_all_at(&buf, o.progress_len).map_err(io("write progress", &path))?;
         o.progress.sync_data().map_err(io("fdatasync progress", &path))?;
@@ -390,11 +578,18 @@ impl Staging {
                 durable[i] = 0;
                 fs.open(&p, OpenMode::CreateNew).map_err(io("create staged file", &p))?
             };
-            files.push(f);
+            files.push(Arc::from(f));
         }
         fs.sync_dir(&dir).map_err(io("fsync staging directory", &dir))?;
         let written = durable.iter().map(|&d| (d == 0).then(Running::new)).collect();
-        self.open = Some(Open { manifest: manifest.clone(), dir: dir.clone(), files, written, progress, progress_len });
+        self.open = Some(Open {
+            manifest: manifest.clone(),
+            dir: dir.clone(),
+            files,
+            written,
+            progress: Arc::from(progress),
+            progress_len,
+        });
         if !linked.is_empty() {
             self.append_progress(&linked)?;
         }
@@ -506,7 +701,7 @@ impl Staging {
         let meta = o.manifest.files.get(file as usize).ok_or(Error::Config("file outside the manifest"))?;
         let p = o.dir.join(&meta.name);
         fs.remove_file(&p).map_err(io("remove damaged staged file", &p))?;
-        o.files[file as usize] = fs.open(&p, OpenMode::CreateNew).map_err(io("create staged file", &p))?;
+        o.files[file as usize] = Arc::from(fs.open(&p, OpenMode::CreateNew).map_err(io("create staged file", &p))?);
         o.written[file as usize] = Some(Running::new());
         fs.sync_dir(&o.dir).map_err(io("fsync staging directory", &o.dir))
     }

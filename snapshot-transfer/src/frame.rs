@@ -93,6 +93,10 @@ pub enum RejectReason {
     Protocol,
     /// The receiver failed to write (its disk); the transfer cannot go on.
     ReceiverIo,
+    /// A file arrived whole (every chunk matched its checksum) and failed
+    /// the manifest's checksum too many times: the sender's file is not what
+    /// its manifest says.
+    FileChecksum,
 }
 
 /// A frame.
@@ -283,6 +287,7 @@ impl Frame {
                     RejectReason::UnknownTransfer => 1,
                     RejectReason::Protocol => 2,
                     RejectReason::ReceiverIo => 3,
+                    RejectReason::FileChecksum => 4,
                 });
                 let m = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
                 put_u16(out, m.len() as u16);
@@ -389,6 +394,7 @@ impl Frame {
                     1 => RejectReason::UnknownTransfer,
                     2 => RejectReason::Protocol,
                     3 => RejectReason::ReceiverIo,
+                    4 => RejectReason::FileChecksum,
                     _ => return Err(FrameError::Invalid("unknown reject reason")),
                 };
                 let n = r.u16()? as usize;

@@ -42,6 +42,13 @@ pub trait FsFile: Send + Sync + Debug {
         let _ = (offset, len);
         Ok(())
     }
+    /// Starts reading the `len` bytes at `offset` into the cache without
+    /// waiting for them: a hint, so that a later read finds them there and
+    /// the disk reads while the reader works. The default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 
     /// Fills `buf` from `offset` or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -110,6 +117,21 @@ impl FsFile for StdFile {
         {
             let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return Ok(()) };
             nix::fcntl::posix_fadvise(&self.0, offset, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+                .map_err(io::Error::from)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (offset, len);
+            Ok(())
+        }
+    }
+    /// On Linux, `posix_fadvise(POSIX_FADV_WILLNEED)`: the kernel starts
+    /// reading the range and does not wait for it. Elsewhere nothing.
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return Ok(()) };
+            nix::fcntl::posix_fadvise(&self.0, offset, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED)
                 .map_err(io::Error::from)
         }
         #[cfg(not(target_os = "linux"))]

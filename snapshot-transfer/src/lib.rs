@@ -11,7 +11,7 @@ mod receiver;
 mod sender;
 
 pub use config::Config;
-pub use driver::{Completed, PROGRESS_FILE, Source, Staging, is_reserved_name};
+pub use driver::{Completed, PROGRESS_FILE, Source, SourceFile, Staging, is_reserved_name};
 pub use error::{Error, FrameError, Result};
 pub use frame::{Encoding, FileMeta, Frame, Manifest, NackReason, RejectReason};
 pub use fs::{Fs, FsFile, OpenMode, StdFs};

@@ -37,6 +37,10 @@ pub fn run_local(
     })
 }
 
+/// How often the receiving thread looks whether a background persist ended
+/// while no frame arrives.
+const PERSIST_POLL: Duration = Duration::from_millis(1);
+
 fn decode(bytes: &[u8], body_max: usize) -> Result<Frame> {
     Ok(Frame::decode(bytes, body_max)?.ok_or(Error::Config("a frame did not arrive whole"))?.0)
 }
@@ -103,9 +107,22 @@ fn receive(
     let mut rx = Receiver::new(cfg.clone());
     let mut completed = None;
     // Ends when the sender hangs up (it has seen Done, or failed).
-    while let Ok(b) = from_tx.recv() {
-        rx.handle_frame(decode(&b, body_max)?);
+    loop {
+        // A background persist's acknowledgements go out as soon as it is
+        // done, whether or not a frame comes meanwhile.
         let mut out = Vec::new();
+        if staging.persist_pending() {
+            match from_tx.recv_timeout(PERSIST_POLL) {
+                Ok(b) => rx.handle_frame(decode(&b, body_max)?),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match from_tx.recv() {
+                Ok(b) => rx.handle_frame(decode(&b, body_max)?),
+                Err(_) => break,
+            }
+        }
         staging.drive(&mut rx, &mut |f| out.push(f))?;
         for f in out {
             if to_tx.send(f.to_bytes()).is_err() {

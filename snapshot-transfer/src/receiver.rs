@@ -71,6 +71,8 @@ struct FileState {
     received: BTreeMap<u64, u64>,
     verified: bool,
     verifying: bool,
+    /// Times the whole file failed its manifest checksum in this transfer.
+    checksum_failures: u32,
 }
 
 impl FileState {
@@ -334,10 +336,24 @@ impl Receiver {
         if matches {
             f.verified = true;
         } else {
-            tracing::warn!(transfer = id, file, "a received file does not match its checksum; receiving it again");
             f.durable = 0;
             f.received.clear();
+            f.checksum_failures += 1;
+            let failures = f.checksum_failures;
             self.actions.push_back(Action::Reset { file });
+            if failures >= self.cfg.file_checksum_failures_max {
+                // The chunks arrived whole (each has its own checksum) and
+                // still the file differs: the sender's file is not what its
+                // manifest says. Receiving it again cannot help.
+                tracing::error!(transfer = id, file, failures, "a received file keeps failing its checksum; refusing");
+                self.active = None;
+                let why = format!(
+                    "file {file} failed its manifest checksum {failures} times: the sender's file differs from its manifest"
+                );
+                self.reject(id, RejectReason::FileChecksum, &why);
+                return;
+            }
+            tracing::warn!(transfer = id, file, "a received file does not match its checksum; receiving it again");
             self.send(Frame::Nack { transfer_id: id, file, offset: 0, reason: NackReason::FileChecksum });
         }
         self.after_progress();

@@ -1,6 +1,7 @@
 //! Crashes of the receiver (on the simulated disk) and restarts of the sender
 //! at random points: the transfer resumes without resending durably
-//! acknowledged data, and never completes with data lost in a crash.
+//! acknowledged data, and never completes with data lost in a crash. Half
+//! the seeds persist on a thread of their own (`Staging::set_background_persist`).
 
 mod common;
 
@@ -24,7 +25,7 @@ fn config() -> Config {
 }
 
 /// One run; `Err` describes a violation. `skip_data_sync` is the teeth switch.
-fn run(seed: u64, skip_data_sync: bool) -> Result<(), String> {
+fn run(seed: u64, skip_data_sync: bool, background: bool) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let src_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(seed).fs()));
     let disk = SimDisk::new(seed ^ 0x5eed);
@@ -41,6 +42,7 @@ fn run(seed: u64, skip_data_sync: bool) -> Result<(), String> {
         let fs: Arc<dyn Fs> = Arc::new(WalFs(disk.fs()));
         let mut s = Staging::new(fs, root(), vec![]);
         s.skip_data_sync_for_tests(skip_data_sync);
+        s.set_background_persist(background);
         (s, Receiver::new(cfg.clone()))
     };
     let (mut staging, mut rx) = new_receiver(&disk);
@@ -100,15 +102,16 @@ fn run(seed: u64, skip_data_sync: bool) -> Result<(), String> {
             None => {}
         }
     }
-    Err("did not complete".into())
+    Err(format!("did not complete: pending {} acked {} stats {:?} crashes {crashes}", staging.persist_pending(), tx.acked_bytes(), tx.stats()))
 }
 
 #[test]
 fn receiver_crashes_and_sender_restarts_resume_without_resending() {
     let seeds: u64 = std::env::var("CAIRN_TRANSFER_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     for seed in 0..seeds {
-        if let Err(e) = run(seed, false) {
-            panic!("seed {seed}: {e}");
+        let background = seed % 2 == 1;
+        if let Err(e) = run(seed, false, background) {
+            panic!("seed {seed} (background persist: {background}): {e}");
         }
     }
 }
@@ -117,7 +120,9 @@ fn receiver_crashes_and_sender_restarts_resume_without_resending() {
 /// receiver had acknowledged: the test above must notice.
 #[test]
 fn skipping_the_data_sync_is_caught() {
-    let caught = (0..300).find_map(|seed| run(seed, true).err().map(|e| (seed, e)));
-    let (seed, e) = caught.expect("skipping the data fdatasync was never caught");
-    eprintln!("caught at seed {seed}: {e}");
+    for background in [false, true] {
+        let caught = (0..300).find_map(|seed| run(seed, true, background).err().map(|e| (seed, e)));
+        let (seed, e) = caught.expect("skipping the data fdatasync was never caught");
+        eprintln!("background persist {background}: caught at seed {seed}: {e}");
+    }
 }

@@ -27,7 +27,7 @@ pub(crate) fn small_config() -> Config {
 
 /// Runs one transfer over a faulty link; returns the steps it took and the
 /// sender's counters.
-fn run(seed: u64, faults: Faults, disconnect_per_mille: u32) -> Result<(u64, SenderStats), String> {
+fn run(seed: u64, faults: Faults, disconnect_per_mille: u32, background: bool) -> Result<(u64, SenderStats), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let src_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(seed).fs()));
     let dst_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(seed + 1).fs()));
@@ -40,6 +40,7 @@ fn run(seed: u64, faults: Faults, disconnect_per_mille: u32) -> Result<(u64, Sen
     let mut tx = Sender::new(cfg.clone(), manifest, base);
     let mut rx = Receiver::new(cfg.clone());
     let mut staging = Staging::new(dst_fs.clone(), root(), vec![]);
+    staging.set_background_persist(background);
     let (mut to_rx, mut to_tx) = (Link::default(), Link::default());
     let body_max = cfg.frame_body_bytes_max();
     for step in 0..200_000u64 {
@@ -98,9 +99,10 @@ proptest! {
         corrupt in 0u32..100,
         delay in 0u64..20,
         disconnect in 0u32..5,
+        background in any::<bool>(),
     ) {
         let faults = Faults { drop, duplicate, corrupt, delay_steps_max: delay };
-        run(seed, faults, disconnect).map_err(TestCaseError::fail)?;
+        run(seed, faults, disconnect, background).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -108,7 +110,7 @@ proptest! {
 fn a_perfect_link_needs_no_stall() {
     let faults = Faults { drop: 0, duplicate: 0, corrupt: 0, delay_steps_max: 0 };
     for seed in 0..20 {
-        let (steps, stats) = run(seed, faults, 0).expect("transfer");
+        let (steps, stats) = run(seed, faults, 0, false).expect("transfer");
         assert!(steps < 1000, "seed {seed} took {steps} steps");
         assert_eq!((stats.stalls, stats.offers_sent), (0, 1), "seed {seed}");
     }
@@ -120,6 +122,6 @@ fn a_perfect_link_needs_no_stall() {
 fn heavy_faults_force_stalls_and_reoffers_yet_complete() {
     let faults = Faults { drop: 300, duplicate: 100, corrupt: 100, delay_steps_max: 30 };
     for seed in 0..10 {
-        run(seed, faults, 10).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        run(seed, faults, 10, seed % 2 == 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }

@@ -2,7 +2,9 @@
 //! offset 0 is checked by the checksum taken of its bytes on their way to the
 //! disk, without reading it back; a file it did not write that way (here: one
 //! hard-linked from a reference directory) is read back whole. And each write
-//! starts its own writeback unless write-behind is off.
+//! starts its own writeback unless write-behind is off. A sender given the
+//! files' checksums reads each byte once; a wrong one is refused, never
+//! handed over.
 
 mod common;
 
@@ -10,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cairn_snapshot_transfer::{Config, Fs, FsFile, OpenMode, PROGRESS_FILE, Source, Staging, StdFs, run_local};
+use cairn_snapshot_transfer::{
+    Config, Error, Fs, FsFile, OpenMode, PROGRESS_FILE, Source, SourceFile, Staging, StdFs, run_local,
+};
 use common::{assert_identical, make_checkpoint, names};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -19,6 +23,8 @@ use rand_chacha::ChaCha8Rng;
 struct Counts {
     /// Bytes read from staged data files.
     staged_reads: AtomicU64,
+    /// Bytes read from the source directory.
+    source_reads: AtomicU64,
     /// Writeback hints given.
     hints: AtomicU64,
 }
@@ -27,6 +33,7 @@ struct Counts {
 #[derive(Debug)]
 struct CountingFs {
     staging: PathBuf,
+    source: PathBuf,
     counts: Arc<Counts>,
 }
 
@@ -34,6 +41,7 @@ struct CountingFs {
 struct CountingFile {
     inner: Box<dyn FsFile>,
     staged: bool,
+    source: bool,
     counts: Arc<Counts>,
 }
 
@@ -42,6 +50,9 @@ impl FsFile for CountingFile {
         let n = self.inner.read_at(buf, offset)?;
         if self.staged {
             self.counts.staged_reads.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if self.source {
+            self.counts.source_reads.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -66,7 +77,8 @@ impl FsFile for CountingFile {
 impl Fs for CountingFs {
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn FsFile>> {
         let staged = path.starts_with(&self.staging) && path.file_name().is_some_and(|n| n != PROGRESS_FILE);
-        Ok(Box::new(CountingFile { inner: StdFs.open(path, mode)?, staged, counts: self.counts.clone() }))
+        let source = path.starts_with(&self.source);
+        Ok(Box::new(CountingFile { inner: StdFs.open(path, mode)?, staged, source, counts: self.counts.clone() }))
     }
     fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
         StdFs.create_dir_all(path)
@@ -94,25 +106,44 @@ impl Fs for CountingFs {
 /// Chunk size of these transfers: several chunks per file.
 const CHUNK: u32 = 8 << 10;
 
+fn small_chunks() -> Config {
+    let mut cfg = Config::default();
+    cfg.chunk_bytes_max = CHUNK;
+    cfg.sync_bytes = 32 << 10;
+    cfg
+}
+
 /// Sends `files` (held in `src`) to a staging area under `tmp` through the
-/// counting file system, with `reference` directories and write-behind as
-/// given; checks the result is identical and returns the counts.
+/// counting file system, with `reference` directories, write-behind and the
+/// checksums handed to the sender (`None`: it computes them) as given;
+/// checks the result is identical and returns the counts.
 fn transfer_counted(
     tmp: &Path,
     src: &Path,
     files: &[(String, Vec<u8>)],
     reference: Vec<PathBuf>,
     write_behind: bool,
+    known: Option<Vec<u64>>,
 ) -> Arc<Counts> {
-    let mut cfg = Config::default();
-    cfg.chunk_bytes_max = CHUNK;
-    cfg.sync_bytes = 32 << 10;
+    let cfg = small_chunks();
     let counts = Arc::new(Counts::default());
     let root = tmp.join("staging");
-    let fs: Arc<dyn Fs> = Arc::new(CountingFs { staging: root.clone(), counts: counts.clone() });
-    let (mut source, manifest) = Source::open(&*fs, src, &names(files), 10, 1, 1).expect("source");
+    let fs: Arc<dyn Fs> =
+        Arc::new(CountingFs { staging: root.clone(), source: src.to_path_buf(), counts: counts.clone() });
+    let (mut source, manifest) = match known {
+        None => Source::open(&*fs, src, &names(files), 10, 1, 1).expect("source"),
+        Some(sums) => {
+            let listed: Vec<SourceFile> = files
+                .iter()
+                .zip(sums)
+                .map(|((n, _), x)| SourceFile { name: n.clone(), path: src.join(n), xxh3: Some(x) })
+                .collect();
+            Source::open_known(&*fs, &listed, 10, 1, 1).expect("source")
+        }
+    };
     let mut staging = Staging::new(fs.clone(), &root, reference);
     staging.set_write_behind(write_behind);
+    staging.set_background_persist(true);
     let (done, _) = run_local(&cfg, &mut source, manifest, &mut staging).expect("transfer");
     assert_identical(&StdFs, &done.dir, files);
     counts
@@ -128,7 +159,7 @@ fn files_written_in_order_are_not_read_back_and_a_linked_one_is() {
     let live = tmp.path().join("live");
     std::fs::create_dir_all(&live).expect("mkdir");
     std::fs::write(live.join(&files[1].0), &files[1].1).expect("write");
-    let counts = transfer_counted(tmp.path(), &src, &files, vec![live], true);
+    let counts = transfer_counted(tmp.path(), &src, &files, vec![live], true, None);
     // Only the linked file was read back, whole.
     assert_eq!(counts.staged_reads.load(Ordering::Relaxed), files[1].1.len() as u64);
     let sent_chunks: u64 =
@@ -142,7 +173,49 @@ fn without_write_behind_no_writeback_is_started() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let src = tmp.path().join("src");
     let files = make_checkpoint(&StdFs, &src, &mut rng, 3, 50_000);
-    let counts = transfer_counted(tmp.path(), &src, &files, vec![], false);
+    let counts = transfer_counted(tmp.path(), &src, &files, vec![], false, None);
     assert_eq!(counts.hints.load(Ordering::Relaxed), 0);
     assert_eq!(counts.staged_reads.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn known_checksums_spare_the_senders_reading_pass() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let src = tmp.path().join("src");
+    let files = make_checkpoint(&StdFs, &src, &mut rng, 4, 60_000);
+    let total: u64 = files.iter().map(|f| f.1.len() as u64).sum();
+    let computed = transfer_counted(&tmp.path().join("a"), &src, &files, vec![], true, None);
+    assert_eq!(computed.source_reads.load(Ordering::Relaxed), 2 * total, "a checksum pass, then the chunks");
+    let sums = files.iter().map(|f| xxhash_rust::xxh3::xxh3_64(&f.1)).collect();
+    let known = transfer_counted(&tmp.path().join("b"), &src, &files, vec![], true, Some(sums));
+    assert_eq!(known.source_reads.load(Ordering::Relaxed), total, "each byte read once, to be sent");
+}
+
+#[test]
+fn a_wrong_known_checksum_is_refused_and_never_handed_over() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let src = tmp.path().join("src");
+    let files = make_checkpoint(&StdFs, &src, &mut rng, 3, 40_000);
+    let listed: Vec<SourceFile> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (n, data))| {
+            let x = xxhash_rust::xxh3::xxh3_64(data);
+            // File 1's recorded checksum is not its content's (a table damaged
+            // on the sender's disk after it was written, say).
+            SourceFile { name: n.clone(), path: src.join(n), xxh3: Some(if i == 1 { x ^ 1 } else { x }) }
+        })
+        .collect();
+    let fs: Arc<dyn Fs> = Arc::new(StdFs);
+    let (mut source, manifest) = Source::open_known(&*fs, &listed, 10, 1, 1).expect("source");
+    let cfg = small_chunks();
+    let mut staging = Staging::new(fs.clone(), tmp.path().join("staging"), vec![]);
+    let err = run_local(&cfg, &mut source, manifest, &mut staging).expect_err("a file that never matches");
+    match &err {
+        Error::Failed(why) => assert!(why.contains("FileChecksum") && why.contains("3 times"), "{why}"),
+        other => panic!("unexpected error: {other}"),
+    }
+    assert!(staging.take_completed().is_none(), "nothing handed over");
 }
