@@ -983,9 +983,10 @@ async fn save_snapshot(ctx: &Ctx, send: &mut quinn::SendStream) -> Result<(), Sa
     let checkpoints = ctx.checkpoints.clone();
     let ckpt = tokio::task::spawn_blocking(move || {
         let c = checkpoints.get(LogIndex(applied))?;
-        // The transfer's source reads each file once for its length and checksum.
+        // The transfer's source takes the checksums cairn-lsm recorded and
+        // reads the other files once for theirs.
         let (_, manifest) =
-            cairn_snapshot_transfer::Source::open_files(&cairn_snapshot_transfer::StdFs, &c.files, 0, 0, 0)
+            cairn_snapshot_transfer::Source::open_known(&cairn_snapshot_transfer::StdFs, &c.files, 0, 0, 0)
                 .map_err(|e| format!("reading the checkpoint: {e}"))?;
         let files = manifest
             .files
@@ -1011,7 +1012,7 @@ async fn save_snapshot(ctx: &Ctx, send: &mut quinn::SendStream) -> Result<(), Sa
     let bytes = frame::encode(&Response::SnapshotHeader(header.clone())).map_err(|e| during(&e))?;
     send.write_all(&bytes).await.map_err(|e| during(&e))?;
     let mut buf = vec![0u8; 256 << 10];
-    for ((_, path), meta) in ckpt.files.iter().zip(&header.files) {
+    for (cairn_snapshot_transfer::SourceFile { path, .. }, meta) in ckpt.files.iter().zip(&header.files) {
         let mut f = tokio::fs::File::open(path).await.map_err(|e| during(&e))?;
         let mut left = meta.len;
         while left > 0 {

@@ -30,7 +30,7 @@ use cairn_kv_client::frame;
 use cairn_lsm::{Db, Options};
 use cairn_raft_core::{Body, ConfState, LogIndex, Message, NodeId, Term};
 use cairn_snapshot_transfer::{
-    Completed, Config as TransferConfig, Frame, Receiver, Sender, SenderEvent, Source, Staging,
+    Completed, Config as TransferConfig, Frame, Receiver, Sender, SenderEvent, Source, SourceFile, Staging,
 };
 use rkyv::{Archive, Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -200,8 +200,9 @@ pub struct Checkpoint {
     pub index: LogIndex,
     /// Its Raft term.
     pub term: Term,
-    /// `(wire name, path)` of each file.
-    pub files: Vec<(String, PathBuf)>,
+    /// Each file: wire name, path, and its xxh3 when cairn-lsm recorded it
+    /// (tables it wrote), so a sender need not read the file to checksum it.
+    pub files: Vec<SourceFile>,
     /// A delta (L0 tables since a follower's marker), not a full checkpoint.
     pub delta: bool,
 }
@@ -275,6 +276,8 @@ impl Checkpoints {
             );
             marker.index = marker.index.max(at);
         }
+        let known: std::collections::HashMap<&Path, u64> =
+            info.tables.iter().filter_map(|t| Some((t.path.as_path(), t.xxh3?))).collect();
         let mut files = Vec::new();
         for sub in ["tables", "manifest"] {
             let d = dest.join(sub);
@@ -284,11 +287,11 @@ impl Checkpoints {
                 if e.file_type().map(|t| t.is_file()).unwrap_or(false)
                     && let Some(name) = wire_name(&rel)
                 {
-                    files.push((name, e.path()));
+                    files.push(SourceFile { name, path: e.path(), xxh3: known.get(rel.as_path()).copied() });
                 }
             }
         }
-        files.sort();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
         let c = Arc::new(Checkpoint {
             dir: dest,
             index: LogIndex(marker.index),
@@ -328,14 +331,14 @@ impl Checkpoints {
         else {
             return Ok(None);
         };
-        let mut files: Vec<(String, PathBuf)> = delta
+        let mut files: Vec<SourceFile> = delta
             .tables
             .iter()
             .map(|t| t.file.as_str())
             .chain([cairn_lsm::DELTA_FILE])
-            .map(|f| (format!("{DELTA_PREFIX}{f}"), dest.join(f)))
+            .map(|f| SourceFile { name: format!("{DELTA_PREFIX}{f}"), path: dest.join(f), xxh3: None })
             .collect();
-        files.sort();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
         tracing::info!(
             index = delta.marker.index,
             after = after.map(|m| m.index),
@@ -489,7 +492,7 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
     let transfer_id = rand::random::<u64>();
     let (ckpt2, idx, term) = (ckpt.clone(), ckpt.index.0, ckpt.term.0);
     let (mut source, manifest) = tokio::task::spawn_blocking(move || {
-        Source::open_files(&cairn_snapshot_transfer::StdFs, &ckpt2.files, idx, term, transfer_id)
+        Source::open_known(&cairn_snapshot_transfer::StdFs, &ckpt2.files, idx, term, transfer_id)
     })
     .await
     .map_err(|e| format!("the checkpoint task failed: {e}"))?
@@ -581,6 +584,10 @@ impl ReceiveState {
     }
 }
 
+/// How often a receiver with a persist running and no frame arriving looks
+/// whether the persist ended.
+const PERSIST_POLL: Duration = Duration::from_millis(1);
+
 /// Receives a checkpoint on a stream the leader `from` opened; once it is
 /// staged and verified, steps Raft's snapshot message in through `inbound`.
 pub async fn receive_snapshot(
@@ -615,11 +622,22 @@ pub async fn receive_snapshot(
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 256 << 10];
     let mut out = Vec::new();
+    // The fdatasyncs run on a thread of their own while chunks go on being
+    // written; while one runs, the loop also wakes without a frame, so that
+    // its acknowledgements go out as soon as it ends.
+    staging.set_background_persist(true);
     loop {
-        let n = match recv.read(&mut chunk).await {
-            Ok(Some(n)) => n,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(format!("the leader's stream broke: {e}")),
+        let read = if staging.persist_pending() {
+            // `RecvStream::read` is cancel-safe: a timeout loses no data.
+            tokio::time::timeout(PERSIST_POLL, recv.read(&mut chunk)).await.ok()
+        } else {
+            Some(recv.read(&mut chunk).await)
+        };
+        let n = match read {
+            None => 0,
+            Some(Ok(Some(n))) => n,
+            Some(Ok(None)) => return Ok(()),
+            Some(Err(e)) => return Err(format!("the leader's stream broke: {e}")),
         };
         inbuf.extend_from_slice(&chunk[..n]);
         let mut used_total = 0;
@@ -631,7 +649,7 @@ pub async fn receive_snapshot(
             frames.push(f);
         }
         inbuf.drain(..used_total);
-        if frames.is_empty() {
+        if frames.is_empty() && !staging.persist_pending() {
             continue;
         }
         out.clear();
@@ -640,7 +658,8 @@ pub async fn receive_snapshot(
                 rx.handle_frame(f);
                 staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"))?;
             }
-            Ok(())
+            // A persist that ended meanwhile: its acknowledgements.
+            staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"))
         })?;
         if !out.is_empty() {
             send.write_all(&out).await.map_err(|e| format!("answering the leader: {e}"))?;
