@@ -366,6 +366,18 @@ pub struct SnapshotAck {
     pub durable: Option<(u64, u64)>,
     /// False after a delta this follower could not use: send a full checkpoint.
     pub accepts_delta: bool,
+    /// `(index, term)` of the newest checkpoint this follower received in
+    /// full and has not installed yet (Raft will have it installed).
+    pub pending: Option<(u64, u64)>,
+}
+
+impl SnapshotAck {
+    /// Whether the follower already holds, or is about to install, a state
+    /// at or past `min_index`: then nothing needs sending. (A leader asks
+    /// again when the follower rejects an append while its install runs.)
+    pub fn holds(&self, min_index: LogIndex) -> bool {
+        self.durable.max(self.pending).is_some_and(|(i, _)| i >= min_index.0)
+    }
 }
 
 /// Opens the transfer stream: who sends, in which term, and the membership
@@ -474,6 +486,16 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
         .await
         .map_err(|_| "the follower did not answer the snapshot hello".to_string())?
         .map_err(|e| format!("the follower's answer: {e}"))?;
+    if ack.holds(req.min_index) {
+        tracing::info!(
+            peer = req.to.0,
+            min_index = req.min_index.0,
+            durable = ?ack.durable,
+            pending = ?ack.pending,
+            "the follower holds a state at or past the index asked for; nothing to send"
+        );
+        return Ok(0);
+    }
     let checkpoints = ctx.checkpoints.clone();
     let min = req.min_index;
     let after = ack.durable.map(|(i, t)| cairn_lsm::Marker::new(i, t));
@@ -607,12 +629,26 @@ pub async fn receive_snapshot(
     let mut staging = state.staging.lock().await;
     let live = db.get();
     let reference = live.dir().join("tables");
+    let pending = state
+        .received
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|c| (c.manifest.index, c.manifest.term))
+        .max();
     let ack = SnapshotAck {
         durable: live.durable_marker().map(|m| (m.index, m.term)),
         accepts_delta: !state.refuse_deltas.load(Ordering::Relaxed),
+        pending,
     };
     drop(live);
-    tracing::info!(peer = from, durable = ?ack.durable, accepts_delta = ack.accepts_delta, "a snapshot is coming");
+    tracing::info!(
+        peer = from,
+        durable = ?ack.durable,
+        pending = ?ack.pending,
+        accepts_delta = ack.accepts_delta,
+        "a snapshot is coming"
+    );
     let ab = frame::encode(&ack).map_err(|e| e.to_string())?;
     send.write_all(&ab).await.map_err(|e| format!("answering the leader: {e}"))?;
     staging.set_reference_dirs(vec![reference]);
@@ -906,6 +942,16 @@ pub fn restore(cfg: &crate::config::Config, file: &Path) -> Result<cairn_kv_clie
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_holding_the_index_gets_nothing_sent() {
+        let ack = |durable, pending| SnapshotAck { durable, accepts_delta: true, pending };
+        assert!(!ack(None, None).holds(LogIndex(1)));
+        assert!(!ack(Some((99, 1)), None).holds(LogIndex(100)), "behind: send");
+        assert!(ack(Some((100, 1)), None).holds(LogIndex(100)), "installed already");
+        assert!(ack(Some((3, 1)), Some((120, 2))).holds(LogIndex(100)), "received, installing");
+        assert!(!ack(Some((3, 1)), Some((80, 2))).holds(LogIndex(100)), "received an older one: send");
+    }
 
     #[test]
     fn checkpoint_paths_travel_flat_and_come_back() {

@@ -59,8 +59,14 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .expect("encode"),
         ),
-        ("snapshot-ack", encode(&SnapshotAck { durable: Some((7, 2)), accepts_delta: true }).expect("encode")),
-        ("snapshot-ack-empty", encode(&SnapshotAck { durable: None, accepts_delta: false }).expect("encode")),
+        (
+            "snapshot-ack",
+            encode(&SnapshotAck { durable: Some((7, 2)), accepts_delta: true, pending: Some((9, 2)) }).expect("encode"),
+        ),
+        (
+            "snapshot-ack-empty",
+            encode(&SnapshotAck { durable: None, accepts_delta: false, pending: None }).expect("encode"),
+        ),
         ("command-write", cmd.encode().expect("encode")),
         (
             "command-alarm",
