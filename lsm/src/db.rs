@@ -79,6 +79,7 @@ struct Counters {
     compaction_write_bytes: AtomicU64,
     compactions: AtomicU64,
     trivial_moves: AtomicU64,
+    covered_dropped: AtomicU64,
     flushes: AtomicU64,
     stall_micros: AtomicU64,
     slowdowns: AtomicU64,
@@ -220,6 +221,9 @@ pub struct Stats {
     pub compactions: u64,
     /// Tables moved down without a rewrite.
     pub trivial_moves: u64,
+    /// Tables dropped whole, unread, because a newer range tombstone
+    /// covers them (see `docs/design/lsm.md`, "Dropping covered tables").
+    pub covered_tables_dropped: u64,
     /// Total time writes waited in stalls and slowdowns.
     pub stall_time: Duration,
     /// Writes delayed by a slowdown.
@@ -1389,7 +1393,61 @@ impl Inner {
         Ok(())
     }
 
+    /// The tables of level 1 and below that a range tombstone in this version
+    /// covers whole: every key of the table inside the tombstone's range and
+    /// every entry older than it. A table's bounds include its own range
+    /// tombstones' extents, so what those hide lies inside the covering
+    /// tombstone's range, below its sequence number: it stays hidden. Not a
+    /// table a compaction holds, and only under a tombstone that every read
+    /// view sees (`oldest_view` is the oldest view's sequence number; an older
+    /// view still reads the table). L0 is left alone: its tables' marker
+    /// coverage makes deltas.
+    fn covered_tables(v: &Version, compacting: &HashSet<TableId>, oldest_view: Option<Seqno>) -> Vec<TableId> {
+        let tombstones: Vec<&RangeTombstone> = v
+            .range_delete_tables()
+            .flat_map(|t| t.range_dels.iter())
+            .filter(|r| oldest_view.is_none_or(|s| s >= r.seq))
+            .collect();
+        if tombstones.is_empty() {
+            return Vec::new();
+        }
+        v.tables()
+            .filter(|(l, t)| *l >= 1 && !compacting.contains(&t.id))
+            .filter(|(_, t)| {
+                tombstones.iter().any(|r| {
+                    r.seq > t.seq_max()
+                        && r.start.as_ref() <= t.props.smallest.as_ref()
+                        && t.props.largest.as_ref() < r.end.as_ref()
+                })
+            })
+            .map(|(_, t)| t.id)
+            .collect()
+    }
+
+    /// Drops, by one manifest edit and without reading them, the tables a
+    /// newer range tombstone covers whole ([`Inner::covered_tables`]).
+    fn drop_covered_once(&self) -> Result<bool> {
+        let mut vs = lock(&self.vstate);
+        let v = Arc::clone(&self.sv.load().version);
+        let oldest_view =
+            if self.opts.drop_covered_ignoring_views_for_tests { None } else { self.live_views().into_iter().min() };
+        let ids = Self::covered_tables(&v, &vs.compacting, oldest_view);
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let bytes: u64 = v.tables().filter(|(_, t)| ids.contains(&t.id)).map(|(_, t)| t.file_bytes).sum();
+        let n = ids.len() as u64;
+        let edit = Edit { removed: ids, ..Edit::default() };
+        self.install(&mut vs, edit, &[], |cur| (Arc::clone(&cur.active), cur.sealed.clone()))?;
+        self.counters.covered_dropped.fetch_add(n, Ordering::Relaxed);
+        tracing::debug!(tables = n, bytes, "dropped tables a range tombstone covers");
+        Ok(true)
+    }
+
     fn compact_once(&self) -> Result<bool> {
+        if self.drop_covered_once()? {
+            return Ok(true);
+        }
         let picked = {
             let mut vs = lock(&self.vstate);
             let v = Arc::clone(&self.sv.load().version);
@@ -1512,7 +1570,8 @@ impl Inner {
             let work = !sv.sealed.is_empty()
                 || bg.flushing
                 || bg.compactions_running > 0
-                || choose::choose(&Self::summaries(&sv.version), &HashSet::new(), &self.choose_config()).is_some();
+                || choose::choose(&Self::summaries(&sv.version), &HashSet::new(), &self.choose_config()).is_some()
+                || !Self::covered_tables(&sv.version, &HashSet::new(), self.live_views().into_iter().min()).is_empty();
             drop(sv);
             if !work {
                 return Ok(());
@@ -1804,6 +1863,7 @@ impl Inner {
             flushes: c.flushes.load(Ordering::Relaxed),
             compactions: c.compactions.load(Ordering::Relaxed),
             trivial_moves: c.trivial_moves.load(Ordering::Relaxed),
+            covered_tables_dropped: c.covered_dropped.load(Ordering::Relaxed),
             stall_time: Duration::from_micros(c.stall_micros.load(Ordering::Relaxed)),
             slowdowns: c.slowdowns.load(Ordering::Relaxed),
             cache_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },

@@ -170,6 +170,10 @@ pub struct Options {
     /// Test-only: skip the fdatasync of new tables, to show the crash tests fail.
     #[doc(hidden)]
     pub skip_table_sync_for_tests: bool,
+    /// Test-only: drop tables a range tombstone covers even when a read view
+    /// older than the tombstone still needs them, to show the tests fail.
+    #[doc(hidden)]
+    pub drop_covered_ignoring_views_for_tests: bool,
     /// Test-only: a flush records the latest marker written instead of the
     /// sealed memtable's, to show the crash tests fail.
     #[doc(hidden)]
@@ -214,6 +218,7 @@ impl Default for Options {
             manifest_edits_per_snapshot: 1000,
             hook: None,
             skip_table_sync_for_tests: false,
+            drop_covered_ignoring_views_for_tests: false,
             record_latest_marker_for_tests: false,
             delta_shift_each_table_for_tests: false,
         }

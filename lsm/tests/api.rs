@@ -267,3 +267,70 @@ fn checkpoint_tables_carry_whole_file_checksums() {
     assert!(mixed.tables.iter().any(|t| t.xxh3.is_none()));
     assert!(mixed.tables.iter().any(|t| t.xxh3.is_some()));
 }
+
+/// One run of the covered-tables scenario: a range tombstone over keys that
+/// sit in tables of L1 and below, while a read view older than the tombstone
+/// is open, then after it closes. `Err` says what went wrong.
+fn covered_tables_scenario(ignore_views: bool) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut o = small();
+    o.drop_covered_ignoring_views_for_tests = ignore_views;
+    let db = Db::open(dir.path(), o.clone()).map_err(|e| e.to_string())?;
+    for i in 0..2000 {
+        db.put(format!("a{i:04}"), format!("old {i}")).map_err(|e| e.to_string())?;
+    }
+    db.put("b", "outside").map_err(|e| e.to_string())?;
+    db.compact_range::<std::ops::RangeFull, &[u8]>(..).map_err(|e| e.to_string())?;
+    let deep = |db: &Db| db.stats().levels.iter().skip(1).map(|l| l.tables).sum::<usize>();
+    let before = deep(&db);
+    if before < 2 {
+        return Err(format!("only {before} tables below L0"));
+    }
+    let view = db.read_view();
+    db.delete_range("a", "a9").map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    db.wait_idle().map_err(|e| e.to_string())?;
+    // The view still reads every old value.
+    for i in [0, 777, 1999] {
+        let got = view.get(format!("a{i:04}").as_bytes()).map_err(|e| e.to_string())?;
+        if got.as_deref() != Some(format!("old {i}").as_bytes()) {
+            return Err(format!("the view older than the tombstone read a{i:04} as {got:?}"));
+        }
+    }
+    drop(view);
+    db.wait_idle().map_err(|e| e.to_string())?;
+    let s = db.stats();
+    if s.covered_tables_dropped == 0 || deep(&db) >= before {
+        return Err(format!(
+            "nothing dropped: {} dropped, {} -> {} tables",
+            s.covered_tables_dropped,
+            before,
+            deep(&db)
+        ));
+    }
+    let check = |db: &Db| -> Result<(), String> {
+        for i in [0, 777, 1999] {
+            if let Some(v) = db.get(format!("a{i:04}").as_bytes()).map_err(|e| e.to_string())? {
+                return Err(format!("a{i:04} deleted, read {v:?}"));
+            }
+        }
+        match db.get(b"b").map_err(|e| e.to_string())? {
+            Some(v) if v.as_ref() == b"outside" => Ok(()),
+            other => Err(format!("b read {other:?}")),
+        }
+    };
+    check(&db)?;
+    db.close().map_err(|e| e.to_string())?;
+    let db = Db::open(dir.path(), o).map_err(|e| e.to_string())?;
+    check(&db)
+}
+
+/// Tables a newer range tombstone covers whole are dropped unread, but not
+/// while a read view older than the tombstone is open; and the check fails
+/// when the engine is told to ignore views.
+#[test]
+fn a_range_tombstone_drops_the_tables_it_covers_but_not_under_an_older_view() {
+    covered_tables_scenario(false).expect("covered tables");
+    let e = covered_tables_scenario(true).expect_err("ignoring views must be caught");
+    assert!(e.contains("the view older than the tombstone"), "{e}");
+}
