@@ -575,6 +575,10 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
 pub struct ReceiveState {
     staging: tokio::sync::Mutex<Staging>,
     received: Mutex<Vec<Completed>>,
+    /// The newest checkpoint taken for install (an install either completes
+    /// or stops the node), so that a leader asking again while it runs is
+    /// told the follower has it.
+    taken: Mutex<Option<(u64, u64)>>,
     transfer: TransferConfig,
     /// A delta failed its checks here (or deltas are off): ask for full
     /// checkpoints until one is received.
@@ -590,6 +594,7 @@ impl ReceiveState {
         ReceiveState {
             staging: tokio::sync::Mutex::new(staging),
             received: Mutex::new(Vec::new()),
+            taken: Mutex::new(None),
             transfer,
             refuse_deltas: std::sync::atomic::AtomicBool::new(!deltas),
             deltas,
@@ -602,7 +607,22 @@ impl ReceiveState {
         let pos = r.iter().position(|c| c.manifest.index == index.0 && c.manifest.term == term.0)?;
         let c = r.swap_remove(pos);
         r.retain(|o| o.manifest.index > index.0);
+        let mut t = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        *t = (*t).max(Some((index.0, term.0)));
         Some(c)
+    }
+
+    /// The newest checkpoint received in full and not installed yet: waiting
+    /// in `received`, or taken and being installed.
+    fn pending(&self) -> Option<(u64, u64)> {
+        let waiting = self
+            .received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| (c.manifest.index, c.manifest.term))
+            .max();
+        waiting.max(*self.taken.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -629,13 +649,7 @@ pub async fn receive_snapshot(
     let mut staging = state.staging.lock().await;
     let live = db.get();
     let reference = live.dir().join("tables");
-    let pending = state
-        .received
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|c| (c.manifest.index, c.manifest.term))
-        .max();
+    let pending = state.pending();
     let ack = SnapshotAck {
         durable: live.durable_marker().map(|m| (m.index, m.term)),
         accepts_delta: !state.refuse_deltas.load(Ordering::Relaxed),

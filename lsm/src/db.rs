@@ -1621,6 +1621,8 @@ impl Inner {
     fn checkpoint(&self, dest: &Path) -> Result<CheckpointInfo> {
         let _span = tracing::info_span!("lsm_checkpoint", dest = %dest.display()).entered();
         self.flush_all()?;
+        // What a range tombstone covers whole need not travel with the checkpoint.
+        while self.drop_covered_once()? {}
         let vs = lock(&self.vstate);
         let v = Arc::clone(&self.sv.load().version);
         if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {

@@ -102,7 +102,12 @@ fn run(seed: u64, skip_data_sync: bool, background: bool) -> Result<(), String> 
             None => {}
         }
     }
-    Err(format!("did not complete: pending {} acked {} stats {:?} crashes {crashes}", staging.persist_pending(), tx.acked_bytes(), tx.stats()))
+    Err(format!(
+        "did not complete: pending {} acked {} stats {:?} crashes {crashes}",
+        staging.persist_pending(),
+        tx.acked_bytes(),
+        tx.stats()
+    ))
 }
 
 #[test]
