@@ -200,6 +200,7 @@ struct Open {
 
 /// A persist running on a thread of its own: its offsets, and the thread
 /// (which fdatasyncs the files, then appends and fdatasyncs the records).
+#[derive(Debug)]
 struct Persisting {
     /// The checkpoint (index, term) it is for: its result is given to no
     /// other. (A sender that reconnects or restarts carries on the same
@@ -207,12 +208,6 @@ struct Persisting {
     checkpoint: Option<(u64, u64)>,
     offsets: Vec<(u32, u64)>,
     thread: std::thread::JoinHandle<Result<()>>,
-}
-
-impl std::fmt::Debug for Persisting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Persisting").field("offsets", &self.offsets).finish_non_exhaustive()
-    }
 }
 
 /// The checksum of the bytes written to a file in order from offset 0.
@@ -326,7 +321,7 @@ impl Staging {
     /// caller must then call [`Staging::drive`] again once
     /// the persist's thread ends, even when no frame arrives, since the
     /// acknowledgements wait for it: while [`Staging::persist_pending`], call
-    /// [`Staging::drive`] every millisecond or so, or [`Staging::wait_persist`].
+    /// [`Staging::drive`] every millisecond or so.
     pub fn set_background_persist(&mut self, on: bool) {
         self.background_persist = on;
     }
@@ -335,14 +330,6 @@ impl Staging {
     /// taken its result (it may have ended already).
     pub fn persist_pending(&self) -> bool {
         self.persisting.is_some()
-    }
-
-    /// Waits for the background persist, if one runs, and carries out what
-    /// follows from it (like [`Staging::drive`]).
-    pub fn wait_persist(&mut self, rx: &mut Receiver, send: &mut dyn FnMut(Frame)) -> Result<()> {
-        let r = self.finish_persist(rx, true);
-        self.fail_on_error(r, rx, send)?;
-        self.drive(rx, send)
     }
 
     /// Whether each write starts its own writeback at once

@@ -113,30 +113,38 @@ impl FsFile for StdFile {
     /// writeback of the range's dirty pages at once and does not wait for it
     /// (pages still dirty or under writeback stay cached). Elsewhere nothing.
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
-        #[cfg(target_os = "linux")]
-        {
-            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return Ok(()) };
-            nix::fcntl::posix_fadvise(&self.0, offset, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
-                .map_err(io::Error::from)
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = (offset, len);
-            Ok(())
-        }
+        self.advise(offset, len, Advice::DontNeed)
     }
     /// On Linux, `posix_fadvise(POSIX_FADV_WILLNEED)`: the kernel starts
     /// reading the range and does not wait for it. Elsewhere nothing.
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.advise(offset, len, Advice::WillNeed)
+    }
+}
+
+/// The `posix_fadvise` hints [`StdFile`] gives.
+#[derive(Clone, Copy)]
+enum Advice {
+    DontNeed,
+    WillNeed,
+}
+
+impl StdFile {
+    /// `posix_fadvise` on Linux (a range beyond `i64` is left alone); nothing elsewhere.
+    fn advise(&self, offset: u64, len: u64, advice: Advice) -> io::Result<()> {
         #[cfg(target_os = "linux")]
         {
+            use nix::fcntl::PosixFadviseAdvice as A;
             let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return Ok(()) };
-            nix::fcntl::posix_fadvise(&self.0, offset, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED)
-                .map_err(io::Error::from)
+            let a = match advice {
+                Advice::DontNeed => A::POSIX_FADV_DONTNEED,
+                Advice::WillNeed => A::POSIX_FADV_WILLNEED,
+            };
+            nix::fcntl::posix_fadvise(&self.0, offset, len, a).map_err(io::Error::from)
         }
         #[cfg(not(target_os = "linux"))]
         {
-            let _ = (offset, len);
+            let _ = (offset, len, advice);
             Ok(())
         }
     }

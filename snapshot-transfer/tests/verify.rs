@@ -113,6 +113,16 @@ fn small_chunks() -> Config {
     cfg
 }
 
+/// `files` (held in `src`) for [`Source::open_known`], each with the
+/// checksum `sum(index, content)` gives.
+fn listed(src: &Path, files: &[(String, Vec<u8>)], sum: impl Fn(usize, &[u8]) -> u64) -> Vec<SourceFile> {
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, (n, data))| SourceFile { name: n.clone(), path: src.join(n), xxh3: Some(sum(i, data)) })
+        .collect()
+}
+
 /// Sends `files` (held in `src`) to a staging area under `tmp` through the
 /// counting file system, with `reference` directories, write-behind and the
 /// checksums handed to the sender (`None`: it computes them) as given;
@@ -132,14 +142,7 @@ fn transfer_counted(
         Arc::new(CountingFs { staging: root.clone(), source: src.to_path_buf(), counts: counts.clone() });
     let (mut source, manifest) = match known {
         None => Source::open(&*fs, src, &names(files), 10, 1, 1).expect("source"),
-        Some(sums) => {
-            let listed: Vec<SourceFile> = files
-                .iter()
-                .zip(sums)
-                .map(|((n, _), x)| SourceFile { name: n.clone(), path: src.join(n), xxh3: Some(x) })
-                .collect();
-            Source::open_known(&*fs, &listed, 10, 1, 1).expect("source")
-        }
+        Some(sums) => Source::open_known(&*fs, &listed(src, files, |i, _| sums[i]), 10, 1, 1).expect("source"),
     };
     let mut staging = Staging::new(fs.clone(), &root, reference);
     staging.set_write_behind(write_behind);
@@ -198,16 +201,9 @@ fn a_wrong_known_checksum_is_refused_and_never_handed_over() {
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     let src = tmp.path().join("src");
     let files = make_checkpoint(&StdFs, &src, &mut rng, 3, 40_000);
-    let listed: Vec<SourceFile> = files
-        .iter()
-        .enumerate()
-        .map(|(i, (n, data))| {
-            let x = xxhash_rust::xxh3::xxh3_64(data);
-            // File 1's recorded checksum is not its content's (a table damaged
-            // on the sender's disk after it was written, say).
-            SourceFile { name: n.clone(), path: src.join(n), xxh3: Some(if i == 1 { x ^ 1 } else { x }) }
-        })
-        .collect();
+    // File 1's recorded checksum is not its content's (a table damaged on the
+    // sender's disk after it was written, say).
+    let listed = listed(&src, &files, |i, data| xxhash_rust::xxh3::xxh3_64(data) ^ u64::from(i == 1));
     let fs: Arc<dyn Fs> = Arc::new(StdFs);
     let (mut source, manifest) = Source::open_known(&*fs, &listed, 10, 1, 1).expect("source");
     let cfg = small_chunks();
