@@ -1,4 +1,5 @@
-//! The block cache: uncompressed, checked blocks, bounded in bytes.
+//! The block cache: uncompressed, checked blocks, and the tables' index
+//! partitions and filters, bounded in bytes together.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,27 +8,75 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
 use crate::block::Block;
+use crate::bloom::Bloom;
 use crate::error::Result;
+use crate::table::Index;
 use crate::types::TableId;
 
+/// One cached item: what a table's file holds at one offset.
 #[derive(Clone)]
-struct BlockWeight;
+pub(crate) enum Cached {
+    /// A data block.
+    Block(Arc<Block>),
+    /// An index partition, decoded.
+    Index(Arc<Index>),
+    /// A filter partition.
+    Filter(Arc<Bloom>),
+}
 
-impl Weighter<(TableId, u64), Arc<Block>> for BlockWeight {
-    fn weight(&self, _key: &(TableId, u64), val: &Arc<Block>) -> u64 {
+impl Cached {
+    fn memory_bytes(&self) -> usize {
+        match self {
+            Cached::Block(b) => b.memory_bytes(),
+            Cached::Index(i) => i.memory_bytes(),
+            Cached::Filter(f) => f.memory_bytes() + 32,
+        }
+    }
+}
+
+/// Takes one kind out of a [`Cached`].
+pub(crate) trait CacheKind: Sized {
+    fn wrap(v: Arc<Self>) -> Cached;
+    fn unwrap(c: Cached) -> Option<Arc<Self>>;
+}
+
+macro_rules! cache_kind {
+    ($t:ty, $v:ident) => {
+        impl CacheKind for $t {
+            fn wrap(v: Arc<Self>) -> Cached {
+                Cached::$v(v)
+            }
+            fn unwrap(c: Cached) -> Option<Arc<Self>> {
+                match c {
+                    Cached::$v(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+cache_kind!(Block, Block);
+cache_kind!(Index, Index);
+cache_kind!(Bloom, Filter);
+
+#[derive(Clone)]
+struct Weight;
+
+impl Weighter<(TableId, u64), Cached> for Weight {
+    fn weight(&self, _key: &(TableId, u64), val: &Cached) -> u64 {
         val.memory_bytes() as u64
     }
 }
 
-/// A byte-bounded cache of blocks shared by every table of one engine
-/// (quick_cache's CLOCK-Pro, sharded).
+/// A byte-bounded cache of blocks, index partitions and filters shared by
+/// every table of one engine (quick_cache's CLOCK-Pro, sharded).
 #[derive(Clone)]
 pub(crate) struct BlockCache {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    cache: Option<Cache<(TableId, u64), Arc<Block>, BlockWeight>>,
+    cache: Option<Cache<(TableId, u64), Cached, Weight>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -44,34 +93,46 @@ impl BlockCache {
         let cache = (bytes > 0).then(|| {
             // About one 4 KiB block per item, for the cache's sizing.
             let items = (bytes / 4096).max(16) as usize;
-            Cache::with_weighter(items, bytes, BlockWeight)
+            Cache::with_weighter(items, bytes, Weight)
         });
         BlockCache { inner: Arc::new(Inner { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }) }
     }
 
-    pub(crate) fn get_or_load(
+    /// The item of kind `T` at `(table, offset)`, loaded (and inserted) on a
+    /// miss. `fill = false` (compaction reads) uses a cached item but does not
+    /// insert one, and is not counted as a hit or a miss. An item of another
+    /// kind at the same place (only a damaged file can point two kinds at one
+    /// offset) is not used or replaced.
+    pub(crate) fn get_or_load<T: CacheKind>(
         &self,
         table: TableId,
         offset: u64,
-        load: impl FnOnce() -> Result<Arc<Block>>,
-    ) -> Result<Arc<Block>> {
+        fill: bool,
+        load: impl FnOnce() -> Result<Arc<T>>,
+    ) -> Result<Arc<T>> {
         let Some(cache) = &self.inner.cache else {
-            self.inner.misses.fetch_add(1, Ordering::Relaxed);
+            if fill {
+                self.inner.misses.fetch_add(1, Ordering::Relaxed);
+            }
             return load();
         };
-        if let Some(b) = cache.get(&(table, offset)) {
-            self.inner.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(b);
+        let found = if fill { cache.get(&(table, offset)) } else { cache.peek(&(table, offset)) };
+        match found.map(T::unwrap) {
+            Some(Some(v)) => {
+                if fill {
+                    self.inner.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(v)
+            }
+            Some(None) => load(),
+            None if fill => {
+                self.inner.misses.fetch_add(1, Ordering::Relaxed);
+                let v = load()?;
+                cache.insert((table, offset), T::wrap(Arc::clone(&v)));
+                Ok(v)
+            }
+            None => load(),
         }
-        self.inner.misses.fetch_add(1, Ordering::Relaxed);
-        let b = load()?;
-        cache.insert((table, offset), Arc::clone(&b));
-        Ok(b)
-    }
-
-    /// A cached block, without loading or inserting (not counted).
-    pub(crate) fn peek(&self, table: TableId, offset: u64) -> Option<Arc<Block>> {
-        self.inner.cache.as_ref()?.peek(&(table, offset))
     }
 
     /// (hits, misses) so far.

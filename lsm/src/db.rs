@@ -236,7 +236,8 @@ pub struct Stats {
     pub memtable_bytes: u64,
     /// Sealed memtables waiting for their flush.
     pub sealed_memtables: usize,
-    /// Index, filter and range-delete bytes held for open tables.
+    /// Bytes held for open tables outside the block cache: their top indexes
+    /// (one entry per index partition) and range deletes.
     pub table_memory_bytes: u64,
 }
 

@@ -103,7 +103,8 @@ pub struct Options {
     /// Sealed memtables that may wait for their flush while serving reads;
     /// writes stall beyond it. Default 1 (as RocksDB's two write buffers).
     pub sealed_memtables_max: usize,
-    /// Uncompressed bytes of a data block before it is cut. Default 4 KiB.
+    /// Uncompressed bytes of a data block before it is cut; a table's index
+    /// partitions are cut at the same size. Default 4 KiB.
     pub block_bytes: usize,
     /// Keys between two restart points of a data block. Default 16.
     pub block_restart_interval: usize,
@@ -117,7 +118,9 @@ pub struct Options {
     /// Compression of each level's data blocks; the last entry applies to
     /// every deeper level. Default: LZ4 on L0 and L1, zstd level 1 below.
     pub compression_per_level: Vec<Compression>,
-    /// Bytes of uncompressed blocks the block cache holds. Default 64 MiB.
+    /// Bytes the block cache holds: uncompressed data blocks and the tables'
+    /// index partitions and filters (only a small top index per table stays
+    /// outside it). Default 64 MiB.
     pub block_cache_bytes: u64,
     /// Target size of a table written by a compaction. Default 64 MiB.
     pub table_bytes_target: u64,

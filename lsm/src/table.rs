@@ -1,17 +1,31 @@
 //! Tables (SSTables): writer, reader, properties and footer.
 //!
 //! ```text
-//! data block*   (payload + 9-byte trailer each)
-//! filter block  (bloom over user keys; never compressed)
-//! range-del block (block format: key = start ++ trailer(seq), value = end)
-//! index block   (block format: key = last internal key of a data block,
-//!                value = offset u64 LE ++ payload length u32 LE)
-//! props block   (see `Props::encode`)
+//! data block*        (payload + 9-byte trailer each)
+//! partition region:  per index partition, its filter block (bloom over the
+//!                    user keys of its data blocks; absent if empty) and its
+//!                    index partition (block format: key = last internal key
+//!                    of a data block, value = offset u64 LE ++ payload length
+//!                    u32 LE), both never compressed
+//! range-del block    (block format: key = start ++ trailer(seq), value = end)
+//! top index block    (block format: key = last internal key of a partition,
+//!                    value = index partition handle ++ filter handle, 12
+//!                    bytes each as above; a filter handle of length 0: none)
+//! props block        (see `Props::encode`)
 //! footer, 64 bytes:
-//!   0 filter offset u64 | 8 filter len u32 | 12 range-del offset u64 | 20 len u32
-//!  24 index offset u64  | 32 index len u32  | 36 props offset u64     | 44 len u32
+//!   0 region offset u64 | 8 zero u32 | 12 range-del offset u64 | 20 len u32
+//!  24 top index offset u64 | 32 len u32 | 36 props offset u64  | 44 len u32
 //!  48 format version u32 | 52 crc32c of bytes 0..52 u32 | 56 magic u64
 //! ```
+//!
+//! The partition region runs from its offset to the range-delete block. Only
+//! the top index stays in memory while a table is open; partitions and
+//! filters go through the block cache like data blocks, so an engine's
+//! memory does not grow with the data it holds.
+//!
+//! Formats 1 and 2 (still read) had one filter block for the whole table in
+//! the first footer slot and one index block (of data block handles) in the
+//! third: the reader takes them as a single partition.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,8 +46,9 @@ use crate::types::{
 };
 
 /// Table format version this build writes. Version 2 added the coverage
-/// start of L0 tables from a flush; version 1 tables are still read.
-pub(crate) const TABLE_FORMAT_VERSION: u32 = 2;
+/// start of L0 tables from a flush, version 3 the partitioned index and
+/// filters; versions 1 and 2 are still read.
+pub(crate) const TABLE_FORMAT_VERSION: u32 = 3;
 /// The oldest table format version this build reads.
 pub(crate) const TABLE_FORMAT_VERSION_MIN: u32 = 1;
 /// "CAIRNSST" little-endian.
@@ -257,7 +272,10 @@ pub(crate) struct TableWriter {
     file_offset: u64,
     out: Vec<u8>,
     block: BlockBuilder,
+    /// The index partition being filled.
     index: BlockBuilder,
+    /// Index partitions cut so far, written after the data.
+    partitions: Vec<PartitionDraft>,
     raw: Vec<u8>,
     scratch: Vec<u8>,
     key_buf: Vec<u8>,
@@ -269,6 +287,16 @@ pub(crate) struct TableWriter {
     has_any: bool,
     /// xxh3-64 of every byte written so far (the whole file once finished).
     file_hash: xxhash_rust::xxh3::Xxh3,
+}
+
+/// One index partition, waiting for the data blocks to be written.
+struct PartitionDraft {
+    /// The finished index block.
+    raw: Vec<u8>,
+    /// Its last internal key (the last key of its last data block).
+    last_key: Vec<u8>,
+    /// `hashes[..hash_end]` holds the user-key hashes of this and the earlier partitions.
+    hash_end: usize,
 }
 
 /// What [`TableWriter::finish`] wrote.
@@ -297,6 +325,7 @@ impl TableWriter {
             out: Vec::with_capacity(WRITE_BUFFER_BYTES + settings.block_bytes * 2),
             block: BlockBuilder::new(settings.restart_interval),
             index: BlockBuilder::new(1),
+            partitions: Vec::new(),
             raw: Vec::new(),
             scratch: Vec::new(),
             key_buf: Vec::new(),
@@ -394,10 +423,27 @@ impl TableWriter {
         handle.extend_from_slice(&offset.to_le_bytes());
         handle.extend_from_slice(&len.to_le_bytes());
         self.index.add(&last_key, &handle);
+        if self.index.estimated_bytes() >= self.settings.block_bytes {
+            self.cut_partition();
+        }
         if self.out.len() >= WRITE_BUFFER_BYTES {
             self.flush_buffer()?;
         }
         Ok(())
+    }
+
+    /// Ends the index partition being filled. The next key's hash goes into
+    /// the next partition's filter even if it is the same user key (its
+    /// versions then span both partitions, and a lookup may land in either).
+    fn cut_partition(&mut self) {
+        if self.index.is_empty() {
+            return;
+        }
+        let last_key = self.index.last_key().to_vec();
+        let mut raw = Vec::new();
+        self.index.finish_into(&mut raw);
+        self.partitions.push(PartitionDraft { raw, last_key, hash_end: self.hashes.len() });
+        self.has_last = false;
     }
 
     fn flush_buffer(&mut self) -> Result<()> {
@@ -414,13 +460,31 @@ impl TableWriter {
         (offset, len)
     }
 
-    /// Writes the filter, range-delete, index and props blocks and the footer,
-    /// syncs the file, and returns its size and whole-file checksum.
+    /// Writes the partition region, the range-delete, top index and props
+    /// blocks and the footer, syncs the file, and returns its size and
+    /// whole-file checksum.
     pub(crate) fn finish(mut self) -> Result<Written> {
         assert!(self.has_any, "an empty table is never written");
         self.finish_data_block()?;
-        let filter = bloom::build(&self.hashes, self.settings.bloom_bits_per_key);
-        let (f_off, f_len) = self.write_meta_block(&filter);
+        self.cut_partition();
+        let region = self.file_offset + self.out.len() as u64;
+        let mut top = BlockBuilder::new(1);
+        let mut hash_start = 0;
+        for part in std::mem::take(&mut self.partitions) {
+            let filter = bloom::build(&self.hashes[hash_start..part.hash_end], self.settings.bloom_bits_per_key);
+            hash_start = part.hash_end;
+            let f = if filter.is_empty() { (0, 0) } else { self.write_meta_block(&filter) };
+            let ix = self.write_meta_block(&part.raw);
+            let mut v = Vec::with_capacity(24);
+            for (off, len) in [ix, f] {
+                v.extend_from_slice(&off.to_le_bytes());
+                v.extend_from_slice(&len.to_le_bytes());
+            }
+            top.add(&part.last_key, &v);
+            if self.out.len() >= WRITE_BUFFER_BYTES {
+                self.flush_buffer()?;
+            }
+        }
         let mut rd = BlockBuilder::new(1);
         self.range_dels.sort_by(|a, b| a.start.cmp(&b.start).then(b.seq.cmp(&a.seq)));
         for t in &self.range_dels {
@@ -431,7 +495,7 @@ impl TableWriter {
         let mut raw = Vec::new();
         rd.finish_into(&mut raw);
         let (r_off, r_len) = self.write_meta_block(&raw);
-        self.index.finish_into(&mut raw);
+        top.finish_into(&mut raw);
         let (i_off, i_len) = self.write_meta_block(&raw);
         raw.clear();
         if self.props.seq_min == Seqno::MAX {
@@ -440,7 +504,7 @@ impl TableWriter {
         self.props.encode(&mut raw);
         let (p_off, p_len) = self.write_meta_block(&raw);
         let mut footer = Vec::with_capacity(FOOTER_BYTES);
-        for (off, len) in [(f_off, f_len), (r_off, r_len), (i_off, i_len), (p_off, p_len)] {
+        for (off, len) in [(region, 0), (r_off, r_len), (i_off, i_len), (p_off, p_len)] {
             footer.extend_from_slice(&off.to_le_bytes());
             footer.extend_from_slice(&len.to_le_bytes());
         }
@@ -467,24 +531,160 @@ pub(crate) fn key_prefix(key: &[u8]) -> u128 {
     u128::from_be_bytes(b)
 }
 
-#[derive(Debug)]
+/// One entry of an index: the last internal key of what it points at (a
+/// data block, or an index partition) and that block's handle.
+#[derive(Debug, Clone, Copy)]
 struct IndexEntry {
-    /// The first 16 bytes of `last_user`, big endian, zero-padded: most
-    /// binary-search steps compare this and never touch the key's heap bytes.
+    /// The first 16 bytes of the user key, big endian, zero-padded: most
+    /// binary-search steps compare this and never touch the key bytes.
     prefix: u128,
-    last_user: Bytes,
+    /// The user key is `keys[key_at..key_at + key_len]`.
+    key_at: u32,
+    key_len: u32,
     last_trailer: u64,
     offset: u64,
     len: u32,
 }
 
-/// (offset, payload length) of the filter, range-delete, index and props blocks.
+/// A decoded index block: entries in internal-key order, their user keys in
+/// one buffer.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    entries: Vec<IndexEntry>,
+    keys: Vec<u8>,
+    /// The filter handle of each entry (top index of format 3 only).
+    filters: Vec<(u64, u32)>,
+}
+
+/// Parses a 12-byte block handle.
+fn parse_handle(v: &[u8]) -> Option<(u64, u32)> {
+    let off = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let len = u32::from_le_bytes(v.get(8..12)?.try_into().ok()?);
+    Some((off, len))
+}
+
+/// Whether the block `(off, len)` (and its trailer) lies inside `[from, to)`.
+fn handle_within((off, len): (u64, u32), from: u64, to: u64) -> bool {
+    off >= from && off.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_some_and(|end| end <= to)
+}
+
+impl Index {
+    /// Decodes an index block whose handles must point inside `[from, to)`;
+    /// `with_filters`: values carry a filter handle too (top index), which
+    /// must lie inside the same bounds or be empty.
+    fn decode(raw: Bytes, from: u64, to: u64, with_filters: bool) -> Result<Index, String> {
+        let block = Arc::new(Block::new(raw)?);
+        let mut out = Index::default();
+        let mut it = BlockIter::new(block);
+        let value_len = if with_filters { 24 } else { 12 };
+        while it.advance()? {
+            let (u, t) = split_internal(it.key());
+            let v = it.value();
+            if v.len() != value_len {
+                return Err(format!("handle of {} bytes", v.len()));
+            }
+            let h = parse_handle(&v).ok_or("handle")?;
+            if !handle_within(h, from, to) {
+                return Err(format!("block handle {}+{} lies outside {from}..{to}", h.0, h.1));
+            }
+            if with_filters {
+                let f = parse_handle(&v[12..]).ok_or("filter handle")?;
+                if f.1 > 0 && !handle_within(f, from, to) {
+                    return Err(format!("filter handle {}+{} lies outside {from}..{to}", f.0, f.1));
+                }
+                out.filters.push(f);
+            }
+            if let Some(prev) = out.entries.last()
+                && crate::types::cmp_internal(out.user(out.entries.len() - 1), prev.last_trailer, u, t)
+                    != std::cmp::Ordering::Less
+            {
+                return Err("index keys out of order".into());
+            }
+            let key_at = u32::try_from(out.keys.len()).map_err(|_| "index keys above 4 GiB")?;
+            out.keys.extend_from_slice(u);
+            out.entries.push(IndexEntry {
+                prefix: key_prefix(u),
+                key_at,
+                key_len: u.len() as u32,
+                last_trailer: t,
+                offset: h.0,
+                len: h.1,
+            });
+        }
+        out.entries.shrink_to_fit();
+        out.keys.shrink_to_fit();
+        out.filters.shrink_to_fit();
+        Ok(out)
+    }
+
+    /// An index of one entry (formats 1 and 2: the whole index block as the
+    /// only partition, after every key of the table).
+    fn single(largest: &[u8], handle: (u64, u32), filter: (u64, u32)) -> Index {
+        Index {
+            entries: vec![IndexEntry {
+                prefix: key_prefix(largest),
+                key_at: 0,
+                key_len: largest.len() as u32,
+                last_trailer: 0,
+                offset: handle.0,
+                len: handle.1,
+            }],
+            keys: largest.to_vec(),
+            filters: vec![filter],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn user(&self, i: usize) -> &[u8] {
+        let e = &self.entries[i];
+        &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize]
+    }
+
+    fn handle(&self, i: usize) -> (u64, u32) {
+        (self.entries[i].offset, self.entries[i].len)
+    }
+
+    /// The first entry whose last internal key is ≥ `(key, trailer)`.
+    fn find(&self, key: &[u8], trailer: u64) -> usize {
+        let kp = key_prefix(key);
+        self.entries.partition_point(|e| match e.prefix.cmp(&kp) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => {
+                let u = &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
+                crate::types::cmp_internal(u, e.last_trailer, key, trailer) == std::cmp::Ordering::Less
+            }
+        })
+    }
+
+    /// The first entry whose last user key is > `key` (`inclusive`) or ≥ `key`.
+    fn find_user(&self, key: &[u8], inclusive: bool) -> usize {
+        self.entries.partition_point(|e| {
+            let u = &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
+            if inclusive { u <= key } else { u < key }
+        })
+    }
+
+    /// Bytes held in memory.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<IndexEntry>()
+            + self.keys.capacity()
+            + self.filters.capacity() * 16
+            + 96
+    }
+}
+
+/// (offset, payload length) of the footer's four slots: the partition region
+/// (format 3; the filter block before), range-delete, (top) index and props blocks.
 type BlockHandles = [(u64, u32); 4];
 
 /// Reads and checks a table's footer (magic, crc, handles inside the file,
-/// version) and its props block: the block handles (filter, range-delete,
-/// index, props), the props and the file size.
-fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles, Props, u64)> {
+/// version) and its props block: the block handles, the props, the file
+/// size and the format version.
+fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles, Props, u64, u32)> {
     let size = file.len().map_err(io("stat table", path))?;
     if size < FOOTER_BYTES as u64 {
         return Err(corrupt(path, 0, format!("{size} bytes is too short for a table")));
@@ -522,7 +722,7 @@ fn read_footer_and_props(file: &dyn FsFile, path: &Path) -> Result<(BlockHandles
     let props_raw = read_meta_block(file, path, pr)?;
     let props =
         Props::decode(&mut Reader::new(&props_raw), version).map_err(|e| corrupt(path, pr.0, format!("props: {e}")))?;
-    Ok((handles, props, size))
+    Ok((handles, props, size, version))
 }
 
 /// Reads and checks one whole block at `(offset, payload length)`.
@@ -536,17 +736,23 @@ fn read_meta_block(file: &dyn FsFile, path: &Path, (off, len): (u64, u32)) -> Re
 /// before the table is linked in and opened).
 pub(crate) fn read_props(fs: &dyn Fs, path: &Path) -> Result<Props> {
     let file = fs.open(path, OpenMode::Read).map_err(io("open table", path))?;
-    read_footer_and_props(&*file, path).map(|(_, p, _)| p)
+    read_footer_and_props(&*file, path).map(|(_, p, _, _)| p)
 }
 
-/// An open table.
+/// An open table. Only its top index and range deletes stay in memory;
+/// index partitions, filters and data blocks go through the block cache.
 pub(crate) struct Table {
     pub(crate) id: TableId,
     path: PathBuf,
     fs: Arc<dyn Fs>,
     file: Box<dyn FsFile>,
-    index: Vec<IndexEntry>,
-    bloom: Bloom,
+    /// One entry per index partition, with its filter's handle.
+    top: Index,
+    /// Data blocks end here (the partition region or, in formats 1 and 2,
+    /// the filter block starts).
+    data_end: u64,
+    /// Format 3: each partition's last key must equal its top index entry's.
+    check_partition_keys: bool,
     /// Range tombstones, sequence numbers shifted by `seq_offset`.
     pub(crate) range_dels: Vec<RangeTombstone>,
     pub(crate) props: Props,
@@ -577,43 +783,23 @@ impl Drop for Table {
 }
 
 impl Table {
-    /// Opens a table: reads and checks the footer, props, index, filter and
+    /// Opens a table: reads and checks the footer, props, top index and
     /// range deletes. Every error names the file.
     pub(crate) fn open(fs: Arc<dyn Fs>, path: &Path, id: TableId, seq_offset: u64, cache: BlockCache) -> Result<Table> {
         let file = fs.open(path, OpenMode::Read).map_err(io("open table", path))?;
-        let (handles, props, size) = read_footer_and_props(&*file, path)?;
+        let (handles, props, size, version) = read_footer_and_props(&*file, path)?;
         let read = |h: (u64, u32)| read_meta_block(&*file, path, h);
         let [f, rd, ix, _] = handles;
-        let bloom = Bloom::new(read(f)?.to_vec()).map_err(|e| corrupt(path, f.0, e))?;
-        let bad_ix = |e: String| corrupt(path, ix.0, format!("index block: {e}"));
-        let index_block = Arc::new(Block::new(read(ix)?).map_err(bad_ix)?);
-        let mut index = Vec::new();
-        let mut it = BlockIter::new(Arc::clone(&index_block));
-        while it.advance().map_err(bad_ix)? {
-            let (u, t) = split_internal(it.key());
-            let v = it.value();
-            if v.len() != 12 {
-                return Err(bad_ix(format!("handle of {} bytes", v.len())));
+        let (top, data_end) = if version >= 3 {
+            let bad_ix = |e: String| corrupt(path, ix.0, format!("top index block: {e}"));
+            if f.1 != 0 || f.0 > rd.0 {
+                return Err(corrupt(path, size - FOOTER_BYTES as u64, "partition region handle"));
             }
-            let offset = u64::from_le_bytes(v[..8].try_into().map_err(|_| bad_ix("handle".into()))?);
-            let len = u32::from_le_bytes(v[8..12].try_into().map_err(|_| bad_ix("handle".into()))?);
-            if offset.checked_add(u64::from(len) + TRAILER_BYTES as u64).is_none_or(|end| end > f.0) {
-                return Err(bad_ix(format!("data block handle {offset}+{len} lies outside the data")));
-            }
-            if let Some(prev) = index.last() {
-                let prev: &IndexEntry = prev;
-                if crate::types::cmp_internal(&prev.last_user, prev.last_trailer, u, t) != std::cmp::Ordering::Less {
-                    return Err(bad_ix("index keys out of order".into()));
-                }
-            }
-            index.push(IndexEntry {
-                prefix: key_prefix(u),
-                last_user: Bytes::copy_from_slice(u),
-                last_trailer: t,
-                offset,
-                len,
-            });
-        }
+            (Index::decode(read(ix)?, f.0, rd.0, true).map_err(bad_ix)?, f.0)
+        } else {
+            // The whole index block is the one partition, the whole filter its filter.
+            (Index::single(&props.largest, ix, f), f.0)
+        };
         let bad_rd = |e: String| corrupt(path, rd.0, format!("range-delete block: {e}"));
         let rd_block = Arc::new(Block::new(read(rd)?).map_err(bad_rd)?);
         let mut range_dels = Vec::new();
@@ -634,8 +820,9 @@ impl Table {
             path: path.to_path_buf(),
             fs,
             file,
-            index,
-            bloom,
+            top,
+            data_end,
+            check_partition_keys: version >= 3,
             range_dels,
             props,
             file_bytes: size,
@@ -671,33 +858,52 @@ impl Table {
         self.props.seq_max + self.seq_offset
     }
 
-    /// Memory held outside the block cache (index, filter, range deletes).
+    /// Memory held outside the block cache (top index, range deletes).
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.bloom.memory_bytes()
-            + self.index.iter().map(|e| e.last_user.len() + 48).sum::<usize>()
-            + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
+        self.top.memory_bytes() + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
     }
 
-    fn load_block(&self, i: usize) -> Result<Arc<Block>> {
-        let e = &self.index[i];
-        let mut buf = vec![0u8; e.len as usize + TRAILER_BYTES];
-        self.file.read_exact_at(&mut buf, e.offset).map_err(io("read table block", &self.path))?;
-        let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, e.offset, m))?;
-        Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, e.offset, m))
-    }
-
-    /// Block `i`, through the cache; `fill_cache = false` (compaction reads)
-    /// uses a cached block but does not insert one.
-    fn block(&self, i: usize, fill_cache: bool) -> Result<Arc<Block>> {
-        let offset = self.index[i].offset;
-        if fill_cache {
-            self.cache.get_or_load(self.id, offset, || self.load_block(i))
-        } else {
-            match self.cache.peek(self.id, offset) {
-                Some(b) => Ok(b),
-                None => self.load_block(i),
+    /// Index partition `p`, through the cache.
+    fn partition(&self, p: usize, fill_cache: bool) -> Result<Arc<Index>> {
+        let h = self.top.handle(p);
+        self.cache.get_or_load(self.id, h.0, fill_cache, || {
+            let bad = |e: String| corrupt(&self.path, h.0, format!("index partition: {e}"));
+            let part =
+                Index::decode(read_meta_block(&*self.file, &self.path, h)?, 0, self.data_end, false).map_err(bad)?;
+            if self.check_partition_keys {
+                let last = part.len().checked_sub(1).ok_or_else(|| bad("empty".into()))?;
+                if part.user(last) != self.top.user(p)
+                    || part.entries[last].last_trailer != self.top.entries[p].last_trailer
+                {
+                    return Err(bad("its last key differs from the top index's".into()));
+                }
             }
+            Ok(Arc::new(part))
+        })
+    }
+
+    /// Whether partition `p`'s filter may hold the key hashed to `hash`.
+    fn filter_may_contain(&self, p: usize, hash: u64) -> Result<bool> {
+        let h = self.top.filters[p];
+        if h.1 == 0 {
+            return Ok(true);
         }
+        let bloom = self.cache.get_or_load(self.id, h.0, true, || {
+            let raw = read_meta_block(&*self.file, &self.path, h)?;
+            Bloom::new(raw.to_vec()).map(Arc::new).map_err(|e| corrupt(&self.path, h.0, format!("filter: {e}")))
+        })?;
+        Ok(bloom.may_contain(hash))
+    }
+
+    /// The data block at `handle`, through the cache; `fill_cache = false`
+    /// (compaction reads) uses a cached block but does not insert one.
+    fn block(&self, (offset, len): (u64, u32), fill_cache: bool) -> Result<Arc<Block>> {
+        self.cache.get_or_load(self.id, offset, fill_cache, || {
+            let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
+            self.file.read_exact_at(&mut buf, offset).map_err(io("read table block", &self.path))?;
+            let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, offset, m))?;
+            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
+        })
     }
 
     fn shift(&self, t: u64) -> u64 {
@@ -709,25 +915,21 @@ impl Table {
         if snap < self.seq_min() || key < self.props.smallest.as_ref() || key > self.props.largest.as_ref() {
             return Ok(None);
         }
-        if !self.bloom.may_contain(hash) {
-            return Ok(None);
-        }
         let stored_snap = (snap - self.seq_offset).min(crate::types::SEQNO_MAX);
         let target = (stored_snap << 8) | 0xff;
-        let kp = key_prefix(key);
-        let i = self.index.partition_point(|e| match e.prefix.cmp(&kp) {
-            std::cmp::Ordering::Less => true,
-            std::cmp::Ordering::Greater => false,
-            std::cmp::Ordering::Equal => {
-                crate::types::cmp_internal(&e.last_user, e.last_trailer, key, target) == std::cmp::Ordering::Less
-            }
-        });
-        if i == self.index.len() {
+        let p = self.top.find(key, target);
+        if p == self.top.len() || !self.filter_may_contain(p, hash)? {
             return Ok(None);
         }
-        let block = self.block(i, true)?;
+        let part = self.partition(p, true)?;
+        let i = part.find(key, target);
+        if i == part.len() {
+            return Ok(None);
+        }
+        let handle = part.handle(i);
+        let block = self.block(handle, true)?;
         let mut it = BlockIter::with_key_buffer(block, KEY_BUF.with(|b| std::mem::take(&mut *b.borrow_mut())));
-        let at = self.index[i].offset;
+        let at = handle.0;
         let found = it.seek(key, target).map_err(|m| corrupt(&self.path, at, m));
         let out = match found {
             Ok(true) => {
@@ -758,9 +960,16 @@ pub(crate) struct TableIter {
     table: Arc<Table>,
     fill_cache: bool,
     forward: bool,
-    /// Next block to load (forward), or one past it (backward).
+    /// Set once the first partition is loaded (lazily: creating an iterator
+    /// does no I/O and cannot fail).
+    positioned: bool,
+    /// The partition being walked, and its number.
+    part: Option<Arc<Index>>,
+    part_no: usize,
+    /// Next data block of `part` to load (forward), or one past it (backward).
     next_block: usize,
     cur: Option<BlockIter>,
+    cur_at: u64,
     back: Vec<(Vec<u8>, Bytes)>,
     seek: Option<Vec<u8>>,
 }
@@ -769,19 +978,16 @@ impl TableIter {
     /// A forward iterator from the first key ≥ `start`, or a backward one from
     /// the last block that may hold keys ≤ `start` (the caller skips the rest).
     pub(crate) fn new(table: Arc<Table>, forward: bool, start: Option<&[u8]>) -> TableIter {
-        let n = table.index.len();
-        let next_block = match (forward, start) {
-            (true, None) => 0,
-            (false, None) => n,
-            (true, Some(k)) => table.index.partition_point(|e| e.last_user.as_ref() < k),
-            (false, Some(k)) => (table.index.partition_point(|e| e.last_user.as_ref() <= k) + 1).min(n),
-        };
         TableIter {
             table,
             fill_cache: true,
             forward,
-            next_block,
+            positioned: false,
+            part: None,
+            part_no: 0,
+            next_block: 0,
             cur: None,
+            cur_at: 0,
             back: Vec::new(),
             seek: start.map(<[u8]>::to_vec),
         }
@@ -804,12 +1010,74 @@ impl TableIter {
         Ok(InternalEntry { user: Bytes::copy_from_slice(u), trailer: self.table.shift(t), value })
     }
 
+    /// Loads partition `p` as the one being walked.
+    fn enter(&mut self, p: usize) -> Result<Arc<Index>> {
+        let part = self.table.partition(p, self.fill_cache)?;
+        self.part = Some(Arc::clone(&part));
+        self.part_no = p;
+        Ok(part)
+    }
+
+    /// The handle of the next data block in iteration order, or `None` at the end.
+    fn next_handle(&mut self) -> Result<Option<(u64, u32)>> {
+        let parts = self.table.top.len();
+        if !self.positioned {
+            self.positioned = true;
+            if parts == 0 {
+                return Ok(None);
+            }
+            let start = self.seek.clone();
+            if self.forward {
+                let p = start.as_deref().map_or(0, |k| self.table.top.find_user(k, false));
+                if p == parts {
+                    return Ok(None);
+                }
+                let part = self.enter(p)?;
+                self.next_block = start.as_deref().map_or(0, |k| part.find_user(k, false));
+            } else {
+                let p = start.as_deref().map_or(parts, |k| self.table.top.find_user(k, true));
+                if p == parts {
+                    self.next_block = self.enter(parts - 1)?.len();
+                } else {
+                    let part = self.enter(p)?;
+                    let k = start.as_deref().unwrap_or_default();
+                    self.next_block = (part.find_user(k, true) + 1).min(part.len());
+                }
+            }
+        }
+        loop {
+            let Some(part) = &self.part else { return Ok(None) };
+            if self.forward {
+                if self.next_block < part.len() {
+                    self.next_block += 1;
+                    return Ok(Some(part.handle(self.next_block - 1)));
+                }
+                if self.part_no + 1 >= parts {
+                    self.part = None;
+                    return Ok(None);
+                }
+                self.enter(self.part_no + 1)?;
+                self.next_block = 0;
+            } else {
+                if self.next_block > 0 {
+                    self.next_block -= 1;
+                    return Ok(Some(part.handle(self.next_block)));
+                }
+                if self.part_no == 0 {
+                    self.part = None;
+                    return Ok(None);
+                }
+                self.next_block = self.enter(self.part_no - 1)?.len();
+            }
+        }
+    }
+
     /// The next version, or `None` at the end.
     pub(crate) fn next_entry(&mut self) -> Result<Option<InternalEntry>> {
         if self.forward {
             loop {
                 if let Some(it) = &mut self.cur {
-                    let at = self.table.index[self.next_block - 1].offset;
+                    let at = self.cur_at;
                     if it.advance().map_err(|m| corrupt(&self.table.path, at, m))? {
                         if let Some(s) = &self.seek {
                             if split_internal(it.key()).0 < s.as_slice() {
@@ -829,11 +1097,9 @@ impl TableIter {
                     }
                     self.cur = None;
                 }
-                if self.next_block >= self.table.index.len() {
-                    return Ok(None);
-                }
-                let b = self.table.block(self.next_block, self.fill_cache)?;
-                self.next_block += 1;
+                let Some(h) = self.next_handle()? else { return Ok(None) };
+                let b = self.table.block(h, self.fill_cache)?;
+                self.cur_at = h.0;
                 self.cur = Some(BlockIter::new(b));
             }
         } else {
@@ -841,14 +1107,140 @@ impl TableIter {
                 if let Some((k, v)) = self.back.pop() {
                     return self.entry(&k, v).map(Some);
                 }
-                if self.next_block == 0 {
-                    return Ok(None);
-                }
-                self.next_block -= 1;
-                let at = self.table.index[self.next_block].offset;
-                let b = self.table.block(self.next_block, self.fill_cache)?;
-                self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(&self.table.path, at, m))?;
+                let Some(h) = self.next_handle()? else { return Ok(None) };
+                let b = self.table.block(h, self.fill_cache)?;
+                self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(&self.table.path, h.0, m))?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Versions of key `i`: most keys have 2, every 97th has 60 (so its
+    /// versions span data blocks and index partitions).
+    fn versions(i: u64) -> u64 {
+        if i.is_multiple_of(97) { 60 } else { 2 }
+    }
+
+    fn key(i: u64) -> Vec<u8> {
+        format!("key{i:06}").into_bytes()
+    }
+
+    /// Writes keys `0..n` (even numbers only), version `j` of key `i` at
+    /// sequence number `i * 100 + j`, newest first.
+    fn write(dir: &Path, n: u64, block_bytes: usize) -> PathBuf {
+        let path = dir.join(table_file_name(1));
+        let settings = WriteSettings {
+            block_bytes,
+            restart_interval: 4,
+            bloom_bits_per_key: 10,
+            compression: Compression::None,
+            skip_sync: true,
+        };
+        let mut w = TableWriter::create(&cairn_wal::StdFs, &path, settings).expect("create");
+        for i in (0..n).step_by(2) {
+            for j in (0..versions(i)).rev() {
+                w.add(&key(i), trailer(i * 100 + j, ValueKind::Put), format!("{i}-{j}").as_bytes()).expect("add");
+            }
+        }
+        w.finish().expect("finish");
+        path
+    }
+
+    #[test]
+    fn partitioned_tables_answer_right_and_hold_little_memory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = 20_000;
+        let path = write(dir.path(), n, 256);
+        let cache_cap = 256 << 10;
+        let cache = BlockCache::new(cache_cap);
+        let t = Arc::new(Table::open(Arc::new(cairn_wal::StdFs), &path, 1, 0, cache.clone()).expect("open"));
+        let blocks: usize = (0..t.top.len()).map(|p| t.partition(p, false).expect("partition").len()).sum();
+        assert!(t.top.len() >= 20, "{} partitions", t.top.len());
+        // A flat index held every block's key and handle; only one entry per
+        // partition stays in memory now (a partition is cut at `block_bytes`
+        // of index: here 6-7 blocks, at the default 4 KiB about 100).
+        assert!(t.top.len() * 5 < blocks, "{} partitions for {blocks} blocks", t.top.len());
+        assert!(t.memory_bytes() < t.top.len() * 100, "{} bytes held for {} partitions", t.memory_bytes(), t.top.len());
+        for i in 0..n + 2 {
+            let k = key(i);
+            let h = bloom::hash(&k);
+            for snap in [i * 100, i * 100 + 1, i * 100 + 30, i * 100 + 99] {
+                let got = t.get(&k, h, snap).expect("get").map(|(tr, v)| (trailer_seq(tr), v));
+                let want = (i % 2 == 0 && i < n).then(|| {
+                    let j = (snap - i * 100).min(versions(i) - 1);
+                    (i * 100 + j, Bytes::from(format!("{i}-{j}")))
+                });
+                assert_eq!(got, want, "key {i} at {snap}");
+            }
+            if i > 0 {
+                // Older than every version of the key.
+                assert_eq!(
+                    t.get(&k, h, i * 100 - 1).expect("get").filter(|(_, v)| v.starts_with(format!("{i}-").as_bytes())),
+                    None
+                );
+            }
+        }
+        assert!(cache.bytes() <= cache_cap, "cache holds {} bytes", cache.bytes());
+        // Scans from every kind of start, both ways, see every version in order.
+        let all: Vec<(Vec<u8>, u64)> =
+            (0..n).step_by(2).flat_map(|i| (0..versions(i)).rev().map(move |j| (key(i), i * 100 + j))).collect();
+        for start in [None, Some(0), Some(1), Some(97 * 2), Some(97 * 4 + 1), Some(n / 2), Some(n - 2), Some(n + 5)] {
+            let sk = start.map(key);
+            let mut fwd = Vec::new();
+            let mut it = TableIter::new(Arc::clone(&t), true, sk.as_deref());
+            while let Some(e) = it.next_entry().expect("next") {
+                fwd.push((e.user.to_vec(), trailer_seq(e.trailer)));
+            }
+            let want: Vec<_> = all.iter().filter(|(k, _)| sk.as_ref().is_none_or(|s| k >= s)).cloned().collect();
+            assert_eq!(fwd, want, "forward from {start:?}");
+            let mut back = Vec::new();
+            let mut it = TableIter::new(Arc::clone(&t), false, sk.as_deref()).without_cache_fill();
+            while let Some(e) = it.next_entry().expect("next") {
+                if sk.as_ref().is_none_or(|s| e.user.as_ref() <= s.as_slice()) {
+                    back.push((e.user.to_vec(), trailer_seq(e.trailer)));
+                }
+            }
+            let mut want: Vec<_> = all.iter().filter(|(k, _)| sk.as_ref().is_none_or(|s| k <= s)).cloned().collect();
+            want.reverse();
+            assert_eq!(back, want, "backward from {start:?}");
+        }
+    }
+
+    /// Tables written by earlier builds (formats 1 and 2: one index block,
+    /// one filter) read as before: the seed corpus holds such files, written
+    /// by the fuzz sample writer (60 keys `key0000..`, values `v{i}` x 5,
+    /// `key0007` deleted, `[key0010, key0020)` range-deleted).
+    #[test]
+    fn tables_of_formats_1_and_2_still_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/table_reader");
+        for (name, version) in [("seed-06", 1), ("seed-08", 1), ("v2-seed-06", 2), ("v2-seed-10", 2)] {
+            let path = dir.join(name);
+            let t = Arc::new(
+                Table::open(Arc::new(cairn_wal::StdFs), &path, 1, 0, BlockCache::new(1 << 20)).expect("open old table"),
+            );
+            let (_, _, _, v) =
+                read_footer_and_props(&*cairn_wal::StdFs.open(&path, OpenMode::Read).expect("open"), &path)
+                    .expect("footer");
+            assert_eq!(v, version, "{name}");
+            assert_eq!(t.range_dels.len(), 1, "{name}");
+            let mut puts = 0;
+            let mut it = TableIter::new(Arc::clone(&t), true, None);
+            while let Some(e) = it.next_entry().expect("next") {
+                if trailer_kind(e.trailer) == Some(ValueKind::Put) {
+                    let i: usize = std::str::from_utf8(&e.user[3..]).expect("utf8").parse().expect("key");
+                    assert_eq!(e.value, format!("v{i}").repeat(5).as_bytes(), "{name}");
+                    puts += 1;
+                }
+            }
+            assert!(puts >= 40, "{name}: {puts} puts");
+            let k = b"key0042";
+            let (_, v) = t.get(k, bloom::hash(k), crate::SEQNO_MAX).expect("get").expect("present");
+            assert_eq!(v, "v42".repeat(5).as_bytes(), "{name}");
+            assert_eq!(t.get(b"key0099", bloom::hash(b"key0099"), crate::SEQNO_MAX).expect("get"), None);
         }
     }
 }
