@@ -125,3 +125,120 @@ fn heavy_faults_force_stalls_and_reoffers_yet_complete() {
         run(seed, faults, 10, seed % 2 == 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }
+
+/// A background persist still running when a newer checkpoint's offer
+/// arrives: its result belongs to the replaced transfer and must not be
+/// acknowledged under the new one (whose bytes were never written), and the
+/// new checkpoint still arrives whole.
+#[test]
+fn a_replaced_transfers_persist_acknowledges_nothing_of_the_new_one() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let src_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(1).fs()));
+    let dst_fs: Arc<dyn Fs> = Arc::new(WalFs(SimDisk::new(2).fs()));
+    let write_set = |rng: &mut ChaCha8Rng, dir: &str| -> Vec<(String, Vec<u8>)> {
+        src_fs.create_dir_all(Path::new(dir)).expect("mkdir");
+        (0..3)
+            .map(|i| {
+                let data: Vec<u8> = (0..50_000).map(|_| rng.random()).collect();
+                let name = format!("{:06}.sst", i + 1);
+                let f = src_fs
+                    .open(&Path::new(dir).join(&name), cairn_snapshot_transfer::OpenMode::CreateNew)
+                    .expect("create");
+                f.write_all_at(&data, 0).expect("write");
+                f.sync_data().expect("sync");
+                (name, data)
+            })
+            .collect()
+    };
+    let files_a = write_set(&mut rng, "/a");
+    let files_b = write_set(&mut rng, "/b");
+    let cfg = small_config();
+    let (mut source_a, manifest_a) =
+        Source::open(&*src_fs, Path::new("/a"), &names(&files_a), 100, 3, 1).expect("source a");
+    let (mut source_b, manifest_b) =
+        Source::open(&*src_fs, Path::new("/b"), &names(&files_b), 200, 3, 2).expect("source b");
+    let base = Instant::now();
+    let mut rx = Receiver::new(cfg.clone());
+    let mut staging = Staging::new(dst_fs.clone(), root(), vec![]);
+    staging.set_background_persist(true);
+
+    // Transfer a until a persist is running, with some of it written.
+    let mut tx = Sender::new(cfg.clone(), manifest_a, base);
+    let mut started = false;
+    for step in 0..10_000u64 {
+        let now = base + Duration::from_millis(step);
+        while let Some(req) = tx.poll_read(now) {
+            let data = source_a.read(&req).expect("read a");
+            tx.handle_read(req, data);
+        }
+        while let Some(f) = tx.poll_frame() {
+            rx.handle_frame(f);
+        }
+        let mut back = Vec::new();
+        staging.drive(&mut rx, &mut |f| back.push(f)).expect("drive");
+        for f in back {
+            tx.handle_frame(f, now);
+        }
+        if staging.persist_pending() {
+            started = true;
+            break;
+        }
+    }
+    assert!(started, "no background persist started");
+    // Let the persist's thread end: its result waits to be taken.
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Checkpoint b's offer arrives before the result is taken.
+    let mut tx = Sender::new(cfg.clone(), manifest_b, base);
+    let now = base + Duration::from_secs(20);
+    while let Some(req) = tx.poll_read(now) {
+        let data = source_b.read(&req).expect("read b");
+        tx.handle_read(req, data);
+    }
+    let mut offered = false;
+    while let Some(f) = tx.poll_frame() {
+        offered |= matches!(f, cairn_snapshot_transfer::Frame::Offer { .. });
+        rx.handle_frame(f);
+    }
+    assert!(offered, "b's sender offered nothing");
+    let mut back = Vec::new();
+    staging.drive(&mut rx, &mut |f| back.push(f)).expect("drive");
+    for f in &back {
+        if let cairn_snapshot_transfer::Frame::Ack { transfer_id: 2, file, durable } = f {
+            assert_eq!(*durable, 0, "b's file {file} acknowledged durable to {durable} before any of it was sent");
+        }
+        if let cairn_snapshot_transfer::Frame::Have { transfer_id: 2, durable } = f {
+            assert!(durable.iter().all(|&d| d == 0), "b's files reported held: {durable:?}");
+        }
+    }
+
+    // And b then completes, byte-identical.
+    for f in back {
+        tx.handle_frame(f, now);
+    }
+    for step in 0..200_000u64 {
+        let now = base + Duration::from_secs(20) + Duration::from_millis(step);
+        while let Some(req) = tx.poll_read(now) {
+            let data = source_b.read(&req).expect("read b");
+            tx.handle_read(req, data);
+        }
+        while let Some(f) = tx.poll_frame() {
+            rx.handle_frame(f);
+        }
+        let mut back = Vec::new();
+        staging.drive(&mut rx, &mut |f| back.push(f)).expect("drive");
+        for f in back {
+            tx.handle_frame(f, now);
+        }
+        if let Some(done) = staging.take_completed() {
+            assert_eq!(done.manifest.index, 200);
+            assert_identical(&*dst_fs, &done.dir, &files_b);
+            return;
+        }
+        if staging.persist_pending() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.handle_timeout(now);
+    }
+    panic!("checkpoint b did not complete");
+}
