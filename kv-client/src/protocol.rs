@@ -15,8 +15,11 @@ pub use crate::wire::{
 /// ALPN of the client protocol, version 1. The version is the suffix: a
 /// server that speaks several versions offers each, and the handshake picks one.
 pub const ALPN_CLIENT: &[u8] = b"cairn-client/1";
-/// ALPN of the peer protocol (node to node), version 1.
-pub const ALPN_PEER: &[u8] = b"cairn-peer/1";
+/// ALPN of the peer protocol (node to node), version 2. Version 2 (the
+/// snapshot acknowledgement gained `pending`) cannot decode version 1's
+/// frames, so a node of an older build is refused at the handshake, with
+/// TLS's "no application protocol", rather than failing mid-transfer.
+pub const ALPN_PEER: &[u8] = b"cairn-peer/2";
 /// The server name clients check in a node's certificate (every node
 /// certificate carries it beside its own `node-<id>.cairn`).
 pub const SERVER_NAME: &str = "server.cairn";

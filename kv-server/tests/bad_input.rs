@@ -194,6 +194,13 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
     send.write_all(&frame::encode(&foreign).expect("encode")).await.expect("write");
     let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed in time");
     assert!(reason.to_string().contains("cluster"), "{reason}");
+    // A node of an older build (peer protocol version 1), with a valid
+    // certificate: refused at the handshake, no frame exchanged.
+    let r = raw_connect(&node1, &ca, b"cairn-peer/1", &tls::node_dns_name(1), Some(&node3)).await;
+    match r {
+        Err(e) => assert!(e.to_lowercase().contains("protocol"), "the handshake failed for another reason: {e}"),
+        Ok(c) => panic!("a peer of protocol version 1 was accepted: {:?}", c.handshake_data().is_some()),
+    }
 
     // None of it disturbed the cluster: same term, and it still serves.
     good.put("after", "2").await.expect("put after");
