@@ -1,5 +1,6 @@
-//! The block cache: uncompressed, checked blocks, and the tables' index
-//! partitions and filters, bounded in bytes together.
+//! The block cache: uncompressed, checked blocks and the tables' index
+//! partitions, bounded in bytes together with the filters of open tables
+//! (held outside it, charged against its bound).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +9,6 @@ use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
 use crate::block::Block;
-use crate::bloom::Bloom;
 use crate::error::Result;
 use crate::table::Index;
 use crate::types::TableId;
@@ -20,8 +20,6 @@ pub(crate) enum Cached {
     Block(Arc<Block>),
     /// An index partition, decoded.
     Index(Arc<Index>),
-    /// A filter partition.
-    Filter(Arc<Bloom>),
 }
 
 impl Cached {
@@ -29,7 +27,6 @@ impl Cached {
         match self {
             Cached::Block(b) => b.memory_bytes(),
             Cached::Index(i) => i.memory_bytes(),
-            Cached::Filter(f) => f.memory_bytes() + 32,
         }
     }
 }
@@ -57,7 +54,6 @@ macro_rules! cache_kind {
 }
 cache_kind!(Block, Block);
 cache_kind!(Index, Index);
-cache_kind!(Bloom, Filter);
 
 #[derive(Clone)]
 struct Weight;
@@ -68,8 +64,10 @@ impl Weighter<(TableId, u64), Cached> for Weight {
     }
 }
 
-/// A byte-bounded cache of blocks, index partitions and filters shared by
-/// every table of one engine (quick_cache's CLOCK-Pro, sharded).
+/// A byte-bounded cache of blocks and index partitions shared by every table
+/// of one engine (quick_cache's CLOCK-Pro, sharded). Memory held elsewhere
+/// for the engine's tables (their filters) is charged against the same
+/// bound with [`BlockCache::charge`]: the cache's own capacity shrinks by it.
 #[derive(Clone)]
 pub(crate) struct BlockCache {
     inner: Arc<Inner>,
@@ -77,6 +75,10 @@ pub(crate) struct BlockCache {
 
 struct Inner {
     cache: Option<Cache<(TableId, u64), Cached, Weight>>,
+    /// The bound, for cached items and charged bytes together.
+    bound: u64,
+    /// Bytes charged from outside (see [`BlockCache::charge`]).
+    charged: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -95,7 +97,41 @@ impl BlockCache {
             let items = (bytes / 4096).max(16) as usize;
             Cache::with_weighter(items, bytes, Weight)
         });
-        BlockCache { inner: Arc::new(Inner { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }) }
+        BlockCache {
+            inner: Arc::new(Inner {
+                cache,
+                bound: bytes,
+                charged: AtomicU64::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Charges `bytes` held elsewhere against the bound (`add = false`: gives
+    /// them back). The cache keeps at least an eighth of the bound for its
+    /// own items: charges beyond seven eighths are counted, not enforced.
+    pub(crate) fn charge(&self, bytes: u64, add: bool) {
+        let charged = if add {
+            self.inner.charged.fetch_add(bytes, Ordering::AcqRel) + bytes
+        } else {
+            self.inner.charged.fetch_sub(bytes, Ordering::AcqRel) - bytes
+        };
+        if let Some(cache) = &self.inner.cache {
+            let bound = self.inner.bound;
+            cache.set_capacity(bound.saturating_sub(charged).max(bound / 8));
+        }
+    }
+
+    /// Bytes charged from outside now.
+    pub(crate) fn charged(&self) -> u64 {
+        self.inner.charged.load(Ordering::Acquire)
+    }
+
+    /// The capacity left for cached items now.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> u64 {
+        self.inner.cache.as_ref().map_or(0, |c| c.capacity())
     }
 
     /// The item of kind `T` at `(table, offset)`, loaded (and inserted) on a

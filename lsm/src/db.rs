@@ -237,8 +237,11 @@ pub struct Stats {
     /// Sealed memtables waiting for their flush.
     pub sealed_memtables: usize,
     /// Bytes held for open tables outside the block cache: their top indexes
-    /// (one entry per index partition) and range deletes.
+    /// (one entry per index partition), filters and range deletes.
     pub table_memory_bytes: u64,
+    /// Of those, the filters' bytes, charged against `block_cache_bytes`
+    /// (the cache holds that much less).
+    pub filter_bytes: u64,
 }
 
 /// A consistent view of the engine at one sequence number: every read through
@@ -1878,6 +1881,7 @@ impl Inner {
                 .sum(),
             sealed_memtables: sv.sealed.len(),
             table_memory_bytes: sv.version.tables().map(|(_, t)| t.memory_bytes() as u64).sum(),
+            filter_bytes: self.cache.charged(),
         }
     }
 

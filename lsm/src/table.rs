@@ -18,10 +18,11 @@
 //!  48 format version u32 | 52 crc32c of bytes 0..52 u32 | 56 magic u64
 //! ```
 //!
-//! The partition region runs from its offset to the range-delete block. Only
-//! the top index stays in memory while a table is open; partitions and
-//! filters go through the block cache like data blocks, so an engine's
-//! memory does not grow with the data it holds.
+//! The partition region runs from its offset to the range-delete block. While
+//! a table is open, its top index and filters stay in memory (the filters,
+//! about 1.25 bytes per key, charged against the block cache's bound); index
+//! partitions go through the block cache like data blocks, so an engine's
+//! memory stays within its bounds as its data grows.
 //!
 //! Formats 1 and 2 (still read) had one filter block for the whole table in
 //! the first footer slot and one index block (of data block handles) in the
@@ -739,8 +740,9 @@ pub(crate) fn read_props(fs: &dyn Fs, path: &Path) -> Result<Props> {
     read_footer_and_props(&*file, path).map(|(_, p, _, _)| p)
 }
 
-/// An open table. Only its top index and range deletes stay in memory;
-/// index partitions, filters and data blocks go through the block cache.
+/// An open table. Its top index, filters and range deletes stay in memory
+/// (the filters charged against the block cache's bound); index partitions
+/// and data blocks go through the block cache.
 pub(crate) struct Table {
     pub(crate) id: TableId,
     path: PathBuf,
@@ -748,6 +750,11 @@ pub(crate) struct Table {
     file: Box<dyn FsFile>,
     /// One entry per index partition, with its filter's handle.
     top: Index,
+    /// Each partition's filter, held while the table is open and charged
+    /// against the block cache's bound (see [`BlockCache::charge`]).
+    filters: Vec<Bloom>,
+    /// The bytes charged for `filters`.
+    filter_bytes: u64,
     /// Data blocks end here (the partition region or, in formats 1 and 2,
     /// the filter block starts).
     data_end: u64,
@@ -774,6 +781,7 @@ impl std::fmt::Debug for Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
+        self.cache.charge(self.filter_bytes, false);
         if self.obsolete.load(Ordering::Acquire)
             && let Err(e) = self.fs.remove_file(&self.path)
         {
@@ -800,6 +808,15 @@ impl Table {
             // The whole index block is the one partition, the whole filter its filter.
             (Index::single(&props.largest, ix, f), f.0)
         };
+        let mut filters = Vec::with_capacity(top.len());
+        for &h in &top.filters {
+            if h.1 == 0 {
+                filters.push(Bloom::default());
+                continue;
+            }
+            filters.push(Bloom::new(read(h)?.to_vec()).map_err(|e| corrupt(path, h.0, format!("filter: {e}")))?);
+        }
+        let filter_bytes = filters.iter().map(|f| f.memory_bytes() as u64 + 24).sum();
         let bad_rd = |e: String| corrupt(path, rd.0, format!("range-delete block: {e}"));
         let rd_block = Arc::new(Block::new(read(rd)?).map_err(bad_rd)?);
         let mut range_dels = Vec::new();
@@ -815,12 +832,15 @@ impl Table {
         if range_dels.len() as u64 != props.range_deletes {
             return Err(bad_rd(format!("{} range deletes, props say {}", range_dels.len(), props.range_deletes)));
         }
+        cache.charge(filter_bytes, true);
         Ok(Table {
             id,
             path: path.to_path_buf(),
             fs,
             file,
             top,
+            filters,
+            filter_bytes,
             data_end,
             check_partition_keys: version >= 3,
             range_dels,
@@ -858,9 +878,11 @@ impl Table {
         self.props.seq_max + self.seq_offset
     }
 
-    /// Memory held outside the block cache (top index, range deletes).
+    /// Memory held outside the block cache (top index, filters, range deletes).
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.top.memory_bytes() + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
+        self.top.memory_bytes()
+            + self.filter_bytes as usize
+            + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
     }
 
     /// Index partition `p`, through the cache.
@@ -880,19 +902,6 @@ impl Table {
             }
             Ok(Arc::new(part))
         })
-    }
-
-    /// Whether partition `p`'s filter may hold the key hashed to `hash`.
-    fn filter_may_contain(&self, p: usize, hash: u64) -> Result<bool> {
-        let h = self.top.filters[p];
-        if h.1 == 0 {
-            return Ok(true);
-        }
-        let bloom = self.cache.get_or_load(self.id, h.0, true, || {
-            let raw = read_meta_block(&*self.file, &self.path, h)?;
-            Bloom::new(raw.to_vec()).map(Arc::new).map_err(|e| corrupt(&self.path, h.0, format!("filter: {e}")))
-        })?;
-        Ok(bloom.may_contain(hash))
     }
 
     /// The data block at `handle`, through the cache; `fill_cache = false`
@@ -918,7 +927,7 @@ impl Table {
         let stored_snap = (snap - self.seq_offset).min(crate::types::SEQNO_MAX);
         let target = (stored_snap << 8) | 0xff;
         let p = self.top.find(key, target);
-        if p == self.top.len() || !self.filter_may_contain(p, hash)? {
+        if p == self.top.len() || !self.filters[p].may_contain(hash) {
             return Ok(None);
         }
         let part = self.partition(p, true)?;
@@ -1164,7 +1173,11 @@ mod tests {
         // partition stays in memory now (a partition is cut at `block_bytes`
         // of index: here 6-7 blocks, at the default 4 KiB about 100).
         assert!(t.top.len() * 5 < blocks, "{} partitions for {blocks} blocks", t.top.len());
-        assert!(t.memory_bytes() < t.top.len() * 100, "{} bytes held for {} partitions", t.memory_bytes(), t.top.len());
+        assert!(t.top.memory_bytes() < t.top.len() * 100, "{} bytes for {} partitions", t.top.memory_bytes(), t.top.len());
+        // The filters are held, and charged against the cache's bound.
+        assert!(t.filter_bytes > 0 && t.filters.len() == t.top.len());
+        assert_eq!(cache.charged(), t.filter_bytes);
+        assert_eq!(cache.capacity(), cache_cap - t.filter_bytes);
         for i in 0..n + 2 {
             let k = key(i);
             let h = bloom::hash(&k);
@@ -1208,6 +1221,8 @@ mod tests {
             want.reverse();
             assert_eq!(back, want, "backward from {start:?}");
         }
+        drop(t);
+        assert_eq!((cache.charged(), cache.capacity()), (0, cache_cap), "closing gives the charge back");
     }
 
     /// Tables written by earlier builds (formats 1 and 2: one index block,
