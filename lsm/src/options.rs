@@ -118,9 +118,12 @@ pub struct Options {
     /// Compression of each level's data blocks; the last entry applies to
     /// every deeper level. Default: LZ4 on L0 and L1, zstd level 1 below.
     pub compression_per_level: Vec<Compression>,
-    /// Bytes the block cache holds: uncompressed data blocks and the tables'
-    /// index partitions and filters (only a small top index per table stays
-    /// outside it). Default 64 MiB.
+    /// Bound on the block cache: uncompressed data blocks and the tables'
+    /// index partitions, plus the open tables' filters, which are held
+    /// outside the cache and charged against this bound (about 1.25 bytes
+    /// per key at 10 bits per key; the cache keeps at least an eighth for
+    /// itself). Only a small top index per table and its range deletes are
+    /// held beyond it. Default 64 MiB.
     pub block_cache_bytes: u64,
     /// Target size of a table written by a compaction. Default 64 MiB.
     pub table_bytes_target: u64,

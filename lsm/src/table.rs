@@ -1,32 +1,30 @@
 //! Tables (SSTables): writer, reader, properties and footer.
 //!
 //! ```text
-//! data block*        (payload + 9-byte trailer each)
-//! partition region:  per index partition, its filter block (bloom over the
-//!                    user keys of its data blocks; absent if empty) and its
-//!                    index partition (block format: key = last internal key
-//!                    of a data block, value = offset u64 LE ++ payload length
-//!                    u32 LE), both never compressed
-//! range-del block    (block format: key = start ++ trailer(seq), value = end)
-//! top index block    (block format: key = last internal key of a partition,
-//!                    value = index partition handle ++ filter handle, 12
-//!                    bytes each as above; a filter handle of length 0: none)
-//! props block        (see `Props::encode`)
+//! data block*     (payload + 9-byte trailer each)
+//! filter block    (bloom over the table's user keys; never compressed)
+//! index partition* (block format: key = last internal key of a data block,
+//!                 value = offset u64 LE ++ payload length u32 LE; never
+//!                 compressed)
+//! range-del block (block format: key = start ++ trailer(seq), value = end)
+//! top index block (block format: key = last internal key of a partition,
+//!                 value = the partition's handle, 12 bytes as above)
+//! props block     (see `Props::encode`)
 //! footer, 64 bytes:
-//!   0 region offset u64 | 8 zero u32 | 12 range-del offset u64 | 20 len u32
+//!   0 filter offset u64 | 8 filter len u32 | 12 range-del offset u64 | 20 len u32
 //!  24 top index offset u64 | 32 len u32 | 36 props offset u64  | 44 len u32
 //!  48 format version u32 | 52 crc32c of bytes 0..52 u32 | 56 magic u64
 //! ```
 //!
-//! The partition region runs from its offset to the range-delete block. While
-//! a table is open, its top index and filters stay in memory (the filters,
-//! about 1.25 bytes per key, charged against the block cache's bound); index
-//! partitions go through the block cache like data blocks, so an engine's
-//! memory stays within its bounds as its data grows.
+//! Data blocks end where the filter starts; index partitions lie between the
+//! filter and the range-delete block. While a table is open, its top index
+//! (one entry per partition) and its filter (about 1.25 bytes per key,
+//! charged against the block cache's bound) stay in memory; index partitions
+//! go through the block cache like data blocks, so an engine's memory stays
+//! within its bounds as its data grows.
 //!
-//! Formats 1 and 2 (still read) had one filter block for the whole table in
-//! the first footer slot and one index block (of data block handles) in the
-//! third: the reader takes them as a single partition.
+//! Formats 1 and 2 (still read) had one index block of data handles in the
+//! third footer slot: the reader takes it as the only partition.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,8 +45,8 @@ use crate::types::{
 };
 
 /// Table format version this build writes. Version 2 added the coverage
-/// start of L0 tables from a flush, version 3 the partitioned index and
-/// filters; versions 1 and 2 are still read.
+/// start of L0 tables from a flush, version 3 the partitioned index;
+/// versions 1 and 2 are still read.
 pub(crate) const TABLE_FORMAT_VERSION: u32 = 3;
 /// The oldest table format version this build reads.
 pub(crate) const TABLE_FORMAT_VERSION_MIN: u32 = 1;
@@ -296,8 +294,6 @@ struct PartitionDraft {
     raw: Vec<u8>,
     /// Its last internal key (the last key of its last data block).
     last_key: Vec<u8>,
-    /// `hashes[..hash_end]` holds the user-key hashes of this and the earlier partitions.
-    hash_end: usize,
 }
 
 /// What [`TableWriter::finish`] wrote.
@@ -433,9 +429,7 @@ impl TableWriter {
         Ok(())
     }
 
-    /// Ends the index partition being filled. The next key's hash goes into
-    /// the next partition's filter even if it is the same user key (its
-    /// versions then span both partitions, and a lookup may land in either).
+    /// Ends the index partition being filled.
     fn cut_partition(&mut self) {
         if self.index.is_empty() {
             return;
@@ -443,8 +437,7 @@ impl TableWriter {
         let last_key = self.index.last_key().to_vec();
         let mut raw = Vec::new();
         self.index.finish_into(&mut raw);
-        self.partitions.push(PartitionDraft { raw, last_key, hash_end: self.hashes.len() });
-        self.has_last = false;
+        self.partitions.push(PartitionDraft { raw, last_key });
     }
 
     fn flush_buffer(&mut self) -> Result<()> {
@@ -461,26 +454,21 @@ impl TableWriter {
         (offset, len)
     }
 
-    /// Writes the partition region, the range-delete, top index and props
-    /// blocks and the footer, syncs the file, and returns its size and
-    /// whole-file checksum.
+    /// Writes the filter, the index partitions, the range-delete, top index
+    /// and props blocks and the footer, syncs the file, and returns its size
+    /// and whole-file checksum.
     pub(crate) fn finish(mut self) -> Result<Written> {
         assert!(self.has_any, "an empty table is never written");
         self.finish_data_block()?;
         self.cut_partition();
-        let region = self.file_offset + self.out.len() as u64;
+        let filter = bloom::build(&self.hashes, self.settings.bloom_bits_per_key);
+        let (f_off, f_len) = self.write_meta_block(&filter);
         let mut top = BlockBuilder::new(1);
-        let mut hash_start = 0;
         for part in std::mem::take(&mut self.partitions) {
-            let filter = bloom::build(&self.hashes[hash_start..part.hash_end], self.settings.bloom_bits_per_key);
-            hash_start = part.hash_end;
-            let f = if filter.is_empty() { (0, 0) } else { self.write_meta_block(&filter) };
-            let ix = self.write_meta_block(&part.raw);
-            let mut v = Vec::with_capacity(24);
-            for (off, len) in [ix, f] {
-                v.extend_from_slice(&off.to_le_bytes());
-                v.extend_from_slice(&len.to_le_bytes());
-            }
+            let (off, len) = self.write_meta_block(&part.raw);
+            let mut v = Vec::with_capacity(12);
+            v.extend_from_slice(&off.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
             top.add(&part.last_key, &v);
             if self.out.len() >= WRITE_BUFFER_BYTES {
                 self.flush_buffer()?;
@@ -505,7 +493,7 @@ impl TableWriter {
         self.props.encode(&mut raw);
         let (p_off, p_len) = self.write_meta_block(&raw);
         let mut footer = Vec::with_capacity(FOOTER_BYTES);
-        for (off, len) in [(region, 0), (r_off, r_len), (i_off, i_len), (p_off, p_len)] {
+        for (off, len) in [(f_off, f_len), (r_off, r_len), (i_off, i_len), (p_off, p_len)] {
             footer.extend_from_slice(&off.to_le_bytes());
             footer.extend_from_slice(&len.to_le_bytes());
         }
@@ -553,8 +541,6 @@ struct IndexEntry {
 pub(crate) struct Index {
     entries: Vec<IndexEntry>,
     keys: Vec<u8>,
-    /// The filter handle of each entry (top index of format 3 only).
-    filters: Vec<(u64, u32)>,
 }
 
 /// Parses a 12-byte block handle.
@@ -570,30 +556,20 @@ fn handle_within((off, len): (u64, u32), from: u64, to: u64) -> bool {
 }
 
 impl Index {
-    /// Decodes an index block whose handles must point inside `[from, to)`;
-    /// `with_filters`: values carry a filter handle too (top index), which
-    /// must lie inside the same bounds or be empty.
-    fn decode(raw: Bytes, from: u64, to: u64, with_filters: bool) -> Result<Index, String> {
+    /// Decodes an index block whose handles must point inside `[from, to)`.
+    fn decode(raw: Bytes, from: u64, to: u64) -> Result<Index, String> {
         let block = Arc::new(Block::new(raw)?);
         let mut out = Index::default();
         let mut it = BlockIter::new(block);
-        let value_len = if with_filters { 24 } else { 12 };
         while it.advance()? {
             let (u, t) = split_internal(it.key());
             let v = it.value();
-            if v.len() != value_len {
+            if v.len() != 12 {
                 return Err(format!("handle of {} bytes", v.len()));
             }
             let h = parse_handle(&v).ok_or("handle")?;
             if !handle_within(h, from, to) {
                 return Err(format!("block handle {}+{} lies outside {from}..{to}", h.0, h.1));
-            }
-            if with_filters {
-                let f = parse_handle(&v[12..]).ok_or("filter handle")?;
-                if f.1 > 0 && !handle_within(f, from, to) {
-                    return Err(format!("filter handle {}+{} lies outside {from}..{to}", f.0, f.1));
-                }
-                out.filters.push(f);
             }
             if let Some(prev) = out.entries.last()
                 && crate::types::cmp_internal(out.user(out.entries.len() - 1), prev.last_trailer, u, t)
@@ -614,13 +590,12 @@ impl Index {
         }
         out.entries.shrink_to_fit();
         out.keys.shrink_to_fit();
-        out.filters.shrink_to_fit();
         Ok(out)
     }
 
     /// An index of one entry (formats 1 and 2: the whole index block as the
     /// only partition, after every key of the table).
-    fn single(largest: &[u8], handle: (u64, u32), filter: (u64, u32)) -> Index {
+    fn single(largest: &[u8], handle: (u64, u32)) -> Index {
         Index {
             entries: vec![IndexEntry {
                 prefix: key_prefix(largest),
@@ -631,7 +606,6 @@ impl Index {
                 len: handle.1,
             }],
             keys: largest.to_vec(),
-            filters: vec![filter],
         }
     }
 
@@ -671,10 +645,7 @@ impl Index {
 
     /// Bytes held in memory.
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<IndexEntry>()
-            + self.keys.capacity()
-            + self.filters.capacity() * 16
-            + 96
+        self.entries.capacity() * std::mem::size_of::<IndexEntry>() + self.keys.capacity() + 72
     }
 }
 
@@ -740,23 +711,22 @@ pub(crate) fn read_props(fs: &dyn Fs, path: &Path) -> Result<Props> {
     read_footer_and_props(&*file, path).map(|(_, p, _, _)| p)
 }
 
-/// An open table. Its top index, filters and range deletes stay in memory
-/// (the filters charged against the block cache's bound); index partitions
+/// An open table. Its top index, filter and range deletes stay in memory
+/// (the filter charged against the block cache's bound); index partitions
 /// and data blocks go through the block cache.
 pub(crate) struct Table {
     pub(crate) id: TableId,
     path: PathBuf,
     fs: Arc<dyn Fs>,
     file: Box<dyn FsFile>,
-    /// One entry per index partition, with its filter's handle.
+    /// One entry per index partition.
     top: Index,
-    /// Each partition's filter, held while the table is open and charged
-    /// against the block cache's bound (see [`BlockCache::charge`]).
-    filters: Vec<Bloom>,
-    /// The bytes charged for `filters`.
+    /// Held while the table is open, charged against the block cache's
+    /// bound (see [`BlockCache::charge`]).
+    bloom: Bloom,
+    /// The bytes charged for `bloom`.
     filter_bytes: u64,
-    /// Data blocks end here (the partition region or, in formats 1 and 2,
-    /// the filter block starts).
+    /// Data blocks end here, where the filter starts.
     data_end: u64,
     /// Format 3: each partition's last key must equal its top index entry's.
     check_partition_keys: bool,
@@ -798,25 +768,16 @@ impl Table {
         let (handles, props, size, version) = read_footer_and_props(&*file, path)?;
         let read = |h: (u64, u32)| read_meta_block(&*file, path, h);
         let [f, rd, ix, _] = handles;
-        let (top, data_end) = if version >= 3 {
+        let bloom = Bloom::new(read(f)?.to_vec()).map_err(|e| corrupt(path, f.0, format!("filter: {e}")))?;
+        let filter_bytes = bloom.memory_bytes() as u64 + 24;
+        let top = if version >= 3 {
+            // Index partitions lie between the filter and the range deletes.
             let bad_ix = |e: String| corrupt(path, ix.0, format!("top index block: {e}"));
-            if f.1 != 0 || f.0 > rd.0 {
-                return Err(corrupt(path, size - FOOTER_BYTES as u64, "partition region handle"));
-            }
-            (Index::decode(read(ix)?, f.0, rd.0, true).map_err(bad_ix)?, f.0)
+            Index::decode(read(ix)?, f.0, rd.0).map_err(bad_ix)?
         } else {
-            // The whole index block is the one partition, the whole filter its filter.
-            (Index::single(&props.largest, ix, f), f.0)
+            // The whole index block is the one partition.
+            Index::single(&props.largest, ix)
         };
-        let mut filters = Vec::with_capacity(top.len());
-        for &h in &top.filters {
-            if h.1 == 0 {
-                filters.push(Bloom::default());
-                continue;
-            }
-            filters.push(Bloom::new(read(h)?.to_vec()).map_err(|e| corrupt(path, h.0, format!("filter: {e}")))?);
-        }
-        let filter_bytes = filters.iter().map(|f| f.memory_bytes() as u64 + 24).sum();
         let bad_rd = |e: String| corrupt(path, rd.0, format!("range-delete block: {e}"));
         let rd_block = Arc::new(Block::new(read(rd)?).map_err(bad_rd)?);
         let mut range_dels = Vec::new();
@@ -839,9 +800,9 @@ impl Table {
             fs,
             file,
             top,
-            filters,
+            bloom,
             filter_bytes,
-            data_end,
+            data_end: f.0,
             check_partition_keys: version >= 3,
             range_dels,
             props,
@@ -878,7 +839,7 @@ impl Table {
         self.props.seq_max + self.seq_offset
     }
 
-    /// Memory held outside the block cache (top index, filters, range deletes).
+    /// Memory held outside the block cache (top index, filter, range deletes).
     pub(crate) fn memory_bytes(&self) -> usize {
         self.top.memory_bytes()
             + self.filter_bytes as usize
@@ -890,8 +851,7 @@ impl Table {
         let h = self.top.handle(p);
         self.cache.get_or_load(self.id, h.0, fill_cache, || {
             let bad = |e: String| corrupt(&self.path, h.0, format!("index partition: {e}"));
-            let part =
-                Index::decode(read_meta_block(&*self.file, &self.path, h)?, 0, self.data_end, false).map_err(bad)?;
+            let part = Index::decode(read_meta_block(&*self.file, &self.path, h)?, 0, self.data_end).map_err(bad)?;
             if self.check_partition_keys {
                 let last = part.len().checked_sub(1).ok_or_else(|| bad("empty".into()))?;
                 if part.user(last) != self.top.user(p)
@@ -924,10 +884,13 @@ impl Table {
         if snap < self.seq_min() || key < self.props.smallest.as_ref() || key > self.props.largest.as_ref() {
             return Ok(None);
         }
+        if !self.bloom.may_contain(hash) {
+            return Ok(None);
+        }
         let stored_snap = (snap - self.seq_offset).min(crate::types::SEQNO_MAX);
         let target = (stored_snap << 8) | 0xff;
         let p = self.top.find(key, target);
-        if p == self.top.len() || !self.filters[p].may_contain(hash) {
+        if p == self.top.len() {
             return Ok(None);
         }
         let part = self.partition(p, true)?;
@@ -1173,11 +1136,18 @@ mod tests {
         // partition stays in memory now (a partition is cut at `block_bytes`
         // of index: here 6-7 blocks, at the default 4 KiB about 100).
         assert!(t.top.len() * 5 < blocks, "{} partitions for {blocks} blocks", t.top.len());
-        assert!(t.top.memory_bytes() < t.top.len() * 100, "{} bytes for {} partitions", t.top.memory_bytes(), t.top.len());
-        // The filters are held, and charged against the cache's bound.
-        assert!(t.filter_bytes > 0 && t.filters.len() == t.top.len());
+        assert!(
+            t.top.memory_bytes() < t.top.len() * 100,
+            "{} bytes for {} partitions",
+            t.top.memory_bytes(),
+            t.top.len()
+        );
+        // The filter is held, and charged against the cache's bound.
+        assert!(t.filter_bytes > 0);
         assert_eq!(cache.charged(), t.filter_bytes);
-        assert_eq!(cache.capacity(), cache_cap - t.filter_bytes);
+        // (The cache rounds its capacity up to a multiple of its shard count.)
+        let left = cache_cap - t.filter_bytes;
+        assert!((left..left + 256).contains(&cache.capacity()), "capacity {} for {left}", cache.capacity());
         for i in 0..n + 2 {
             let k = key(i);
             let h = bloom::hash(&k);
@@ -1222,7 +1192,8 @@ mod tests {
             assert_eq!(back, want, "backward from {start:?}");
         }
         drop(t);
-        assert_eq!((cache.charged(), cache.capacity()), (0, cache_cap), "closing gives the charge back");
+        assert_eq!(cache.charged(), 0, "closing gives the charge back");
+        assert!((cache_cap..cache_cap + 256).contains(&cache.capacity()), "capacity {}", cache.capacity());
     }
 
     /// Tables written by earlier builds (formats 1 and 2: one index block,
