@@ -59,8 +59,12 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Bytes of the LSM memtable. Default 64 MiB.
     pub memtable_bytes: usize,
-    /// Bytes of the LSM block cache. Default 64 MiB.
+    /// Bytes of the LSM block cache, which also bounds the tables' filters
+    /// (charged against it). Default 64 MiB.
     pub block_cache_bytes: u64,
+    /// Bytes of the newest Raft log entries kept in memory for appends to
+    /// followers (older ones are read back from the WAL). Default 64 MiB.
+    pub entry_cache_bytes: u64,
     /// Bytes of a WAL segment. Default 64 MiB.
     pub wal_segment_bytes: u64,
     /// Address of the Prometheus `/metrics` endpoint (off when absent).
@@ -253,6 +257,7 @@ pub struct FileConfig {
     session_ttl_secs: Option<u64>,
     memtable_bytes: Option<usize>,
     block_cache_bytes: Option<u64>,
+    entry_cache_bytes: Option<u64>,
     wal_segment_bytes: Option<u64>,
     metrics_listen: Option<SocketAddr>,
     log_format: Option<String>,
@@ -468,6 +473,7 @@ impl Config {
             session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(3600)),
             memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
+            entry_cache_bytes: file.entry_cache_bytes.unwrap_or(64 << 20),
             wal_segment_bytes: args.wal_segment_bytes.or(file.wal_segment_bytes).unwrap_or(64 << 20).max(64 << 10),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format,

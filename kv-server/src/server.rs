@@ -156,6 +156,7 @@ pub fn recover(
     site: &InstallSite,
     identity: NodeIdentity,
     wal_segment_bytes: u64,
+    entry_cache_bytes: u64,
     bootstrap_voters: &[u64],
 ) -> Result<Recovered, ServerError> {
     let fs = &site.fs;
@@ -166,7 +167,7 @@ pub fn recover(
     let db = Db::open_with_fs(fs.clone(), &live, site.options.clone())?;
     let durable = db.durable_marker();
     let applied = durable.map_or(0, |m| m.index);
-    let mut store = WalStore::open(fs.clone(), &data_dir.join("raft"), identity, wal_segment_bytes, 64 << 20)?;
+    let mut store = WalStore::open(fs.clone(), &data_dir.join("raft"), identity, wal_segment_bytes, entry_cache_bytes)?;
     let (conf, conf_index) = match db.get(CONF_KEY)? {
         Some(b) => (
             frame::decode::<ConfState>(&b)
@@ -232,8 +233,13 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         initial,
         failpoints: switches.failpoints.clone(),
     };
-    let Recovered { db, store, conf, conf_index, applied: applied_index, book } =
-        recover(&site, identity, cfg.wal_segment_bytes, &cfg.initial_cluster.keys().copied().collect::<Vec<_>>())?;
+    let Recovered { db, store, conf, conf_index, applied: applied_index, book } = recover(
+        &site,
+        identity,
+        cfg.wal_segment_bytes,
+        cfg.entry_cache_bytes,
+        &cfg.initial_cluster.keys().copied().collect::<Vec<_>>(),
+    )?;
     tracing::info!(
         node = cfg.id,
         cluster = format_args!("{cluster_id:016x}"),
@@ -938,6 +944,12 @@ async fn watch_quota(
         metrics::gauge!("cairn_lsm_memtable_bytes").set(st.memtable_bytes as f64);
         metrics::gauge!("cairn_lsm_write_amplification").set(st.write_amplification);
         metrics::gauge!("cairn_lsm_slowdowns").set(st.slowdowns as f64);
+        // Memory: the block cache's items, and what open tables hold beside it
+        // (top indexes, filters, range deletes; the filters are charged
+        // against the cache's bound).
+        metrics::gauge!("cairn_lsm_cache_bytes").set(st.cache_bytes as f64);
+        metrics::gauge!("cairn_lsm_table_memory_bytes").set(st.table_memory_bytes as f64);
+        metrics::gauge!("cairn_lsm_filter_bytes").set(st.filter_bytes as f64);
         let is_over = bytes > cfg.quota_bytes;
         over.store(is_over, Ordering::Relaxed);
         if !is_over || !propose || crate::state::read_book(&book).alarms.contains(&cfg.id) {

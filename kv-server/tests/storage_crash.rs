@@ -75,7 +75,7 @@ enum Rule {
 
 fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
     let site = site(fs, DIR);
-    let rec = recover(&site, ID, 16 << 10, &[1]).map_err(|e| format!("recovery: {e}"))?;
+    let rec = recover(&site, ID, 16 << 10, 1 << 20, &[1]).map_err(|e| format!("recovery: {e}"))?;
     if std::env::var_os("CAIRN_CRASH_DEBUG").is_some() {
         eprintln!(
             "boot: applied {} log {:?}..={:?} hs {:?}",
@@ -395,7 +395,8 @@ fn an_install_cut_short_anywhere_leaves_the_old_state_or_the_new_one() {
         let finished = done.is_ok();
         drop(node);
         disk.crash();
-        let rec = recover(&site(disk.fs(), DIR), ID, 16 << 10, &[1]).expect("recovery after a cut-short install");
+        let rec =
+            recover(&site(disk.fs(), DIR), ID, 16 << 10, 1 << 20, &[1]).expect("recovery after a cut-short install");
         let keys = keys_of(&rec.db);
         let which = if keys == new_keys {
             assert_eq!(rec.applied, 40, "crash point {at}: the new state's marker");
