@@ -1,0 +1,31 @@
+#!/bin/bash
+# Grows a fresh 3-node dev cluster step by step and prints, after each step,
+# the put figures, each node's folder size and each node process's peak RSS.
+# Usage (from the repository root): docs/bench/grow.sh path/to/kv-server STEPS [PUTS_PER_STEP]
+# (KV may name the kv binary; CAIRN_QUOTA_BYTES raises the nodes' quota.)
+set -u
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+SERVER=$1
+STEPS=$2
+PUTS=${3:-1000000}
+KV_BIN=${KV:-$ROOT/target/release/kv}
+D=$(mktemp -d /tmp/grow.XXXX)
+cd "$D"
+"$SERVER" dev --base-port 27601 > dev.log 2>&1 &
+DEV=$!
+sleep 4
+K="$KV_BIN --dev-dir $D/cairn-data"
+for step in $(seq 1 "$STEPS"); do
+  echo "== step $step $(date +%T)"
+  $K bench put --total "$PUTS" --value-size 1024 -c 256 --conns 16 -w json | tail -1
+  sleep 2
+  $K endpoint status -w json 2>/dev/null | tr ',' '\n' | grep -E '"(applied|state_bytes)"' | tr '\n' ' '
+  echo
+  for n in "$D"/cairn-data/*/; do printf '%s %s bytes\n' "$(basename "$n")" "$(du -sb "$n" | cut -f1)"; done
+  for p in $(pgrep -P "$DEV"); do
+    printf 'pid %s %s %s\n' "$p" "$(grep VmHWM /proc/"$p"/status | tr -s ' ')" "$(grep VmRSS /proc/"$p"/status | tr -s ' ')"
+  done
+done
+kill -INT $DEV
+while kill -0 $DEV 2>/dev/null; do sleep 1; done
+rm -rf "$D"
