@@ -213,7 +213,7 @@ impl WalStore {
     }
 
     /// The lowest index `i` such that the entries `i..=upto` take at most
-    /// `bytes` (to [`SIZE_SAMPLE_EVERY`] entries), never below the first entry.
+    /// `bytes` (to `SIZE_SAMPLE_EVERY` entries), never below the first entry.
     pub fn tail_start_for_bytes(&self, upto: LogIndex, bytes: u64) -> LogIndex {
         let upto_bytes = if upto >= self.last {
             self.bytes_total
