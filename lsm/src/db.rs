@@ -228,7 +228,8 @@ pub struct Stats {
     pub stall_time: Duration,
     /// Writes delayed by a slowdown.
     pub slowdowns: u64,
-    /// Block cache hits / (hits + misses).
+    /// Block cache hits / (hits + misses), over data blocks and index
+    /// partitions (compaction reads are not counted).
     pub cache_hit_ratio: f64,
     /// Bytes in the block cache.
     pub cache_bytes: u64,
