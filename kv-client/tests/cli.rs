@@ -56,10 +56,16 @@ impl Drop for Dev {
 
 impl Dev {
     fn start() -> Dev {
+        Dev::start_with(&[])
+    }
+
+    /// A dev cluster started with `extra` arguments to `kv-server dev`.
+    fn start_with(extra: &[String]) -> Dev {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("dev.log")).expect("log");
         let child = Command::new(kv_server())
             .args(["dev", "--no-first-put", "--base-port", &free_base_port().to_string()])
+            .args(extra)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -306,4 +312,50 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     let help = dev.ok(&["--help"]);
     assert!(help.contains("Exit codes"), "{help}");
+}
+
+/// Three consecutive free TCP ports on 127.0.0.1.
+fn free_tcp_base_port() -> u16 {
+    for _ in 0..200 {
+        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free TCP ports");
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`, or "" if it cannot be read.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// `kv-server dev --metrics-base-port P`: each node serves its Prometheus
+/// metrics (Raft, and the LSM's memory: cache, tables, filters) at P, P+1, P+2.
+#[test]
+fn a_dev_cluster_serves_each_nodes_metrics_when_asked() {
+    let base = free_tcp_base_port();
+    let dev = Dev::start_with(&["--metrics-base-port".into(), base.to_string()]);
+    assert_eq!(dev.ok(&["put", "metered", "1"]).trim(), "OK");
+    for i in 0..3u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = scrape(base + i);
+            let wanted =
+                ["cairn_raft_term", "cairn_lsm_cache_bytes", "cairn_lsm_table_memory_bytes", "cairn_lsm_filter_bytes"];
+            if wanted.iter().all(|m| body.contains(m)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {}'s metrics lack one of {wanted:?}:\n{body}", i + 1);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }

@@ -22,6 +22,10 @@ pub struct DevArgs {
     /// Start, do the first put and get, and stop at once (for scripts).
     #[arg(long)]
     pub exit_after_first_put: bool,
+    /// Serve each node's Prometheus `/metrics` on 127.0.0.1, at this TCP
+    /// port and the next two (off by default).
+    #[arg(long)]
+    pub metrics_base_port: Option<u16>,
 }
 
 /// The files a dev cluster keeps.
@@ -96,8 +100,13 @@ pub fn run(args: DevArgs) -> Result<(), String> {
             .open(&log_path)
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut node = node_args(&layout, id);
+        if let Some(base) = args.metrics_base_port {
+            let port = u64::from(base) + id - 1;
+            node.extend(["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+        }
         let child = Command::new(&exe)
-            .args(node_args(&layout, id))
+            .args(node)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
