@@ -53,6 +53,8 @@ pub(crate) const TABLE_FORMAT_VERSION_MIN: u32 = 1;
 /// "CAIRNSST" little-endian.
 pub(crate) const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNSST");
 const FOOTER_BYTES: usize = 64;
+/// What a table's filter costs beside its bits (the `Bloom` itself).
+const BLOOM_OVERHEAD_BYTES: u64 = 24;
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Bound on one block's uncompressed size: a 16 MiB value plus a 64 KiB key
 /// and headers fits.
@@ -613,9 +615,14 @@ impl Index {
         self.entries.len()
     }
 
+    /// The user key of entry `e` (one of `self.entries`).
+    fn key_of(&self, e: &IndexEntry) -> &[u8] {
+        let at = e.key_at as usize;
+        &self.keys[at..at + e.key_len as usize]
+    }
+
     fn user(&self, i: usize) -> &[u8] {
-        let e = &self.entries[i];
-        &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize]
+        self.key_of(&self.entries[i])
     }
 
     fn handle(&self, i: usize) -> (u64, u32) {
@@ -629,18 +636,14 @@ impl Index {
             std::cmp::Ordering::Less => true,
             std::cmp::Ordering::Greater => false,
             std::cmp::Ordering::Equal => {
-                let u = &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
-                crate::types::cmp_internal(u, e.last_trailer, key, trailer) == std::cmp::Ordering::Less
+                crate::types::cmp_internal(self.key_of(e), e.last_trailer, key, trailer) == std::cmp::Ordering::Less
             }
         })
     }
 
     /// The first entry whose last user key is > `key` (`inclusive`) or ≥ `key`.
     fn find_user(&self, key: &[u8], inclusive: bool) -> usize {
-        self.entries.partition_point(|e| {
-            let u = &self.keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
-            if inclusive { u <= key } else { u < key }
-        })
+        self.entries.partition_point(|e| if inclusive { self.key_of(e) <= key } else { self.key_of(e) < key })
     }
 
     /// Bytes held in memory.
@@ -649,8 +652,8 @@ impl Index {
     }
 }
 
-/// (offset, payload length) of the footer's four slots: the partition region
-/// (format 3; the filter block before), range-delete, (top) index and props blocks.
+/// (offset, payload length) of the footer's four slots: the filter,
+/// range-delete, index (format 3: the top index) and props blocks.
 type BlockHandles = [(u64, u32); 4];
 
 /// Reads and checks a table's footer (magic, crc, handles inside the file,
@@ -722,10 +725,8 @@ pub(crate) struct Table {
     /// One entry per index partition.
     top: Index,
     /// Held while the table is open, charged against the block cache's
-    /// bound (see [`BlockCache::charge`]).
+    /// bound (see [`BlockCache::charge`] and [`Table::filter_bytes`]).
     bloom: Bloom,
-    /// The bytes charged for `bloom`.
-    filter_bytes: u64,
     /// Data blocks end here, where the filter starts.
     data_end: u64,
     /// Format 3: each partition's last key must equal its top index entry's.
@@ -751,7 +752,7 @@ impl std::fmt::Debug for Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
-        self.cache.charge(self.filter_bytes, false);
+        self.cache.charge(self.filter_bytes(), false);
         if self.obsolete.load(Ordering::Acquire)
             && let Err(e) = self.fs.remove_file(&self.path)
         {
@@ -769,7 +770,6 @@ impl Table {
         let read = |h: (u64, u32)| read_meta_block(&*file, path, h);
         let [f, rd, ix, _] = handles;
         let bloom = Bloom::new(read(f)?.to_vec()).map_err(|e| corrupt(path, f.0, format!("filter: {e}")))?;
-        let filter_bytes = bloom.memory_bytes() as u64 + 24;
         let top = if version >= 3 {
             // Index partitions lie between the filter and the range deletes.
             let bad_ix = |e: String| corrupt(path, ix.0, format!("top index block: {e}"));
@@ -793,15 +793,13 @@ impl Table {
         if range_dels.len() as u64 != props.range_deletes {
             return Err(bad_rd(format!("{} range deletes, props say {}", range_dels.len(), props.range_deletes)));
         }
-        cache.charge(filter_bytes, true);
-        Ok(Table {
+        let table = Table {
             id,
             path: path.to_path_buf(),
             fs,
             file,
             top,
             bloom,
-            filter_bytes,
             data_end: f.0,
             check_partition_keys: version >= 3,
             range_dels,
@@ -811,7 +809,10 @@ impl Table {
             file_xxh3: None,
             cache,
             obsolete: AtomicBool::new(false),
-        })
+        };
+        // Given back when the table drops.
+        table.cache.charge(table.filter_bytes(), true);
+        Ok(table)
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -839,10 +840,15 @@ impl Table {
         self.props.seq_max + self.seq_offset
     }
 
+    /// The bytes charged against the block cache for the filter.
+    fn filter_bytes(&self) -> u64 {
+        self.bloom.memory_bytes() as u64 + BLOOM_OVERHEAD_BYTES
+    }
+
     /// Memory held outside the block cache (top index, filter, range deletes).
     pub(crate) fn memory_bytes(&self) -> usize {
         self.top.memory_bytes()
-            + self.filter_bytes as usize
+            + self.filter_bytes() as usize
             + self.range_dels.iter().map(|t| t.start.len() + t.end.len() + 48).sum::<usize>()
     }
 
@@ -1143,10 +1149,10 @@ mod tests {
             t.top.len()
         );
         // The filter is held, and charged against the cache's bound.
-        assert!(t.filter_bytes > 0);
-        assert_eq!(cache.charged(), t.filter_bytes);
+        assert!(t.filter_bytes() > 0);
+        assert_eq!(cache.charged(), t.filter_bytes());
         // (The cache rounds its capacity up to a multiple of its shard count.)
-        let left = cache_cap - t.filter_bytes;
+        let left = cache_cap - t.filter_bytes();
         assert!((left..left + 256).contains(&cache.capacity()), "capacity {} for {left}", cache.capacity());
         for i in 0..n + 2 {
             let k = key(i);
