@@ -166,19 +166,7 @@ fn a_replaced_transfers_persist_acknowledges_nothing_of_the_new_one() {
     let mut tx = Sender::new(cfg.clone(), manifest_a, base);
     let mut started = false;
     for step in 0..10_000u64 {
-        let now = base + Duration::from_millis(step);
-        while let Some(req) = tx.poll_read(now) {
-            let data = source_a.read(&req).expect("read a");
-            tx.handle_read(req, data);
-        }
-        while let Some(f) = tx.poll_frame() {
-            rx.handle_frame(f);
-        }
-        let mut back = Vec::new();
-        staging.drive(&mut rx, &mut |f| back.push(f)).expect("drive");
-        for f in back {
-            tx.handle_frame(f, now);
-        }
+        step_direct(&mut tx, &mut source_a, &mut rx, &mut staging, base + Duration::from_millis(step));
         if staging.persist_pending() {
             started = true;
             break;
@@ -218,18 +206,7 @@ fn a_replaced_transfers_persist_acknowledges_nothing_of_the_new_one() {
     }
     for step in 0..200_000u64 {
         let now = base + Duration::from_secs(20) + Duration::from_millis(step);
-        while let Some(req) = tx.poll_read(now) {
-            let data = source_b.read(&req).expect("read b");
-            tx.handle_read(req, data);
-        }
-        while let Some(f) = tx.poll_frame() {
-            rx.handle_frame(f);
-        }
-        let mut back = Vec::new();
-        staging.drive(&mut rx, &mut |f| back.push(f)).expect("drive");
-        for f in back {
-            tx.handle_frame(f, now);
-        }
+        step_direct(&mut tx, &mut source_b, &mut rx, &mut staging, now);
         if let Some(done) = staging.take_completed() {
             assert_eq!(done.manifest.index, 200);
             assert_identical(&*dst_fs, &done.dir, &files_b);
@@ -241,4 +218,21 @@ fn a_replaced_transfers_persist_acknowledges_nothing_of_the_new_one() {
         tx.handle_timeout(now);
     }
     panic!("checkpoint b did not complete");
+}
+
+/// One step of a transfer over a perfect link: the sender's reads and frames,
+/// the receiver's actions, and its answers back.
+fn step_direct(tx: &mut Sender, source: &mut Source, rx: &mut Receiver, staging: &mut Staging, now: Instant) {
+    while let Some(req) = tx.poll_read(now) {
+        let data = source.read(&req).expect("read");
+        tx.handle_read(req, data);
+    }
+    while let Some(f) = tx.poll_frame() {
+        rx.handle_frame(f);
+    }
+    let mut back = Vec::new();
+    staging.drive(rx, &mut |f| back.push(f)).expect("drive");
+    for f in back {
+        tx.handle_frame(f, now);
+    }
 }
