@@ -199,7 +199,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
     let r = raw_connect(&node1, &ca, b"cairn-peer/1", &tls::node_dns_name(1), Some(&node3)).await;
     match r {
         Err(e) => assert!(e.to_lowercase().contains("protocol"), "the handshake failed for another reason: {e}"),
-        Ok(c) => panic!("a peer of protocol version 1 was accepted: {:?}", c.handshake_data().is_some()),
+        Ok(_) => panic!("a peer of protocol version 1 was accepted"),
     }
 
     // None of it disturbed the cluster: same term, and it still serves.
