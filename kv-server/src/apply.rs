@@ -153,6 +153,9 @@ pub struct Applier {
     /// Test switch: merge a full snapshot's tables into the live state
     /// instead of replacing it (the seed's bug: a deleted key can come back).
     pub merge_snapshots_for_tests: bool,
+    /// Test switch: write no record naming the change that replaced a put
+    /// (breaks the history: a watch cannot find a replaced put's value).
+    pub skip_change_records_for_tests: bool,
 }
 
 impl std::fmt::Debug for Applier {
@@ -199,6 +202,7 @@ impl Applier {
             ignore_sessions_for_tests: false,
             local_quota_for_tests: None,
             merge_snapshots_for_tests: false,
+            skip_change_records_for_tests: false,
         })
     }
 
@@ -548,6 +552,7 @@ impl Applier {
                 }
                 if revision > self.compacted {
                     batch.delete_range(crate::state::history_key(0, 0), crate::state::history_key(revision, 0));
+                    batch.delete_range(crate::state::changed_key(0, &[]), crate::state::changed_key(revision, &[]));
                     batch.put(crate::state::COMPACTED_KEY.to_vec(), revision.to_le_bytes().to_vec());
                     self.compacted = revision;
                     tracing::info!(revision, "history compacted");
@@ -586,6 +591,8 @@ impl Applier {
                     changed: false,
                     events: &mut self.events,
                     event_n: 0,
+                    compacted: self.compacted,
+                    skip_change_records: self.skip_change_records_for_tests,
                 };
                 if m.stored(&lease_key(id)).is_none() {
                     return Response::error(ErrorCode::LeaseNotFound, format!("lease {id} does not exist"));
@@ -709,6 +716,8 @@ impl Applier {
                     changed: false,
                     events: &mut self.events,
                     event_n: 0,
+                    compacted: self.compacted,
+                    skip_change_records: self.skip_change_records_for_tests,
                 };
                 let outcome = match body {
                     Body::Write(ops) => {
@@ -836,6 +845,11 @@ struct Mutation<'a> {
     events: &'a mut Vec<WatchEvent>,
     /// Events of this write so far (their number within the revision).
     event_n: u32,
+    /// The oldest revision the history keeps.
+    compacted: u64,
+    /// Test switch: write no `c` records (a watch then cannot find the
+    /// value of a replaced put).
+    skip_change_records: bool,
 }
 
 impl Mutation<'_> {
@@ -858,13 +872,47 @@ impl Mutation<'_> {
     }
 
     /// Records a change of a user key in the history (in the same batch)
-    /// and for the watchers.
+    /// and for the watchers. The record of a put leaves its value out (it
+    /// is the key's record); the value this change replaces is kept once,
+    /// as the record's `prev`, and a `c` record tells the replaced put's
+    /// record where it went (see [`crate::state`]).
     fn event(&mut self, kind: EventKind, kv: KeyValue, prev: Option<KeyValue>) {
-        let e = WatchEvent { revision: self.next, kind, kv, prev };
-        self.batch
-            .put(crate::state::history_key(self.next, self.event_n), archived(cairn_kv_client::frame::archive(&e)));
+        use crate::state::{HistoryRecord, PrevValue, changed_key, encode_change, event_key};
+        if let Some(p) = &prev {
+            let replaced = p.meta.mod_revision;
+            if replaced == self.next {
+                // Replaced within this write: one `c` record per key and
+                // revision could not tell its puts apart, so the earlier
+                // record keeps its value itself.
+                let first = self.events.len() - self.event_n as usize;
+                let earlier = self.events[first..].iter().enumerate().rev().find(|(_, e)| e.kv.key == kv.key);
+                if let Some((j, e)) = earlier {
+                    let record = HistoryRecord {
+                        kind: e.kind,
+                        key: e.kv.key.clone(),
+                        meta: e.kv.meta,
+                        value: Some(e.kv.value.clone()),
+                        prev: e.prev.as_ref().map(|p| PrevValue { meta: p.meta, value: p.value.clone() }),
+                    };
+                    self.batch.put(event_key(self.next, j as u32), archived(record.encode()));
+                }
+            } else if replaced >= self.compacted && !self.skip_change_records {
+                self.batch.put(changed_key(replaced, &kv.key), encode_change(self.next, self.event_n));
+            }
+        }
+        let record = HistoryRecord {
+            kind,
+            key: kv.key.clone(),
+            meta: kv.meta,
+            value: match kind {
+                EventKind::Put => None,
+                EventKind::Delete => Some(Vec::new()),
+            },
+            prev: prev.as_ref().map(|p| PrevValue { meta: p.meta, value: p.value.clone() }),
+        };
+        self.batch.put(event_key(self.next, self.event_n), archived(record.encode()));
         self.event_n += 1;
-        self.events.push(e);
+        self.events.push(WatchEvent { revision: self.next, kind, kv, prev });
     }
 
     /// Writes (or removes) one LSM key, through the overlay.

@@ -1,7 +1,8 @@
 //! Reads at a past revision, from the watch history.
 //!
 //! The state keeps each key's current value under `k` and every change, with
-//! the key's previous value, under `r` (by revision). The state of a key at
+//! the key's previous value, under `r` (by revision; a put's own value is
+//! not repeated there, see [`crate::state`]). The state of a key at
 //! revision `R` is its current value if no change after `R` touched it, and
 //! otherwise the previous value recorded by the first change after `R`. So a
 //! read at `R` reads the current state and the history `(R, now]` from one
@@ -13,10 +14,104 @@
 use std::collections::BTreeMap;
 
 use cairn_kv_client::frame;
-use cairn_kv_client::protocol::{KeyValue, WatchEvent};
+use cairn_kv_client::protocol::{EventKind, KeyValue, WatchEvent};
 use cairn_lsm::ReadView;
 
-use crate::state::{COMPACTED_KEY, REVISION_KEY, history_key, view_u64};
+use crate::state::{
+    COMPACTED_KEY, HISTORY_FORMAT, HistoryRecord, PrevValue, REVISION_KEY, changed_key, decode_change, decode_value,
+    event_key, history_key, user_key, view_u64,
+};
+
+/// One stored history record: its revision, number within the revision,
+/// and the record (a record of the format before [`HISTORY_FORMAT`], a whole
+/// event, is read as one that holds its value).
+pub fn decode_record(lsm_key: &[u8], stored: &[u8]) -> Result<(u64, u32, HistoryRecord), String> {
+    let damaged = |why: String| format!("a damaged history record {lsm_key:?}: {why}");
+    let revision = lsm_key.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+    let n = lsm_key.get(9..13).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_be_bytes);
+    let (Some(revision), Some(n)) = (revision, n) else {
+        return Err(damaged("the key is not a history key".into()));
+    };
+    match lsm_key.get(13..) {
+        Some([]) => {
+            let e: WatchEvent = frame::decode(stored).map_err(|e| damaged(e.to_string()))?;
+            let record = HistoryRecord {
+                kind: e.kind,
+                key: e.kv.key,
+                meta: e.kv.meta,
+                value: Some(e.kv.value),
+                prev: e.prev.map(|p| PrevValue { meta: p.meta, value: p.value }),
+            };
+            Ok((revision, n, record))
+        }
+        Some([HISTORY_FORMAT]) => {
+            let record = HistoryRecord::decode(stored).map_err(|e| damaged(e.to_string()))?;
+            if record.value.is_none() && record.kind != EventKind::Put {
+                return Err(damaged("a delete without its (empty) value".into()));
+            }
+            Ok((revision, n, record))
+        }
+        _ => Err(damaged("a history format this build does not read".into())),
+    }
+}
+
+/// The event a history record stands for, as `view` sees the state: a put
+/// whose value the record leaves out finds it in the `prev` of the change
+/// that replaced it (named by a `c` record), else in the key's record.
+pub fn resolve(view: &ReadView, revision: u64, record: HistoryRecord) -> Result<WatchEvent, String> {
+    let HistoryRecord { kind, key, meta, value, prev } = record;
+    let value = match value {
+        Some(v) => v,
+        None => find_value(view, revision, &key)?,
+    };
+    let prev = prev.map(|p| KeyValue { key: key.clone(), value: p.value, meta: p.meta });
+    Ok(WatchEvent { revision, kind, kv: KeyValue { key, value, meta }, prev })
+}
+
+/// Where the value of `key`'s put of `revision` is kept (see [`resolve`]).
+fn find_value(view: &ReadView, revision: u64, key: &[u8]) -> Result<Vec<u8>, String> {
+    let read = |k: &[u8]| view.get(k).map_err(|e| format!("reading the history: {e}"));
+    let lost = |why: &str| format!("the value of the put of {key:?} at revision {revision} {why}");
+    if let Some(c) = read(&changed_key(revision, key))? {
+        let (r, n) = decode_change(&c).ok_or_else(|| lost("has a damaged change record"))?;
+        let at = event_key(r, n);
+        let stored = read(&at)?.ok_or_else(|| lost("names a change the history does not hold"))?;
+        let (_, _, change) = decode_record(&at, &stored)?;
+        return match change.prev {
+            Some(p) if p.meta.mod_revision == revision && change.key == key => Ok(p.value),
+            _ => Err(lost("is not the one its change replaced")),
+        };
+    }
+    let stored = read(&user_key(key))?.ok_or_else(|| lost("is neither replaced nor current"))?;
+    let (meta, value) = decode_value(&stored)?;
+    if meta.mod_revision != revision {
+        return Err(lost(&format!("was replaced at {} with no change record", meta.mod_revision)));
+    }
+    Ok(value.to_vec())
+}
+
+/// The events in revisions `(after, upto]` of the keys `covers` accepts,
+/// each with its value, from one read view.
+pub fn events<'a>(
+    view: &'a ReadView,
+    after: u64,
+    upto: u64,
+    covers: impl Fn(&[u8]) -> bool + 'a,
+) -> impl Iterator<Item = Result<WatchEvent, String>> + 'a {
+    let lo = history_key(after.saturating_add(1), 0);
+    let hi = history_key(upto.saturating_add(1), 0);
+    view.range(lo..hi).filter_map(move |kv| {
+        let (k, v) = match kv {
+            Ok(kv) => kv,
+            Err(e) => return Some(Err(format!("reading the history: {e}"))),
+        };
+        match decode_record(&k, &v) {
+            Err(e) => Some(Err(e)),
+            Ok((_, _, record)) if !covers(&record.key) => None,
+            Ok((revision, _, record)) => Some(resolve(view, revision, record)),
+        }
+    })
+}
 
 /// Why a read at a past revision could not be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,15 +185,15 @@ pub fn undo_to(view: &ReadView, revision: u64, covers: impl Fn(&[u8]) -> bool) -
     let lo = history_key(revision + 1, 0);
     let hi = history_key(current.saturating_add(1), 0);
     for kv in view.range(lo..hi) {
-        let (_, v) = kv.map_err(|e| PastReadError::Storage(e.to_string()))?;
+        let (k, v) = kv.map_err(|e| PastReadError::Storage(e.to_string()))?;
         undo.events_read += 1;
-        let e: WatchEvent =
-            frame::decode(&v).map_err(|e| PastReadError::Storage(format!("a damaged history record: {e}")))?;
-        if !covers(&e.kv.key) || undo.before.contains_key(&e.kv.key) {
+        let (_, _, record) = decode_record(&k, &v).map_err(PastReadError::Storage)?;
+        if !covers(&record.key) || undo.before.contains_key(&record.key) {
             continue;
         }
         // The first change after the revision recorded what the key held at it.
-        undo.before.insert(e.kv.key, e.prev);
+        let prev = record.prev.map(|p| KeyValue { key: record.key.clone(), value: p.value, meta: p.meta });
+        undo.before.insert(record.key, prev);
     }
     Ok(undo)
 }

@@ -1133,15 +1133,8 @@ async fn watch_history(
         return Ok(Err(compacted));
     }
     let mut out: Vec<cairn_kv_client::protocol::WatchEvent> = Vec::new();
-    let lo = crate::state::history_key(after + 1, 0);
-    let hi = crate::state::history_key(upto.saturating_add(1), 0);
-    for kv in view.range(lo..hi) {
-        let (_, v) = kv.map_err(|e| format!("reading the history: {e}"))?;
-        let mut e: cairn_kv_client::protocol::WatchEvent =
-            frame::decode(&v).map_err(|e| format!("a damaged history record: {e}"))?;
-        if !w.covers(&e.kv.key) {
-            continue;
-        }
+    for e in crate::history::events(&view, after, upto, |k| w.covers(k)) {
+        let mut e = e?;
         if !w.prev_kv {
             e.prev = None;
         }

@@ -15,8 +15,19 @@
 //! | `m` | `revision` | the cluster revision (u64 LE): raised by one by each write that changes a key |
 //! | `l` | lease id (u64 BE) | its time to live in ms (u64 LE) |
 //! | `L` | lease id (u64 BE), user key | empty: the key is attached to the lease |
-//! | `r` | revision (u64 BE), event number in it (u32 BE) | a [`cairn_kv_client::protocol::WatchEvent`] (rkyv) |
+//! | `r` | revision (u64 BE), event number in it (u32 BE), [`HISTORY_FORMAT`] | a [`HistoryRecord`] (rkyv): a put's value is not in it (see below) |
+//! | `r` | revision (u64 BE), event number in it (u32 BE) | a [`cairn_kv_client::protocol::WatchEvent`] (rkyv), value included: written by builds before [`HISTORY_FORMAT`], still read |
+//! | `c` | revision (u64 BE), user key | the change that replaced the key's put of that revision: its revision (u64 LE), event number (u32 LE) |
 //! | `m` | `compacted` | the oldest revision the history keeps (u64 LE; absent: 0) |
+
+//!
+//! Each value is stored once. A put's history record leaves its value out:
+//! while the key is at that revision, the value is the key's `k` record;
+//! once a later change (put or delete) replaces it, that change's record
+//! holds it as its `prev`, and a `c` record names that change. (A change
+//! made twice to one key within one write keeps the earlier value in its own
+//! record instead.) Past reads use only `prev`; a watch reading the history
+//! finds each put's value through the `c` record or the `k` record.
 
 /// Namespace of user keys.
 pub const USER_PREFIX: u8 = b'k';
@@ -38,6 +49,11 @@ pub const LEASE_PREFIX: u8 = b'l';
 pub const ATTACH_PREFIX: u8 = b'L';
 /// Namespace of the history.
 pub const HISTORY_PREFIX: u8 = b'r';
+/// The format byte that ends the key of a [`HistoryRecord`] (a key
+/// without it holds a whole `WatchEvent`, as builds before it wrote).
+pub const HISTORY_FORMAT: u8 = 2;
+/// Namespace of the records naming the change that replaced a put.
+pub const CHANGED_PREFIX: u8 = b'c';
 /// The key of the oldest revision the history keeps.
 pub const COMPACTED_KEY: &[u8] = b"mcompacted";
 /// The key of the cluster revision.
@@ -48,13 +64,13 @@ pub const VALUE_FORMAT: u8 = 2;
 /// Bytes before a stored value's user bytes.
 pub const VALUE_HEADER_BYTES: usize = 33;
 
-pub use records::{Command, CommandOp, Outcome, SessionRecord};
+pub use records::{Command, CommandOp, HistoryRecord, Outcome, PrevValue, SessionRecord};
 
 use cairn_kv_client::protocol::KeyMeta;
 
 mod records {
     use cairn_kv_client::frame::{self, FrameError};
-    use cairn_kv_client::protocol::{Compare, ErrorCode, Session, TxnOp, WriteOp};
+    use cairn_kv_client::protocol::{Compare, ErrorCode, EventKind, KeyMeta, Session, TxnOp, WriteOp};
     use rkyv::{Archive, Deserialize, Serialize};
 
     /// What an entry asks the state machine to do.
@@ -162,6 +178,47 @@ mod records {
         },
         /// Refused at apply (deterministically) with this code.
         Refused(ErrorCode),
+    }
+
+    /// One change of a user key in the history (the LSM key holds its
+    /// revision and its number within the revision).
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub struct HistoryRecord {
+        /// Put or delete.
+        pub kind: EventKind,
+        /// The user key.
+        pub key: Vec<u8>,
+        /// The key's revisions after the change (a delete: only
+        /// `mod_revision`, the delete's revision).
+        pub meta: KeyMeta,
+        /// The value, when this record holds it: a delete's (empty), or a
+        /// put's replaced within the same write. `None`: a put whose value
+        /// is the key's record or the `prev` of the change that replaced it.
+        pub value: Option<Vec<u8>>,
+        /// What the key held before the change.
+        pub prev: Option<PrevValue>,
+    }
+
+    /// A key's value and revisions before a change.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+    #[rkyv(derive(Debug), attr(allow(missing_docs)))]
+    pub struct PrevValue {
+        /// Its revisions.
+        pub meta: KeyMeta,
+        /// Its user bytes.
+        pub value: Vec<u8>,
+    }
+
+    impl HistoryRecord {
+        /// Encodes the record.
+        pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+            frame::archive(self)
+        }
+        /// Decodes a record.
+        pub fn decode(data: &[u8]) -> Result<HistoryRecord, FrameError> {
+            frame::decode(data)
+        }
     }
 
     /// A session in the replicated state.
@@ -274,6 +331,39 @@ pub fn history_key(revision: u64, n: u32) -> Vec<u8> {
     k.extend_from_slice(&revision.to_be_bytes());
     k.extend_from_slice(&n.to_be_bytes());
     k
+}
+
+/// The LSM key of the `n`-th event of `revision`, as this build writes it
+/// (a [`HistoryRecord`]); [`history_key`] bounds ranges of both formats.
+pub fn event_key(revision: u64, n: u32) -> Vec<u8> {
+    let mut k = history_key(revision, n);
+    k.push(HISTORY_FORMAT);
+    k
+}
+
+/// The LSM key naming the change that replaced `key`'s put of `revision`
+/// (`key` empty: the bound of a range by revision).
+pub fn changed_key(revision: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(CHANGED_PREFIX);
+    k.extend_from_slice(&revision.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// A `c` record's value: the replacing change's revision and event number.
+pub fn encode_change(revision: u64, n: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&revision.to_le_bytes());
+    v.extend_from_slice(&n.to_le_bytes());
+    v
+}
+
+/// Reads a `c` record's value.
+pub fn decode_change(v: &[u8]) -> Option<(u64, u32)> {
+    let r = v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes)?;
+    let n = v.get(8..).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes)?;
+    Some((r, n))
 }
 
 /// The oldest revision the history keeps (0 before any compaction).

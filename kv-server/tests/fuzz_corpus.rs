@@ -8,7 +8,7 @@ use cairn_kv_client::protocol::{Session, WriteOp};
 use cairn_kv_server::fuzzing::fuzz_decoders;
 use cairn_kv_server::peer::PeerFrame;
 use cairn_kv_server::snapshot::{SnapshotAck, SnapshotHello};
-use cairn_kv_server::state::{Command, CommandOp, Outcome, SessionRecord, encode_value};
+use cairn_kv_server::state::{Command, CommandOp, HistoryRecord, Outcome, PrevValue, SessionRecord, encode_value};
 use cairn_raft_core::{Body, ConfState, Entry, EntryKind, LogIndex, Message, NodeId, Term};
 use proptest::prelude::*;
 
@@ -86,6 +86,41 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .expect("encode"),
         ),
+        (
+            "history-record",
+            HistoryRecord {
+                kind: cairn_kv_client::protocol::EventKind::Put,
+                key: b"k".to_vec(),
+                meta: cairn_kv_client::protocol::KeyMeta { create_revision: 2, mod_revision: 5, version: 2, lease: 0 },
+                value: None,
+                prev: Some(PrevValue {
+                    meta: cairn_kv_client::protocol::KeyMeta {
+                        create_revision: 2,
+                        mod_revision: 2,
+                        version: 1,
+                        lease: 0,
+                    },
+                    value: b"old".to_vec(),
+                }),
+            }
+            .encode()
+            .expect("encode"),
+        ),
+        ("history-key-and-record", {
+            let mut b = cairn_kv_server::state::event_key(5, 0);
+            b.extend(
+                HistoryRecord {
+                    kind: cairn_kv_client::protocol::EventKind::Delete,
+                    key: b"k".to_vec(),
+                    meta: cairn_kv_client::protocol::KeyMeta::default(),
+                    value: Some(Vec::new()),
+                    prev: None,
+                }
+                .encode()
+                .expect("encode"),
+            );
+            b
+        }),
         (
             "command-lease-grant",
             Command { time_ms: 3, op: CommandOp::LeaseGrant { ttl_ms: 5000, owner: 4 } }.encode().expect("encode"),
