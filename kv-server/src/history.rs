@@ -213,15 +213,18 @@ mod tests {
         }
     }
 
-    /// Writes puts and deletes the way the apply worker does (value under
-    /// `k`, event under `r`, revision under `m`), keeping a model of every
-    /// revision's state, then checks every past read against the model.
+    /// Writes puts and deletes the way builds before history format 2 did
+    /// (value under `k`, whole event under `r`, revision under `m`), keeping
+    /// a model of every revision's state, then checks every past read and
+    /// the watch's reading of the history against it. (The format written
+    /// now is checked through the apply worker: `tests/history.rs`.)
     #[test]
     fn undoing_the_history_gives_each_past_state() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Db::open(dir.path(), Options::default()).expect("open");
         let mut state: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
         let mut past: Vec<BTreeMap<Vec<u8>, KeyValue>> = vec![state.clone()];
+        let mut written = Vec::new();
         let mut seed = 7u64;
         for rev in 1..=300u64 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -248,11 +251,18 @@ mod tests {
                 WatchEvent { revision: rev, kind: EventKind::Put, kv: new, prev }
             };
             b.put(history_key(rev, 0), frame::archive(&e).expect("archive"));
+            written.push(e);
             b.put(REVISION_KEY.to_vec(), rev.to_le_bytes().to_vec());
             db.write(&b).expect("write");
             past.push(state.clone());
         }
         let view = db.read_view();
+        // Records of this format hold their values: a watch reads them back as written.
+        for after in [0, 150, 299] {
+            let read: Vec<WatchEvent> = events(&view, after, 300, |_| true).collect::<Result<_, _>>().expect("events");
+            let expected: Vec<WatchEvent> = written.iter().filter(|e| e.revision > after).cloned().collect();
+            assert_eq!(read, expected, "the events after {after}");
+        }
         for (r, expected) in past.iter().enumerate() {
             let undo = undo_to(&view, r as u64, |_| true).expect("undo");
             let mut got = BTreeMap::new();
