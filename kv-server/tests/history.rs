@@ -35,7 +35,50 @@ struct Harness {
     live: Vec<WatchEvent>,
 }
 
-fn harness(seed: u64, skip_change_records: bool) -> Harness {
+/// Writes `revisions` revisions of puts and deletes the way builds before
+/// history format 2 did (each event whole, its value included, under a key
+/// without the format byte), one entry each from index 1; returns the events.
+fn write_old_format(db: &cairn_lsm::Db, seed: u64, revisions: u64) -> Vec<WatchEvent> {
+    use cairn_kv_client::protocol::KeyMeta;
+    use cairn_kv_server::state::{REVISION_KEY, encode_value, history_key};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x01d);
+    let mut state: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+    let mut events = Vec::new();
+    let mut rev = 0;
+    while rev < revisions {
+        let k = key(rng.random_range(0..KEYS));
+        let prev = state.get(&k).cloned();
+        let mut b = cairn_lsm::WriteBatch::new();
+        let e = if rng.random_range(0..4) == 0 {
+            let Some(p) = prev else { continue };
+            rev += 1;
+            state.remove(&k);
+            b.delete(user_key(&k));
+            let gone =
+                KeyValue { key: k, value: Vec::new(), meta: KeyMeta { mod_revision: rev, ..KeyMeta::default() } };
+            WatchEvent { revision: rev, kind: EventKind::Delete, kv: gone, prev: Some(p) }
+        } else {
+            rev += 1;
+            let (create, version) = prev.as_ref().map_or((rev, 1), |p| (p.meta.create_revision, p.meta.version + 1));
+            let meta = KeyMeta { create_revision: create, mod_revision: rev, version, lease: 0 };
+            let new = KeyValue { key: k.clone(), value: format!("old{rev}").into_bytes(), meta };
+            b.put(user_key(&k), encode_value(meta, &new.value));
+            state.insert(k, new.clone());
+            WatchEvent { revision: rev, kind: EventKind::Put, kv: new, prev }
+        };
+        b.put(history_key(rev, 0), cairn_kv_client::frame::archive(&e).expect("archive"));
+        b.put(REVISION_KEY.to_vec(), rev.to_le_bytes().to_vec());
+        // One entry per revision: the apply worker goes on at the next index.
+        b.set_marker(cairn_lsm::Marker::new(rev, 1));
+        db.write(&b).expect("write");
+        events.push(e);
+    }
+    events
+}
+
+/// A harness whose state first holds `old_revisions` revisions written in
+/// the history format before this one (an upgraded node's state).
+fn harness_over(seed: u64, skip_change_records: bool, old_revisions: u64) -> Harness {
     let disk = SimDisk::new(seed);
     let mut options = Options::default();
     options.durability = DurabilityMode::Embedded;
@@ -51,6 +94,7 @@ fn harness(seed: u64, skip_change_records: bool) -> Harness {
         failpoints: Arc::new(Failpoints::default()),
     };
     let rec = recover(&site, NodeIdentity { node_id: 1, cluster_id: 7 }, 1 << 20, 1 << 20, &[1]).expect("recover");
+    let old = write_old_format(&rec.db, seed, old_revisions);
     let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
     let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
     let (applied, _) = tokio::sync::watch::channel(0);
@@ -69,7 +113,7 @@ fn harness(seed: u64, skip_change_records: bool) -> Harness {
     applier.skip_change_records_for_tests = skip_change_records;
     let (tx, feed) = tokio::sync::broadcast::channel(1 << 16);
     applier.watch_tx = Some(tx);
-    let mut h = Harness { applier, db, feed, index: 0, client: 0, seq: 0, live: Vec::new() };
+    let mut h = Harness { applier, db, feed, index: old_revisions, client: 0, seq: 0, live: old };
     h.apply(vec![CommandOp::Register]);
     h.client = h.index;
     h
@@ -187,8 +231,12 @@ fn check(h: &Harness, compacted: u64) -> Result<(), String> {
 }
 
 fn run(seed: u64, skip_change_records: bool) -> Result<(), String> {
+    run_over(seed, skip_change_records, 0)
+}
+
+fn run_over(seed: u64, skip_change_records: bool, old_revisions: u64) -> Result<(), String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut h = harness(seed, skip_change_records);
+    let mut h = harness_over(seed, skip_change_records, old_revisions);
     let mut compacted = 0;
     let mut lease = 0;
     for round in 0..150u64 {
@@ -225,6 +273,19 @@ fn run(seed: u64, skip_change_records: bool) -> Result<(), String> {
 fn the_stored_history_gives_back_every_live_event_and_past_state() {
     for seed in 1..=6 {
         if let Err(e) = run(seed, false) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+/// An upgraded node: its state holds history written by a build before
+/// history format 2 (values in every event); the apply worker goes on over
+/// it, replacing and deleting keys whose last put is in the old format. The
+/// two formats read as one history, and past states read across the seam.
+#[test]
+fn a_history_of_both_formats_reads_as_one() {
+    for seed in 1..=4 {
+        if let Err(e) = run_over(seed, false, 60) {
             panic!("seed {seed}: {e}");
         }
     }
