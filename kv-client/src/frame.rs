@@ -144,10 +144,26 @@ where
 /// Reads one frame's payload from a QUIC stream: `Err(FrameError::End)` if the
 /// stream ended before the frame began.
 pub async fn read_payload(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
+    read_payload_admitted(recv, max, |_| std::future::ready(())).await.map(|(payload, ())| payload)
+}
+
+/// [`read_payload`], waiting for `admit(len)` once the header has announced
+/// the payload's length and before any of it is read (a node bounds the
+/// request bytes it holds this way); returns what `admit` gave with the
+/// payload.
+pub async fn read_payload_admitted<A, F>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    admit: impl FnOnce(usize) -> F,
+) -> Result<(Vec<u8>, A), FrameError>
+where
+    F: std::future::Future<Output = A>,
+{
     let mut header = [0u8; HEADER_BYTES];
     read_start(recv, &mut header).await?;
     let len = parse_header(&header, max)?;
-    read_exactly(recv, len).await
+    let admitted = admit(len).await;
+    Ok((read_exactly(recv, len).await?, admitted))
 }
 
 /// Reads the next frame of a request pipe (see `Request::Pipe`): its id and
@@ -159,6 +175,21 @@ pub async fn read_tagged(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<(u64, Result<Vec<u8>, FrameError>), FrameError> {
+    let (id, read) = read_tagged_admitted(recv, max, |_| std::future::ready(())).await?;
+    Ok((id, read.map(|(payload, ())| payload)))
+}
+
+/// [`read_tagged`], waiting for `admit(len)` once the header has announced
+/// the payload's length and before any of it is read; returns what `admit`
+/// gave with the payload (a frame over `max` is not admitted).
+pub async fn read_tagged_admitted<A, F>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    admit: impl FnOnce(usize) -> F,
+) -> Result<(u64, Result<(Vec<u8>, A), FrameError>), FrameError>
+where
+    F: std::future::Future<Output = A>,
+{
     use tokio::io::AsyncReadExt;
     let mut id = [0u8; 8];
     read_start(recv, &mut id).await?;
@@ -166,7 +197,10 @@ pub async fn read_tagged(
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| FrameError::Read(e.to_string()))?;
     match parse_header(&header, max) {
-        Ok(len) => Ok((id, Ok(read_exactly(recv, len).await?))),
+        Ok(len) => {
+            let admitted = admit(len).await;
+            Ok((id, Ok((read_exactly(recv, len).await?, admitted))))
+        }
         Err(FrameError::TooLarge { len, max }) => {
             let skipped = tokio::io::copy(&mut (&mut *recv).take(len), &mut tokio::io::sink())
                 .await

@@ -156,6 +156,13 @@ pub struct Limits {
     pub value_bytes_max: usize,
     /// Largest request frame, bytes. Default 4 MiB.
     pub request_bytes_max: usize,
+    /// Bytes of client requests a node holds at once, from the moment a
+    /// request's length is read until its answer is handed to the writer
+    /// (proposals waiting, in the log, being applied). A request that would
+    /// go over waits before its bytes are read, so QUIC flow control slows
+    /// the client; nothing is refused. At least `request_bytes_max`.
+    /// Default 64 MiB.
+    pub requests_bytes_max: usize,
     /// Largest peer frame (a Raft message), bytes. Default 64 MiB.
     pub peer_frame_bytes_max: usize,
     /// Concurrent request streams per client connection, and requests in
@@ -210,6 +217,7 @@ impl Default for Limits {
             key_bytes_max: 64 << 10,
             value_bytes_max: 1 << 20,
             request_bytes_max: 4 << 20,
+            requests_bytes_max: 64 << 20,
             peer_frame_bytes_max: 64 << 20,
             streams_per_connection_max: 256,
             proposal_queue_max: 4096,
@@ -343,6 +351,10 @@ pub struct RunArgs {
     /// overrides `[limits] history_retention_ms`.
     #[arg(long, env = "CAIRN_HISTORY_RETENTION_MS")]
     pub history_retention_ms: Option<u64>,
+    /// Bytes of client requests held at once; overrides `[limits]
+    /// requests_bytes_max`.
+    #[arg(long, env = "CAIRN_REQUESTS_BYTES_MAX")]
+    pub requests_bytes_max: Option<usize>,
 }
 
 /// The log filter variable (read by the tracing set-up, not a flag).
@@ -435,6 +447,15 @@ impl Config {
         if let Some(ms) = args.history_retention_ms {
             limits.history_retention_ms = ms;
         }
+        if let Some(b) = args.requests_bytes_max {
+            limits.requests_bytes_max = b;
+        }
+        if limits.requests_bytes_max < limits.request_bytes_max {
+            return Err(ConfigError(format!(
+                "limits: requests_bytes_max ({}) must be at least request_bytes_max ({})",
+                limits.requests_bytes_max, limits.request_bytes_max
+            )));
+        }
         let mut snapshot = file.snapshot.unwrap_or_default();
         if let Some(d) = args.snapshot_deltas {
             snapshot.deltas = d;
@@ -516,6 +537,24 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("id = 1\n[limits]\nvalue_bytes_max = 3").is_ok());
         assert!(check_env(["CAIRN_ID".to_string(), "CAIRN_TEST_FAILPOINT".into(), "PATH".into()].into_iter()).is_ok());
         assert!(check_env(["CAIRN_DATADIR".to_string()].into_iter()).is_err());
+    }
+
+    #[test]
+    fn a_request_budget_below_one_request_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "t\n").expect("tokens");
+        let args = |budget: usize| RunArgs {
+            id: Some(1),
+            client_token_file: Some(tokens.clone()),
+            requests_bytes_max: Some(budget),
+            ..RunArgs::default()
+        };
+        let err = Config::load(&args(1 << 20)).expect_err("a budget under request_bytes_max");
+        assert!(err.0.contains("requests_bytes_max"), "{}", err.0);
+        assert_eq!(Config::load(&args(4 << 20)).expect("the smallest budget").limits.requests_bytes_max, 4 << 20);
+        let cfg = Config::load(&RunArgs { requests_bytes_max: None, ..args(0) }).expect("defaults");
+        assert_eq!(cfg.limits.requests_bytes_max, 64 << 20);
     }
 
     #[test]

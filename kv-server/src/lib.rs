@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod apply;
+pub mod budget;
 pub mod config;
 pub mod dev;
 pub mod failpoint;

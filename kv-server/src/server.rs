@@ -43,6 +43,8 @@ const HELLO_BYTES_MAX: usize = 4 << 10;
 
 /// What the client handlers share.
 struct Ctx {
+    /// Client request bytes held at once (`requests_bytes_max`).
+    requests: crate::budget::RequestBudget,
     id: u64,
     cluster_id: u64,
     tokens: Vec<String>,
@@ -437,6 +439,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         lessor: lessor_tx,
         watch_tx,
         watchers: tokio::sync::Semaphore::new(watchers_max),
+        requests: crate::budget::RequestBudget::new(cfg.limits.requests_bytes_max),
         watch_skip_history_for_tests: switches.watch_skip_history,
     });
     let svc = peer::PeerService {
@@ -565,7 +568,15 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let resp = match frame::read::<Request>(&mut recv, ctx.limits.request_bytes_max).await {
+            let read =
+                frame::read_payload_admitted(&mut recv, ctx.limits.request_bytes_max, |len| ctx.requests.admit(len))
+                    .await;
+            // Held until the answer is written.
+            let (request, _admitted) = match read {
+                Ok((payload, admitted)) => (frame::decode::<Request>(&payload), Some(admitted)),
+                Err(e) => (Err(e), None),
+            };
+            let resp = match request {
                 Ok(Request::Pipe) => {
                     serve_pipe(ctx, send, recv).await;
                     return;
@@ -625,7 +636,9 @@ async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::Rec
     let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let (id, payload) = match frame::read_tagged(&mut recv, ctx.limits.request_bytes_max).await {
+        let read =
+            frame::read_tagged_admitted(&mut recv, ctx.limits.request_bytes_max, |len| ctx.requests.admit(len)).await;
+        let (id, payload) = match read {
             Ok(next) => next,
             Err(frame::FrameError::End) => break,
             Err(e) => {
@@ -637,7 +650,11 @@ async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::Rec
         let tx = tx.clone();
         tokio::spawn(async move {
             // `handle` refuses a watch, a snapshot save or a pipe: each needs a stream of its own.
-            let resp = match payload.and_then(|p| frame::decode::<Request>(&p)) {
+            let (request, admitted) = match payload {
+                Ok((p, admitted)) => (frame::decode::<Request>(&p), Some(admitted)),
+                Err(e) => (Err(e), None),
+            };
+            let resp = match request {
                 Ok(req) => handle(&ctx, req).await,
                 Err(e) => refuse_frame(e),
             };
@@ -647,6 +664,7 @@ async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::Rec
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode a response"),
             }
+            drop(admitted);
             drop(permit);
         });
     }
