@@ -545,7 +545,7 @@ mod tests {
     use cairn_raft_core::EntryKind;
 
     fn entry(index: u64, term: u64) -> Entry {
-        Entry { term: Term(term), index: LogIndex(index), kind: EntryKind::Normal, data: vec![index as u8; 10] }
+        Entry { term: Term(term), index: LogIndex(index), kind: EntryKind::Normal, data: vec![index as u8; 10].into() }
     }
 
     #[test]

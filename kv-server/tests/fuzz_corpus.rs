@@ -34,7 +34,12 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         body: Body::Append {
             prev_index: LogIndex(4),
             prev_term: Term(3),
-            entries: vec![Entry { term: Term(3), index: LogIndex(5), kind: EntryKind::Normal, data: b"x".to_vec() }],
+            entries: vec![Entry {
+                term: Term(3),
+                index: LogIndex(5),
+                kind: EntryKind::Normal,
+                data: b"x".to_vec().into(),
+            }],
             commit: LogIndex(4),
             read_seq: 0,
         },

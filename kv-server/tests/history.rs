@@ -127,7 +127,7 @@ impl Harness {
             .map(|op| {
                 self.index += 1;
                 let data = Command { time_ms: 1, op }.encode().expect("encode");
-                Entry { term: Term(1), index: LogIndex(self.index), kind: EntryKind::Normal, data }
+                Entry { term: Term(1), index: LogIndex(self.index), kind: EntryKind::Normal, data: data.into() }
             })
             .collect();
         self.applier.apply(&entries, None).expect("apply");

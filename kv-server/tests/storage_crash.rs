@@ -343,7 +343,7 @@ fn install_setup(disk: &SimDisk) -> (Completed, Vec<Vec<u8>>, Vec<Vec<u8>>) {
             term: Term(1),
             index: LogIndex(i),
             kind: cairn_raft_core::EntryKind::Normal,
-            data: Vec::new(),
+            data: Default::default(),
         })
         .collect();
     let wal = store.wal();

@@ -82,7 +82,8 @@ fn step_ready_cycle(c: &mut Criterion) {
     c.bench_function("follower_step_ready_advance_1_entry", |b| {
         b.iter(|| {
             index += 1;
-            let entry = Entry { term: Term(1), index: LogIndex(index), kind: EntryKind::Normal, data: vec![0; 100] };
+            let entry =
+                Entry { term: Term(1), index: LogIndex(index), kind: EntryKind::Normal, data: vec![0; 100].into() };
             let m = Message {
                 from: NodeId(1),
                 to: NodeId(2),

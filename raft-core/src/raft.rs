@@ -373,7 +373,7 @@ impl<S: LogStore> Raft<S> {
             pr.become_replicate();
         }
         // A no-op of the new term: once committed, everything before it is.
-        let e = Entry { term: self.term, index: next, kind: EntryKind::Noop, data: Vec::new() };
+        let e = Entry { term: self.term, index: next, kind: EntryKind::Noop, data: bytes::Bytes::new() };
         self.log.append(&[e]);
         self.broadcast_append(false);
     }
@@ -397,7 +397,7 @@ impl<S: LogStore> Raft<S> {
             .into_iter()
             .map(|data| {
                 index = index.next();
-                Entry { term: self.term, index, kind: EntryKind::Normal, data }
+                Entry { term: self.term, index, kind: EntryKind::Normal, data: data.into() }
             })
             .collect();
         self.log.append(&entries);
@@ -717,7 +717,7 @@ impl<S: LogStore> Raft<S> {
         }
         self.conf.apply(&cc).map_err(ProposeError::InvalidConfChange)?;
         let index = self.log.last_index().next();
-        let e = Entry { term: self.term, index, kind: EntryKind::ConfChange, data: cc.encode() };
+        let e = Entry { term: self.term, index, kind: EntryKind::ConfChange, data: cc.encode().into() };
         self.log.append(&[e]);
         self.pending_conf_index = index;
         self.broadcast_append(false);

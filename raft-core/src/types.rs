@@ -52,8 +52,9 @@ pub struct Entry {
     pub index: LogIndex,
     /// What it carries.
     pub kind: EntryKind,
-    /// Application bytes (empty for a no-op).
-    pub data: Vec<u8>,
+    /// Application bytes (empty for a no-op), shared: a clone of an entry
+    /// (for a follower's append, for apply) copies no bytes.
+    pub data: bytes::Bytes,
 }
 
 impl Entry {
@@ -202,7 +203,7 @@ mod tests {
                     term: Term(7),
                     index: LogIndex(10),
                     kind: EntryKind::Normal,
-                    data: b"put k v".to_vec(),
+                    data: bytes::Bytes::from_static(b"put k v"),
                 }],
                 commit: LogIndex(8),
                 read_seq: 0,

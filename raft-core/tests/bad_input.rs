@@ -44,7 +44,7 @@ fn body() -> impl Strategy<Value = Body> {
     let term = || (0u64..6).prop_map(Term);
     let entries = prop::collection::vec((0u64..40, 0u64..6), 0..6).prop_map(|v| {
         v.into_iter()
-            .map(|(i, t)| Entry { term: Term(t), index: LogIndex(i), kind: EntryKind::Normal, data: vec![1] })
+            .map(|(i, t)| Entry { term: Term(t), index: LogIndex(i), kind: EntryKind::Normal, data: vec![1].into() })
             .collect()
     });
     prop_oneof![

@@ -39,7 +39,7 @@ impl Cluster {
         while let Some(rd) = self.nodes[i].ready_in_memory().expect("to itself") {
             self.queue.extend(rd.messages);
             for e in rd.committed_entries {
-                self.applied[i].insert(e.index.0, (e.term, e.kind, e.data));
+                self.applied[i].insert(e.index.0, (e.term, e.kind, e.data.to_vec()));
             }
         }
     }

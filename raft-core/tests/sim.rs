@@ -513,7 +513,7 @@ impl Sim {
             }
             n.last_applied = e.index.0;
             match self.applied.get(&e.index.0) {
-                Some((t, d)) if (*t, d) != (e.term, &e.data) => {
+                Some((t, d)) if (*t, d.as_slice()) != (e.term, &e.data[..]) => {
                     return Err(format!(
                         "state machine safety: node {} applied {:?} at index {}, another node applied term {:?}",
                         i + 1,
@@ -524,7 +524,7 @@ impl Sim {
                 }
                 Some(_) => {}
                 None => {
-                    self.applied.insert(e.index.0, (e.term, e.data.clone()));
+                    self.applied.insert(e.index.0, (e.term, e.data.to_vec()));
                     self.cov.committed += 1;
                 }
             }
