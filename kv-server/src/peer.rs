@@ -79,12 +79,41 @@ pub struct LinkConfig {
     pub backoff_min: Duration,
     /// Longest backoff.
     pub backoff_max: Duration,
+    /// Redial at once when the peer connects to this node (off only to
+    /// test that it matters).
+    pub wake_on_arrival: bool,
+}
+
+/// Connections from peers, as they arrive: an outbound link to a peer that
+/// was unreachable redials as soon as that peer connects to this node (a
+/// restarted node dials its peers at once), instead of waiting out its
+/// backoff or a dial begun while the peer was down.
+#[derive(Debug, Default)]
+pub struct PeerArrivals {
+    by_peer: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+impl PeerArrivals {
+    /// What wakes the link to `peer`.
+    pub fn of(&self, peer: u64) -> std::sync::Arc<tokio::sync::Notify> {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(peer).or_default().clone()
+    }
+
+    /// `peer` has connected to this node.
+    pub fn arrived(&self, peer: u64) {
+        self.of(peer).notify_one();
+    }
 }
 
 /// Runs one outbound link until `rx` closes: dials `peer` at the address
 /// `addr`, writes every queued message, reconnects with backoff.
 /// Messages that arrive while the link is down are dropped and reported
-/// (Raft retransmits); `unreachable` hears of each failure.
+/// (Raft retransmits); `unreachable` hears of each failure. While the link
+/// is down, `arrived` (the peer connected to this node) ends the backoff,
+/// and ends a dial in progress once per failure (a dial begun while the
+/// peer was down waits out QUIC's handshake timers).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_link(
     endpoint: quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
@@ -93,10 +122,22 @@ pub async fn run_link(
     cfg: LinkConfig,
     mut rx: mpsc::Receiver<Message>,
     unreachable: mpsc::Sender<NodeId>,
+    arrived: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = cfg.backoff_min;
+    let mut restarted = false;
     'outer: loop {
-        let conn = match dial(&endpoint, &client_cfg, peer, &addr, cfg.connect_timeout).await {
+        let dialing = dial(&endpoint, &client_cfg, peer, &addr, cfg.connect_timeout);
+        let result = tokio::select! {
+            r = dialing => r,
+            _ = arrived.notified(), if !restarted && cfg.wake_on_arrival => {
+                tracing::debug!(peer = peer.0, "peer connected to us: dialing it again now");
+                restarted = true;
+                continue 'outer;
+            }
+        };
+        restarted = false;
+        let conn = match result {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = peer.0, error = %e, "cannot reach peer");
@@ -107,6 +148,7 @@ pub async fn run_link(
                     tokio::select! {
                         m = rx.recv() => if m.is_none() { return },
                         _ = tokio::time::sleep_until(deadline) => break,
+                        _ = arrived.notified(), if cfg.wake_on_arrival => break,
                     }
                 }
                 backoff = (backoff * 2).min(cfg.backoff_max);
@@ -188,6 +230,8 @@ pub struct PeerService {
     pub db: std::sync::Arc<crate::snapshot::SharedDb>,
     /// The member book: removed ids are refused.
     pub book: crate::state::SharedBook,
+    /// Wakes the outbound link to a peer that connects.
+    pub arrivals: std::sync::Arc<PeerArrivals>,
 }
 
 /// Serves an inbound peer connection from authenticated node `from`: reads
@@ -201,6 +245,7 @@ pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
         conn.close(6u32.into(), PeerRefusal::Removed(from).to_string().as_bytes());
         return;
     }
+    svc.arrivals.arrived(from);
     loop {
         let mut recv = tokio::select! {
             r = conn.accept_uni() => match r {

@@ -105,6 +105,15 @@ pub struct TestSwitches {
     /// linearizable reads from the local state without a read index (a
     /// leader cut off from its followers then answers stale).
     pub read_locally: bool,
+    /// `CAIRN_TEST_NO_ARRIVAL_WAKE=1`: an outbound peer link ignores the
+    /// peer's own connection and waits out its backoff and dial (a
+    /// restarted follower then waits longer to hear from the leader).
+    pub no_arrival_wake: bool,
+    /// `CAIRN_TEST_PEER_BACKOFF_MS=n`: an outbound peer link's backoff
+    /// between dials, first and longest, ms (so a test can make it long).
+    pub peer_backoff_ms: Option<u64>,
+    /// `CAIRN_TEST_PEER_DIAL_MS=n`: an outbound peer link's dial timeout, ms.
+    pub peer_dial_ms: Option<u64>,
 }
 
 impl TestSwitches {
@@ -121,6 +130,9 @@ impl TestSwitches {
             watch_skip_history: on("CAIRN_TEST_WATCH_SKIP_HISTORY"),
             merge_snapshots: on("CAIRN_TEST_MERGE_SNAPSHOTS"),
             checkpoint_at_applied: on("CAIRN_TEST_CHECKPOINT_AT_APPLIED"),
+            no_arrival_wake: on("CAIRN_TEST_NO_ARRIVAL_WAKE"),
+            peer_backoff_ms: std::env::var("CAIRN_TEST_PEER_BACKOFF_MS").ok().and_then(|v| v.parse().ok()),
+            peer_dial_ms: std::env::var("CAIRN_TEST_PEER_DIAL_MS").ok().and_then(|v| v.parse().ok()),
             failpoints: crate::failpoint::Failpoints::from_env(),
         }
     }
@@ -328,12 +340,15 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
             overrides.get(&p.0).or_else(|| b.addrs.get(&p.0)).cloned()
         })
     };
+    let backoff = switches.peer_backoff_ms.map(Duration::from_millis);
     let link_cfg = LinkConfig {
         cluster_id,
-        connect_timeout: Duration::from_secs(2),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_secs(1),
+        connect_timeout: switches.peer_dial_ms.map_or(Duration::from_secs(2), Duration::from_millis),
+        backoff_min: backoff.unwrap_or(Duration::from_millis(50)),
+        backoff_max: backoff.unwrap_or(Duration::from_secs(1)),
+        wake_on_arrival: !switches.no_arrival_wake,
     };
+    let arrivals = Arc::new(peer::PeerArrivals::default());
     let transfer_cfg = cfg.snapshot.transfer_config();
     let mut checkpoints = Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max);
     if switches.checkpoint_at_applied {
@@ -355,6 +370,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));
     let links = {
         let endpoint = endpoint.clone();
+        let arrivals = arrivals.clone();
         let peer_queue_max = limits.peer_queue_max;
         // A peer with no known address gets no link (Raft hears it is unreachable).
         Arc::new(move |peer: NodeId| {
@@ -368,6 +384,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
                 link_cfg.clone(),
                 rx,
                 unreachable_tx.clone(),
+                arrivals.of(peer.0),
             ));
             Some(tx)
         })
@@ -450,6 +467,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         snapshots: received,
         db: shared.clone(),
         book: book.clone(),
+        arrivals,
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
     let quota =
