@@ -113,6 +113,23 @@ pub struct ApplyLimits {
     pub keys_per_lease_max: usize,
 }
 
+impl ApplyLimits {
+    /// The limits of `limits` that apply enforces, sessions expiring after
+    /// `session_ttl_ms`.
+    pub fn new(limits: &crate::config::Limits, session_ttl_ms: u64) -> ApplyLimits {
+        ApplyLimits {
+            key_bytes_max: limits.key_bytes_max,
+            value_bytes_max: limits.value_bytes_max,
+            session_responses_max: limits.session_responses_max,
+            session_ttl_ms,
+            txn_ops_max: limits.txn_ops_max,
+            leases_max: limits.leases_max,
+            leases_per_client_max: limits.leases_per_client_max,
+            keys_per_lease_max: limits.keys_per_lease_max,
+        }
+    }
+}
+
 /// The apply worker's state.
 pub struct Applier {
     shared: Arc<crate::snapshot::SharedDb>,

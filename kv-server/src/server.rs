@@ -289,16 +289,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         .map_err(|e| ServerError::Other(format!("starting the WAL thread: {e}")))?;
     let (applied_tx, applied_rx) = watch::channel(applied_index);
     let waiters = Arc::new(Mutex::new(Default::default()));
-    let apply_limits = ApplyLimits {
-        key_bytes_max: limits.key_bytes_max,
-        value_bytes_max: limits.value_bytes_max,
-        session_responses_max: limits.session_responses_max,
-        session_ttl_ms: cfg.session_ttl.as_millis() as u64,
-        txn_ops_max: limits.txn_ops_max,
-        leases_max: limits.leases_max,
-        leases_per_client_max: limits.leases_per_client_max,
-        keys_per_lease_max: limits.keys_per_lease_max,
-    };
+    let apply_limits = ApplyLimits::new(&limits, cfg.session_ttl.as_millis() as u64);
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
     let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;

@@ -98,16 +98,7 @@ fn harness_over(seed: u64, skip_change_records: bool, old_revisions: u64) -> Har
     let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
     let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
     let (applied, _) = tokio::sync::watch::channel(0);
-    let limits = ApplyLimits {
-        key_bytes_max: 1024,
-        value_bytes_max: 1 << 16,
-        session_responses_max: 64,
-        session_ttl_ms: u64::MAX / 4,
-        txn_ops_max: 1024,
-        leases_max: 100,
-        leases_per_client_max: 100,
-        keys_per_lease_max: 100,
-    };
+    let limits = ApplyLimits::new(&cairn_kv_server::config::Limits::default(), u64::MAX / 4);
     let book = Arc::new(std::sync::RwLock::new(rec.book));
     let mut applier = Applier::new(db.clone(), site, book, applied, waiters, limits).expect("applier");
     applier.skip_change_records_for_tests = skip_change_records;

@@ -449,7 +449,7 @@ async fn snapshot_under_load(env: &[(&str, &str)]) -> (bool, Option<i32>) {
     }
     cluster.start_node(follower);
     let c = cluster.client();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut exited = None;
     loop {
         if let Ok(s) = c.status_of(&cluster.endpoint(follower), false).await

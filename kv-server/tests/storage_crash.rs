@@ -113,16 +113,7 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
     let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
     let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
     let (tx, _rx) = watch::channel(applied);
-    let limits = ApplyLimits {
-        key_bytes_max: 1024,
-        value_bytes_max: 1 << 16,
-        session_responses_max: 64,
-        session_ttl_ms: u64::MAX / 4,
-        txn_ops_max: 1024,
-        leases_max: 100,
-        leases_per_client_max: 100,
-        keys_per_lease_max: 100,
-    };
+    let limits = ApplyLimits::new(&cairn_kv_server::config::Limits::default(), u64::MAX / 4);
     let book = Arc::new(std::sync::RwLock::new(rec.book));
     let applier = Applier::new(db.clone(), site, book, tx, waiters.clone(), limits).map_err(|e| e.to_string())?;
     Ok(Node { raw, applier, db, waiters, last_written, applied })
