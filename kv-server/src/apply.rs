@@ -894,7 +894,7 @@ impl Mutation<'_> {
     /// as the record's `prev`, and a `c` record tells the replaced put's
     /// record where it went (see [`crate::state`]).
     fn event(&mut self, kind: EventKind, kv: KeyValue, prev: Option<KeyValue>) {
-        use crate::state::{HistoryRecord, PrevValue, changed_key, encode_change, event_key};
+        use crate::state::{HistoryRecord, changed_key, encode_change, event_key};
         if let Some(p) = &prev {
             let replaced = p.meta.mod_revision;
             if replaced == self.next {
@@ -904,32 +904,22 @@ impl Mutation<'_> {
                 let first = self.events.len() - self.event_n as usize;
                 let earlier = self.events[first..].iter().enumerate().rev().find(|(_, e)| e.kv.key == kv.key);
                 if let Some((j, e)) = earlier {
-                    let record = HistoryRecord {
-                        kind: e.kind,
-                        key: e.kv.key.clone(),
-                        meta: e.kv.meta,
-                        value: Some(e.kv.value.clone()),
-                        prev: e.prev.as_ref().map(|p| PrevValue { meta: p.meta, value: p.value.clone() }),
-                    };
+                    let record = HistoryRecord::of(e, Some(e.kv.value.clone()));
                     self.batch.put(event_key(self.next, j as u32), archived(record.encode()));
                 }
             } else if replaced >= self.compacted && !self.skip_change_records {
                 self.batch.put(changed_key(replaced, &kv.key), encode_change(self.next, self.event_n));
             }
         }
-        let record = HistoryRecord {
-            kind,
-            key: kv.key.clone(),
-            meta: kv.meta,
-            value: match kind {
-                EventKind::Put => None,
-                EventKind::Delete => Some(Vec::new()),
-            },
-            prev: prev.as_ref().map(|p| PrevValue { meta: p.meta, value: p.value.clone() }),
+        let e = WatchEvent { revision: self.next, kind, kv, prev };
+        // A put's value is the key's record (or, once replaced, the replacing change's `prev`).
+        let value = match kind {
+            EventKind::Put => None,
+            EventKind::Delete => Some(Vec::new()),
         };
-        self.batch.put(event_key(self.next, self.event_n), archived(record.encode()));
+        self.batch.put(event_key(self.next, self.event_n), archived(HistoryRecord::of(&e, value).encode()));
         self.event_n += 1;
-        self.events.push(WatchEvent { revision: self.next, kind, kv, prev });
+        self.events.push(e);
     }
 
     /// Writes (or removes) one LSM key, through the overlay.

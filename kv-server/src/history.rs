@@ -64,7 +64,7 @@ pub fn resolve(view: &ReadView, revision: u64, record: HistoryRecord) -> Result<
         Some(v) => v,
         None => find_value(view, revision, &key)?,
     };
-    let prev = prev.map(|p| KeyValue { key: key.clone(), value: p.value, meta: p.meta });
+    let prev = prev.map(|p| p.into_kv(key.clone()));
     Ok(WatchEvent { revision, kind, kv: KeyValue { key, value, meta }, prev })
 }
 
@@ -192,7 +192,7 @@ pub fn undo_to(view: &ReadView, revision: u64, covers: impl Fn(&[u8]) -> bool) -
             continue;
         }
         // The first change after the revision recorded what the key held at it.
-        let prev = record.prev.map(|p| KeyValue { key: record.key.clone(), value: p.value, meta: p.meta });
+        let prev = record.prev.map(|p| p.into_kv(record.key.clone()));
         undo.before.insert(record.key, prev);
     }
     Ok(undo)

@@ -580,11 +580,14 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
             let read =
                 frame::read_payload_admitted(&mut recv, ctx.limits.request_bytes_max, |len| ctx.requests.admit(len))
                     .await;
-            // Held until the answer is written.
-            let (request, _admitted) = match read {
+            let (request, admitted) = match read {
                 Ok((payload, admitted)) => (frame::decode::<Request>(&payload), Some(admitted)),
                 Err(e) => (Err(e), None),
             };
+            // Held until the answer is written; a stream that outlives its
+            // request (a pipe, a watch, a snapshot save) holds none.
+            let _admitted = admitted
+                .filter(|_| !matches!(request, Ok(Request::Pipe | Request::Watch { .. } | Request::SnapshotSave)));
             let resp = match request {
                 Ok(Request::Pipe) => {
                     serve_pipe(ctx, send, recv).await;

@@ -19,7 +19,6 @@
 //! | `r` | revision (u64 BE), event number in it (u32 BE) | a [`cairn_kv_client::protocol::WatchEvent`] (rkyv), value included: written by builds before [`HISTORY_FORMAT`], still read |
 //! | `c` | revision (u64 BE), user key | the change that replaced the key's put of that revision: its revision (u64 LE), event number (u32 LE) |
 //! | `m` | `compacted` | the oldest revision the history keeps (u64 LE; absent: 0) |
-
 //!
 //! Each value is stored once. A put's history record leaves its value out:
 //! while the key is at that revision, the value is the key's `k` record;
@@ -70,7 +69,9 @@ use cairn_kv_client::protocol::KeyMeta;
 
 mod records {
     use cairn_kv_client::frame::{self, FrameError};
-    use cairn_kv_client::protocol::{Compare, ErrorCode, EventKind, KeyMeta, Session, TxnOp, WriteOp};
+    use cairn_kv_client::protocol::{
+        Compare, ErrorCode, EventKind, KeyMeta, KeyValue, Session, TxnOp, WatchEvent, WriteOp,
+    };
     use rkyv::{Archive, Deserialize, Serialize};
 
     /// What an entry asks the state machine to do.
@@ -210,7 +211,25 @@ mod records {
         pub value: Vec<u8>,
     }
 
+    impl PrevValue {
+        /// As the key-value `key` held.
+        pub fn into_kv(self, key: Vec<u8>) -> KeyValue {
+            KeyValue { key, value: self.value, meta: self.meta }
+        }
+    }
+
     impl HistoryRecord {
+        /// The record of event `e`, holding `value` (see [`HistoryRecord::value`]).
+        pub fn of(e: &WatchEvent, value: Option<Vec<u8>>) -> HistoryRecord {
+            HistoryRecord {
+                kind: e.kind,
+                key: e.kv.key.clone(),
+                meta: e.kv.meta,
+                value,
+                prev: e.prev.as_ref().map(|p| PrevValue { meta: p.meta, value: p.value.clone() }),
+            }
+        }
+
         /// Encodes the record.
         pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
             frame::archive(self)
