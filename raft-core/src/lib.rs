@@ -90,7 +90,13 @@ pub struct Config {
     pub inflight_bytes_max: u64,
     /// Bytes of entries handed to apply per `Ready`. Default 16 MiB.
     pub apply_bytes_max: u64,
-    /// Bytes of proposals a leader holds uncommitted before it refuses more. Default 64 MiB.
+    /// Bytes of entries handed to apply and not yet reported applied
+    /// ([`RawNode::on_applied`]); while they are at or over this bound no more
+    /// are handed out (at least one entry otherwise). Default 64 MiB.
+    pub applying_bytes_max: u64,
+    /// Bytes of proposals a leader holds before it refuses more, counted from
+    /// the proposal until its entry is both committed and durable on this
+    /// node. Default 64 MiB.
     pub uncommitted_bytes_max: u64,
     /// Reads waiting for confirmation (this node's and, on a leader, its
     /// followers'). Default 4096.
@@ -133,6 +139,7 @@ impl Config {
             msg_bytes_max: 1 << 20,
             inflight_bytes_max: 8 << 20,
             apply_bytes_max: 16 << 20,
+            applying_bytes_max: 64 << 20,
             uncommitted_bytes_max: 64 << 20,
             reads_pending_max: 4096,
             lease_read_duration: None,

@@ -19,6 +19,10 @@ pub(crate) struct RaftLog<S> {
     pub(crate) applied_handed: LogIndex,
     /// Highest index the driver reported applied.
     pub(crate) applied: LogIndex,
+    /// Batches handed to apply and not yet reported applied (last index,
+    /// bytes), in index order, and their sum.
+    applying: std::collections::VecDeque<(LogIndex, u64)>,
+    pub(crate) applying_bytes: u64,
     /// Highest index durable here (with the term the log has there).
     pub(crate) persisted: LogIndex,
     /// A snapshot received and not yet installed by the driver.
@@ -46,6 +50,8 @@ impl<S: LogStore> RaftLog<S> {
             committed,
             applied_handed: applied,
             applied,
+            applying: std::collections::VecDeque::new(),
+            applying_bytes: 0,
             persisted: last,
             pending_snapshot: None,
             pending_snapshot_conf: crate::ConfState::default(),
@@ -70,6 +76,8 @@ impl<S: LogStore> RaftLog<S> {
         self.committed = index;
         self.applied_handed = index;
         self.applied = index;
+        self.applying.clear();
+        self.applying_bytes = 0;
         self.persisted = index;
         self.pending_snapshot = Some((index, term));
         self.snapshot_handed = false;
@@ -193,13 +201,39 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     /// Committed entries to hand to the driver to apply: only entries already
-    /// durable here (`persisted`), unless `apply_unpersisted` (a test mutation).
-    pub(crate) fn to_apply(&self, bytes_max: u64, apply_unpersisted: bool) -> Vec<Entry> {
+    /// durable here (`persisted`), unless `apply_unpersisted` (a test mutation);
+    /// at most `bytes_max`, and none while `applying_max` bytes or more were
+    /// handed out and not yet reported applied (at least one entry otherwise,
+    /// so an entry larger than the bound still goes, alone).
+    pub(crate) fn to_apply(&self, bytes_max: u64, applying_max: u64, apply_unpersisted: bool) -> Vec<Entry> {
         let limit = if apply_unpersisted { self.committed } else { self.committed.min(self.persisted) };
-        if limit <= self.applied_handed {
+        if limit <= self.applied_handed || self.applying_bytes >= applying_max {
             return Vec::new();
         }
-        self.slice(self.applied_handed.next(), limit.next(), bytes_max)
+        let room = applying_max - self.applying_bytes;
+        self.slice(self.applied_handed.next(), limit.next(), bytes_max.min(room))
+    }
+
+    /// The driver took `entries` (from [`RaftLog::to_apply`]) to apply.
+    pub(crate) fn handed_to_apply(&mut self, entries: &[Entry]) {
+        let Some(last) = entries.last() else { return };
+        self.applied_handed = self.applied_handed.max(last.index);
+        let bytes = entries.iter().map(Entry::size_bytes).sum();
+        self.applying.push_back((last.index, bytes));
+        self.applying_bytes += bytes;
+    }
+
+    /// The driver applied up to `index`: batches wholly applied leave the
+    /// bytes being applied.
+    pub(crate) fn applied_to(&mut self, index: LogIndex) {
+        self.applied = self.applied.max(index.min(self.applied_handed));
+        while let Some(&(last, bytes)) = self.applying.front() {
+            if last > self.applied {
+                break;
+            }
+            self.applying.pop_front();
+            self.applying_bytes -= bytes;
+        }
     }
 
     pub(crate) fn commit_to(&mut self, index: LogIndex) {

@@ -132,7 +132,7 @@ impl<S: LogStore> RawNode<S> {
             messages: std::mem::take(&mut r.msgs),
             persisted_messages: std::mem::take(&mut r.msgs_after_persist),
             snapshot: r.log.snapshot_to_install().map(|(i, t)| (i, t, r.log.pending_snapshot_conf.clone())),
-            committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, apply_unpersisted),
+            committed_entries: r.log.to_apply(r.cfg.apply_bytes_max, r.cfg.applying_bytes_max, apply_unpersisted),
             read_states: std::mem::take(&mut r.read_states),
         }
     }
@@ -147,9 +147,7 @@ impl<S: LogStore> RawNode<S> {
         if ready.snapshot.is_some() {
             self.raft.log.snapshot_handed = true;
         }
-        if let Some(last) = ready.committed_entries.last() {
-            self.raft.log.applied_handed = self.raft.log.applied_handed.max(last.index);
-        }
+        self.raft.log.handed_to_apply(&ready.committed_entries);
         // Membership changes take effect as they are handed out to apply.
         for e in ready.committed_entries.iter().filter(|e| e.kind == crate::EntryKind::ConfChange) {
             self.raft.apply_conf_change(e);
@@ -168,13 +166,24 @@ impl<S: LogStore> RawNode<S> {
 
     /// The state machine has applied up to `index` (the driver's report).
     pub fn on_applied(&mut self, index: LogIndex) {
-        let log = &mut self.raft.log;
-        log.applied = log.applied.max(index.min(log.applied_handed));
+        self.raft.log.applied_to(index);
     }
 
     /// What the driver reported applied.
     pub fn applied(&self) -> LogIndex {
         self.raft.log.applied
+    }
+
+    /// Bytes of entries handed out to apply and not yet reported applied
+    /// (bounded by [`Config::applying_bytes_max`](crate::Config::applying_bytes_max)).
+    pub fn applying_bytes(&self) -> u64 {
+        self.raft.log.applying_bytes
+    }
+
+    /// Bytes of this leader's proposals not yet committed and durable here
+    /// (bounded by [`Config::uncommitted_bytes_max`](crate::Config::uncommitted_bytes_max)).
+    pub fn uncommitted_bytes(&self) -> u64 {
+        self.raft.uncommitted_bytes()
     }
 
     /// The lowest index the driver should keep when it releases the log (a

@@ -47,7 +47,10 @@ pub(crate) struct Raft<S> {
     rng: ChaCha8Rng,
     pub(crate) msgs: Vec<Message>,
     pub(crate) msgs_after_persist: Vec<Message>,
+    /// Bytes of this leader's proposals not yet both committed and durable
+    /// here, and the batches they came in (last index, bytes), in index order.
     uncommitted_bytes: u64,
+    uncommitted: VecDeque<(LogIndex, u64)>,
     /// Latest read round; every append carries it, every answer echoes it.
     read_seq: u64,
     /// Reads waiting for a quorum to confirm this leader's term.
@@ -106,6 +109,7 @@ impl<S: LogStore> Raft<S> {
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             uncommitted_bytes: 0,
+            uncommitted: VecDeque::new(),
             read_seq: 0,
             pending_reads: VecDeque::new(),
             waiting_reads: Vec::new(),
@@ -364,6 +368,7 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         self.uncommitted_bytes = 0;
+        self.uncommitted.clear();
         self.transferee = None;
         let next = self.log.last_index().next();
         self.progress = self.conf.members().into_iter().map(|p| (p, Progress::new(next))).collect();
@@ -400,9 +405,27 @@ impl<S: LogStore> Raft<S> {
                 Entry { term: self.term, index, kind: EntryKind::Normal, data: data.into() }
             })
             .collect();
+        self.uncommitted.push_back((index, bytes));
         self.log.append(&entries);
         self.broadcast_append(false);
         Ok(index)
+    }
+
+    pub(crate) fn uncommitted_bytes(&self) -> u64 {
+        if self.role == Role::Leader { self.uncommitted_bytes } else { 0 }
+    }
+
+    /// Forgets the proposals that are now committed and durable here: they
+    /// leave the bound on uncommitted bytes (and enter the one on applying).
+    fn release_uncommitted(&mut self) {
+        let done = self.log.committed.min(self.log.persisted);
+        while let Some(&(last, bytes)) = self.uncommitted.front() {
+            if last > done {
+                break;
+            }
+            self.uncommitted.pop_front();
+            self.uncommitted_bytes -= bytes;
+        }
     }
 
     // ---- replication ----
@@ -491,7 +514,7 @@ impl<S: LogStore> Raft<S> {
         let current_term = self.log.term(n) == Some(self.term);
         if n > self.log.committed && (current_term || self.mutation(Mutation::CommitEarlierTerm)) {
             self.log.commit_to(n);
-            self.uncommitted_bytes = 0;
+            self.release_uncommitted();
             self.broadcast_append(false);
             // The first commit of this term: reads that waited for it may start.
             for (from, context) in std::mem::take(&mut self.waiting_reads) {
@@ -509,6 +532,7 @@ impl<S: LogStore> Raft<S> {
                 pr.matched = pr.matched.max(persisted);
             }
             self.maybe_commit();
+            self.release_uncommitted();
         }
     }
 

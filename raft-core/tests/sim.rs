@@ -51,6 +51,9 @@ struct SimNode {
     conf_history: Vec<(u64, ConfState)>,
     /// The index its starting membership is as of (0 for the first voters).
     start_index: u64,
+    /// Applied, not yet reported to the node (an apply worker that reports late).
+    /// (applied index, step from which it is reported).
+    apply_report: Option<(LogIndex, u64)>,
 }
 
 impl SimNode {
@@ -69,6 +72,9 @@ struct Coverage {
     reads_served: u64,
     snapshots_installed: u64,
     conf_changes: u64,
+    /// Times a node had committed entries it did not hand out because too
+    /// many bytes were being applied.
+    apply_paused: u64,
 }
 
 struct Sim {
@@ -107,6 +113,11 @@ fn cfg(id: NodeId, peers: &[NodeId], seed: u64, mutation: Option<Mutation>) -> C
         c.msg_bytes_max = 1;
     }
     c.inflight_msgs_max = 8;
+    // Three seeds in seven hand out at most about three entries to apply until
+    // they are reported applied (the reports come late, see `process_ready`).
+    if seed % 7 < 3 {
+        c.applying_bytes_max = 100;
+    }
     // Keep at most 30 entries for lagging followers: beyond that they get snapshots.
     c.retain_entries_max = 30;
     // A quarter of the seeds serve reads from leases: ticks are 2 ms apart, the
@@ -141,6 +152,7 @@ impl Sim {
                     started,
                     conf_history: vec![(0, conf0.clone())],
                     start_index: 0,
+                    apply_report: None,
                 }
             })
             .collect();
@@ -245,6 +257,7 @@ impl Sim {
             n.disk = node.store().clone();
             n.pending.clear();
             n.was_leader_in = None;
+            n.apply_report = None;
             self.cov.crashes += 1;
         }
     }
@@ -420,8 +433,15 @@ impl Sim {
     }
 
     fn process_ready(&mut self, i: usize) -> Result<(), String> {
-        let Some(node) = self.nodes[i].node.as_mut() else { return Ok(()) };
+        let sn = &mut self.nodes[i];
+        let Some(node) = sn.node.as_mut() else { return Ok(()) };
+        if let Some((a, _)) = sn.apply_report.take_if(|(_, at)| *at <= self.step) {
+            node.on_applied(a);
+        }
         let ready = node.ready();
+        if node.applying_bytes() >= 100 && node.commit_index().0 > sn.last_applied {
+            self.cov.apply_paused += 1;
+        }
         node.advance(&ready);
         // Linearizable reads: a read index covers every write applied anywhere
         // before the read was asked.
@@ -501,10 +521,16 @@ impl Sim {
             self.nodes[i].restart_at = Some(self.step + self.rng.random_range(1..8));
             return Ok(());
         }
-        if let Some(last) = ready.committed_entries.last()
-            && let Some(node) = self.nodes[i].node.as_mut()
-        {
-            node.on_applied(last.index);
+        if let Some(last) = ready.committed_entries.last() {
+            // With faults, a third of the reports come a few steps late (and
+            // while one is late, so are those after it).
+            let late = self.nodes[i].apply_report;
+            if late.is_some() || self.faults && self.rng.random_range(0..3) == 0 {
+                let at = late.map_or(self.step + self.rng.random_range(1..6), |(_, at)| at);
+                self.nodes[i].apply_report = Some((last.index, at));
+            } else if let Some(node) = self.nodes[i].node.as_mut() {
+                node.on_applied(last.index);
+            }
         }
         for e in ready.committed_entries {
             let n = &mut self.nodes[i];
@@ -758,6 +784,7 @@ fn simulated_clusters_stay_safe_and_live() {
                 total.reads_served += c.reads_served;
                 total.snapshots_installed += c.snapshots_installed;
                 total.conf_changes += c.conf_changes;
+                total.apply_paused += c.apply_paused;
             }
             Err(e) => panic!(
                 "seed {seed} ({n} nodes): {e}\nreplay: RAFT_SIM_SEED={seed} cargo test -p cairn-raft-core --test sim replay -- --ignored"
@@ -769,6 +796,7 @@ fn simulated_clusters_stay_safe_and_live() {
     assert!(total.transfers > seeds() && total.reads_served > seeds() * 10);
     assert!(total.snapshots_installed > seeds() / 2, "snapshots rarely happen: {}", total.snapshots_installed);
     assert!(total.conf_changes > seeds(), "membership rarely changes: {}", total.conf_changes);
+    assert!(total.apply_paused > seeds(), "applying never paused: {}", total.apply_paused);
 }
 
 #[test]
