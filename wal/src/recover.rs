@@ -147,16 +147,46 @@ pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<Listing> {
     Ok(l)
 }
 
-fn read_whole(file: &dyn FsFile, path: &Path) -> Result<AlignedBuf> {
+/// Reads a segment for the scan: the file up to its last nonzero byte, and
+/// a little of the zeros after it. Returns the bytes and the file's length.
+///
+/// A segment is prepared full of zeros, so the last one is mostly zeros
+/// until it fills. Those zeros are checked through one reused buffer instead
+/// of being read into fresh memory (faulting in tens of MiB costs more than
+/// reading them: about 0.2 s for 64 MiB on a VM). The scan sees the same as
+/// if it had read everything: no record starts in zeros, and a torn tail
+/// ends at the first zero word, which the slack kept after the last nonzero
+/// byte holds.
+fn read_segment(file: &dyn FsFile, path: &Path) -> Result<(AlignedBuf, u64)> {
+    const CHUNK: u64 = 1 << 20;
+    const SLACK: u64 = 4096;
     let len = file.len().map_err(io("stat segment", path))?;
-    let len = usize::try_from(len).map_err(|_| Error::Corrupt {
+    let mut chunk = vec![0u8; CHUNK.min(len) as usize];
+    // Walk back from the end while the file is zeros: [end, len) is all zeros.
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let part = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(part, start).map_err(io("read segment", path))?;
+        // OR-folding 4 KiB blocks vectorizes; only the last nonzero block is searched bytewise.
+        let nonzero = part.chunks(4096).rposition(|b| b.iter().fold(0u8, |a, &x| a | x) != 0);
+        if let Some(block) = nonzero {
+            let b = &part[block * 4096..(block * 4096 + 4096).min(part.len())];
+            let last = b.iter().rposition(|&x| x != 0).unwrap_or(0);
+            end = start + (block * 4096 + last) as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    let keep = (end.next_multiple_of(format::ALIGN as u64) + SLACK).min(len);
+    let keep = usize::try_from(keep).map_err(|_| Error::Corrupt {
         path: path.to_path_buf(),
         offset: 0,
         reason: format!("segment of {len} bytes does not fit in memory"),
     })?;
-    let mut buf = AlignedBuf::zeroed(len);
+    let mut buf = AlignedBuf::zeroed(keep);
     file.read_exact_at(buf.as_mut_slice(), 0).map_err(io("read segment", path))?;
-    Ok(buf)
+    Ok((buf, len))
 }
 
 /// Whether the scan may change files (repair a torn tail, remove stray files).
@@ -269,7 +299,7 @@ impl Scanner<'_> {
     ) -> Result<Outcome> {
         let mode = if is_last && self.access == Access::Write { OpenMode::ReadWrite } else { OpenMode::Read };
         let file: Arc<dyn FsFile> = Arc::from(self.fs.open(path, mode).map_err(io("open segment", path))?);
-        let buf = read_whole(&*file, path)?;
+        let (buf, file_len) = read_segment(&*file, path)?;
         let bytes = buf.as_slice();
         self.scan.report.segments_read += 1;
 
@@ -302,7 +332,7 @@ impl Scanner<'_> {
                 // Headers are synced before the segment is renamed into place: damage
                 // here never comes from a crash.
                 if self.mode == RecoveryMode::PointInTime {
-                    self.stop(path, 0, reason, bytes.len() as u64, later);
+                    self.stop(path, 0, reason, file_len, later);
                     return Ok(Outcome::Stopped);
                 }
                 return Err(Self::corrupt(path, 0, reason));
@@ -337,7 +367,7 @@ impl Scanner<'_> {
                         // A record that is valid but makes no sense here is never a torn tail.
                         if self.mode == RecoveryMode::PointInTime {
                             self.scan.chain = chain;
-                            self.stop(path, off as u64, reason, (bytes.len() - off) as u64, later);
+                            self.stop(path, off as u64, reason, file_len - off as u64, later);
                             return Ok(Outcome::Stopped);
                         }
                         return Err(Self::corrupt(path, off as u64, reason));
@@ -391,7 +421,8 @@ impl Scanner<'_> {
                     self.note_torn(path, at, tail_len, reason);
                     return Ok(Outcome::End(at as u64));
                 }
-                self.stop(path, at as u64, reason, (bytes.len() - at) as u64, later);
+                let file_len = file.len().map_err(io("stat segment", path))?;
+                self.stop(path, at as u64, reason, file_len - at as u64, later);
                 Ok(Outcome::Stopped)
             }
             RecoveryMode::TolerateTornTail if torn => {

@@ -251,3 +251,63 @@ fn bad_input_is_an_error_not_a_panic() {
         .collect();
     assert_eq!(replay, [6]);
 }
+
+/// The scan reads a zero-filled segment's zeros through a small buffer (see
+/// `read_segment`): it must still see every record, a torn tail far into the
+/// segment, and a valid record that follows a zeroed length word several
+/// MiB in, as if it had read the whole file.
+#[test]
+fn a_large_zero_filled_segment_is_scanned_as_a_whole() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("wal");
+    let mut o = WalOptions::default();
+    o.segment_bytes_max = 16 << 20;
+    o.preparation = Preparation::ZeroFill;
+    let big = |p: u64| vec![(p % 251) as u8 | 1; 100_000];
+    let wal = Wal::create(Arc::new(StdFs), &dir, o.clone(), b"meta").expect("create");
+    for p in 1..=40 {
+        wal.append(K, p, &big(p)).expect("append");
+    }
+    drop(wal);
+    let segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let seg = &segs[0];
+    assert_eq!(std::fs::metadata(seg).expect("stat").len(), 16 << 20, "a zero-filled segment");
+    let recs = records_of(seg);
+    assert!(recs.last().expect("records").0 > 3 << 20, "the records reach past 3 MiB");
+
+    // Clean: every record.
+    let open = |mode| {
+        let mut o = o.clone();
+        o.recovery = mode;
+        Wal::open(Arc::new(StdFs), &dir, o)
+    };
+    let (wal, _) = open(RecoveryMode::Strict).expect("open");
+    assert_eq!(wal.read_range(.., u64::MAX).expect("read").len(), 40);
+    drop(wal);
+
+    // A zeroed length word with valid records after it, MiB away: corrupt.
+    let original = std::fs::read(seg).expect("read");
+    let (at, _, _) = recs.iter().find(|r| r.2 == 5).copied().expect("record 5");
+    let mut b = original.clone();
+    b[at..at + 8].fill(0);
+    std::fs::write(seg, &b).expect("write");
+    match open(RecoveryMode::TolerateTornTail) {
+        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("valid record follows"), "{reason}"),
+        other => panic!("a zeroed length word before valid records was taken: {:?}", other.map(|r| r.1)),
+    }
+
+    // A torn last record (its checksum broken): dropped, the rest kept.
+    let (at, _, _) = *recs.last().expect("records");
+    let mut b = original;
+    b[at + 24 + 500] ^= 0xff;
+    std::fs::write(seg, &b).expect("write");
+    let (wal, report) = open(RecoveryMode::TolerateTornTail).expect("open");
+    let torn = report.torn_tail.expect("a torn tail");
+    assert_eq!((torn.offset, torn.bytes_dropped), (at as u64, 24 + 100_000));
+    assert_eq!(wal.last_position(), Some(39));
+}
