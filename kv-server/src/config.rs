@@ -178,6 +178,14 @@ pub struct Limits {
     pub wal_queue_max: usize,
     /// Apply jobs waiting for the apply worker. Default 1024.
     pub apply_queue_max: usize,
+    /// Bytes of committed entries handed to the apply worker and not yet
+    /// applied (queued or in progress); more wait in the log until it
+    /// catches up (Raft's `applying_bytes_max`). Default 64 MiB.
+    pub applying_bytes_max: u64,
+    /// Bytes of proposals a leader holds until they are committed and
+    /// durable on it; a proposal over the bound is refused as busy (the
+    /// client library retries). Raft's `uncommitted_bytes_max`. Default 64 MiB.
+    pub uncommitted_bytes_max: u64,
     /// Reads waiting for a read index. Default 4096.
     pub pending_reads_max: usize,
     /// Pairs in one scan answer at most. Default 10,000.
@@ -209,6 +217,14 @@ pub struct Limits {
     pub keys_per_lease_max: usize,
     /// Client connections at once. Default 1024.
     pub client_connections_max: usize,
+    /// QUIC flow-control window of a client connection, bytes, each way:
+    /// what a client may send that the node has not read yet, and what the
+    /// node buffers for a client that has not acknowledged it. From 64 KiB
+    /// to 4 GiB. Default 4 MiB.
+    pub client_window_bytes: u64,
+    /// The same for a connection between peers (Raft messages and snapshot
+    /// transfers share it). From 64 KiB to 4 GiB. Default 32 MiB.
+    pub peer_window_bytes: u64,
 }
 
 impl Default for Limits {
@@ -225,6 +241,8 @@ impl Default for Limits {
             inbound_queue_max: 8192,
             wal_queue_max: 1024,
             apply_queue_max: 1024,
+            applying_bytes_max: 64 << 20,
+            uncommitted_bytes_max: 64 << 20,
             pending_reads_max: 4096,
             scan_pairs_max: 10_000,
             session_responses_max: 1024,
@@ -237,6 +255,8 @@ impl Default for Limits {
             history_retention_ms: 0,
             keys_per_lease_max: 10_000,
             client_connections_max: 1024,
+            client_window_bytes: 4 << 20,
+            peer_window_bytes: 32 << 20,
         }
     }
 }
@@ -469,6 +489,13 @@ impl Config {
         if limits.value_bytes_max > 16 << 20 || limits.key_bytes_max > 64 << 10 || limits.key_bytes_max == 0 {
             return Err(ConfigError("limits: keys at most 64 KiB, values at most 16 MiB".into()));
         }
+        let window = 64u64 << 10..=u64::from(u32::MAX);
+        if !window.contains(&limits.client_window_bytes) || !window.contains(&limits.peer_window_bytes) {
+            return Err(ConfigError("limits: client_window_bytes and peer_window_bytes from 64 KiB to 4 GiB".into()));
+        }
+        if limits.applying_bytes_max == 0 || limits.uncommitted_bytes_max == 0 {
+            return Err(ConfigError("limits: applying_bytes_max and uncommitted_bytes_max must be positive".into()));
+        }
         let cfg = Config {
             id,
             name: args.name.clone().or(file.name).unwrap_or_else(|| format!("node-{id}")),
@@ -555,6 +582,31 @@ mod tests {
         assert_eq!(Config::load(&args(4 << 20)).expect("the smallest budget").limits.requests_bytes_max, 4 << 20);
         let cfg = Config::load(&RunArgs { requests_bytes_max: None, ..args(0) }).expect("defaults");
         assert_eq!(cfg.limits.requests_bytes_max, 64 << 20);
+    }
+
+    #[test]
+    fn windows_and_raft_byte_bounds_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "t\n").expect("tokens");
+        let file = dir.path().join("cairn.toml");
+        let load = |limits: &str| {
+            std::fs::write(&file, format!("id = 1\n[limits]\n{limits}\n")).expect("config");
+            Config::load(&RunArgs {
+                config: Some(file.clone()),
+                client_token_file: Some(tokens.clone()),
+                ..RunArgs::default()
+            })
+        };
+        for bad in ["client_window_bytes = 1000", "peer_window_bytes = 5000000000", "applying_bytes_max = 0"] {
+            let err = load(bad).expect_err(bad);
+            assert!(err.0.contains(bad.split(' ').next().unwrap_or_default()), "{bad}: {}", err.0);
+        }
+        let cfg = load("client_window_bytes = 65536\npeer_window_bytes = 4294967295").expect("the bounds");
+        assert_eq!((cfg.limits.client_window_bytes, cfg.limits.peer_window_bytes), (65536, 4294967295));
+        let cfg = load("").expect("defaults");
+        assert_eq!((cfg.limits.client_window_bytes, cfg.limits.peer_window_bytes), (4 << 20, 32 << 20));
+        assert_eq!((cfg.limits.applying_bytes_max, cfg.limits.uncommitted_bytes_max), (64 << 20, 64 << 20));
     }
 
     #[test]

@@ -182,6 +182,16 @@ impl NodeTask {
             snapshots_sent: 0,
         };
         l.member = l.t.raw.conf_state().members().contains(&l.t.raw.id());
+        // Dial every peer at once: a restarted node's connection wakes the
+        // leader's link and snapshot sender toward it (see `PeerArrivals`),
+        // instead of waiting for this node's first message (an election
+        // timeout away).
+        let me = l.t.raw.id();
+        for p in l.t.raw.conf_state().members().into_iter().filter(|p| *p != me) {
+            if let Some(link) = (l.t.links)(p) {
+                l.peers.insert(p, link);
+            }
+        }
         let mut release_check = tokio::time::interval(Duration::from_millis(l.t.snapshot.release_check_ms.max(10)));
         release_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -769,6 +779,9 @@ impl Loop {
         }
         metrics::gauge!("cairn_raft_commit_index").set(self.t.raw.commit_index().0 as f64);
         metrics::gauge!("cairn_raft_is_leader").set(if self.t.raw.role() == Role::Leader { 1.0 } else { 0.0 });
+        metrics::gauge!("cairn_raft_applying_bytes").set(self.t.raw.applying_bytes() as f64);
+        metrics::gauge!("cairn_raft_uncommitted_bytes").set(self.t.raw.uncommitted_bytes() as f64);
+        metrics::gauge!("cairn_raft_entry_cache_bytes").set(self.t.raw.store().cached_bytes() as f64);
     }
 }
 

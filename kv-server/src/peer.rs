@@ -90,19 +90,33 @@ pub struct LinkConfig {
 /// backoff or a dial begun while the peer was down.
 #[derive(Debug, Default)]
 pub struct PeerArrivals {
-    by_peer: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Arc<tokio::sync::Notify>>>,
+    /// Per peer: what wakes the outbound link, and what wakes a snapshot
+    /// sender dialing it.
+    by_peer: std::sync::Mutex<std::collections::HashMap<u64, [std::sync::Arc<tokio::sync::Notify>; 2]>>,
 }
 
 impl PeerArrivals {
+    fn get(&self, peer: u64, which: usize) -> std::sync::Arc<tokio::sync::Notify> {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(peer).or_default()[which].clone()
+    }
+
     /// What wakes the link to `peer`.
     pub fn of(&self, peer: u64) -> std::sync::Arc<tokio::sync::Notify> {
-        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(peer).or_default().clone()
+        self.get(peer, 0)
+    }
+
+    /// What wakes a snapshot sender dialing `peer` (one runs per peer at a time).
+    pub fn of_snapshots(&self, peer: u64) -> std::sync::Arc<tokio::sync::Notify> {
+        self.get(peer, 1)
     }
 
     /// `peer` has connected to this node.
     pub fn arrived(&self, peer: u64) {
-        self.of(peer).notify_one();
+        let m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get(&peer) {
+            n.iter().for_each(|n| n.notify_one());
+        }
     }
 }
 

@@ -273,6 +273,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     rcfg.heartbeat_ticks = cfg.heartbeat_ticks;
     // A follower further behind than the margin gets a snapshot.
     rcfg.retain_entries_max = cfg.snapshot.release_margin_entries.max(1);
+    rcfg.applying_bytes_max = cfg.limits.applying_bytes_max.max(1);
+    rcfg.uncommitted_bytes_max = cfg.limits.uncommitted_bytes_max.max(1);
     let raw = RawNode::new(rcfg, store).map_err(|e| ServerError::Other(e.to_string()))?;
 
     // Threads: the WAL writer and the apply worker.
@@ -311,9 +313,14 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         .map_err(|e| ServerError::Other(format!("starting the apply worker: {e}")))?;
 
     // QUIC.
-    let transport = Arc::new(tls::transport_config(limits.streams_per_connection_max));
-    let server_cfg = tls.server_config(transport.clone())?;
-    let peer_cfg = tls.peer_client_config(transport)?;
+    let server_cfg = tls.server_config(Arc::new(tls::transport_config(
+        limits.streams_per_connection_max,
+        limits.client_window_bytes,
+    )))?;
+    let peer_cfg = tls.peer_client_config(Arc::new(tls::transport_config(
+        limits.streams_per_connection_max,
+        limits.peer_window_bytes,
+    )))?;
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
         .map_err(|e| ServerError::Other(format!("listening on {}: {e}", cfg.listen)))?;
     tracing::info!(listen = %cfg.listen, "listening");
@@ -357,6 +364,9 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         transfer: transfer_cfg.clone(),
         deltas: cfg.snapshot.deltas && !switches.checkpoint_at_applied,
         done: snapshot_done_tx,
+        arrivals: arrivals.clone(),
+        wake_on_arrival: !switches.no_arrival_wake,
+        dial_attempt: crate::snapshot::DIAL_ATTEMPT,
     };
     let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));
     let links = {
@@ -532,7 +542,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>, svc: peer::PeerSe
                     .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
                     .and_then(|certs| certs.first().map(tls::node_id_of));
                 match id {
-                    Some(Ok(id)) => peer::serve_peer(conn, id, svc).await,
+                    Some(Ok(id)) => {
+                        tls::widen_for_peer(&conn, ctx.limits.peer_window_bytes);
+                        peer::serve_peer(conn, id, svc).await
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(remote = %conn.remote_address(), error = %e, "refused a peer certificate");
                         conn.close(3u32.into(), b"certificate names no node");

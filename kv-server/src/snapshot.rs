@@ -432,6 +432,13 @@ pub struct SendContext {
     pub deltas: bool,
     /// Where the outcome goes: (peer, success).
     pub done: mpsc::Sender<(NodeId, bool)>,
+    /// Peers connecting to this node: a follower that connects while a dial
+    /// to it is in progress is dialed again at once.
+    pub arrivals: Arc<crate::peer::PeerArrivals>,
+    /// Whether an arrival restarts the dial (off only to test that it matters).
+    pub wake_on_arrival: bool,
+    /// How long one dial attempt waits for the handshake.
+    pub dial_attempt: Duration,
 }
 
 impl std::fmt::Debug for SendContext {
@@ -461,18 +468,30 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
 }
 
 /// One attempt to reach a follower for a snapshot (a handshake on loopback
-/// or a LAN takes a few ms; on a loaded machine, tens).
-const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
+/// or a LAN takes a few ms; on a loaded machine, tens): the default of
+/// [`SendContext::dial_attempt`].
+pub const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
 
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
-    // Short attempts, again and again for up to 5 s: a follower that was down
-    // is served within half a second of coming back, instead of after a
-    // long handshake timeout runs out (QUIC ignores the "port unreachable"
-    // of a stopped node, so an attempt made while it was down cannot succeed).
+    // Short attempts, again and again for up to 5 s, each cut short when the
+    // follower connects to this node (a restarted node dials its peers at
+    // once): a follower that was down is served as soon as it is back,
+    // instead of after a handshake timeout runs out (QUIC ignores the "port
+    // unreachable" of a stopped node, so an attempt made while it was down
+    // cannot succeed).
     let give_up = Instant::now() + Duration::from_secs(5);
+    let arrived = ctx.arrivals.of_snapshots(req.to.0);
     let conn = loop {
-        match crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, DIAL_ATTEMPT).await {
+        let attempt = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, ctx.dial_attempt);
+        let r = tokio::select! {
+            r = attempt => r,
+            _ = arrived.notified(), if ctx.wake_on_arrival => {
+                tracing::debug!(peer = req.to.0, "the follower connected to us: dialing it again now");
+                continue;
+            }
+        };
+        match r {
             Ok(c) => break c,
             Err(e) if Instant::now() >= give_up => return Err(e),
             Err(_) => {}

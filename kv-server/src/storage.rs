@@ -343,6 +343,12 @@ impl WalStore {
         }
         out
     }
+
+    /// Bytes of entries in the cache of recent entries (at most the
+    /// configured `entry_cache_bytes`, or one entry larger than it).
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache_bytes
+    }
 }
 
 impl LogStore for WalStore {

@@ -201,8 +201,13 @@ impl NodeTls {
     }
 }
 
-/// The QUIC transport settings of a node.
-pub fn transport_config(streams_per_connection_max: u32) -> quinn::TransportConfig {
+/// The QUIC transport settings of a node: `window` bytes of flow control
+/// each way per connection (a stream gets at most 8 MiB of it). The node's
+/// listening endpoint starts every connection with the client window; a
+/// connection that turns out to be a peer's is widened to the peer window
+/// ([`widen_for_peer`]), since a window can grow once set, never shrink.
+pub fn transport_config(streams_per_connection_max: u32, window: u64) -> quinn::TransportConfig {
+    let window = window.clamp(64 << 10, u64::from(u32::MAX));
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(streams_per_connection_max.into());
     t.max_concurrent_uni_streams(16u32.into());
@@ -212,10 +217,17 @@ pub fn transport_config(streams_per_connection_max: u32) -> quinn::TransportConf
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(2)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.stream_receive_window((8u32 << 20).into());
-    t.receive_window((32u32 << 20).into());
-    t.send_window(32 << 20);
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(window as u32));
+    t.send_window(window);
     t
+}
+
+/// Gives an accepted connection that proved to be a peer's the peer window.
+pub fn widen_for_peer(conn: &quinn::Connection, window: u64) {
+    let window = window.clamp(64 << 10, u64::from(u32::MAX));
+    conn.set_receive_window(quinn::VarInt::from_u32(window as u32));
+    conn.set_send_window(window);
 }
 
 #[cfg(test)]

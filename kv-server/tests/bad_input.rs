@@ -202,6 +202,23 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
         Ok(_) => panic!("a peer of protocol version 1 was accepted"),
     }
 
+    // A client connection that sends what the node does not read (a stream
+    // opened beside the first, unfinished, hello) gets no more than the
+    // client window (4 MiB) buffered, not a stream's 8 MiB.
+    let conn = raw_connect(&node1, &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");
+    let (mut first, _r1) = conn.open_bi().await.expect("first stream");
+    first.write_all(&[8]).await.expect("write");
+    let (mut second, _r2) = conn.open_bi().await.expect("second stream");
+    let chunk = vec![0u8; 64 << 10];
+    let mut sent = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, second.write(&chunk)).await {
+        sent += n;
+    }
+    assert!(sent > 1 << 20, "only {sent} bytes went out: the test does not measure the window");
+    assert!(sent <= (4 << 20) + (64 << 10), "{sent} bytes were taken unread by the node");
+    conn.close(0u32.into(), b"done");
+
     // None of it disturbed the cluster: same term, and it still serves.
     good.put("after", "2").await.expect("put after");
     assert_eq!(good.get("before").await.expect("get").as_deref(), Some(&b"1"[..]));
