@@ -39,9 +39,13 @@ pub(crate) struct BenchArgs {
     /// Connections the tasks share.
     #[arg(long, default_value_t = 4)]
     conns: usize,
-    /// Seconds to run (unless --total is given).
+    /// Seconds measured (unless --total is given).
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Seconds of load before the measured ones (connections made, caches
+    /// warm), not counted; as etcd-bench's `--warmup`. Ignored with --total.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
     /// Run this many operations instead of a duration.
     #[arg(long)]
     total: Option<u64>,
@@ -75,7 +79,15 @@ struct Tally {
     first_error: Option<String>,
 }
 
-async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, deadline: Option<Instant>) -> Tally {
+/// The measured window of a timed run: operations begun at or after `from`
+/// and ended by `to` count (as etcd-bench counts them); none begins after `to`.
+#[derive(Clone, Copy)]
+struct Window {
+    from: Instant,
+    to: Instant,
+}
+
+async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, window: Option<Window>) -> Tally {
     let mut t = Tally {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
         errors: 0,
@@ -84,7 +96,7 @@ async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, deadl
     let mut rng: rand::rngs::StdRng = rand::SeedableRng::from_rng(&mut rand::rng());
     let consistency = if a.consistency == Cons::S { Consistency::Serializable } else { Consistency::Linearizable };
     loop {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if window.is_some_and(|w| Instant::now() >= w.to) {
             break;
         }
         let n = done.fetch_add(1, Ordering::Relaxed);
@@ -109,13 +121,18 @@ async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, deadl
             let value: Vec<u8> = (0..a.value_size).map(|_| rng.random()).collect();
             client.put(key, value).await.map(|_| ())
         };
+        let ended = Instant::now();
+        let counted = window.is_none_or(|w| started >= w.from && ended <= w.to);
         match r {
-            Ok(()) => {
-                let us = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+            Ok(()) if counted => {
+                let us = (ended - started).as_micros().clamp(1, 60_000_000) as u64;
                 let _ = t.hist.record(us);
             }
+            Ok(()) => {}
             Err(e) => {
-                t.errors += 1;
+                if counted {
+                    t.errors += 1;
+                }
                 t.first_error.get_or_insert_with(|| e.to_string());
             }
         }
@@ -172,16 +189,22 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
         read_percent: args.read_percent,
     });
     let done = Arc::new(AtomicU64::new(0));
+    if !(0.0..=3600.0).contains(&args.warmup) {
+        return Err(fail(2, "--warmup must be from 0 to 3600 seconds"));
+    }
     let started = Instant::now();
-    let deadline = args.total.is_none().then(|| started + Duration::from_secs(args.duration.max(1)));
+    let window = args.total.is_none().then(|| {
+        let from = started + Duration::from_secs_f64(args.warmup);
+        Window { from, to: from + Duration::from_secs(args.duration.max(1)) }
+    });
     let mut handles = Vec::new();
     for i in 0..args.clients {
-        handles.push(tokio::spawn(task(clients[i % clients.len()].clone(), a.clone(), done.clone(), deadline)));
+        handles.push(tokio::spawn(task(clients[i % clients.len()].clone(), a.clone(), done.clone(), window)));
     }
     let bar = if show {
         let b = match args.total {
             Some(t) => indicatif::ProgressBar::new(t),
-            None => indicatif::ProgressBar::new(args.duration.max(1)),
+            None => indicatif::ProgressBar::new((args.warmup + args.duration.max(1) as f64).ceil() as u64),
         };
         if let Ok(s) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}") {
             b.set_style(s);
@@ -216,7 +239,10 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
             first_error = t.first_error;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = match window {
+        Some(w) => (w.to - w.from).as_secs_f64(),
+        None => started.elapsed().as_secs_f64(),
+    };
     ticker.abort();
     bar.finish_and_clear();
     for c in &clients {
@@ -235,7 +261,8 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
             "{}",
             json!({
                 "workload": what, "clients": args.clients, "conns": args.conns, "key_size": args.key_size,
-                "value_size": args.value_size, "seconds": elapsed, "ops": ops, "ops_per_sec": rate,
+                "value_size": args.value_size, "seconds": elapsed,
+                "warmup_seconds": if window.is_some() { args.warmup } else { 0.0 }, "ops": ops, "ops_per_sec": rate,
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
                 "max_ms": hist.max() as f64 / 1000.0, "errors": errors, "first_error": first_error,
             })
