@@ -269,6 +269,13 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     assert!(v["p99_ms"].as_f64().expect("p99") > 0.0);
     let v = json(&dev.ok(&["bench", "get", "--total", "100", "--keys", "50", "--consistency", "s", "-w", "json"]));
     assert_eq!(v["ops"], 100, "{v}");
+    // A timed run: the warm-up is left out of the figures, the rate is over the measured second.
+    let v = json(&dev.ok(&["bench", "put", "--duration", "1", "--warmup", "0.5", "-c", "2", "-w", "json"]));
+    assert_eq!((v["seconds"].as_f64(), v["warmup_seconds"].as_f64()), (Some(1.0), Some(0.5)), "{v}");
+    let ops = v["ops"].as_f64().expect("ops");
+    assert!(ops > 0.0 && (v["ops_per_sec"].as_f64().expect("rate") - ops).abs() < 1e-6, "{v}");
+    let out = dev.kv(&["bench", "put", "--duration", "1", "--warmup=-1"]);
+    assert!(!out.status.success(), "a negative warm-up was taken");
 
     // A snapshot file.
     let file = dev.dir.path().join("backup.snap");
