@@ -658,6 +658,26 @@ async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::Rec
     let in_flight = ctx.limits.streams_per_connection_max.max(1) as usize;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(in_flight);
     let writer = tokio::spawn(frame::write_pipe(send, rx, Vec::new()));
+    // One task runs every request of the pipe (most of them wait on the Raft
+    // task), rather than a task spawned per request.
+    let (jobs, mut taken) = mpsc::channel::<PipeJob>(in_flight);
+    let runner = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            let mut running = futures_util::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    job = taken.recv() => match job {
+                        Some(job) => running.push(serve_pipe_request(&ctx, job, &tx)),
+                        None => break,
+                    },
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                }
+            }
+            while running.next().await.is_some() {}
+        })
+    };
     let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
@@ -671,31 +691,42 @@ async fn serve_pipe(ctx: Arc<Ctx>, send: quinn::SendStream, mut recv: quinn::Rec
                 break;
             }
         };
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            // `handle` refuses a watch, a snapshot save or a pipe: each needs a stream of its own.
-            let (request, admitted) = match payload {
-                Ok((p, admitted)) => (frame::decode::<Request>(&p), Some(admitted)),
-                Err(e) => (Err(e), None),
-            };
-            let resp = match request {
-                Ok(req) => handle(&ctx, req).await,
-                Err(e) => refuse_frame(e),
-            };
-            match frame::encode_tagged(id, &resp) {
-                Ok(bytes) => {
-                    let _ = tx.send(bytes).await;
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode a response"),
-            }
-            drop(admitted);
-            drop(permit);
-        });
+        if jobs.send(PipeJob { id, payload, permit }).await.is_err() {
+            break;
+        }
     }
     // The writer finishes the stream once every request taken has been answered.
-    drop(tx);
+    drop(jobs);
+    let _ = runner.await;
     let _ = writer.await;
+}
+
+/// A request read from a pipe, with what it holds until answered.
+struct PipeJob {
+    id: u64,
+    payload: Result<(Vec<u8>, crate::budget::Admitted), frame::FrameError>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+async fn serve_pipe_request(ctx: &Ctx, job: PipeJob, tx: &mpsc::Sender<Vec<u8>>) {
+    let PipeJob { id, payload, permit } = job;
+    // `handle` refuses a watch, a snapshot save or a pipe: each needs a stream of its own.
+    let (request, admitted) = match payload {
+        Ok((p, admitted)) => (frame::decode::<Request>(&p), Some(admitted)),
+        Err(e) => (Err(e), None),
+    };
+    let resp = match request {
+        Ok(req) => handle(ctx, req).await,
+        Err(e) => refuse_frame(e),
+    };
+    match frame::encode_tagged(id, &resp) {
+        Ok(bytes) => {
+            let _ = tx.send(bytes).await;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode a response"),
+    }
+    drop(admitted);
+    drop(permit);
 }
 
 async fn handle(ctx: &Ctx, req: Request) -> Response {
