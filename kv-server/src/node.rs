@@ -85,6 +85,9 @@ pub enum MemberChange {
 
 /// The channels and handles the Raft task works with.
 pub struct NodeTask {
+    /// Make the links to every member at start (the first message makes a
+    /// link otherwise).
+    pub dial_at_start: bool,
     /// The node.
     pub raw: RawNode<WalStore>,
     /// This node's name.
@@ -187,7 +190,8 @@ impl NodeTask {
         // instead of waiting for this node's first message (an election
         // timeout away).
         let me = l.t.raw.id();
-        for p in l.t.raw.conf_state().members().into_iter().filter(|p| *p != me) {
+        let members = if l.t.dial_at_start { l.t.raw.conf_state().members() } else { Default::default() };
+        for p in members.into_iter().filter(|p| *p != me) {
             if let Some(link) = (l.t.links)(p) {
                 l.peers.insert(p, link);
             }

@@ -105,9 +105,13 @@ pub struct TestSwitches {
     /// linearizable reads from the local state without a read index (a
     /// leader cut off from its followers then answers stale).
     pub read_locally: bool,
-    /// `CAIRN_TEST_NO_ARRIVAL_WAKE=1`: an outbound peer link ignores the
-    /// peer's own connection and waits out its backoff and dial (a
-    /// restarted follower then waits longer to hear from the leader).
+    /// `CAIRN_TEST_NO_ARRIVAL_WAKE=1`: the behaviour before the wake-up: an
+    /// outbound peer link (or snapshot sender) ignores the peer's own
+    /// connection and waits out its backoff and dial, and a node makes its
+    /// links on its first message rather than at start (a restarted follower
+    /// then waits longer to hear from the leader; with a long backoff and
+    /// links made at start, a cluster whose nodes start one after another
+    /// would not form).
     pub no_arrival_wake: bool,
     /// `CAIRN_TEST_PEER_BACKOFF_MS=n`: an outbound peer link's backoff
     /// between dials, first and longest, ms (so a test can make it long).
@@ -411,6 +415,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     );
     tokio::spawn(lessor.run());
     let task = NodeTask {
+        dial_at_start: !switches.no_arrival_wake,
         leader_watch: leader_tx,
         raw,
         name: cfg.name.clone(),
