@@ -50,7 +50,7 @@ async fn behind_the_released_log(env: Vec<(String, String)>) -> (Option<Vec<u8>>
     c.put("doomed", "still here").await.expect("put");
     c.put("kept", "v0").await.expect("put");
     cluster.converged(Duration::from_secs(20)).await;
-    let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+    let before = cluster.status(follower).await;
     assert!(cluster.stop(follower), "the follower did not stop cleanly");
 
     let started = Instant::now();
@@ -97,7 +97,7 @@ async fn behind_the_released_log(env: Vec<(String, String)>) -> (Option<Vec<u8>>
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let caught_up = restarted.elapsed();
-    let s = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+    let s = cluster.status(follower).await;
     assert!(s.snapshots_installed >= 1, "the follower caught up without a snapshot: {s:?}");
     let ls = c.status_of(&leader_ep, false).await.expect("status");
     assert!(ls.snapshots_sent >= 1, "the leader reports no snapshot sent: {ls:?}");
@@ -150,7 +150,7 @@ async fn a_follower_a_little_behind_catches_up_by_a_delta() {
         }
         c.put("doomed", "still here").await.expect("put");
         cluster.converged(Duration::from_secs(20)).await;
-        let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+        let before = cluster.status(follower).await;
         assert!(cluster.stop(follower), "the follower did not stop cleanly");
 
         // About 0.75 MiB of values (twice that with the history): at least one
@@ -181,7 +181,7 @@ async fn a_follower_a_little_behind_catches_up_by_a_delta() {
         cluster.start_node(follower);
         let (applied, hash) = cluster.converged(Duration::from_secs(60)).await;
         let caught_up = restarted.elapsed();
-        let s = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+        let s = cluster.status(follower).await;
         if s.snapshots_installed > 0 {
             break (cluster, c, follower, s, applied, hash, caught_up);
         }
@@ -289,7 +289,7 @@ async fn leave_behind(cluster: &mut Cluster, leader: u64, follower: u64, writes:
 /// [`leave_behind`] with `keys` keys per write.
 async fn leave_behind_with(cluster: &mut Cluster, leader: u64, follower: u64, writes: usize, keys: usize) {
     let c = cluster.client();
-    let before = c.status_of(&cluster.endpoint(follower), false).await.expect("status");
+    let before = cluster.status(follower).await;
     assert!(cluster.stop(follower), "the follower did not stop cleanly");
     for w in 0..writes {
         let ops = (0..keys)
@@ -373,7 +373,7 @@ async fn a_follower_that_crashes_during_a_delta_install_recovers_by_the_repair_r
     let one = cluster.client_of(follower);
     let (v, _) = one.get_with("b-00199-029", Consistency::Serializable).await.expect("get");
     assert!(v.is_some(), "the last key written is missing on the follower");
-    let s = cluster.client().status_of(&cluster.endpoint(follower), false).await.expect("status");
+    let s = cluster.status(follower).await;
     assert_eq!(s.deltas_installed, 0, "after the restart it needed no second snapshot: {s:?}");
 }
 

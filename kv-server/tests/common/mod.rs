@@ -308,6 +308,22 @@ impl Cluster {
         }
     }
 
+    /// The status of live node `id`, asked again for up to 10 s while it does
+    /// not answer: with many clusters starting at once on two cores, one
+    /// handshake can outlast the client's 1 s connect timeout.
+    #[allow(dead_code)] // not every test binary asks
+    pub async fn status(&self, id: u64) -> cairn_kv_client::protocol::StatusInfo {
+        let c = self.client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.status_of(&self.endpoint(id), false).await {
+                Ok(s) => return s,
+                Err(e) => assert!(Instant::now() < deadline, "node {id} gave no status for 10 s: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until every live node applied the same index and hashes the same state.
     pub async fn converged(&self, timeout: Duration) -> (u64, u64) {
         match self.try_converged(timeout).await {
