@@ -114,11 +114,15 @@ async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, windo
             client.get_with(key, consistency).await.map(|_| ())
         } else {
             let key: Vec<u8> = if a.workload == Workload::Put {
-                (0..a.key_size).map(|_| rng.random()).collect()
+                let mut key = vec![0u8; a.key_size];
+                rng.fill(&mut key[..]);
+                key
             } else {
                 key_of(rng.random_range(0..a.keys.max(1)), a.key_size)
             };
-            let value: Vec<u8> = (0..a.value_size).map(|_| rng.random()).collect();
+            // Filled a block of the generator at a time, not a call per byte.
+            let mut value = vec![0u8; a.value_size];
+            rng.fill(&mut value[..]);
             client.put(key, value).await.map(|_| ())
         };
         let ended = Instant::now();
