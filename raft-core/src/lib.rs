@@ -36,7 +36,9 @@
 //!       `persisted_messages` (those addressed to this node go to `step`);
 //!    5. apply `committed_entries` in order and report with
 //!       [`RawNode::on_applied`]; serve each of `read_states` once applied up
-//!       to its index.
+//!       to its index. The reports also make room: no more entries are
+//!       handed out while [`Config::applying_bytes_max`] bytes of them await
+//!       a report.
 //! 3. Persistence and apply may run on other threads: the node goes on
 //!    stepping and ticking meanwhile; it learns of progress only through
 //!    `on_persisted`.
