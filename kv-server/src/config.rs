@@ -160,7 +160,8 @@ pub struct Limits {
     /// request's length is read until its answer is handed to the writer
     /// (proposals waiting, in the log, being applied). A request that would
     /// go over waits before its bytes are read, so QUIC flow control slows
-    /// the client; nothing is refused. At least `request_bytes_max`.
+    /// the client; nothing is refused. At least `request_bytes_max`, at
+    /// most 4 GiB - 1.
     /// Default 64 MiB.
     pub requests_bytes_max: usize,
     /// Largest peer frame (a Raft message), bytes. Default 64 MiB.
@@ -476,6 +477,13 @@ impl Config {
                 limits.requests_bytes_max, limits.request_bytes_max
             )));
         }
+        if limits.requests_bytes_max > u32::MAX as usize {
+            return Err(ConfigError(format!(
+                "limits: requests_bytes_max ({}) must be at most 4 GiB - 1 ({})",
+                limits.requests_bytes_max,
+                u32::MAX
+            )));
+        }
         let mut snapshot = file.snapshot.unwrap_or_default();
         if let Some(d) = args.snapshot_deltas {
             snapshot.deltas = d;
@@ -580,6 +588,9 @@ mod tests {
         let err = Config::load(&args(1 << 20)).expect_err("a budget under request_bytes_max");
         assert!(err.0.contains("requests_bytes_max"), "{}", err.0);
         assert_eq!(Config::load(&args(4 << 20)).expect("the smallest budget").limits.requests_bytes_max, 4 << 20);
+        let err = Config::load(&args(1 << 32)).expect_err("a budget of 4 GiB");
+        assert!(err.0.contains("at most 4 GiB"), "{}", err.0);
+        assert!(Config::load(&args(u32::MAX as usize)).is_ok(), "the largest budget");
         let cfg = Config::load(&RunArgs { requests_bytes_max: None, ..args(0) }).expect("defaults");
         assert_eq!(cfg.limits.requests_bytes_max, 64 << 20);
     }
