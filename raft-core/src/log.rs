@@ -4,6 +4,32 @@
 use crate::storage::LogStore;
 use crate::types::{Entry, LogIndex, Term};
 
+/// Batches of entries counted against a byte bound until done: (last index
+/// of a batch, its bytes), in index order, and their sum.
+#[derive(Debug, Default)]
+pub(crate) struct Batches {
+    batches: std::collections::VecDeque<(LogIndex, u64)>,
+    pub(crate) bytes: u64,
+}
+
+impl Batches {
+    pub(crate) fn push(&mut self, last: LogIndex, bytes: u64) {
+        self.batches.push_back((last, bytes));
+        self.bytes += bytes;
+    }
+
+    /// Forgets the batches whose last entry is at or below `done`.
+    pub(crate) fn release_through(&mut self, done: LogIndex) {
+        while let Some(&(last, bytes)) = self.batches.front() {
+            if last > done {
+                break;
+            }
+            self.batches.pop_front();
+            self.bytes -= bytes;
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct RaftLog<S> {
     pub(crate) store: S,
@@ -19,10 +45,8 @@ pub(crate) struct RaftLog<S> {
     pub(crate) applied_handed: LogIndex,
     /// Highest index the driver reported applied.
     pub(crate) applied: LogIndex,
-    /// Batches handed to apply and not yet reported applied (last index,
-    /// bytes), in index order, and their sum.
-    applying: std::collections::VecDeque<(LogIndex, u64)>,
-    pub(crate) applying_bytes: u64,
+    /// Batches handed to apply and not yet reported applied.
+    pub(crate) applying: Batches,
     /// Highest index durable here (with the term the log has there).
     pub(crate) persisted: LogIndex,
     /// A snapshot received and not yet installed by the driver.
@@ -50,8 +74,7 @@ impl<S: LogStore> RaftLog<S> {
             committed,
             applied_handed: applied,
             applied,
-            applying: std::collections::VecDeque::new(),
-            applying_bytes: 0,
+            applying: Batches::default(),
             persisted: last,
             pending_snapshot: None,
             pending_snapshot_conf: crate::ConfState::default(),
@@ -76,8 +99,7 @@ impl<S: LogStore> RaftLog<S> {
         self.committed = index;
         self.applied_handed = index;
         self.applied = index;
-        self.applying.clear();
-        self.applying_bytes = 0;
+        self.applying = Batches::default();
         self.persisted = index;
         self.pending_snapshot = Some((index, term));
         self.snapshot_handed = false;
@@ -207,10 +229,10 @@ impl<S: LogStore> RaftLog<S> {
     /// so an entry larger than the bound still goes, alone).
     pub(crate) fn to_apply(&self, bytes_max: u64, applying_max: u64, apply_unpersisted: bool) -> Vec<Entry> {
         let limit = if apply_unpersisted { self.committed } else { self.committed.min(self.persisted) };
-        if limit <= self.applied_handed || self.applying_bytes >= applying_max {
+        if limit <= self.applied_handed || self.applying.bytes >= applying_max {
             return Vec::new();
         }
-        let room = applying_max - self.applying_bytes;
+        let room = applying_max - self.applying.bytes;
         self.slice(self.applied_handed.next(), limit.next(), bytes_max.min(room))
     }
 
@@ -218,22 +240,14 @@ impl<S: LogStore> RaftLog<S> {
     pub(crate) fn handed_to_apply(&mut self, entries: &[Entry]) {
         let Some(last) = entries.last() else { return };
         self.applied_handed = self.applied_handed.max(last.index);
-        let bytes = entries.iter().map(Entry::size_bytes).sum();
-        self.applying.push_back((last.index, bytes));
-        self.applying_bytes += bytes;
+        self.applying.push(last.index, entries.iter().map(Entry::size_bytes).sum());
     }
 
     /// The driver applied up to `index`: batches wholly applied leave the
     /// bytes being applied.
     pub(crate) fn applied_to(&mut self, index: LogIndex) {
         self.applied = self.applied.max(index.min(self.applied_handed));
-        while let Some(&(last, bytes)) = self.applying.front() {
-            if last > self.applied {
-                break;
-            }
-            self.applying.pop_front();
-            self.applying_bytes -= bytes;
-        }
+        self.applying.release_through(self.applied);
     }
 
     pub(crate) fn commit_to(&mut self, index: LogIndex) {

@@ -177,7 +177,7 @@ impl<S: LogStore> RawNode<S> {
     /// Bytes of entries handed out to apply and not yet reported applied
     /// (bounded by [`Config::applying_bytes_max`](crate::Config::applying_bytes_max)).
     pub fn applying_bytes(&self) -> u64 {
-        self.raft.log.applying_bytes
+        self.raft.log.applying.bytes
     }
 
     /// Bytes of this leader's proposals not yet committed and durable here

@@ -47,10 +47,8 @@ pub(crate) struct Raft<S> {
     rng: ChaCha8Rng,
     pub(crate) msgs: Vec<Message>,
     pub(crate) msgs_after_persist: Vec<Message>,
-    /// Bytes of this leader's proposals not yet both committed and durable
-    /// here, and the batches they came in (last index, bytes), in index order.
-    uncommitted_bytes: u64,
-    uncommitted: VecDeque<(LogIndex, u64)>,
+    /// This leader's proposals not yet both committed and durable here.
+    uncommitted: crate::log::Batches,
     /// Latest read round; every append carries it, every answer echoes it.
     read_seq: u64,
     /// Reads waiting for a quorum to confirm this leader's term.
@@ -108,8 +106,7 @@ impl<S: LogStore> Raft<S> {
             randomized_timeout: 0,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
-            uncommitted_bytes: 0,
-            uncommitted: VecDeque::new(),
+            uncommitted: Default::default(),
             read_seq: 0,
             pending_reads: VecDeque::new(),
             waiting_reads: Vec::new(),
@@ -367,8 +364,7 @@ impl<S: LogStore> Raft<S> {
         self.votes.clear();
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
-        self.uncommitted_bytes = 0;
-        self.uncommitted.clear();
+        self.uncommitted = Default::default();
         self.transferee = None;
         let next = self.log.last_index().next();
         self.progress = self.conf.members().into_iter().map(|p| (p, Progress::new(next))).collect();
@@ -393,10 +389,9 @@ impl<S: LogStore> Raft<S> {
             return Err(ProposeError::TransferInProgress);
         }
         let bytes: u64 = batch.iter().map(|d| d.len() as u64 + 24).sum();
-        if self.uncommitted_bytes + bytes > self.cfg.uncommitted_bytes_max && self.uncommitted_bytes > 0 {
+        if self.uncommitted.bytes + bytes > self.cfg.uncommitted_bytes_max && self.uncommitted.bytes > 0 {
             return Err(ProposeError::TooManyUncommittedBytes);
         }
-        self.uncommitted_bytes += bytes;
         let mut index = self.log.last_index();
         let entries: Vec<Entry> = batch
             .into_iter()
@@ -405,27 +400,20 @@ impl<S: LogStore> Raft<S> {
                 Entry { term: self.term, index, kind: EntryKind::Normal, data: data.into() }
             })
             .collect();
-        self.uncommitted.push_back((index, bytes));
+        self.uncommitted.push(index, bytes);
         self.log.append(&entries);
         self.broadcast_append(false);
         Ok(index)
     }
 
     pub(crate) fn uncommitted_bytes(&self) -> u64 {
-        if self.role == Role::Leader { self.uncommitted_bytes } else { 0 }
+        if self.role == Role::Leader { self.uncommitted.bytes } else { 0 }
     }
 
     /// Forgets the proposals that are now committed and durable here: they
     /// leave the bound on uncommitted bytes (and enter the one on applying).
     fn release_uncommitted(&mut self) {
-        let done = self.log.committed.min(self.log.persisted);
-        while let Some(&(last, bytes)) = self.uncommitted.front() {
-            if last > done {
-                break;
-            }
-            self.uncommitted.pop_front();
-            self.uncommitted_bytes -= bytes;
-        }
+        self.uncommitted.release_through(self.log.committed.min(self.log.persisted));
     }
 
     // ---- replication ----
