@@ -231,7 +231,10 @@ impl NodeTask {
                     if ok { l.snapshots_sent += 1; }
                     l.t.raw.report_snapshot(peer, ok);
                 }
-                _ = release_check.tick() => l.maybe_release(),
+                _ = release_check.tick() => {
+                    l.maybe_release();
+                    l.report_memory();
+                }
             }
             l.process_ready();
         }
@@ -783,6 +786,10 @@ impl Loop {
         }
         metrics::gauge!("cairn_raft_commit_index").set(self.t.raw.commit_index().0 as f64);
         metrics::gauge!("cairn_raft_is_leader").set(if self.t.raw.role() == Role::Leader { 1.0 } else { 0.0 });
+    }
+
+    /// Samples the bytes the Raft task holds (on the release check's tick).
+    fn report_memory(&self) {
         metrics::gauge!("cairn_raft_applying_bytes").set(self.t.raw.applying_bytes() as f64);
         metrics::gauge!("cairn_raft_uncommitted_bytes").set(self.t.raw.uncommitted_bytes() as f64);
         metrics::gauge!("cairn_raft_entry_cache_bytes").set(self.t.raw.store().cached_bytes() as f64);

@@ -79,23 +79,28 @@ pub struct LinkConfig {
     pub backoff_min: Duration,
     /// Longest backoff.
     pub backoff_max: Duration,
-    /// Redial at once when the peer connects to this node (off only to
-    /// test that it matters).
-    pub wake_on_arrival: bool,
 }
 
 /// Connections from peers, as they arrive: an outbound link to a peer that
 /// was unreachable redials as soon as that peer connects to this node (a
 /// restarted node dials its peers at once), instead of waiting out its
 /// backoff or a dial begun while the peer was down.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerArrivals {
     /// Per peer: what wakes the outbound link, and what wakes a snapshot
     /// sender dialing it.
     by_peer: std::sync::Mutex<std::collections::HashMap<u64, [std::sync::Arc<tokio::sync::Notify>; 2]>>,
+    /// Off, arrivals wake nothing (only to test that they matter).
+    enabled: bool,
 }
 
 impl PeerArrivals {
+    /// Arrivals that wake the links and snapshot senders, or (`enabled`
+    /// false) nothing.
+    pub fn new(enabled: bool) -> PeerArrivals {
+        PeerArrivals { by_peer: Default::default(), enabled }
+    }
+
     fn get(&self, peer: u64, which: usize) -> std::sync::Arc<tokio::sync::Notify> {
         let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(peer).or_default()[which].clone()
@@ -113,6 +118,9 @@ impl PeerArrivals {
 
     /// `peer` has connected to this node.
     pub fn arrived(&self, peer: u64) {
+        if !self.enabled {
+            return;
+        }
         let m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get(&peer) {
             n.iter().for_each(|n| n.notify_one());
@@ -144,7 +152,7 @@ pub async fn run_link(
         let dialing = dial(&endpoint, &client_cfg, peer, &addr, cfg.connect_timeout);
         let result = tokio::select! {
             r = dialing => r,
-            _ = arrived.notified(), if !restarted && cfg.wake_on_arrival => {
+            _ = arrived.notified(), if !restarted => {
                 tracing::debug!(peer = peer.0, "peer connected to us: dialing it again now");
                 restarted = true;
                 continue 'outer;
@@ -162,7 +170,7 @@ pub async fn run_link(
                     tokio::select! {
                         m = rx.recv() => if m.is_none() { return },
                         _ = tokio::time::sleep_until(deadline) => break,
-                        _ = arrived.notified(), if cfg.wake_on_arrival => break,
+                        _ = arrived.notified() => break,
                     }
                 }
                 backoff = (backoff * 2).min(cfg.backoff_max);

@@ -348,9 +348,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         connect_timeout: switches.peer_dial_ms.map_or(Duration::from_secs(2), Duration::from_millis),
         backoff_min: backoff.unwrap_or(Duration::from_millis(50)),
         backoff_max: backoff.unwrap_or(Duration::from_secs(1)),
-        wake_on_arrival: !switches.no_arrival_wake,
     };
-    let arrivals = Arc::new(peer::PeerArrivals::default());
+    let arrivals = Arc::new(peer::PeerArrivals::new(!switches.no_arrival_wake));
     let transfer_cfg = cfg.snapshot.transfer_config();
     let mut checkpoints = Checkpoints::new(&cfg.data_dir, shared.clone(), cfg.snapshot.checkpoints_max);
     if switches.checkpoint_at_applied {
@@ -369,8 +368,6 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         deltas: cfg.snapshot.deltas && !switches.checkpoint_at_applied,
         done: snapshot_done_tx,
         arrivals: arrivals.clone(),
-        wake_on_arrival: !switches.no_arrival_wake,
-        dial_attempt: crate::snapshot::DIAL_ATTEMPT,
     };
     let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));
     let links = {

@@ -435,10 +435,6 @@ pub struct SendContext {
     /// Peers connecting to this node: a follower that connects while a dial
     /// to it is in progress is dialed again at once.
     pub arrivals: Arc<crate::peer::PeerArrivals>,
-    /// Whether an arrival restarts the dial (off only to test that it matters).
-    pub wake_on_arrival: bool,
-    /// How long one dial attempt waits for the handshake.
-    pub dial_attempt: Duration,
 }
 
 impl std::fmt::Debug for SendContext {
@@ -468,9 +464,8 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
 }
 
 /// One attempt to reach a follower for a snapshot (a handshake on loopback
-/// or a LAN takes a few ms; on a loaded machine, tens): the default of
-/// [`SendContext::dial_attempt`].
-pub const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
+/// or a LAN takes a few ms; on a loaded machine, tens).
+const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
 
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
@@ -483,10 +478,10 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
     let give_up = Instant::now() + Duration::from_secs(5);
     let arrived = ctx.arrivals.of_snapshots(req.to.0);
     let conn = loop {
-        let attempt = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, ctx.dial_attempt);
+        let attempt = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, DIAL_ATTEMPT);
         let r = tokio::select! {
             r = attempt => r,
-            _ = arrived.notified(), if ctx.wake_on_arrival => {
+            _ = arrived.notified() => {
                 tracing::debug!(peer = req.to.0, "the follower connected to us: dialing it again now");
                 continue;
             }

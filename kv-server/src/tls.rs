@@ -207,7 +207,7 @@ impl NodeTls {
 /// connection that turns out to be a peer's is widened to the peer window
 /// ([`widen_for_peer`]), since a window can grow once set, never shrink.
 pub fn transport_config(streams_per_connection_max: u32, window: u64) -> quinn::TransportConfig {
-    let window = window.clamp(64 << 10, u64::from(u32::MAX));
+    let window = window_bytes(window);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(streams_per_connection_max.into());
     t.max_concurrent_uni_streams(16u32.into());
@@ -218,16 +218,21 @@ pub fn transport_config(streams_per_connection_max: u32, window: u64) -> quinn::
         t.max_idle_timeout(Some(idle));
     }
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
-    t.receive_window(quinn::VarInt::from_u32(window as u32));
-    t.send_window(window);
+    t.receive_window(quinn::VarInt::from_u32(window));
+    t.send_window(window.into());
     t
+}
+
+/// A window in the range the configuration allows (64 KiB to 4 GiB - 1).
+fn window_bytes(window: u64) -> u32 {
+    window.clamp(64 << 10, u64::from(u32::MAX)) as u32
 }
 
 /// Gives an accepted connection that proved to be a peer's the peer window.
 pub fn widen_for_peer(conn: &quinn::Connection, window: u64) {
-    let window = window.clamp(64 << 10, u64::from(u32::MAX));
-    conn.set_receive_window(quinn::VarInt::from_u32(window as u32));
-    conn.set_send_window(window);
+    let window = window_bytes(window);
+    conn.set_receive_window(quinn::VarInt::from_u32(window));
+    conn.set_send_window(window.into());
 }
 
 #[cfg(test)]
