@@ -332,10 +332,12 @@ impl Staging {
         self.persisting.is_some()
     }
 
-    /// Whether each write starts its own writeback at once
-    /// ([`FsFile::start_writeback`]), so that the disk writes while more
-    /// data arrives and each persist waits for less. Default on; off, the
-    /// kernel writes back when it sees fit and each persist waits for all.
+    /// Whether each write goes to the disk at once, around the page cache
+    /// where it can ([`FsFile::write_uncached_at`]: direct I/O on Linux,
+    /// else a cached write with its writeback started), so that the disk
+    /// writes while more data arrives and each persist waits for less.
+    /// Default on; off, writes go through the cache, the kernel writes them
+    /// back when it sees fit and each persist waits for all.
     pub fn set_write_behind(&mut self, on: bool) {
         self.write_behind = on;
     }
@@ -629,17 +631,16 @@ impl Staging {
         fs.sync_dir(&self.root).map_err(io("fsync staging root", &self.root))
     }
 
-    /// Writes received bytes, starts their writeback (unless turned off),
-    /// and carries the file's running checksum on when they follow what was
+    /// Writes received bytes (to the disk at once, unless turned off), and carries the file's running checksum on when they follow what was
     /// written before.
     fn write(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<()> {
         let write_behind = self.write_behind;
         self.with_file(file, |f, p| {
-            f.write_all_at(data, offset).map_err(io("write staged file", p))?;
-            if write_behind && let Err(e) = f.start_writeback(offset, data.len() as u64) {
-                tracing::debug!(error = %e, file = %p.display(), "starting writeback failed; the persist will wait longer");
+            if write_behind {
+                f.write_uncached_at(data, offset).map_err(io("write staged file", p))
+            } else {
+                f.write_all_at(data, offset).map_err(io("write staged file", p))
             }
-            Ok(())
         })?;
         if let Some(slot) = self.open.as_mut().and_then(|o| o.written.get_mut(file as usize)) {
             *slot = match slot.take() {
