@@ -157,6 +157,8 @@ struct Inner {
     next_endpoint: Mutex<usize>,
     /// Endpoints that failed to connect, and when.
     failed: Mutex<HashMap<String, Instant>>,
+    /// Whether a connection was ever made (else closing has no node to tell).
+    connected_once: AtomicBool,
 }
 
 /// An authenticated connection to a node and its request pipe.
@@ -488,6 +490,7 @@ impl Client {
                 session: Mutex::new(SessionState::default()),
                 next_endpoint: Mutex::new(0),
                 failed: Mutex::new(HashMap::new()),
+                connected_once: AtomicBool::new(false),
             }),
         })
     }
@@ -1106,6 +1109,7 @@ impl Client {
         match self.exchange_on_stream(&conn, &Request::Hello { token: opts.token.clone() }, deadline).await? {
             Response::HelloOk { .. } => {
                 let pipe = Pipe::open(&conn, opts).await.map_err(ConnErr::Failed)?;
+                self.inner.connected_once.store(true, Ordering::Release);
                 Ok(Link { conn, pipe: Arc::new(pipe) })
             }
             Response::Error(e) => Err(ConnErr::Refused(e)),
@@ -1147,11 +1151,14 @@ impl Client {
 
     /// Closes the client and its clones: every connection, an attempt to a
     /// dead node included, is closed at once; waits at most 250 ms for the
-    /// nodes to hear of it.
+    /// nodes to hear of it (QUIC's draining period, about three round trips
+    /// and the peer's ack delay), unless no node was ever reached.
     pub async fn close(&self) {
         self.drop_connection().await;
         self.inner.endpoint.close(0u32.into(), b"client closed");
-        let _ = tokio::time::timeout(Duration::from_millis(250), self.inner.endpoint.wait_idle()).await;
+        if self.inner.connected_once.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_millis(250), self.inner.endpoint.wait_idle()).await;
+        }
     }
 }
 

@@ -36,6 +36,7 @@ fn free_base_port() -> u16 {
 struct Dev {
     dir: tempfile::TempDir,
     child: Child,
+    base_port: u16,
 }
 
 impl Drop for Dev {
@@ -61,18 +62,26 @@ impl Dev {
 
     /// A dev cluster started with `extra` arguments to `kv-server dev`.
     fn start_with(extra: &[String]) -> Dev {
+        Dev::start_with_env(extra, &[])
+    }
+
+    /// A dev cluster started with `extra` arguments and `env` variables
+    /// (which its nodes inherit).
+    fn start_with_env(extra: &[String], env: &[(&str, &Path)]) -> Dev {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("dev.log")).expect("log");
+        let base_port = free_base_port();
         let child = Command::new(kv_server())
-            .args(["dev", "--no-first-put", "--base-port", &free_base_port().to_string()])
+            .args(["dev", "--no-first-put", "--base-port", &base_port.to_string()])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start kv-server dev");
-        let dev = Dev { dir, child };
+        let dev = Dev { dir, child, base_port };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let o = dev.kv(&["endpoint", "health"]);
@@ -300,6 +309,11 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("no dev cluster found"), "{}", text(&o.stderr));
     let ca = dev.dir.path().join("cairn-data/certs/ca.pem");
+    // A dead endpoint: exit code 3. A sub-second --timeout bounds each
+    // connection attempt too (they take up to 1 s otherwise), and a client
+    // that reached no node does not wait to tell one it is leaving: the
+    // command gives up well before a second.
+    let started = std::time::Instant::now();
     let o = dev.kv_in(
         empty.path(),
         &[
@@ -310,15 +324,39 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
             "--cacert",
             ca.to_str().expect("path"),
             "--timeout",
-            "1",
+            "0.2",
             "get",
             "x",
         ],
         None,
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(900), "--timeout 0.2 took {took:?}");
+    for bad in ["0", "1e9", "soon"] {
+        let o = dev.kv(&["--timeout", bad, "get", "x"]);
+        assert_eq!(o.status.code(), Some(2), "--timeout {bad}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("seconds"), "{}", text(&o.stderr));
+    }
     let help = dev.ok(&["--help"]);
     assert!(help.contains("Exit codes"), "{help}");
+}
+
+/// Each `kv` process tells its node it is leaving before it exits, so its
+/// connection's place is free at once: with one client connection allowed
+/// per node, commands in a row all get through (a connection left to the
+/// node's 2 s idle timeout would refuse the next one for that long).
+#[test]
+fn a_finished_kv_frees_its_connection_at_once() {
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let path = cfg.path().join("cairn.toml");
+    std::fs::write(&path, "[limits]\nclient_connections_max = 1\n").expect("config");
+    let dev = Dev::start_with_env(&[], &[("CAIRN_CONFIG", &path)]);
+    let node1 = format!("127.0.0.1:{}", dev.base_port);
+    for i in 0..5 {
+        let o = dev.kv(&["--endpoints", &node1, "--timeout", "1", "endpoint", "status"]);
+        assert!(o.status.success(), "status {i} in a row: {}", text(&o.stderr));
+    }
 }
 
 /// Three consecutive free TCP ports on 127.0.0.1.

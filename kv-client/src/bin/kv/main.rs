@@ -52,9 +52,10 @@ struct Cli {
     /// Where a dev cluster keeps its files.
     #[arg(long, global = true, env = "KV_DEV_DIR", default_value = "cairn-data")]
     dev_dir: PathBuf,
-    /// Seconds a command may take, retries included.
-    #[arg(long, global = true, default_value_t = 15)]
-    timeout: u64,
+    /// Seconds a command may take, retries included (a decimal, such as 0.5;
+    /// one attempt to connect or to get an answer takes at most this long too).
+    #[arg(long, global = true, default_value_t = 15.0, value_parser = parse_timeout)]
+    timeout: f64,
     /// Output format (default: table on a terminal, simple when piped).
     #[arg(short = 'w', long = "write-out", global = true, value_enum)]
     write_out: Option<Format>,
@@ -391,8 +392,18 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Fail> {
     let ca = std::fs::read(&ca_path)
         .map_err(|e| fail(2, format!("cannot read the CA certificate {}: {e}", ca_path.display())))?;
     let mut opts = ClientOptions::new(endpoints, token, ca);
-    opts.retry_deadline = Duration::from_secs(cli.timeout.max(1));
+    opts.retry_deadline = Duration::from_secs_f64(cli.timeout);
+    opts.connect_timeout = opts.connect_timeout.min(opts.retry_deadline);
+    opts.request_timeout = opts.request_timeout.min(opts.retry_deadline);
     Ok(opts)
+}
+
+/// `--timeout`: positive seconds, at most a day.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t > 0.0 && t <= 86_400.0 => Ok(t),
+        _ => Err(format!("{s:?} is not a number of seconds between 0 and 86400 (such as 0.5 or 15)")),
+    }
 }
 
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
