@@ -112,6 +112,13 @@ pub struct SnapshotSettings {
     /// every write since the follower's durable marker; else a full
     /// checkpoint. Default true.
     pub deltas: bool,
+    /// A file is sent zstd-compressed only if its first chunk shrinks by at
+    /// least this many percent (100: never compress). The tables are
+    /// compressed already (a second pass saved 2-3% in
+    /// `docs/benchmarks.md`), and zstd's fastest level runs at about 1.5 GB/s
+    /// on one core: a saving of S percent pays for its CPU only on links
+    /// slower than about S% of that (15 MB/s per percent). Default 10.
+    pub compress_saving_percent_min: u8,
 }
 
 impl Default for SnapshotSettings {
@@ -127,6 +134,7 @@ impl Default for SnapshotSettings {
             rate_bytes_per_second: 0,
             stall_secs: 10,
             deltas: true,
+            compress_saving_percent_min: 10,
         }
     }
 }
@@ -141,6 +149,7 @@ impl SnapshotSettings {
         c.sync_bytes = (c.window_bytes_max / 2).max(u64::from(c.chunk_bytes_max));
         c.rate_bytes_per_second = (self.rate_bytes_per_second > 0).then_some(self.rate_bytes_per_second);
         c.stall_timeout = Duration::from_secs(self.stall_secs.max(1));
+        c.compress_saving_percent_min = self.compress_saving_percent_min;
         c
     }
 }
@@ -226,6 +235,13 @@ pub struct Limits {
     /// The same for a connection between peers (Raft messages and snapshot
     /// transfers share it). From 64 KiB to 4 GiB. Default 32 MiB.
     pub peer_window_bytes: u64,
+    /// The UDP socket's kernel buffers (`SO_RCVBUF`, `SO_SNDBUF`), bytes
+    /// each: datagrams that arrive while the node is busy wait there instead
+    /// of being dropped (each drop costs QUIC a retransmission and a cut of
+    /// its congestion window). The kernel caps them at `net.core.rmem_max`
+    /// and `wmem_max`; the node logs a warning when it got less. From 64 KiB
+    /// to 1 GiB. Default 4 MiB.
+    pub udp_buffer_bytes: u64,
 }
 
 impl Default for Limits {
@@ -258,6 +274,7 @@ impl Default for Limits {
             client_connections_max: 1024,
             client_window_bytes: 4 << 20,
             peer_window_bytes: 32 << 20,
+            udp_buffer_bytes: 4 << 20,
         }
     }
 }
@@ -491,6 +508,9 @@ impl Config {
         if let Some(n) = args.release_margin_entries {
             snapshot.release_margin_entries = n;
         }
+        if snapshot.compress_saving_percent_min > 100 {
+            return Err(ConfigError("snapshot: compress_saving_percent_min is a percentage (0 to 100)".into()));
+        }
         if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 {
             return Err(ConfigError("snapshot: checkpoints_max and transfers_max must be at least 1".into()));
         }
@@ -500,6 +520,9 @@ impl Config {
         let window = 64u64 << 10..=u64::from(u32::MAX);
         if !window.contains(&limits.client_window_bytes) || !window.contains(&limits.peer_window_bytes) {
             return Err(ConfigError("limits: client_window_bytes and peer_window_bytes from 64 KiB to 4 GiB".into()));
+        }
+        if !(64u64 << 10..=1 << 30).contains(&limits.udp_buffer_bytes) {
+            return Err(ConfigError("limits: udp_buffer_bytes from 64 KiB to 1 GiB".into()));
         }
         if limits.applying_bytes_max == 0 || limits.uncommitted_bytes_max == 0 {
             return Err(ConfigError("limits: applying_bytes_max and uncommitted_bytes_max must be positive".into()));
@@ -609,7 +632,13 @@ mod tests {
                 ..RunArgs::default()
             })
         };
-        for bad in ["client_window_bytes = 1000", "peer_window_bytes = 5000000000", "applying_bytes_max = 0"] {
+        for bad in [
+            "client_window_bytes = 1000",
+            "peer_window_bytes = 5000000000",
+            "applying_bytes_max = 0",
+            "udp_buffer_bytes = 1000",
+            "udp_buffer_bytes = 2000000000",
+        ] {
             let err = load(bad).expect_err(bad);
             assert!(err.0.contains(bad.split(' ').next().unwrap_or_default()), "{bad}: {}", err.0);
         }
@@ -618,6 +647,29 @@ mod tests {
         let cfg = load("").expect("defaults");
         assert_eq!((cfg.limits.client_window_bytes, cfg.limits.peer_window_bytes), (4 << 20, 32 << 20));
         assert_eq!((cfg.limits.applying_bytes_max, cfg.limits.uncommitted_bytes_max), (64 << 20, 64 << 20));
+        assert_eq!(cfg.limits.udp_buffer_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn snapshot_compression_is_a_percentage_handed_to_the_transfer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "t\n").expect("tokens");
+        let file = dir.path().join("cairn.toml");
+        let load = |snapshot: &str| {
+            std::fs::write(&file, format!("id = 1\n[snapshot]\n{snapshot}\n")).expect("config");
+            Config::load(&RunArgs {
+                config: Some(file.clone()),
+                client_token_file: Some(tokens.clone()),
+                ..RunArgs::default()
+            })
+        };
+        let err = load("compress_saving_percent_min = 101").expect_err("over 100%");
+        assert!(err.0.contains("compress_saving_percent_min"), "{}", err.0);
+        let cfg = load("").expect("defaults");
+        assert_eq!(cfg.snapshot.transfer_config().compress_saving_percent_min, 10);
+        let cfg = load("compress_saving_percent_min = 1").expect("1%");
+        assert_eq!(cfg.snapshot.transfer_config().compress_saving_percent_min, 1);
     }
 
     #[test]

@@ -325,8 +325,11 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         limits.streams_per_connection_max,
         limits.peer_window_bytes,
     )))?;
-    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
+    let socket = tls::udp_socket(cfg.listen, limits.udp_buffer_bytes)
         .map_err(|e| ServerError::Other(format!("listening on {}: {e}", cfg.listen)))?;
+    let endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_cfg), socket, Arc::new(quinn::TokioRuntime))
+            .map_err(|e| ServerError::Other(format!("listening on {}: {e}", cfg.listen)))?;
     tracing::info!(listen = %cfg.listen, "listening");
 
     let (inbound_tx, inbound_rx) = mpsc::channel(limits.inbound_queue_max);

@@ -467,6 +467,43 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
 /// or a LAN takes a few ms; on a loaded machine, tens).
 const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
 
+/// Frames between a snapshot sender and the task writing its stream (each
+/// at most a chunk, 1 MiB by default; the sender's window bounds the rest).
+const SEND_QUEUE_FRAMES: usize = 4;
+
+/// A task stopped when its handle goes (a sender that fails stops its writer).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where a snapshot sender's time went, for its log line.
+#[derive(Debug, Default)]
+struct SendProfile {
+    /// Reading the checkpoint's files.
+    read: Duration,
+    /// Checksumming, compressing and framing chunks.
+    frame: Duration,
+    /// Waiting for room in the writer's queue (QUIC's flow and congestion control).
+    queue_full: Duration,
+    /// Waiting for the follower's acknowledgements (the window is full).
+    waiting: Duration,
+}
+
+/// Writes the frames of `rx` to `send` without copying them, then finishes
+/// the stream and waits (at most 2 s) for the follower to have read it all.
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<bytes::Bytes>) -> Result<(), String> {
+    while let Some(b) = rx.recv().await {
+        send.write_chunk(b).await.map_err(|e| format!("writing to the follower: {e}"))?;
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    Ok(())
+}
+
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
     // Short attempts, again and again for up to 5 s, each cut short when the
@@ -537,49 +574,91 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
     let cfg = ctx.transfer.clone();
     let body_max = cfg.frame_body_bytes_max();
     let mut tx = Sender::new(cfg.clone(), manifest, Instant::now());
+    // The stream is written by a task of its own, so that reading and
+    // framing the next chunk overlaps with QUIC sending this one; the queue
+    // between them holds at most `SEND_QUEUE_FRAMES` frames.
+    let (wtx, wrx) = mpsc::channel::<bytes::Bytes>(SEND_QUEUE_FRAMES);
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(send, wrx)));
+    let mut pending: Option<bytes::Bytes> = None;
     let mut inbuf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 << 10];
-    let mut out = Vec::new();
+    let mut prof = SendProfile::default();
     loop {
         match tx.poll_event() {
             Some(SenderEvent::Completed) => break,
             Some(SenderEvent::Failed(why)) => return Err(why),
             None => {}
         }
-        // Reads are small (a chunk) and local: done in place.
-        while let Some(r) = tx.poll_read(Instant::now()) {
-            let data = tokio::task::block_in_place(|| source.read(&r).map(<[u8]>::to_vec))
-                .map_err(|e| format!("reading the checkpoint: {e}"))?;
-            tx.handle_read(r, &data);
-        }
-        out.clear();
-        while let Some(f) = tx.poll_frame() {
-            f.encode(&mut out);
-        }
-        if !out.is_empty() {
-            send.write_all(&out).await.map_err(|e| format!("writing to the follower: {e}"))?;
-            continue;
+        if pending.is_none() {
+            if let Some(f) = tx.poll_frame() {
+                let mut out = Vec::new();
+                f.encode(&mut out);
+                pending = Some(out.into());
+                continue;
+            }
+            // Reads are small (a chunk) and local: done in place, and the
+            // chunk checksummed (and compressed) from the read buffer.
+            if let Some(r) = tx.poll_read(Instant::now()) {
+                tokio::task::block_in_place(|| {
+                    let t = Instant::now();
+                    let data = source.read(&r).map_err(|e| format!("reading the checkpoint: {e}"))?;
+                    prof.read += t.elapsed();
+                    let t = Instant::now();
+                    tx.handle_read(r, data);
+                    prof.frame += t.elapsed();
+                    Ok::<_, String>(())
+                })?;
+                continue;
+            }
         }
         let wait = tx.poll_timeout().map_or(cfg.stall_timeout, |t| t.saturating_duration_since(Instant::now()));
+        let t = Instant::now();
         tokio::select! {
-            n = recv.read(&mut chunk) => {
-                let n = n.map_err(|e| format!("reading from the follower: {e}"))?.ok_or("the follower closed the stream")?;
-                inbuf.extend_from_slice(&chunk[..n]);
+            permit = wtx.reserve(), if pending.is_some() => {
+                // A closed queue means the writer stopped: its error comes below.
+                if let (Ok(p), Some(b)) = (permit, pending.take()) {
+                    p.send(b);
+                }
+                prof.queue_full += t.elapsed();
+            }
+            chunk = recv.read_chunk(usize::MAX, true) => {
+                let chunk = chunk.map_err(|e| format!("reading from the follower: {e}"))?.ok_or("the follower closed the stream")?;
+                inbuf.extend_from_slice(&chunk.bytes);
                 let mut used_total = 0;
                 while let Some((f, used)) = Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame from the follower: {e}"))? {
                     used_total += used;
                     tx.handle_frame(f, Instant::now());
                 }
                 inbuf.drain(..used_total);
+                prof.waiting += t.elapsed();
             }
-            _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => tx.handle_timeout(Instant::now()),
+            r = &mut writer.0 => {
+                return Err(r.map_err(|e| format!("the snapshot writer failed: {e}"))?.err().unwrap_or_else(|| "the snapshot writer stopped".into()));
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {
+                tx.handle_timeout(Instant::now());
+                prof.waiting += t.elapsed();
+            }
         }
     }
-    let _ = send.finish();
-    // Give the follower the time to read the last frames before the connection goes.
-    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    drop(wtx);
+    // The writer finishes the stream and gives the follower the time to read
+    // the last frames before the connection goes.
+    (&mut writer.0).await.map_err(|e| format!("the snapshot writer failed: {e}"))??;
+    let path = conn.stats().path;
     conn.close(0u32.into(), b"snapshot sent");
     drop(ckpt);
+    tracing::info!(
+        peer = req.to.0,
+        read_ms = prof.read.as_millis() as u64,
+        frame_ms = prof.frame.as_millis() as u64,
+        queue_full_ms = prof.queue_full.as_millis() as u64,
+        waiting_ms = prof.waiting.as_millis() as u64,
+        wire_bytes = tx.stats().wire_bytes_sent,
+        rtt_us = path.rtt.as_micros() as u64,
+        lost_packets = path.lost_packets,
+        congestion_events = path.congestion_events,
+        "snapshot stream done"
+    );
     Ok(total)
 }
 
@@ -587,7 +666,7 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
 /// transfer at a time, and the checkpoints received and not yet installed.
 #[derive(Debug)]
 pub struct ReceiveState {
-    staging: tokio::sync::Mutex<Staging>,
+    staging: Arc<tokio::sync::Mutex<Staging>>,
     received: Mutex<Vec<Completed>>,
     /// The newest checkpoint taken for install (an install either completes
     /// or stops the node), so that a leader asking again while it runs is
@@ -606,7 +685,7 @@ impl ReceiveState {
     pub fn new(data_dir: &Path, transfer: TransferConfig, deltas: bool) -> ReceiveState {
         let staging = Staging::new(Arc::new(cairn_snapshot_transfer::StdFs), data_dir.join(STAGING_DIR), Vec::new());
         ReceiveState {
-            staging: tokio::sync::Mutex::new(staging),
+            staging: Arc::new(tokio::sync::Mutex::new(staging)),
             received: Mutex::new(Vec::new()),
             taken: Mutex::new(None),
             transfer,
@@ -660,7 +739,7 @@ pub async fn receive_snapshot(
             hello.cluster_id, hello.from.0, hello.to.0
         ));
     }
-    let mut staging = state.staging.lock().await;
+    let mut staging = state.staging.clone().lock_owned().await;
     let live = db.get();
     let reference = live.dir().join("tables");
     let pending = state.pending();
@@ -682,82 +761,164 @@ pub async fn receive_snapshot(
     staging.set_reference_dirs(vec![reference]);
     let cfg = state.transfer.clone();
     let body_max = cfg.frame_body_bytes_max();
-    let mut rx = Receiver::new(cfg);
+    // The chunks are checked, decompressed and written by a thread of its own
+    // while this task goes on reading the stream; bounded queues each way.
+    let (ftx, frx) = mpsc::channel::<Frame>(RECEIVE_QUEUE_FRAMES);
+    let (otx, mut orx) = mpsc::channel::<Staged>(RECEIVE_QUEUE_FRAMES);
+    let mut worker = tokio::task::spawn_blocking(move || stage_frames(staging, Receiver::new(cfg), frx, otx));
+    let mut decoded: VecDeque<Frame> = VecDeque::new();
     let mut inbuf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 256 << 10];
-    let mut out = Vec::new();
-    // The fdatasyncs run on a thread of their own while chunks go on being
-    // written; while one runs, the loop also wakes without a frame, so that
-    // its acknowledgements go out as soon as it ends.
+    let (mut recv_wait, mut bytes_in) = (Duration::ZERO, 0u64);
+    loop {
+        let t = Instant::now();
+        tokio::select! {
+            permit = ftx.reserve(), if !decoded.is_empty() => {
+                // A closed queue means the worker stopped: its outcome comes through `orx`.
+                if let (Ok(p), Some(f)) = (permit, decoded.pop_front()) {
+                    p.send(f);
+                }
+            }
+            chunk = recv.read_chunk(usize::MAX, true), if decoded.is_empty() => {
+                let Some(chunk) = chunk.map_err(|e| format!("the leader's stream broke: {e}"))? else { break };
+                recv_wait += t.elapsed();
+                bytes_in += chunk.bytes.len() as u64;
+                inbuf.extend_from_slice(&chunk.bytes);
+                let mut used_total = 0;
+                while let Some((f, used)) =
+                    Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame: {e}"))?
+                {
+                    used_total += used;
+                    decoded.push_back(f);
+                }
+                inbuf.drain(..used_total);
+            }
+            staged = orx.recv() => match staged {
+                Some(Staged::Send(out)) => {
+                    send.write_all(&out).await.map_err(|e| format!("answering the leader: {e}"))?;
+                }
+                Some(Staged::Completed(c, prof)) => {
+                    tracing::info!(
+                        peer = from,
+                        recv_wait_ms = recv_wait.as_millis() as u64,
+                        bytes_in,
+                        stage_ms = prof.stage.as_millis() as u64,
+                        worker_idle_ms = prof.idle.as_millis() as u64,
+                        "snapshot stream received"
+                    );
+                    let (index, term) = (LogIndex(c.manifest.index), Term(c.manifest.term));
+                    if is_delta(&c) {
+                        let live = db.get();
+                        if live.durable_marker().is_some_and(|m| (m.index, m.term) >= (index.0, term.0)) {
+                            // The state passed the delta meanwhile (it caught up from the log): nothing to do.
+                            tracing::info!(index = index.0, "a delta arrived after the state passed it; dropped");
+                            remove_staged(&c.dir);
+                            continue;
+                        }
+                        if let Err(e) = tokio::task::block_in_place(|| check_delta(&live, &c)) {
+                            state.refuse_deltas.store(true, Ordering::Relaxed);
+                            remove_staged(&c.dir);
+                            return Err(format!("a delta at {} this state cannot use: {e}", index.0));
+                        }
+                    } else {
+                        state.refuse_deltas.store(!state.deltas, Ordering::Relaxed);
+                    }
+                    tracing::info!(index = index.0, term = term.0, bytes = c.manifest.total_bytes(), "snapshot received");
+                    metrics::counter!("cairn_snapshot_received_total").increment(1);
+                    state.received.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+                    let msg = Message {
+                        from: hello.from,
+                        to: me,
+                        term: hello.term,
+                        body: Body::Snapshot { index, term, conf: hello.conf.clone() },
+                    };
+                    if inbound.send(msg).await.is_err() {
+                        return Err("the node is stopping".into());
+                    }
+                }
+                // The worker stopped: a staging error (after its refusal went out).
+                None => {
+                    return (&mut worker).await.map_err(|e| format!("the staging worker failed: {e}"))?;
+                }
+            },
+        }
+    }
+    // The leader finished the stream: let the worker drain what it has.
+    drop(ftx);
+    while let Some(staged) = orx.recv().await {
+        if let Staged::Send(out) = staged {
+            // The leader may be gone already: nothing more to say.
+            let _ = send.write_all(&out).await;
+        }
+    }
+    worker.await.map_err(|e| format!("the staging worker failed: {e}"))?
+}
+
+/// Frames between a snapshot stream's reader and its staging worker, and
+/// answers the other way.
+const RECEIVE_QUEUE_FRAMES: usize = 8;
+
+/// Where a staging worker's time went.
+#[derive(Debug, Default)]
+struct StageProfile {
+    /// Handling frames: checks, decompression, writes.
+    stage: Duration,
+    /// Waiting for frames.
+    idle: Duration,
+}
+
+/// What a staging worker hands back to the stream's task.
+enum Staged {
+    /// Encoded frames for the leader.
+    Send(Vec<u8>),
+    /// A checkpoint received whole.
+    Completed(Completed, StageProfile),
+}
+
+/// The staging worker: feeds each frame to `rx`, carries out its actions
+/// in `staging` and hands back the answers and every completed checkpoint.
+/// While a persist runs in the background it also wakes without a frame, so
+/// that its acknowledgements go out as soon as it ends. Ends when the frames
+/// end or the stream's task is gone.
+fn stage_frames(
+    mut staging: tokio::sync::OwnedMutexGuard<Staging>,
+    mut rx: Receiver,
+    mut frames: mpsc::Receiver<Frame>,
+    answers: mpsc::Sender<Staged>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Handle::current();
+    let mut prof = StageProfile::default();
     staging.set_background_persist(true);
     loop {
-        let read = if staging.persist_pending() {
-            // `RecvStream::read` is cancel-safe: a timeout loses no data.
-            tokio::time::timeout(PERSIST_POLL, recv.read(&mut chunk)).await.ok()
+        let t = Instant::now();
+        let frame = if staging.persist_pending() {
+            match rt.block_on(tokio::time::timeout(PERSIST_POLL, frames.recv())) {
+                Ok(None) => return Ok(()),
+                Ok(f) => f,
+                Err(_) => None,
+            }
         } else {
-            Some(recv.read(&mut chunk).await)
+            match frames.blocking_recv() {
+                None => return Ok(()),
+                f => f,
+            }
         };
-        let n = match read {
-            None => 0,
-            Some(Ok(Some(n))) => n,
-            Some(Ok(None)) => return Ok(()),
-            Some(Err(e)) => return Err(format!("the leader's stream broke: {e}")),
-        };
-        inbuf.extend_from_slice(&chunk[..n]);
-        let mut used_total = 0;
-        let mut frames = Vec::new();
-        while let Some((f, used)) =
-            Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame: {e}"))?
+        prof.idle += t.elapsed();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        if let Some(f) = frame {
+            rx.handle_frame(f);
+        }
+        // Also the acknowledgements of a persist that ended meanwhile.
+        let r = staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"));
+        prof.stage += t.elapsed();
+        if !out.is_empty() && answers.blocking_send(Staged::Send(out)).is_err() {
+            return Ok(());
+        }
+        r?;
+        if let Some(c) = staging.take_completed()
+            && answers.blocking_send(Staged::Completed(c, std::mem::take(&mut prof))).is_err()
         {
-            used_total += used;
-            frames.push(f);
-        }
-        inbuf.drain(..used_total);
-        if frames.is_empty() && !staging.persist_pending() {
-            continue;
-        }
-        out.clear();
-        tokio::task::block_in_place(|| -> Result<(), String> {
-            for f in frames {
-                rx.handle_frame(f);
-                staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"))?;
-            }
-            // A persist that ended meanwhile: its acknowledgements.
-            staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"))
-        })?;
-        if !out.is_empty() {
-            send.write_all(&out).await.map_err(|e| format!("answering the leader: {e}"))?;
-        }
-        if let Some(c) = staging.take_completed() {
-            let (index, term) = (LogIndex(c.manifest.index), Term(c.manifest.term));
-            if is_delta(&c) {
-                let live = db.get();
-                if live.durable_marker().is_some_and(|m| (m.index, m.term) >= (index.0, term.0)) {
-                    // The state passed the delta meanwhile (it caught up from the log): nothing to do.
-                    tracing::info!(index = index.0, "a delta arrived after the state passed it; dropped");
-                    remove_staged(&c.dir);
-                    continue;
-                }
-                if let Err(e) = tokio::task::block_in_place(|| check_delta(&live, &c)) {
-                    state.refuse_deltas.store(true, Ordering::Relaxed);
-                    remove_staged(&c.dir);
-                    return Err(format!("a delta at {} this state cannot use: {e}", index.0));
-                }
-            } else {
-                state.refuse_deltas.store(!state.deltas, Ordering::Relaxed);
-            }
-            tracing::info!(index = index.0, term = term.0, bytes = c.manifest.total_bytes(), "snapshot received");
-            metrics::counter!("cairn_snapshot_received_total").increment(1);
-            state.received.lock().unwrap_or_else(|e| e.into_inner()).push(c);
-            let msg = Message {
-                from: hello.from,
-                to: me,
-                term: hello.term,
-                body: Body::Snapshot { index, term, conf: hello.conf.clone() },
-            };
-            if inbound.send(msg).await.is_err() {
-                return Err("the node is stopping".into());
-            }
+            return Ok(());
         }
     }
 }

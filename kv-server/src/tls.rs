@@ -223,6 +223,32 @@ pub fn transport_config(streams_per_connection_max: u32, window: u64) -> quinn::
     t
 }
 
+/// The node's UDP socket, bound to `addr`, with kernel buffers of `buffer`
+/// bytes each way (or what the kernel allows: a warning says when it capped
+/// them).
+pub fn udp_socket(addr: std::net::SocketAddr, buffer: u64) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let want = usize::try_from(buffer).unwrap_or(usize::MAX);
+    // A buffer the kernel refuses is no reason not to serve: the default stays.
+    let _ = socket.set_recv_buffer_size(want);
+    let _ = socket.set_send_buffer_size(want);
+    // Linux reports twice what it grants (its bookkeeping overhead).
+    let (rcv, snd) = (socket.recv_buffer_size()?, socket.send_buffer_size()?);
+    let granted = if cfg!(target_os = "linux") { rcv.min(snd) / 2 } else { rcv.min(snd) };
+    if granted < want {
+        tracing::warn!(
+            wanted = want,
+            receive = rcv,
+            send = snd,
+            "the kernel capped the UDP buffers; raise net.core.rmem_max and net.core.wmem_max \
+             (sysctl) to at least [limits] udp_buffer_bytes, or datagrams are dropped under load"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A window in the range the configuration allows (64 KiB to 4 GiB - 1).
 fn window_bytes(window: u64) -> u32 {
     window.clamp(64 << 10, u64::from(u32::MAX)) as u32
