@@ -29,8 +29,8 @@ cleanup() {
 }
 trap cleanup EXIT
 kvd() { "$KV_BIN" --dev-dir "$D/cairn-data" "$@"; }
-status() { # status ID FIELD
-    kvd --endpoints "127.0.0.1:$((PORT + $1 - 1))" endpoint status -w json 2>/dev/null | jq -r ".endpoints[0].$2"
+status() { # status ID FIELD (STATUS_TIMEOUT: seconds, default 5)
+    kvd --endpoints "127.0.0.1:$((PORT + $1 - 1))" --timeout "${STATUS_TIMEOUT:-5}" endpoint status -w json 2>/dev/null | jq -r ".endpoints[0].$2"
 }
 for _ in $(seq 100); do
     L=$(status 1 leader || true)
@@ -60,6 +60,11 @@ mapfile -t ARGS < follower.args
 "${ARGS[@]}" >> "cairn-data/node-$F.log" 2>&1 &
 FPID=$!
 FIRST=""
+# A short timeout while polling the follower: QUIC ignores the port-unreachable
+# of a node not yet listening, so an attempt made before the restarted follower
+# listens would otherwise wait for the client's 1 s connect timeout (TCP, and
+# etcd's script, learn of a closed port at once).
+STATUS_TIMEOUT=0.3
 while :; do
     A=$(status "$F" applied || true)
     NOW=$(date +%s.%N)
@@ -73,6 +78,7 @@ while :; do
     fi
     sleep 0.1
 done
+STATUS_TIMEOUT=5
 T1=$(date +%s.%N)
 printf 'follower first answered status after %.2f s; caught up (applied %s >= %s) after %.2f s\n' \
     "$FIRST" "$A" "$LIDX" "$(echo "$T1 - $T0" | bc -l)"
