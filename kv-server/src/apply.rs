@@ -21,11 +21,29 @@ use cairn_kv_client::protocol::{EventKind, WatchEvent};
 pub enum WatchFeed {
     /// The events of one applied batch, in revision order (written to the
     /// state's history in the same batch).
-    Events(Arc<Vec<WatchEvent>>),
+    Events(Arc<WatchBatch>),
     /// A snapshot replaced the state: watchers read the history again from
     /// where they were.
     Reset,
 }
+/// The events of one applied batch, and where they end in the stream of
+/// event bytes published since the start ([`WatchBatch::end`]): a watcher
+/// reading a batch sees how far behind the newest one it is.
+#[derive(Debug)]
+pub struct WatchBatch {
+    /// The events, in revision order.
+    pub events: Vec<WatchEvent>,
+    /// Event bytes ([`event_bytes`]) published up to and including this batch.
+    pub end: u64,
+}
+
+/// What an event holds in memory, about: its keys and values, and 64 bytes
+/// for the rest.
+pub fn event_bytes(e: &WatchEvent) -> u64 {
+    let kv = |k: &cairn_kv_client::protocol::KeyValue| 64 + k.key.len() as u64 + k.value.len() as u64;
+    kv(&e.kv) + e.prev.as_ref().map_or(0, kv)
+}
+
 use crate::state::{
     Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
     alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key, session_key,
@@ -157,6 +175,8 @@ pub struct Applier {
     leases: LeaseOwners,
     /// Where events go (the watchers).
     pub watch_tx: Option<tokio::sync::broadcast::Sender<WatchFeed>>,
+    /// Event bytes published to `watch_tx` so far (shared with the watchers).
+    pub watch_published: Arc<std::sync::atomic::AtomicU64>,
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
@@ -212,6 +232,7 @@ impl Applier {
             compacted,
             leases,
             watch_tx: None,
+            watch_published: Arc::default(),
             sessions,
             applied,
             waiters,
@@ -450,10 +471,12 @@ impl Applier {
             return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
         }
         if !self.events.is_empty() {
-            let events = Arc::new(std::mem::take(&mut self.events));
+            let events = std::mem::take(&mut self.events);
             if let Some(tx) = &self.watch_tx {
+                let bytes: u64 = events.iter().map(event_bytes).sum();
+                let end = self.watch_published.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
                 // No watcher: nothing to do (send only fails without receivers).
-                let _ = tx.send(WatchFeed::Events(events));
+                let _ = tx.send(WatchFeed::Events(Arc::new(WatchBatch { events, end })));
             }
         }
         if let Some(tx) = &self.lease_tx {

@@ -214,6 +214,11 @@ pub struct Limits {
     /// Applied batches of events buffered for watchers; a watcher further
     /// behind is ended as too slow (it resumes). Default 1024.
     pub watch_buffer_batches: usize,
+    /// The same bound in bytes of events (keys, values, previous values):
+    /// a watcher that reads a batch with more than this published after it
+    /// is ended as too slow (it resumes from the history), and one whose
+    /// client takes nothing for 10 s is dropped. Default 64 MiB.
+    pub watch_buffer_bytes: u64,
     /// Revisions of history kept; the leader compacts the history beyond
     /// (checked every 10 s). Default 100,000.
     pub history_revisions_max: u64,
@@ -268,6 +273,7 @@ impl Default for Limits {
             leases_per_client_max: 1_000,
             watchers_max: 10_000,
             watch_buffer_batches: 1024,
+            watch_buffer_bytes: 64 << 20,
             history_revisions_max: 100_000,
             history_retention_ms: 0,
             keys_per_lease_max: 10_000,

@@ -64,6 +64,8 @@ struct Ctx {
     lessor: mpsc::Sender<crate::lease::LessorRequest>,
     /// Events applied, for watchers.
     watch_tx: tokio::sync::broadcast::Sender<crate::apply::WatchFeed>,
+    /// Event bytes published to `watch_tx` so far.
+    watch_published: Arc<std::sync::atomic::AtomicU64>,
     /// Watch streams at once.
     watchers: tokio::sync::Semaphore,
     /// Test switch: watches skip the history (live events only).
@@ -304,6 +306,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     applier.lease_tx = Some(lease_tx);
     let (watch_tx, _) = tokio::sync::broadcast::channel(limits.watch_buffer_batches.max(1));
     applier.watch_tx = Some(watch_tx.clone());
+    let watch_published = applier.watch_published.clone();
     applier.merge_snapshots_for_tests = switches.merge_snapshots;
     let over_quota = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let used_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -461,6 +464,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         read_locally_for_tests: switches.read_locally,
         lessor: lessor_tx,
         watch_tx,
+        watch_published,
         watchers: tokio::sync::Semaphore::new(watchers_max),
         requests: crate::budget::RequestBudget::new(cfg.limits.requests_bytes_max),
         watch_skip_history_for_tests: switches.watch_skip_history,
@@ -1198,6 +1202,21 @@ async fn write_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), S
     send.write_all(&bytes).await.map_err(|e| format!("the watcher is gone: {e}"))
 }
 
+/// A watcher whose client takes nothing for this long is dropped: while it
+/// waits it reads no batch, so it could not see how far behind it is.
+const WATCH_STUCK: Duration = Duration::from_secs(10);
+
+/// [`write_frame`] for live events, which gives up after [`WATCH_STUCK`].
+async fn write_watch_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), String> {
+    match tokio::time::timeout(WATCH_STUCK, write_frame(send, r)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = send.reset(1u32.into());
+            Err(format!("the watcher took nothing for {} s: dropped", WATCH_STUCK.as_secs()))
+        }
+    }
+}
+
 /// Sends the history's events of `w` in `(after, upto]` from the live state; returns `upto`.
 async fn watch_history(
     ctx: &Ctx,
@@ -1275,12 +1294,21 @@ async fn serve_watch(ctx: &Ctx, w: WatchSpec, send: &mut quinn::SendStream) -> R
         let next = tokio::time::timeout(idle, feed.recv()).await;
         match next {
             Err(_) => write_frame(send, &Response::WatchProgress { revision: sent }).await?,
-            Ok(Ok(crate::apply::WatchFeed::Events(evs))) => {
-                let Some(top) = evs.last().map(|e| e.revision) else { continue };
+            Ok(Ok(crate::apply::WatchFeed::Events(batch))) => {
+                let Some(top) = batch.events.last().map(|e| e.revision) else { continue };
                 if top <= sent {
                     continue;
                 }
-                let out: Vec<_> = evs
+                // Further behind the newest batch than the buffer's bytes: end
+                // it as too slow (its client resumes from the history), so the
+                // batches it holds in the buffer are let go.
+                let behind = ctx.watch_published.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(batch.end);
+                if behind > ctx.limits.watch_buffer_bytes {
+                    let end = cairn_kv_client::protocol::WatchEnd::TooSlow { resume_from: sent + 1 };
+                    return write_frame(send, &Response::WatchEnded(end)).await;
+                }
+                let out: Vec<_> = batch
+                    .events
                     .iter()
                     .filter(|e| e.revision > sent && w.covers(&e.kv.key))
                     .map(|e| {
@@ -1300,12 +1328,12 @@ async fn serve_watch(ctx: &Ctx, w: WatchSpec, send: &mut quinn::SendStream) -> R
                         && last != e.revision
                     {
                         let events = std::mem::take(&mut frame_events);
-                        write_frame(send, &Response::WatchEvents { events, revision: last }).await?;
+                        write_watch_frame(send, &Response::WatchEvents { events, revision: last }).await?;
                     }
                     frame_events.push(e);
                 }
                 if !frame_events.is_empty() {
-                    write_frame(send, &Response::WatchEvents { events: frame_events, revision: top }).await?;
+                    write_watch_frame(send, &Response::WatchEvents { events: frame_events, revision: top }).await?;
                 }
             }
             Ok(Ok(crate::apply::WatchFeed::Reset)) => match watch_history(ctx, &w, sent, send).await? {

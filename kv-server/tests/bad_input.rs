@@ -225,3 +225,55 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
     let after = good.status_of(&node1, false).await.expect("status");
     assert_eq!(after.term, status.term, "a refused message changed the term");
 }
+
+/// A watcher whose client stops reading is not buffered without bound: once
+/// more event bytes than `watch_buffer_bytes` were published after the batch
+/// it reads next, the node ends it as too slow (its client would resume
+/// from the history), letting go of what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_does_not_read_is_ended_not_buffered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("limits.toml");
+    std::fs::write(&config, "[limits]\nwatch_buffer_bytes = 1048576\n").expect("write config");
+    let cluster = Cluster::start(&[("CAIRN_CONFIG", config.to_str().expect("utf-8 path"))]);
+    cluster.leader(Duration::from_secs(20)).await;
+    let ca = std::fs::read(cluster.layout.dir.join("certs").join("ca.pem")).expect("ca");
+    let conn = raw_connect(&cluster.endpoint(1), &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");
+    let hello = frame::encode(&Request::Hello { token: cluster.layout.token.clone() }).expect("encode");
+    assert!(matches!(exchange_raw(&conn, &hello).await, Ok(Response::HelloOk { .. })));
+    let (mut send, mut recv) = conn.open_bi().await.expect("watch stream");
+    let watch = Request::Watch {
+        start: b"slow/".to_vec(),
+        end: Some(b"slow0".to_vec()),
+        start_revision: 0,
+        prev_kv: false,
+        progress_ms: 0,
+    };
+    send.write_all(&frame::encode(&watch).expect("encode")).await.expect("watch");
+    let _ = send.finish();
+    match frame::read::<Response>(&mut recv, 1 << 20).await {
+        Ok(Response::WatchProgress { .. }) => {}
+        other => panic!("the watch did not start: {other:?}"),
+    }
+    // 12 MiB of events while the watcher's client reads nothing: QUIC's flow
+    // control soon stops the node's writes, and the buffer fills behind them.
+    let c = cluster.client();
+    let value = vec![7u8; 128 << 10];
+    for i in 0..96 {
+        c.put(format!("slow/{i:03}"), value.clone()).await.expect("put");
+    }
+    // Now read: some events, then the end (within the 10 s a stuck watcher gets).
+    let mut events = 0;
+    loop {
+        assert!(events < 96, "every event arrived: the watcher was buffered, not ended as too slow");
+        match tokio::time::timeout(Duration::from_secs(20), frame::read::<Response>(&mut recv, 16 << 20)).await {
+            Ok(Ok(Response::WatchEvents { events: e, .. })) => events += e.len(),
+            Ok(Ok(Response::WatchProgress { .. })) => {}
+            Ok(Ok(Response::WatchEnded(cairn_kv_client::protocol::WatchEnd::TooSlow { resume_from }))) => {
+                assert!(resume_from > 0);
+                break;
+            }
+            other => panic!("after {events} events the watch went on with {other:?}, not ended as too slow"),
+        }
+    }
+}

@@ -123,8 +123,8 @@ impl Harness {
             .collect();
         self.applier.apply(&entries, None).expect("apply");
         while let Ok(feed) = self.feed.try_recv() {
-            if let WatchFeed::Events(events) = feed {
-                self.live.extend(events.iter().cloned());
+            if let WatchFeed::Events(batch) = feed {
+                self.live.extend(batch.events.iter().cloned());
             }
         }
     }
