@@ -26,6 +26,13 @@ pub enum WatchFeed {
     /// where they were.
     Reset,
 }
+
+use crate::state::{
+    Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
+    alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key, session_key,
+    user_key, write_book,
+};
+
 /// The events of one applied batch, and where they end in the stream of
 /// event bytes published since the start ([`WatchBatch::end`]): a watcher
 /// reading a batch sees how far behind the newest one it is.
@@ -43,12 +50,6 @@ pub fn event_bytes(e: &WatchEvent) -> u64 {
     let kv = |k: &cairn_kv_client::protocol::KeyValue| 64 + k.key.len() as u64 + k.value.len() as u64;
     kv(&e.kv) + e.prev.as_ref().map_or(0, kv)
 }
-
-use crate::state::{
-    Book, CONF_KEY, Command, CommandOp, Outcome, REVISION_KEY, SESSION_PREFIX, SessionRecord, SharedBook, addr_key,
-    alarm_key, attach_key, decode_value, encode_value, lease_key, load_revision, read_book, removed_key, session_key,
-    user_key, write_book,
-};
 
 /// A proposal waiting for its entry to apply.
 #[derive(Debug)]

@@ -217,7 +217,8 @@ pub struct Limits {
     /// The same bound in bytes of events (keys, values, previous values):
     /// a watcher that reads a batch with more than this published after it
     /// is ended as too slow (it resumes from the history), and one whose
-    /// client takes nothing for 10 s is dropped. Default 64 MiB.
+    /// client takes nothing for 10 s is dropped. At least 64 KiB. Default
+    /// 64 MiB.
     pub watch_buffer_bytes: u64,
     /// Revisions of history kept; the leader compacts the history beyond
     /// (checked every 10 s). Default 100,000.
@@ -527,6 +528,9 @@ impl Config {
         if !window.contains(&limits.client_window_bytes) || !window.contains(&limits.peer_window_bytes) {
             return Err(ConfigError("limits: client_window_bytes and peer_window_bytes from 64 KiB to 4 GiB".into()));
         }
+        if limits.watch_buffer_bytes < 64 << 10 {
+            return Err(ConfigError("limits: watch_buffer_bytes must be at least 64 KiB".into()));
+        }
         if !(64u64 << 10..=1 << 30).contains(&limits.udp_buffer_bytes) {
             return Err(ConfigError("limits: udp_buffer_bytes from 64 KiB to 1 GiB".into()));
         }
@@ -624,26 +628,27 @@ mod tests {
         assert_eq!(cfg.limits.requests_bytes_max, 64 << 20);
     }
 
-    #[test]
-    fn windows_and_raft_byte_bounds_are_checked() {
+    /// Loads node 1's configuration from a file holding `table` (such as
+    /// `limits`) with the keys of `body`.
+    fn load_table(table: &str, body: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = dir.path().join("tokens");
         std::fs::write(&tokens, "t\n").expect("tokens");
         let file = dir.path().join("cairn.toml");
-        let load = |limits: &str| {
-            std::fs::write(&file, format!("id = 1\n[limits]\n{limits}\n")).expect("config");
-            Config::load(&RunArgs {
-                config: Some(file.clone()),
-                client_token_file: Some(tokens.clone()),
-                ..RunArgs::default()
-            })
-        };
+        std::fs::write(&file, format!("id = 1\n[{table}]\n{body}\n")).expect("config");
+        Config::load(&RunArgs { config: Some(file), client_token_file: Some(tokens), ..RunArgs::default() })
+    }
+
+    #[test]
+    fn windows_and_raft_byte_bounds_are_checked() {
+        let load = |limits: &str| load_table("limits", limits);
         for bad in [
             "client_window_bytes = 1000",
             "peer_window_bytes = 5000000000",
             "applying_bytes_max = 0",
             "udp_buffer_bytes = 1000",
             "udp_buffer_bytes = 2000000000",
+            "watch_buffer_bytes = 0",
         ] {
             let err = load(bad).expect_err(bad);
             assert!(err.0.contains(bad.split(' ').next().unwrap_or_default()), "{bad}: {}", err.0);
@@ -658,18 +663,7 @@ mod tests {
 
     #[test]
     fn snapshot_compression_is_a_percentage_handed_to_the_transfer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::write(&tokens, "t\n").expect("tokens");
-        let file = dir.path().join("cairn.toml");
-        let load = |snapshot: &str| {
-            std::fs::write(&file, format!("id = 1\n[snapshot]\n{snapshot}\n")).expect("config");
-            Config::load(&RunArgs {
-                config: Some(file.clone()),
-                client_token_file: Some(tokens.clone()),
-                ..RunArgs::default()
-            })
-        };
+        let load = |snapshot: &str| load_table("snapshot", snapshot);
         let err = load("compress_saving_percent_min = 101").expect_err("over 100%");
         assert!(err.0.contains("compress_saving_percent_min"), "{}", err.0);
         let cfg = load("").expect("defaults");

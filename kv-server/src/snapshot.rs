@@ -480,6 +480,30 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Appends `bytes` read from a transfer stream to `inbuf` and hands every
+/// whole frame in it to `each`, keeping the start of a partial one.
+fn take_frames(
+    inbuf: &mut Vec<u8>,
+    bytes: &[u8],
+    body_max: usize,
+    mut each: impl FnMut(Frame),
+) -> Result<(), cairn_snapshot_transfer::FrameError> {
+    inbuf.extend_from_slice(bytes);
+    let mut used_total = 0;
+    let r = loop {
+        match Frame::decode(&inbuf[used_total..], body_max) {
+            Ok(Some((f, used))) => {
+                used_total += used;
+                each(f);
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    inbuf.drain(..used_total);
+    r
+}
+
 /// Where a snapshot sender's time went, for its log line.
 #[derive(Debug, Default)]
 struct SendProfile {
@@ -622,13 +646,8 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
             }
             chunk = recv.read_chunk(usize::MAX, true) => {
                 let chunk = chunk.map_err(|e| format!("reading from the follower: {e}"))?.ok_or("the follower closed the stream")?;
-                inbuf.extend_from_slice(&chunk.bytes);
-                let mut used_total = 0;
-                while let Some((f, used)) = Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame from the follower: {e}"))? {
-                    used_total += used;
-                    tx.handle_frame(f, Instant::now());
-                }
-                inbuf.drain(..used_total);
+                take_frames(&mut inbuf, &chunk.bytes, body_max, |f| tx.handle_frame(f, Instant::now()))
+                    .map_err(|e| format!("a malformed frame from the follower: {e}"))?;
                 prof.waiting += t.elapsed();
             }
             r = &mut writer.0 => {
@@ -782,15 +801,8 @@ pub async fn receive_snapshot(
                 let Some(chunk) = chunk.map_err(|e| format!("the leader's stream broke: {e}"))? else { break };
                 recv_wait += t.elapsed();
                 bytes_in += chunk.bytes.len() as u64;
-                inbuf.extend_from_slice(&chunk.bytes);
-                let mut used_total = 0;
-                while let Some((f, used)) =
-                    Frame::decode(&inbuf[used_total..], body_max).map_err(|e| format!("a malformed frame: {e}"))?
-                {
-                    used_total += used;
-                    decoded.push_back(f);
-                }
-                inbuf.drain(..used_total);
+                take_frames(&mut inbuf, &chunk.bytes, body_max, |f| decoded.push_back(f))
+                    .map_err(|e| format!("a malformed frame: {e}"))?;
             }
             staged = orx.recv() => match staged {
                 Some(Staged::Send(out)) => {

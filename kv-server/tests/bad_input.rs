@@ -232,10 +232,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
 /// from the history), letting go of what it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_does_not_read_is_ended_not_buffered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("limits.toml");
-    std::fs::write(&config, "[limits]\nwatch_buffer_bytes = 1048576\n").expect("write config");
-    let cluster = Cluster::start(&[("CAIRN_CONFIG", config.to_str().expect("utf-8 path"))]);
+    let cluster = Cluster::start_with_config("[limits]\nwatch_buffer_bytes = 1048576\n");
     cluster.leader(Duration::from_secs(20)).await;
     let ca = std::fs::read(cluster.layout.dir.join("certs").join("ca.pem")).expect("ca");
     let conn = raw_connect(&cluster.endpoint(1), &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");

@@ -94,10 +94,7 @@ async fn a_lease_not_kept_alive_expires_and_its_keys_vanish_everywhere_at_one_re
 /// not held back by it, and a revocation frees a place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_holds_at_most_its_share_of_leases() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("limits.toml");
-    std::fs::write(&config, "[limits]\nleases_per_client_max = 2\n").expect("write config");
-    let cluster = Cluster::start(&[("CAIRN_CONFIG", config.to_str().expect("utf-8 path"))]);
+    let cluster = Cluster::start_with_config("[limits]\nleases_per_client_max = 2\n");
     cluster.leader(Duration::from_secs(20)).await;
     let (a, b) = (cluster.client(), cluster.client());
     let first = a.lease_grant(Duration::from_secs(60)).await.expect("grant 1");

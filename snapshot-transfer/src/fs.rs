@@ -156,17 +156,11 @@ impl FsFile for StdFile {
                 match std::os::unix::fs::FileExt::write_all_at(direct, aligned_buf, offset) {
                     // A file system that opened the file for direct I/O and
                     // still refuses this write: through the cache then.
-                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                        self.write_all_at(buf, offset)?;
-                        self.start_writeback(offset, buf.len() as u64)
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => self.write_behind(buf, offset),
                     r => r,
                 }
             }),
-            None => {
-                self.write_all_at(buf, offset)?;
-                self.start_writeback(offset, buf.len() as u64)
-            }
+            None => self.write_behind(buf, offset),
         }
     }
     /// On Linux, `posix_fadvise(POSIX_FADV_DONTNEED)`: the kernel starts
@@ -192,6 +186,12 @@ enum Advice {
 impl StdFile {
     fn new(file: std::fs::File, path: &Path) -> StdFile {
         StdFile { file, path: path.to_path_buf(), direct: std::sync::OnceLock::new() }
+    }
+
+    /// A cached write whose writeback starts at once.
+    fn write_behind(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)?;
+        self.start_writeback(offset, buf.len() as u64)
     }
 
     /// The file opened again for direct writes, if the system allows it.

@@ -80,6 +80,20 @@ impl Cluster {
         c
     }
 
+    /// A cluster whose nodes read `toml` as their configuration file
+    /// (`CAIRN_CONFIG`, kept in the cluster's folder).
+    #[allow(dead_code)] // not every test binary configures its nodes
+    pub fn start_with_config(toml: &str) -> Cluster {
+        let mut c = Cluster::prepared(&[]);
+        let path = c.dir.path().join("node.toml");
+        std::fs::write(&path, toml).expect("write the nodes' config");
+        c.env.push(("CAIRN_CONFIG".into(), path.display().to_string()));
+        for id in 1..=3 {
+            c.start_node(id);
+        }
+        c
+    }
+
     /// A cluster whose every peer link goes through its own relay (see
     /// [`relay`]), so a test can cut links; clients reach the nodes directly.
     pub async fn start_with_relays(env: &[(&str, &str)]) -> Cluster {
