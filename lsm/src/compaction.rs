@@ -21,6 +21,8 @@ pub(crate) struct Output {
     pub(crate) path: PathBuf,
     pub(crate) bytes: u64,
     pub(crate) file_xxh3: u64,
+    /// Data blocks handed to the compressor, and stored compressed.
+    pub(crate) blocks: (u64, u64),
 }
 
 /// What a compaction needs besides its inputs.
@@ -94,7 +96,13 @@ pub(crate) fn run(inputs: &[Arc<Table>], job: Job<'_>, outputs: &mut Vec<Output>
             return Ok(());
         }
         let written = tw.finish()?;
-        outputs.push(Output { id: w.id, path: w.path, bytes: written.bytes, file_xxh3: written.file_xxh3 });
+        outputs.push(Output {
+            id: w.id,
+            path: w.path,
+            bytes: written.bytes,
+            file_xxh3: written.file_xxh3,
+            blocks: (written.blocks_tried, written.blocks_compressed),
+        });
         Ok(())
     };
     while let Some(e) = merge.next_entry()? {

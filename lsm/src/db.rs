@@ -83,6 +83,8 @@ struct Counters {
     flushes: AtomicU64,
     stall_micros: AtomicU64,
     slowdowns: AtomicU64,
+    blocks_tried: AtomicU64,
+    blocks_compressed: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -243,6 +245,12 @@ pub struct Stats {
     /// Of those, the filters' bytes, charged against `block_cache_bytes`
     /// (the cache holds that much less).
     pub filter_bytes: u64,
+    /// Data blocks that flushes and compactions handed to the compressor
+    /// (a writer stops trying blocks that do not shrink and probes one in 32;
+    /// see `docs/design/lsm.md`, "Compression").
+    pub blocks_compression_tried: u64,
+    /// Data blocks stored compressed.
+    pub blocks_compressed: u64,
 }
 
 /// A consistent view of the engine at one sequence number: every read through
@@ -1251,6 +1259,8 @@ impl Inner {
                 self.sync_tables_dir()?;
                 self.opts.hook(HookPoint::FlushTableSynced)?;
                 self.counters.flush_bytes.fetch_add(written.bytes, Ordering::Relaxed);
+                self.counters.blocks_tried.fetch_add(written.blocks_tried, Ordering::Relaxed);
+                self.counters.blocks_compressed.fetch_add(written.blocks_compressed, Ordering::Relaxed);
                 Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())
                     .map(|t| t.with_file_xxh3(Some(written.file_xxh3)))
             })();
@@ -1380,6 +1390,10 @@ impl Inner {
             Err(e) => return Err(self.poison(e)),
         };
         let written: u64 = outputs.iter().map(|o| o.bytes).sum();
+        for o in &outputs {
+            self.counters.blocks_tried.fetch_add(o.blocks.0, Ordering::Relaxed);
+            self.counters.blocks_compressed.fetch_add(o.blocks.1, Ordering::Relaxed);
+        }
         let edit = Edit {
             added: outputs
                 .iter()
@@ -1883,6 +1897,8 @@ impl Inner {
             sealed_memtables: sv.sealed.len(),
             table_memory_bytes: sv.version.tables().map(|(_, t)| t.memory_bytes() as u64).sum(),
             filter_bytes: self.cache.charged(),
+            blocks_compression_tried: c.blocks_tried.load(Ordering::Relaxed),
+            blocks_compressed: c.blocks_compressed.load(Ordering::Relaxed),
         }
     }
 

@@ -288,6 +288,56 @@ pub(crate) struct TableWriter {
     has_any: bool,
     /// xxh3-64 of every byte written so far (the whole file once finished).
     file_hash: xxhash_rust::xxh3::Xxh3,
+    compression: CompressionBackoff,
+}
+
+/// Data blocks that do not shrink are stored raw; after
+/// [`CompressionBackoff::MISSES`] such blocks in a row, a table writer stops
+/// trying and compresses one block in [`CompressionBackoff::PROBE_EVERY`]
+/// until one shrinks again. Incompressible values (random bytes, data
+/// compressed by the application) then cost no compressor time in every
+/// flush and compaction, while data that compresses still does.
+#[derive(Debug, Default)]
+struct CompressionBackoff {
+    /// Tried blocks in a row that did not shrink.
+    misses: u32,
+    /// Blocks to store raw before the next probe.
+    skip: u32,
+    /// Blocks handed to the compressor (for the writer's figures).
+    tried: u64,
+    /// Blocks stored compressed.
+    compressed: u64,
+}
+
+impl CompressionBackoff {
+    const MISSES: u32 = 8;
+    const PROBE_EVERY: u32 = 32;
+
+    /// The compression to try on the next block.
+    fn pick(&mut self, configured: Compression) -> Compression {
+        if configured == Compression::None {
+            return configured;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return Compression::None;
+        }
+        self.tried += 1;
+        configured
+    }
+
+    /// What became of a block tried with a compressor.
+    fn record(&mut self, shrank: bool) {
+        if shrank {
+            self.compressed += 1;
+            self.misses = 0;
+        } else {
+            self.misses += 1;
+            if self.misses >= Self::MISSES {
+                self.skip = Self::PROBE_EVERY - 1;
+            }
+        }
+    }
 }
 
 /// One index partition, waiting for the data blocks to be written.
@@ -305,6 +355,10 @@ pub(crate) struct Written {
     pub(crate) bytes: u64,
     /// xxh3-64 of the whole file, taken on the bytes' way to the disk.
     pub(crate) file_xxh3: u64,
+    /// Data blocks handed to the compressor.
+    pub(crate) blocks_tried: u64,
+    /// Data blocks stored compressed.
+    pub(crate) blocks_compressed: u64,
 }
 
 impl std::fmt::Debug for TableWriter {
@@ -335,6 +389,7 @@ impl TableWriter {
             props: Props { seq_min: Seqno::MAX, ..Props::default() },
             has_any: false,
             file_hash: xxhash_rust::xxh3::Xxh3::new(),
+            compression: CompressionBackoff::default(),
         })
     }
 
@@ -417,7 +472,12 @@ impl TableWriter {
         let last_key = self.block.last_key().to_vec();
         self.block.finish_into(&mut self.raw);
         let offset = self.file_offset + self.out.len() as u64;
-        let len = block::write_block(&mut self.out, &self.raw, self.settings.compression, &mut self.scratch);
+        let compression = self.compression.pick(self.settings.compression);
+        let len = block::write_block(&mut self.out, &self.raw, compression, &mut self.scratch);
+        if compression != Compression::None {
+            // A block is stored raw unless compressing shrank it.
+            self.compression.record((len as usize) < self.raw.len());
+        }
         let mut handle = Vec::with_capacity(12);
         handle.extend_from_slice(&offset.to_le_bytes());
         handle.extend_from_slice(&len.to_le_bytes());
@@ -509,7 +569,12 @@ impl TableWriter {
         if !self.settings.skip_sync {
             self.file.sync_data().map_err(io("fsync table", &self.path))?;
         }
-        Ok(Written { bytes: self.file_offset, file_xxh3: self.file_hash.digest() })
+        Ok(Written {
+            bytes: self.file_offset,
+            file_xxh3: self.file_hash.digest(),
+            blocks_tried: self.compression.tried,
+            blocks_compressed: self.compression.compressed,
+        })
     }
 }
 
@@ -1200,6 +1265,65 @@ mod tests {
         drop(t);
         assert_eq!(cache.charged(), 0, "closing gives the charge back");
         assert!((cache_cap..cache_cap + 256).contains(&cache.capacity()), "capacity {}", cache.capacity());
+    }
+
+    /// Writes `n` keys with 1 KiB values from `value(i)` under `compression`
+    /// and returns what the writer says of its blocks; every value reads back.
+    fn write_values(n: u64, compression: Compression, value: impl Fn(u64) -> Vec<u8>) -> Written {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(table_file_name(1));
+        let settings = WriteSettings {
+            block_bytes: 4096,
+            restart_interval: 16,
+            bloom_bits_per_key: 10,
+            compression,
+            skip_sync: true,
+        };
+        let mut w = TableWriter::create(&cairn_wal::StdFs, &path, settings).expect("create");
+        for i in 0..n {
+            w.add(&key(i), trailer(i + 1, ValueKind::Put), &value(i)).expect("add");
+        }
+        let written = w.finish().expect("finish");
+        let t = Arc::new(Table::open(Arc::new(cairn_wal::StdFs), &path, 1, 0, BlockCache::new(1 << 20)).expect("open"));
+        for i in (0..n).step_by(7) {
+            let k = key(i);
+            let (_, v) = t.get(&k, bloom::hash(&k), crate::SEQNO_MAX).expect("get").expect("present");
+            assert_eq!(v, value(i), "key {i}");
+        }
+        written
+    }
+
+    #[test]
+    fn incompressible_blocks_stop_being_compressed_until_a_probe_shrinks() {
+        use rand::{Rng, SeedableRng};
+        let random = |i: u64| {
+            let mut v = vec![0u8; 1024];
+            rand_chacha::ChaCha8Rng::seed_from_u64(i).fill(&mut v[..]);
+            v
+        };
+        let text = |i: u64| {
+            format!("{{\"id\": {i}, \"name\": \"some text that repeats\"}} ").repeat(24).into_bytes()[..1024].to_vec()
+        };
+        let n = 4000; // about 1,000 blocks of 4 KiB
+        for compression in [Compression::Lz4, Compression::Zstd(1)] {
+            // Random values: tried 8 times, then one block in 32.
+            let w = write_values(n, compression, random);
+            assert_eq!(w.blocks_compressed, 0, "{compression:?}");
+            let blocks = n / 4; // four 1 KiB values per 4 KiB block
+            assert!(w.blocks_tried <= 8 + blocks / 32 + 2, "{compression:?}: tried {} blocks", w.blocks_tried);
+            assert!(w.blocks_tried >= 8 + blocks / 40, "{compression:?}: tried {} blocks", w.blocks_tried);
+            // Compressible values: every block is tried and stored compressed.
+            let w = write_values(n, compression, text);
+            assert_eq!(w.blocks_tried, w.blocks_compressed, "{compression:?}");
+            assert!(w.blocks_compressed >= n / 40, "{compression:?}: {} compressed", w.blocks_compressed);
+            // Random, then compressible: the probe finds the change within 32 blocks.
+            let w = write_values(n, compression, |i| if i < n / 2 { random(i) } else { text(i) });
+            let text_blocks = (n / 2) * 1024 / 4096 * 95 / 100;
+            assert!(w.blocks_compressed + 32 >= text_blocks, "{compression:?}: {} compressed", w.blocks_compressed);
+        }
+        // Off: nothing tried.
+        let w = write_values(n, Compression::None, text);
+        assert_eq!((w.blocks_tried, w.blocks_compressed), (0, 0));
     }
 
     /// Tables written by earlier builds (formats 1 and 2: one index block,
