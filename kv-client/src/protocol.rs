@@ -24,7 +24,10 @@ pub const ALPN_PEER: &[u8] = b"cairn-peer/2";
 /// certificate carries it beside its own `node-<id>.cairn`).
 pub const SERVER_NAME: &str = "server.cairn";
 
-/// Longest key by default, in bytes (the server's limit is configurable down, never up).
-pub const KEY_BYTES_MAX: usize = 64 << 10;
+/// Longest key by default, in bytes (the server's limit is configurable
+/// down, never up): 64 KiB less 16 bytes, the room a node's state keeps for
+/// the prefixes it stores a key under (cairn-lsm takes keys of at most
+/// 64 KiB).
+pub const KEY_BYTES_MAX: usize = (64 << 10) - 16;
 /// Longest value by default, in bytes.
 pub const VALUE_BYTES_MAX: usize = 1 << 20;

@@ -111,7 +111,9 @@ enum BookChange {
     Alarms(std::collections::BTreeSet<u64>),
 }
 
-/// Limits the state machine enforces at apply (the same on every replica).
+/// Limits the state machine enforces at apply. They come from each node's
+/// configuration and must be the same on every replica, or replicas can
+/// decide an entry differently (`docs/operations.md`; not replicated yet).
 #[derive(Clone, Copy, Debug)]
 pub struct ApplyLimits {
     /// Longest key.
@@ -1141,6 +1143,11 @@ fn archived(r: Result<Vec<u8>, cairn_kv_client::frame::FrameError>) -> Vec<u8> {
 pub fn check_ops(ops: &[WriteOp], limits: ApplyLimits) -> Result<(), ErrorCode> {
     if ops.is_empty() {
         return Err(ErrorCode::BadRequest);
+    }
+    // Bounded like a transaction: each operation may become an event, a
+    // history record and a change at one revision.
+    if ops.len() > limits.txn_ops_max {
+        return Err(ErrorCode::TooLarge);
     }
     for op in ops {
         match op {

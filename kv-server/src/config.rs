@@ -159,7 +159,8 @@ impl SnapshotSettings {
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct Limits {
-    /// Longest key, bytes. Default 64 KiB.
+    /// Longest key, bytes. Default and most
+    /// [`cairn_kv_client::protocol::KEY_BYTES_MAX`] (64 KiB less 16 bytes).
     pub key_bytes_max: usize,
     /// Longest value, bytes. Default 1 MiB (at most 16 MiB, the LSM's limit).
     pub value_bytes_max: usize,
@@ -202,7 +203,8 @@ pub struct Limits {
     pub scan_pairs_max: u32,
     /// Responses kept per session. Default 1024.
     pub session_responses_max: usize,
-    /// Comparisons plus operations in one transaction. Default 1024.
+    /// Operations in one write batch, and comparisons plus operations in
+    /// one transaction. Default 1024.
     pub txn_ops_max: usize,
     /// Leases at once. Default 10,000.
     pub leases_max: usize,
@@ -253,7 +255,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            key_bytes_max: 64 << 10,
+            key_bytes_max: cairn_kv_client::protocol::KEY_BYTES_MAX,
             value_bytes_max: 1 << 20,
             request_bytes_max: 4 << 20,
             requests_bytes_max: 64 << 20,
@@ -521,8 +523,17 @@ impl Config {
         if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 {
             return Err(ConfigError("snapshot: checkpoints_max and transfers_max must be at least 1".into()));
         }
-        if limits.value_bytes_max > 16 << 20 || limits.key_bytes_max > 64 << 10 || limits.key_bytes_max == 0 {
-            return Err(ConfigError("limits: keys at most 64 KiB, values at most 16 MiB".into()));
+        // A stored value is the value behind a header; both must fit cairn-lsm.
+        let value_max = cairn_lsm::VALUE_BYTES_MAX - crate::state::VALUE_HEADER_BYTES;
+        if limits.value_bytes_max > value_max
+            || limits.key_bytes_max > cairn_kv_client::protocol::KEY_BYTES_MAX
+            || limits.key_bytes_max == 0
+        {
+            return Err(ConfigError(format!(
+                "limits: keys at most {} bytes (64 KiB less 16), values at most {value_max} bytes (16 MiB less \
+                 the stored value's header)",
+                cairn_kv_client::protocol::KEY_BYTES_MAX
+            )));
         }
         let window = 64u64 << 10..=u64::from(u32::MAX);
         if !window.contains(&limits.client_window_bytes) || !window.contains(&limits.peer_window_bytes) {
@@ -659,6 +670,25 @@ mod tests {
         assert_eq!((cfg.limits.client_window_bytes, cfg.limits.peer_window_bytes), (4 << 20, 32 << 20));
         assert_eq!((cfg.limits.applying_bytes_max, cfg.limits.uncommitted_bytes_max), (64 << 20, 64 << 20));
         assert_eq!(cfg.limits.udp_buffer_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn key_and_value_limits_leave_room_for_the_state_records() {
+        let load = |limits: &str| load_table("limits", limits);
+        let key_max = cairn_kv_client::protocol::KEY_BYTES_MAX;
+        let value_max = cairn_lsm::VALUE_BYTES_MAX - crate::state::VALUE_HEADER_BYTES;
+        let cfg = load(&format!("key_bytes_max = {key_max}\nvalue_bytes_max = {value_max}")).expect("the largest");
+        assert_eq!((cfg.limits.key_bytes_max, cfg.limits.value_bytes_max), (key_max, value_max));
+        for bad in [
+            format!("key_bytes_max = {}", key_max + 1),
+            "key_bytes_max = 65536".to_string(),
+            "key_bytes_max = 0".to_string(),
+            format!("value_bytes_max = {}", value_max + 1),
+            "value_bytes_max = 16777216".to_string(),
+        ] {
+            let err = load(&bad).expect_err(&bad);
+            assert!(err.0.contains("keys at most"), "{bad}: {}", err.0);
+        }
     }
 
     #[test]

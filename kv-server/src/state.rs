@@ -265,6 +265,10 @@ mod records {
     }
 }
 
+// Every LSM key made from a user key (`k`, `c` + revision, `a` + lease id)
+// fits cairn-lsm's limit when the user key is within the protocol's.
+const _: () = assert!(cairn_kv_client::protocol::KEY_BYTES_MAX + 9 <= cairn_lsm::KEY_BYTES_MAX);
+
 /// The LSM key of user key `key`.
 pub fn user_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_kv_client::frame;
-use cairn_kv_client::protocol::{ALPN_CLIENT, ALPN_PEER, Request, Response, SERVER_NAME};
+use cairn_kv_client::protocol::{ALPN_CLIENT, ALPN_PEER, KEY_BYTES_MAX, Request, Response, SERVER_NAME, WriteOp};
 use cairn_kv_client::{Client, ErrorCode};
 use cairn_kv_server::peer::PeerFrame;
 use cairn_kv_server::tls;
@@ -93,6 +93,25 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
     assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
     let err = good.put("huge", vec![0u8; 5 << 20]).await.expect_err("oversized request");
     assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    // Keys: the limit (64 KiB less 16 bytes) is stored, read, watched in the
+    // history and deleted (its LSM keys carry prefixes); one byte more is
+    // refused; so is a write batch of more operations than a transaction
+    // may hold (1,024).
+    let longest = vec![b'k'; KEY_BYTES_MAX];
+    good.put(longest.clone(), "at the limit").await.expect("a key at the limit");
+    assert_eq!(good.get(longest.clone()).await.expect("get").as_deref(), Some(&b"at the limit"[..]));
+    good.delete(longest.clone()).await.expect("delete the longest key");
+    let err = good.put(vec![b'k'; KEY_BYTES_MAX + 1], "x").await.expect_err("oversized key");
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    let err = good.get(vec![b'k'; KEY_BYTES_MAX + 1]).await.expect_err("oversized key in a get");
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    let many: Vec<WriteOp> =
+        (0..1025).map(|i| WriteOp::Put { key: format!("m{i}").into(), value: b"v".to_vec() }).collect();
+    let err = good.write(many).await.expect_err("a batch of 1,025 operations");
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    let many: Vec<WriteOp> =
+        (0..1024).map(|i| WriteOp::Put { key: format!("m{i}").into(), value: b"v".to_vec() }).collect();
+    good.write(many).await.expect("a batch of 1,024 operations");
 
     // Malformed frames on an authenticated client connection.
     let conn = raw_connect(&node1, &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");
