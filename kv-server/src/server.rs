@@ -79,9 +79,9 @@ pub struct TestSwitches {
     pub ignore_sessions: bool,
     /// `CAIRN_TEST_SKIP_WAL_SYNC=1`: acknowledge log writes without fdatasync.
     pub skip_wal_sync: bool,
-    /// `CAIRN_TEST_FAILPOINT=...`: crash points (see [`crate::failpoint`]);
-    /// `wal-write-error:N` makes the WAL write after N group writes fail as
-    /// an fdatasync error would (the node must stop).
+    /// `CAIRN_TEST_FAILPOINT=...`: crash points and failing disks (see
+    /// [`crate::failpoint`]; `wal-fsync-error:N` and `lsm-fsync-error:N`
+    /// make the real fdatasyncs fail from the N-th on: the node must stop).
     pub failpoints: Arc<crate::failpoint::Failpoints>,
     /// `CAIRN_TEST_APPLIED_FROM_LOG=1`: break the recovery rule, taking the
     /// log's commit index as applied instead of the state's durable marker.
@@ -245,7 +245,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     opts.hook = switches.failpoints.lsm_hook();
     let mut initial = cfg.initial_cluster.clone();
     initial.insert(cfg.id, cfg.advertise.clone());
-    let fs: crate::snapshot::NodeFs = Arc::new(cairn_wal::StdFs);
+    let fs: crate::snapshot::NodeFs =
+        crate::failpoint::FailingFs::wrap(Arc::new(cairn_wal::StdFs), &cfg.data_dir, &switches.failpoints);
     let site = InstallSite {
         fs,
         data_dir: cfg.data_dir.clone(),
@@ -287,10 +288,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let limits = cfg.limits.clone();
     let (wal_tx, wal_rx) = std::sync::mpsc::sync_channel(limits.wal_queue_max);
     let (wal_done_tx, wal_done_rx) = mpsc::channel(limits.wal_queue_max);
-    let faults = WalFaults {
-        skip_sync: switches.skip_wal_sync,
-        fail_after_groups: switches.failpoints.count("wal-write-error"),
-    };
+    let faults = WalFaults { skip_sync: switches.skip_wal_sync };
     let wal_thread = std::thread::Builder::new()
         .name("cairn-wal".into())
         .spawn(move || run_wal_thread(wal, wal_rx, wal_done_tx, 256, faults))

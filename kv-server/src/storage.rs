@@ -12,8 +12,15 @@ use cairn_wal::{Batch, Durability, Fs, UserKind, Wal, WalOptions};
 
 /// The WAL record kind of a Raft entry (its position is the entry index).
 pub const ENTRY_KIND: UserKind = UserKind::new(1);
-/// The first bytes of the WAL metadata of a node.
-const META_MAGIC: &[u8; 8] = b"CAIRNKV1";
+/// The first bytes of the WAL metadata of a node, then [`RECORD_FORMAT`].
+const META_MAGIC: &[u8; 7] = b"CAIRNKV";
+/// The format of the records this build writes into a node's data
+/// directory (as an ASCII digit after [`META_MAGIC`] in the log's metadata):
+/// the Raft entries and hard state in the log, the markers, and the records
+/// of the state without a format byte of their own (sessions, members,
+/// leases). A directory of another format is refused at start with an error
+/// that names both (see `docs/design/kv-server.md`, "Versions").
+pub const RECORD_FORMAT: u8 = 1;
 
 /// What the node's log could not do.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,9 @@ pub enum StorageError {
     /// The data directory belongs to another node or cluster.
     #[error("{0}")]
     Identity(String),
+    /// The data directory was written in a record format this build does not read.
+    #[error("{0}")]
+    Format(String),
 }
 
 /// The identity a data directory is created with and checked against at every start.
@@ -49,15 +59,27 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     fn encode(self) -> Vec<u8> {
+        self.encode_as(RECORD_FORMAT)
+    }
+    fn encode_as(self, format: u8) -> Vec<u8> {
         let mut v = META_MAGIC.to_vec();
+        v.push(b'0' + format);
         v.extend_from_slice(&self.node_id.to_le_bytes());
         v.extend_from_slice(&self.cluster_id.to_le_bytes());
         v
     }
     fn decode(b: &[u8]) -> Result<NodeIdentity, StorageError> {
         let bad = || StorageError::Corrupt { what: "log metadata", reason: "not a Cairn node's log".into() };
-        if b.len() != 24 || &b[..8] != META_MAGIC {
+        if b.len() != 24 || &b[..7] != META_MAGIC {
             return Err(bad());
+        }
+        if b[7] != b'0' + RECORD_FORMAT {
+            return Err(StorageError::Format(format!(
+                "the data directory holds records of format {} (byte {:#04x}); this build reads and writes \
+                 format {RECORD_FORMAT}: start it with the build that wrote it",
+                b[7].wrapping_sub(b'0'),
+                b[7]
+            )));
         }
         let node_id = u64::from_le_bytes(b[8..16].try_into().map_err(|_| bad())?);
         let cluster_id = u64::from_le_bytes(b[16..24].try_into().map_err(|_| bad())?);
@@ -433,8 +455,13 @@ pub struct WalJob {
 pub struct WalFaults {
     /// Acknowledge writes without fdatasync.
     pub skip_sync: bool,
-    /// After this many group writes, fail the next one as if fdatasync had failed.
-    pub fail_after_groups: Option<u64>,
+}
+
+impl WalFaults {
+    /// How a job's records are written: synced, unless the switch says not.
+    pub fn durability(self) -> Durability {
+        if self.skip_sync { Durability::Buffered } else { Durability::Sync }
+    }
 }
 
 /// Test-only: release the log without writing the snapshot marker first
@@ -477,12 +504,17 @@ pub fn add_job(batch: &mut Batch, job: &WalJob, last_written: &mut Option<u64>, 
 
 /// Writes one job durably and releases what it allows (the crash tests
 /// drive the log this way, one job at a time, as the WAL thread would).
-pub fn write_job(wal: &cairn_wal::Wal, job: &WalJob, last_written: &mut Option<u64>) -> Result<(), cairn_wal::Error> {
+pub fn write_job(
+    wal: &cairn_wal::Wal,
+    job: &WalJob,
+    last_written: &mut Option<u64>,
+    faults: WalFaults,
+) -> Result<(), cairn_wal::Error> {
     let mut batch = Batch::new();
     let mut release_to = None;
     add_job(&mut batch, job, last_written, &mut release_to);
     if !batch.is_empty() {
-        wal.write(&batch, Durability::Sync)?;
+        wal.write(&batch, faults.durability())?;
     }
     if let Some(to) = release_to {
         wal.release_to(to)?;
@@ -500,7 +532,6 @@ pub fn run_wal_thread(
     group_jobs_max: usize,
     faults: WalFaults,
 ) {
-    let mut groups: u64 = 0;
     let mut last_written: Option<u64> = wal.last_position();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
@@ -517,11 +548,7 @@ pub fn run_wal_thread(
         }
         if !batch.is_empty() {
             let started = std::time::Instant::now();
-            let durability = if faults.skip_sync { Durability::Buffered } else { Durability::Sync };
-            groups += 1;
-            if faults.fail_after_groups.is_some_and(|n| groups > n) {
-                crate::fatal("writing the Raft log: fdatasync failed (test failpoint wal-write-error)");
-            }
+            let durability = faults.durability();
             if let Err(e) = wal.write(&batch, durability) {
                 crate::fatal(&format!("writing the Raft log: {e}"));
             }
@@ -598,6 +625,23 @@ mod tests {
         drop(s);
         let other = NodeIdentity { node_id: 2, cluster_id: 9 };
         assert!(matches!(WalStore::open(fs, dir.path(), other, 1 << 20, 200), Err(StorageError::Identity(_))));
+    }
+
+    #[test]
+    fn a_log_of_another_record_format_is_refused_naming_both() {
+        let id = NodeIdentity { node_id: 3, cluster_id: 0xabc };
+        let meta = id.encode();
+        assert_eq!(&meta[..8], b"CAIRNKV1", "format 1 reads the directories written before the format byte was named");
+        assert_eq!(NodeIdentity::decode(&meta).expect("decode"), id);
+        match NodeIdentity::decode(&id.encode_as(2)) {
+            Err(StorageError::Format(m)) => {
+                assert!(m.contains("format 2") && m.contains(&format!("format {RECORD_FORMAT}")), "{m}");
+            }
+            other => panic!("a log of record format 2 must be refused: {other:?}"),
+        }
+        let mut foreign = meta.clone();
+        foreign[0] = b'X';
+        assert!(matches!(NodeIdentity::decode(&foreign), Err(StorageError::Corrupt { .. })));
     }
 
     fn run_jobs(s: &mut WalStore, jobs: Vec<WalJob>) {

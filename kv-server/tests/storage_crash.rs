@@ -18,7 +18,7 @@ use cairn_kv_server::failpoint::Failpoints;
 use cairn_kv_server::server::recover;
 use cairn_kv_server::snapshot::{NodeFs, SharedDb};
 use cairn_kv_server::state::{Command, CommandOp, decode_value, user_key};
-use cairn_kv_server::storage::{MarkerJob, NodeIdentity, WalJob, WalStore, write_job};
+use cairn_kv_server::storage::{MarkerJob, NodeIdentity, WalFaults, WalJob, WalStore, write_job};
 use cairn_lsm::{Background, Db, DurabilityMode, Options, WriteBatch};
 use cairn_raft_core::{ConfState, Entry, LogIndex, LogStore, NodeId, RawNode, Role, Term};
 use cairn_snapshot_transfer::{Completed, FileMeta, Manifest};
@@ -59,6 +59,8 @@ struct Node {
     last_written: Option<u64>,
     /// The highest index applied, checked to rise by exactly one entry at a time.
     applied: u64,
+    /// How the log is written (the sync skipped when a rule is broken so).
+    faults: WalFaults,
 }
 
 /// How a boot reads the recovery result: as written, or with the recovery
@@ -71,6 +73,9 @@ enum Rule {
     /// The release rule broken: segments released without the snapshot
     /// marker written first.
     ReleaseWithoutMarker,
+    /// The log written without fdatasync (the server's
+    /// `CAIRN_TEST_SKIP_WAL_SYNC`): writes acknowledged before they are durable.
+    SkipLogSync,
 }
 
 fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
@@ -116,7 +121,8 @@ fn boot(fs: NodeFs, seed: u64, rule: Rule) -> Result<Node, String> {
     let limits = ApplyLimits::new(&cairn_kv_server::config::Limits::default(), u64::MAX / 4);
     let book = Arc::new(std::sync::RwLock::new(rec.book));
     let applier = Applier::new(db.clone(), site, book, tx, waiters.clone(), limits).map_err(|e| e.to_string())?;
-    Ok(Node { raw, applier, db, waiters, last_written, applied })
+    let faults = WalFaults { skip_sync: rule == Rule::SkipLogSync };
+    Ok(Node { raw, applier, db, waiters, last_written, applied, faults })
 }
 
 impl Node {
@@ -134,7 +140,7 @@ impl Node {
             }
             let job = WalJob { entries: rd.entries, hard_state: rd.hard_state, ..WalJob::default() };
             let wal = self.raw.store().wal();
-            write_job(&wal, &job, &mut self.last_written).map_err(|e| format!("log write: {e}"))?;
+            write_job(&wal, &job, &mut self.last_written, self.faults).map_err(|e| format!("log write: {e}"))?;
             let last = job.entries.last().map(|e| (e.index, e.term));
             if let Some(hs) = job.hard_state {
                 self.raw.store_mut().note_hard_state(hs);
@@ -196,7 +202,7 @@ impl Node {
         let conf = ConfState::with_voters([NodeId(1)]);
         let job = WalJob { release: Some(MarkerJob { index, term, conf: conf.clone() }), ..WalJob::default() };
         let wal = store.wal();
-        write_job(&wal, &job, &mut self.last_written).map_err(|e| format!("release: {e}"))?;
+        write_job(&wal, &job, &mut self.last_written, self.faults).map_err(|e| format!("release: {e}"))?;
         self.raw.store_mut().note_released(index, term, conf);
         Ok(())
     }
@@ -274,7 +280,9 @@ fn run_seed(seed: u64, boots: u32, rule: Rule) -> Result<(), String> {
 /// commit index instead of the state's durable marker), some seed loses an
 /// acknowledged write or skips an entry; with the release rule broken (log
 /// segments released before the snapshot marker is written), a recovered
-/// log has a hole before its first entry; the test sees both.
+/// log has a hole before its first entry; with the log's fdatasync skipped
+/// (`CAIRN_TEST_SKIP_WAL_SYNC`), an acknowledged write is lost; the test
+/// sees all three.
 #[test]
 fn the_node_storage_keeps_every_acknowledged_write_through_crashes() {
     for seed in 0..48 {
@@ -282,7 +290,7 @@ fn the_node_storage_keeps_every_acknowledged_write_through_crashes() {
             panic!("seed {seed}: {e}");
         }
     }
-    for broken in [Rule::AppliedFromLog, Rule::ReleaseWithoutMarker] {
+    for broken in [Rule::AppliedFromLog, Rule::ReleaseWithoutMarker, Rule::SkipLogSync] {
         let caught = (0..48).find_map(|seed| run_seed(seed, 4, broken).err().map(|e| (seed, e)));
         let (seed, e) = caught.unwrap_or_else(|| panic!("with {broken:?} no seed failed: the test has no teeth"));
         assert!(e.contains("RULE"), "{broken:?}: seed {seed} failed for another reason: {e}");
@@ -338,7 +346,8 @@ fn install_setup(disk: &SimDisk) -> (Completed, Vec<Vec<u8>>, Vec<Vec<u8>>) {
         })
         .collect();
     let wal = store.wal();
-    write_job(&wal, &WalJob { entries: entries.clone(), ..WalJob::default() }, &mut None).expect("log write");
+    write_job(&wal, &WalJob { entries: entries.clone(), ..WalJob::default() }, &mut None, WalFaults::default())
+        .expect("log write");
     store.note_entries(entries);
     drop(store);
     // The leader's checkpoint at 40, staged flat as a transfer leaves it.
@@ -381,7 +390,7 @@ fn an_install_cut_short_anywhere_leaves_the_old_state_or_the_new_one() {
             let conf = ConfState::with_voters([NodeId(1)]);
             let job =
                 WalJob { installed: Some(MarkerJob { index: LogIndex(40), term: Term(1), conf }), ..WalJob::default() };
-            write_job(&node.raw.store().wal(), &job, &mut node.last_written).map_err(|e| e.to_string())
+            write_job(&node.raw.store().wal(), &job, &mut node.last_written, node.faults).map_err(|e| e.to_string())
         })();
         let finished = done.is_ok();
         drop(node);
