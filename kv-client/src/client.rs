@@ -521,8 +521,20 @@ impl Client {
     pub async fn write_full(&self, ops: Vec<WriteOp>) -> Result<Written> {
         let (client_id, seq) = self.next_seq().await?;
         let result = self.write_full_with(client_id, seq, ops).await;
-        lock(&self.inner.session).inflight.remove(&seq);
+        self.finished(client_id, seq, result.as_ref().err());
         result
+    }
+
+    /// A write of the session ended: it is no longer in flight; if the
+    /// cluster refused it because the session expired (so it did not
+    /// apply), the session is forgotten and the next write registers anew.
+    fn finished(&self, client_id: u64, seq: u64, error: Option<&Error>) {
+        let mut s = lock(&self.inner.session);
+        s.inflight.remove(&seq);
+        let expired = matches!(error, Some(Error::Refused(info)) if info.code == ErrorCode::SessionExpired);
+        if expired && s.client_id == Some(client_id) {
+            *s = SessionState::default();
+        }
     }
 
     async fn write_full_with(&self, client_id: u64, seq: u64, ops: Vec<WriteOp>) -> Result<Written> {
@@ -551,7 +563,7 @@ impl Client {
     pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
         let (client_id, seq) = self.next_seq().await?;
         let r = self.txn_with(client_id, seq, txn).await;
-        lock(&self.inner.session).inflight.remove(&seq);
+        self.finished(client_id, seq, r.as_ref().err());
         r
     }
 
