@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use cairn_fault_tests::linearizability::{Input, MultiInput, MultiOp, NOT_SWAPPED, Op, SWAPPED, check, check_whole};
 use cairn_fault_tests::watch::{Event, Outcome, Write, check_watch};
 use cairn_kv_client::{Client, Consistency, WatchMessage, WatchOptions};
+use cairn_kv_server::failpoint::CRASH_EXIT_CODE;
 use common::Cluster;
 use rand::{Rng, SeedableRng};
 
@@ -303,6 +304,30 @@ fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     }
 }
 
+/// Names the seed and saves the history when a run panics (a bound
+/// assert inside it), so that every failure can be replayed.
+struct RunGuard {
+    seed: u64,
+    n: u64,
+    h: History,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let file = self.h.save(&format!("seed-{}", self.seed));
+            let var = if self.n == 5 { "CAIRN_TEST_FAULT_SEEDS_5" } else { "CAIRN_TEST_FAULT_SEEDS" };
+            eprintln!(
+                "the fault run of seed {} on {} nodes panicked (history so far in {}); replay it with {var}={}",
+                self.seed,
+                self.n,
+                file.display(),
+                self.seed
+            );
+        }
+    }
+}
+
 /// One seeded run on `n` nodes: four clients on four keys (puts, deletes,
 /// compare-and-swap transactions of one key and of two, puts of two keys at
 /// once, and linearizable gets) while faults hit
@@ -322,6 +347,7 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
     let ids = cluster.ids();
     cluster.leader(Duration::from_secs(20)).await;
     let h = History::new();
+    let _guard = RunGuard { seed, n, h: h.clone() };
     let stop = Arc::new(AtomicBool::new(false));
     let keys = ["a", "b", "c", "d"];
     // A watcher of every key from revision 1, resuming by itself through
@@ -432,8 +458,14 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
         }));
     }
     let mut faults = Vec::new();
+    // Crash points armed and fired; failing disks armed and stopped; exits
+    // of a node with a failpoint other than the one its point must give.
+    let (mut crashes, mut crashed, mut disks, mut disks_stopped) = (0, 0, 0, 0);
+    let mut wrong_exits = Vec::new();
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
+        // A node that stopped by itself outside a failpoint fault is a failure.
+        cluster.reap();
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
         let node = ids[rng.random_range(0..ids.len())];
         let other = |rng: &mut rand_chacha::ChaCha8Rng, not: u64| {
@@ -449,6 +481,9 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
                 cluster.start_node(node);
             }
             1 => {
+                // Half the time the leader: it wakes up still thinking it leads.
+                let node =
+                    if rng.random_range(0..2) == 0 { cluster.leader(Duration::from_secs(20)).await } else { node };
                 faults.push(format!("pause node {node} for {hold:?}"));
                 cluster.pause(node, true);
                 tokio::time::sleep(hold).await;
@@ -472,14 +507,22 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
             4 | 5 => {
                 // A crash at a failpoint, or a disk that fails: the node
                 // stops by itself (or is stopped here), then comes back clean.
-                let point = match rng.random_range(0..6) {
+                let point = match rng.random_range(0..7) {
                     0 => "flush-table-written",
                     1 => "flush-installed",
                     2 => "checkpoint-linked",
                     3 => "install-published",
                     4 => "ingest-installed",
-                    _ => "wal-write-error:5",
+                    5 => "wal-fsync-error:5",
+                    _ => "lsm-fsync-error:2",
                 };
+                let disk = point.contains("fsync");
+                let expected = if disk { cairn_kv_server::EXIT_FATAL } else { CRASH_EXIT_CODE };
+                if disk {
+                    disks += 1;
+                } else {
+                    crashes += 1;
+                }
                 // Held longer: a flush comes after about 1 MiB of writes.
                 let hold = hold * 3;
                 faults.push(format!("restart node {node} with failpoint {point}, then {hold:?} later without"));
@@ -487,9 +530,15 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
                 cluster.node_env.insert(node, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
                 cluster.start_node(node);
                 tokio::time::sleep(hold).await;
-                match cluster.wait_exit(node, Duration::ZERO) {
-                    Some(code) => faults.push(format!("  node {node} stopped by itself with exit code {code}")),
-                    None => cluster.kill(node),
+                if let Some(st) = cluster.kill_or_exited(node) {
+                    faults.push(format!("  node {node} stopped by itself: {st}"));
+                    if st.code() != Some(expected) {
+                        wrong_exits.push(format!("node {node} with {point}: {st}, not exit code {expected}"));
+                    } else if disk {
+                        disks_stopped += 1;
+                    } else {
+                        crashed += 1;
+                    }
                 }
                 cluster.start_node(node);
             }
@@ -525,6 +574,24 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
                     tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
                 }
                 cluster.isolate(node, false);
+            }
+            8 if rng.random_range(0..2) == 0 => {
+                // Lossy links into and out of a node.
+                let pct = rng.random_range(5..40);
+                faults.push(format!("lose {pct}% of the packets to and from node {node} for {hold:?}"));
+                let touching: Vec<_> = cluster
+                    .relays
+                    .iter()
+                    .filter(|((from, to), _)| *from == node || *to == node)
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                for r in &touching {
+                    r.lose(pct);
+                }
+                tokio::time::sleep(hold).await;
+                for r in &touching {
+                    r.lose(0);
+                }
             }
             8 => {
                 // Duplicated (and delayed, so reordered) packets on every link into a node.
@@ -584,6 +651,18 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
         }
     }
     // The faults stop: the cluster must elect a leader and serve within a bound.
+    cluster.reap();
+    if !cluster.unexpected_exits().is_empty() || !wrong_exits.is_empty() {
+        let file = h.save(&format!("seed-{seed}"));
+        let logs = cluster.keep_logs(&format!("seed-{seed}"));
+        return Err(format!(
+            "seed {seed}: nodes stopped by themselves: {:?}; failpoints with the wrong exit: {wrong_exits:?} \
+             (history in {}, node logs in {}); faults: {faults:?}",
+            cluster.unexpected_exits(),
+            file.display(),
+            logs.display()
+        ));
+    }
     cluster.heal();
     for id in ids.iter().copied() {
         if cluster.procs[(id - 1) as usize].is_none() {
@@ -705,7 +784,9 @@ async fn fault_run(seed: u64, seconds: u64, n: u64) -> Result<String, String> {
          operations, two-key writes and transactions as one, checked without splitting by key in \
          {whole_time:?}; {} two-key transactions, {} swapped); the watcher received {} \
          events over {} revisions, each once and in order, matching {} applied writes ({} of two keys, each at \
-         one revision); serving {serving:?} after the faults stopped; faults: {faults:?}",
+         one revision); serving {serving:?} after the faults stopped; crash points fired {crashed} of {crashes}, \
+         failing disks stopped their node {disks_stopped} of {disks} (each with its exit code; no other node \
+         stopped by itself); faults: {faults:?}",
         ops.len(),
         report.keys,
         faults.len(),

@@ -24,6 +24,8 @@ pub struct Cluster {
     pub extra_args: std::collections::HashMap<u64, Vec<String>>,
     /// The relay of each directed peer link `(from, to)`, when routed through relays.
     pub relays: std::collections::HashMap<(u64, u64), relay::Relay>,
+    /// Nodes that exited by themselves, found by `kill` or `reap`.
+    exits: Vec<(u64, String)>,
 }
 
 /// One free UDP port on 127.0.0.1.
@@ -69,6 +71,7 @@ impl Cluster {
             joiners: Default::default(),
             extra_args: Default::default(),
             relays: Default::default(),
+            exits: Vec::new(),
         }
     }
 
@@ -257,12 +260,40 @@ impl Cluster {
         status.code()
     }
 
-    /// kill -9.
-    pub fn kill(&mut self, id: u64) {
-        if let Some(mut c) = self.procs[(id - 1) as usize].take() {
-            let _ = c.kill();
-            let _ = c.wait();
+    /// Nodes found to have exited by themselves where the test did not
+    /// expect it (by [`Cluster::kill`] and [`Cluster::reap`]): id and status.
+    pub fn unexpected_exits(&self) -> &[(u64, String)] {
+        &self.exits
+    }
+
+    /// Takes note of every node that exited by itself since it was started.
+    pub fn reap(&mut self) {
+        for i in 0..self.procs.len() {
+            let exited = self.procs[i].as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(st) = exited {
+                self.procs[i] = None;
+                self.exits.push((i as u64 + 1, st.to_string()));
+            }
         }
+    }
+
+    /// kill -9 (a node that had already exited by itself is noted, see
+    /// [`Cluster::unexpected_exits`]).
+    pub fn kill(&mut self, id: u64) {
+        if let Some(st) = self.kill_or_exited(id) {
+            self.exits.push((id, st.to_string()));
+        }
+    }
+
+    /// kill -9, unless the node had already exited by itself: then its status.
+    pub fn kill_or_exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let mut c = self.procs[(id - 1) as usize].take()?;
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     /// SIGTERM and wait for a clean stop; returns whether it exited 0.

@@ -1,8 +1,8 @@
 //! A UDP relay for one directed peer link: the dialing node's packets go
 //! through it to the target and the answers come back through it, so a test
 //! can drop either direction (QUIC runs over UDP: a dropped direction is a
-//! one-way link, both a partition), delay and reorder packets, and send
-//! packets twice.
+//! one-way link, both a partition), lose a share of the packets, delay and
+//! reorder packets, and send packets twice.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +25,20 @@ pub struct Relay {
     delay_ms: Arc<AtomicU64>,
     /// Percent of packets toward the target sent twice.
     duplicate_percent: Arc<AtomicU64>,
+    /// Percent of packets lost, each direction.
+    loss_percent: Arc<AtomicU64>,
+}
+
+/// Whether the `n`-th packet falls in `percent` (a fixed pseudo-random
+/// pattern of the count: splitmix64, no clock, no shared generator).
+fn picked(n: u64, percent: u64) -> bool {
+    if percent == 0 {
+        return false;
+    }
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % 100 < percent
 }
 
 impl Relay {
@@ -38,9 +52,10 @@ impl Relay {
             backward_blocked: Arc::new(AtomicBool::new(false)),
             delay_ms: Arc::new(AtomicU64::new(0)),
             duplicate_percent: Arc::new(AtomicU64::new(0)),
+            loss_percent: Arc::new(AtomicU64::new(0)),
         };
         let (fwd, back, delay) = (r.forward_blocked.clone(), r.backward_blocked.clone(), r.delay_ms.clone());
-        let dup = r.duplicate_percent.clone();
+        let (dup, loss) = (r.duplicate_percent.clone(), r.loss_percent.clone());
         let mut counter = 0u64;
         tokio::spawn(async move {
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -62,16 +77,19 @@ impl Relay {
                         }
                         let u = Arc::new(u);
                         upstream.insert(src, u.clone());
-                        let (u2, listen2, back2) = (u.clone(), listen.clone(), back.clone());
+                        let (u2, listen2, back2, loss2) = (u.clone(), listen.clone(), back.clone(), loss.clone());
                         tokio::spawn(async move {
                             let mut b = vec![0u8; 65536];
+                            let mut counter = 0u64;
                             loop {
                                 // A connected UDP socket reports an ICMP "port
                                 // unreachable" (the target was down) as an error
                                 // of the next receive: keep going.
                                 match u2.recv(&mut b).await {
                                     Ok(n) => {
-                                        if !back2.load(Ordering::Relaxed) {
+                                        counter += 1;
+                                        let lost = picked(counter, loss2.load(Ordering::Relaxed));
+                                        if !back2.load(Ordering::Relaxed) && !lost {
                                             let _ = listen2.send_to(&b[..n], src).await;
                                         }
                                     }
@@ -82,11 +100,9 @@ impl Relay {
                         u
                     }
                 };
-                if !fwd.load(Ordering::Relaxed) {
-                    // Every k-th packet twice (k from the percent: a fixed pattern, no clock).
-                    counter += 1;
-                    let p = dup.load(Ordering::Relaxed);
-                    if p > 0 && counter.is_multiple_of(100 / p.clamp(1, 100)) {
+                counter += 1;
+                if !fwd.load(Ordering::Relaxed) && !picked(counter, loss.load(Ordering::Relaxed)) {
+                    if picked(counter ^ (1 << 63), dup.load(Ordering::Relaxed)) {
                         let _ = up.send(&buf[..n]).await;
                     }
                     let d = delay.load(Ordering::Relaxed);
@@ -116,6 +132,11 @@ impl Relay {
     /// Sends about `percent` of the packets toward the target twice (0: none).
     pub fn duplicate(&self, percent: u64) {
         self.duplicate_percent.store(percent, Ordering::Relaxed);
+    }
+
+    /// Loses about `percent` of the packets each way (0: none).
+    pub fn lose(&self, percent: u64) {
+        self.loss_percent.store(percent, Ordering::Relaxed);
     }
 
     /// Blocks (or unblocks) each direction.
