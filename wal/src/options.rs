@@ -104,6 +104,26 @@ pub struct WalOptions {
     #[cfg(feature = "sim")]
     #[doc(hidden)]
     pub skip_sync_for_tests: Option<SyncSite>,
+    /// Test-only: a new segment's header leaves out the latest snapshot
+    /// marker, to show that the tests fail when a release loses it.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub skip_marker_repeat_for_tests: bool,
+}
+
+impl WalOptions {
+    /// Whether a new segment's header repeats the latest snapshot marker
+    /// (always, but for the test switch).
+    pub(crate) fn repeats_marker(&self) -> bool {
+        #[cfg(feature = "sim")]
+        {
+            !self.skip_marker_repeat_for_tests
+        }
+        #[cfg(not(feature = "sim"))]
+        {
+            true
+        }
+    }
 }
 
 impl Default for WalOptions {
@@ -120,6 +140,8 @@ impl Default for WalOptions {
             slow_sync_warning: Duration::from_secs(1),
             #[cfg(feature = "sim")]
             skip_sync_for_tests: None,
+            #[cfg(feature = "sim")]
+            skip_marker_repeat_for_tests: false,
         }
     }
 }

@@ -81,6 +81,9 @@ struct Encoder {
     metadata: Vec<u8>,
     state: Option<Vec<u8>>,
     marker: Option<Marker>,
+    /// Whether a new segment's header repeats `marker` (see
+    /// `WalOptions::repeats_marker`).
+    repeat_marker: bool,
 }
 
 #[derive(Debug)]
@@ -247,7 +250,7 @@ impl Encoder {
             chain = encode_record(&mut records, seed, chain, kind::STATE, 0, s);
         }
         group.ops.push(IndexOp::Segment { seq, seed });
-        if let Some(m) = &self.marker {
+        if let Some(m) = self.marker.as_ref().filter(|_| self.repeat_marker) {
             chain = encode_record(&mut records, seed, chain, kind::SNAPSHOT_MARKER, m.position, &m.payload);
             group.ops.push(IndexOp::Marker { seq, marker: m.clone() });
         }
@@ -645,6 +648,7 @@ impl Wal {
             metadata: metadata.to_vec(),
             state: None,
             marker: None,
+            repeat_marker: opts.repeats_marker(),
         };
         let spares = Arc::new(Mutex::new(listing.spares));
         let shared =
@@ -773,6 +777,7 @@ impl Wal {
             metadata: s.metadata,
             state: s.state.clone(),
             marker: s.marker,
+            repeat_marker: opts.repeats_marker(),
         };
         metrics::gauge!("cairn_wal_segments").set(s.segments.len() as f64);
         let shared = Shared::new(fs, dir, opts, read_only, enc, s.segments, s.state, io, spares, lock);

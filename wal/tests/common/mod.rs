@@ -23,6 +23,8 @@ pub struct Model {
     pub last: Option<u64>,
     /// The highest position passed to `release_to`.
     pub released: u64,
+    /// The latest snapshot marker written: position and payload.
+    pub marker: Option<(u64, Vec<u8>)>,
 }
 
 impl Model {
@@ -34,7 +36,7 @@ impl Model {
                 self.last = Some(p);
             }
             MOp::State(s) => self.state = Some(s.clone()),
-            MOp::Marker(..) => {}
+            MOp::Marker(p, d) => self.marker = Some((*p, d.clone())),
             MOp::Truncate(p) => {
                 self.records.split_off(p);
                 self.last = self.last.min(p.checked_sub(1));
@@ -77,6 +79,12 @@ impl Model {
         }
         if wal.state() != self.state {
             return Err(format!("state differs: log {:?}, model {:?}", wal.state(), self.state));
+        }
+        // The latest marker outlives the release of the segment it was
+        // written in: every new segment's header repeats it.
+        let marker = wal.snapshot_markers().last().map(|m| (m.position, m.payload.clone()));
+        if marker != self.marker {
+            return Err(format!("latest snapshot marker differs: log {marker:?}, model {:?}", self.marker));
         }
         Ok(())
     }
