@@ -215,13 +215,15 @@ impl Drop for Checkpoint {
     }
 }
 
-/// The checkpoints a leader keeps for transfers: at most `max`, the newest
-/// reused while it is recent enough.
+/// The checkpoints a leader makes for transfers: the newest is reused while
+/// it is recent enough and a transfer still uses it; each is deleted when
+/// the last transfer using it ends (DESIGN.md, "Checkpoint"); at most `max`
+/// are remembered for reuse.
 #[derive(Debug)]
 pub struct Checkpoints {
     dir: PathBuf,
     db: Arc<SharedDb>,
-    live: Mutex<VecDeque<Arc<Checkpoint>>>,
+    live: Mutex<VecDeque<std::sync::Weak<Checkpoint>>>,
     max: usize,
     seq: AtomicU64,
     /// Names this process's checkpoints apart from an earlier run's.
@@ -249,8 +251,9 @@ impl Checkpoints {
     /// recent enough, else a new one (a forced flush and hard links).
     pub fn get(&self, min_index: LogIndex) -> Result<Arc<Checkpoint>, String> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = live.back().filter(|c| c.index >= min_index) {
-            return Ok(c.clone());
+        live.retain(|c| c.strong_count() > 0);
+        if let Some(c) = live.back().and_then(std::sync::Weak::upgrade).filter(|c| c.index >= min_index) {
+            return Ok(c);
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err("creating", &self.dir, e))?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +310,7 @@ impl Checkpoints {
             "checkpoint made"
         );
         metrics::counter!("cairn_snapshot_checkpoints_total").increment(1);
-        live.push_back(c.clone());
+        live.push_back(Arc::downgrade(&c));
         while live.len() > self.max {
             live.pop_front();
         }

@@ -101,6 +101,20 @@ async fn behind_the_released_log(env: Vec<(String, String)>) -> (Option<Vec<u8>>
     assert!(s.snapshots_installed >= 1, "the follower caught up without a snapshot: {s:?}");
     let ls = c.status_of(&leader_ep, false).await.expect("status");
     assert!(ls.snapshots_sent >= 1, "the leader reports no snapshot sent: {ls:?}");
+    // Checkpoints are deleted when no transfer uses them (DESIGN.md,
+    // "Checkpoint"): once the transfer ended, the leader keeps none.
+    let checkpoints = cluster.layout.dir.join(format!("node-{leader}")).join("checkpoints");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&checkpoints)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader kept checkpoints no transfer uses: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (doomed, _) = one.get_with("doomed", Consistency::Serializable).await.expect("get");
     let (v, _) = one.get_with("kept", Consistency::Serializable).await.expect("get");
     assert_eq!(v.as_deref(), Some(&b"v1"[..]));
