@@ -111,9 +111,11 @@ enum BookChange {
     Alarms(std::collections::BTreeSet<u64>),
 }
 
-/// Limits the state machine enforces at apply. They come from each node's
-/// configuration and must be the same on every replica, or replicas can
-/// decide an entry differently (`docs/operations.md`; not replicated yet).
+/// Limits the state machine enforces at apply. Every replica must apply an
+/// entry with the same ones, so they are replicated: the leader proposes its
+/// configured limits (`CommandOp::SetLimits`) when the state holds others;
+/// before the first such entry every replica applies the built-in defaults
+/// ([`ApplyLimits::defaults`]), never its own configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct ApplyLimits {
     /// Longest key.
@@ -135,6 +137,50 @@ pub struct ApplyLimits {
 }
 
 impl ApplyLimits {
+    /// The limits of the default configuration (what a state that holds
+    /// none applies with).
+    pub fn defaults() -> ApplyLimits {
+        ApplyLimits::new(&crate::config::Limits::default(), crate::config::SESSION_TTL_DEFAULT_SECS * 1000)
+    }
+
+    /// The values a `SetLimits` entry and the stored record carry, in order.
+    pub fn to_values(self) -> Vec<u64> {
+        [
+            self.key_bytes_max,
+            self.value_bytes_max,
+            self.session_responses_max,
+            self.txn_ops_max,
+            self.leases_max,
+            self.leases_per_client_max,
+            self.keys_per_lease_max,
+        ]
+        .into_iter()
+        .map(|v| v as u64)
+        .chain([self.session_ttl_ms])
+        .collect()
+    }
+
+    /// The limits of [`ApplyLimits::to_values`]' values; `None` for another
+    /// count, a value that does not fit, or keys or values beyond what the
+    /// state can store.
+    pub fn from_values(v: &[u64]) -> Option<ApplyLimits> {
+        let [key, value, responses, txn, leases, per_client, per_lease, ttl] = *v else { return None };
+        let size = |x: u64| usize::try_from(x).ok();
+        let l = ApplyLimits {
+            key_bytes_max: size(key)?,
+            value_bytes_max: size(value)?,
+            session_responses_max: size(responses)?,
+            txn_ops_max: size(txn)?,
+            leases_max: size(leases)?,
+            leases_per_client_max: size(per_client)?,
+            keys_per_lease_max: size(per_lease)?,
+            session_ttl_ms: ttl,
+        };
+        let storable = l.key_bytes_max <= cairn_kv_client::protocol::KEY_BYTES_MAX
+            && l.value_bytes_max <= cairn_lsm::VALUE_BYTES_MAX - crate::state::VALUE_HEADER_BYTES;
+        storable.then_some(l)
+    }
+
     /// The limits of `limits` that apply enforces, sessions expiring after
     /// `session_ttl_ms`.
     pub fn new(limits: &crate::config::Limits, session_ttl_ms: u64) -> ApplyLimits {
@@ -183,7 +229,10 @@ pub struct Applier {
     sessions: HashMap<u64, SessionRecord>,
     applied: watch::Sender<u64>,
     waiters: Waiters,
+    /// The limits entries are applied with now.
     limits: ApplyLimits,
+    /// The limits applied while the state holds none (see [`Applier::new`]).
+    initial_limits: ApplyLimits,
     /// Test-only: apply each write twice, ignoring the session (shows the
     /// exactly-once test catches a duplicate apply).
     pub ignore_sessions_for_tests: bool,
@@ -205,7 +254,10 @@ impl std::fmt::Debug for Applier {
 }
 
 impl Applier {
-    /// A worker over `db`, loading the sessions it holds.
+    /// A worker over `db`, loading the sessions it holds. `limits` are the
+    /// limits it applies with while the state holds none of its own (every
+    /// replica must be given the same: the server gives
+    /// [`ApplyLimits::defaults`]).
     pub fn new(
         shared: Arc<crate::snapshot::SharedDb>,
         site: InstallSite,
@@ -220,6 +272,8 @@ impl Applier {
         let revision = load_revision(&db)?;
         let compacted = crate::state::load_compacted(&db)?;
         let leases = LeaseOwners::load(&db)?;
+        let initial_limits = limits;
+        let limits = state_limits(&db, initial_limits)?;
         Ok(Applier {
             shared,
             db,
@@ -240,6 +294,7 @@ impl Applier {
             applied,
             waiters,
             limits,
+            initial_limits,
             ignore_sessions_for_tests: false,
             local_quota_for_tests: None,
             merge_snapshots_for_tests: false,
@@ -306,12 +361,15 @@ impl Applier {
         let book =
             Book::load(&db, &self.site.initial).map_err(|e| format!("reading the installed state's members: {e}"))?;
         let leases = LeaseOwners::load(&db).map_err(|e| format!("reading the installed state's leases: {e}"))?;
+        let limits =
+            state_limits(&db, self.initial_limits).map_err(|e| format!("reading the installed state's limits: {e}"))?;
         let old = (!delta && !merge).then(|| self.shared.replace(db.clone()));
         self.db = db;
         self.sessions = sessions;
         self.revision = revision;
         self.compacted = compacted;
         self.leases = leases;
+        self.limits = limits;
         if let Some(tx) = &self.watch_tx {
             let _ = tx.send(WatchFeed::Reset);
         }
@@ -561,6 +619,15 @@ impl Applier {
                 self.book_changes.push(BookChange::Addr(id, addr));
                 Response::Ok
             }
+            CommandOp::SetLimits { values } => match ApplyLimits::from_values(&values) {
+                Some(limits) => {
+                    // The entries after this one, in this batch too, apply with them.
+                    batch.put(crate::state::LIMITS_KEY.to_vec(), crate::state::encode_limits(&values));
+                    self.limits = limits;
+                    Response::Ok
+                }
+                None => Response::error(ErrorCode::BadRequest, "limits the state cannot apply with"),
+            },
             CommandOp::Register => {
                 // Expired sessions are dropped here, at an entry: every replica drops the same ones.
                 let ttl = self.limits.session_ttl_ms;
@@ -1076,6 +1143,23 @@ fn keys_in(
 pub const LEASE_TTL_MIN_MS: u64 = 1_000;
 /// Longest lease TTL granted, ms (a week).
 pub const LEASE_TTL_MAX_MS: u64 = 7 * 24 * 3_600_000;
+
+/// The limits `db` holds, or `initial` when it holds none yet.
+fn state_limits(db: &Db, initial: ApplyLimits) -> Result<ApplyLimits, crate::storage::StorageError> {
+    match crate::state::load_limits(db)? {
+        None => Ok(initial),
+        Some(values) => ApplyLimits::from_values(&values).ok_or_else(|| crate::storage::StorageError::Corrupt {
+            what: "limits record",
+            reason: format!("values {values:?}"),
+        }),
+    }
+}
+
+/// The limits the state holds now, or `None` before the first `SetLimits`
+/// (the lessor compares them with the configured ones).
+pub fn replicated_limits(db: &Db) -> Result<Option<ApplyLimits>, crate::storage::StorageError> {
+    Ok(crate::state::load_limits(db)?.and_then(|v| ApplyLimits::from_values(&v)))
+}
 
 /// Checks a transaction against the limits.
 pub fn check_txn(

@@ -93,8 +93,8 @@ pub struct SnapshotSettings {
     pub release_margin_bytes: u64,
     /// How often the node checks whether it can release the log, ms. Default 1000.
     pub release_check_ms: u64,
-    /// Checkpoints kept for transfers at once (older ones are deleted once no
-    /// transfer uses them). Default 2.
+    /// Checkpoints remembered for reuse by another transfer while one still
+    /// uses them (each is deleted when no transfer uses it). Default 2.
     pub checkpoints_max: usize,
     /// Snapshot transfers a leader runs at once. Default 2.
     pub transfers_max: usize,
@@ -287,6 +287,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// A session's time to live when the configuration names none, seconds.
+pub const SESSION_TTL_DEFAULT_SECS: u64 = 3600;
 
 /// The TOML file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
@@ -570,7 +573,7 @@ impl Config {
             tick: Duration::from_millis(args.tick_ms.or(file.tick_ms).unwrap_or(100).max(1)),
             election_ticks: file.election_ticks.unwrap_or(10),
             heartbeat_ticks: file.heartbeat_ticks.unwrap_or(1),
-            session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(3600)),
+            session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(SESSION_TTL_DEFAULT_SECS)),
             memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
             entry_cache_bytes: file.entry_cache_bytes.unwrap_or(64 << 20),

@@ -298,7 +298,10 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let apply_limits = ApplyLimits::new(&limits, cfg.session_ttl.as_millis() as u64);
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
-    let mut applier = Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), apply_limits)?;
+    // Every replica starts from the built-in limits; the leader's configured
+    // ones reach every replica through the log (the lessor proposes them).
+    let mut applier =
+        Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), ApplyLimits::defaults())?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
     let (lease_tx, lease_events) = mpsc::channel(1024);
     applier.lease_tx = Some(lease_tx);
@@ -407,6 +410,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
             no_grace_for_tests: switches.lease_no_grace,
             history_revisions_max: limits.history_revisions_max,
             history_retention: Duration::from_millis(limits.history_retention_ms),
+            limits: apply_limits,
         },
         leader_rx,
         lease_events,

@@ -57,6 +57,11 @@ pub const CHANGED_PREFIX: u8 = b'c';
 pub const COMPACTED_KEY: &[u8] = b"mcompacted";
 /// The key of the cluster revision.
 pub const REVISION_KEY: &[u8] = b"mrevision";
+/// The key of the limits the state machine applies with (the leader's, see
+/// [`CommandOp::SetLimits`]): a format byte (1), then u64 LE values.
+pub const LIMITS_KEY: &[u8] = b"mlimits";
+/// The format byte of the limits record.
+const LIMITS_FORMAT: u8 = 1;
 /// The format byte of a stored value (2: with revisions; 1, before them, is
 /// refused with a clear error).
 pub const VALUE_FORMAT: u8 = 2;
@@ -143,6 +148,13 @@ mod records {
             id: u64,
             /// Its peer address.
             addr: String,
+        },
+        /// The limits every replica applies the following entries with (the
+        /// leader's configured ones), in the order of
+        /// `ApplyLimits::to_values`.
+        SetLimits {
+            /// The values.
+            values: Vec<u64>,
         },
     }
 
@@ -489,6 +501,30 @@ pub fn load_revision(db: &cairn_lsm::Db) -> Result<u64, crate::storage::StorageE
 pub fn view_u64(view: &cairn_lsm::ReadView, key: &[u8]) -> Result<u64, String> {
     let stored = view.get(key).map_err(|e| e.to_string())?;
     read_revision(stored.as_deref()).map_err(|e| e.to_string())
+}
+
+/// The stored limits record of the state: `values` behind a format byte.
+pub fn encode_limits(values: &[u64]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 8 * values.len());
+    v.push(LIMITS_FORMAT);
+    for x in values {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// The limits the state holds (none before the first `SetLimits`).
+pub fn load_limits(db: &cairn_lsm::Db) -> Result<Option<Vec<u64>>, crate::storage::StorageError> {
+    let Some(b) = db.get(LIMITS_KEY)? else { return Ok(None) };
+    let bad = |reason: String| crate::storage::StorageError::Corrupt { what: "limits record", reason };
+    match b.split_first() {
+        Some((&LIMITS_FORMAT, rest)) if rest.len() % 8 == 0 => {
+            Ok(Some(rest.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect()))
+        }
+        Some((&LIMITS_FORMAT, rest)) => Err(bad(format!("{} bytes of values", rest.len()))),
+        Some((f, _)) => Err(bad(format!("format {f}, this build reads format {LIMITS_FORMAT}"))),
+        None => Err(bad("empty".into())),
+    }
 }
 
 /// Decodes the stored cluster revision.

@@ -15,7 +15,7 @@ pub const ENTRY_KIND: UserKind = UserKind::new(1);
 /// The first bytes of the WAL metadata of a node, then [`RECORD_FORMAT`].
 const META_MAGIC: &[u8; 7] = b"CAIRNKV";
 /// The format of the records this build writes into a node's data
-/// directory (as an ASCII digit after [`META_MAGIC`] in the log's metadata):
+/// directory (as an ASCII digit after `CAIRNKV` in the log's metadata):
 /// the Raft entries and hard state in the log, the markers, and the records
 /// of the state without a format byte of their own (sessions, members,
 /// leases). A directory of another format is refused at start with an error

@@ -4,7 +4,8 @@
 //! entries, so every replica expires the same sessions at the same index;
 //! a write of an expired session (a retry included) is refused and never
 //! applied; the expired records leave the replicated state at the next
-//! registration.
+//! registration. And the limits those decisions use (the time to live among
+//! them) are the leader's, replicated, not each node's configuration.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -34,6 +35,12 @@ struct Replica {
 
 impl Replica {
     fn new(seed: u64, ignore_sessions: bool) -> Replica {
+        let limits = ApplyLimits { session_ttl_ms: TTL_MS, ..ApplyLimits::defaults() };
+        Replica::with_limits(seed, ignore_sessions, limits)
+    }
+
+    /// A replica applying with `limits` while its state holds none.
+    fn with_limits(seed: u64, ignore_sessions: bool, limits: ApplyLimits) -> Replica {
         let disk = SimDisk::new(seed);
         let mut options = Options::default();
         options.durability = DurabilityMode::Embedded;
@@ -49,7 +56,6 @@ impl Replica {
         let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let (applied, _) = tokio::sync::watch::channel(0);
-        let limits = ApplyLimits::new(&cairn_kv_server::config::Limits::default(), TTL_MS);
         let book = Arc::new(std::sync::RwLock::new(rec.book));
         let mut applier = Applier::new(db.clone(), site, book, applied, waiters.clone(), limits).expect("applier");
         applier.ignore_sessions_for_tests = ignore_sessions;
@@ -165,4 +171,46 @@ fn ignoring_sessions_is_caught() {
         scenario(&mut r);
     });
     assert!(caught.is_err(), "the scenario must fail when sessions are ignored");
+}
+
+/// A client registers at 0, writes at 100, and again at 5,000: expired under
+/// a time to live of 1 s, not under the default hour.
+fn idle_client(r: &mut Replica, set: Option<&ApplyLimits>) -> Vec<Response> {
+    let mut answers = Vec::new();
+    if let Some(l) = set {
+        answers.push(r.apply(0, CommandOp::SetLimits { values: l.to_values() }));
+    }
+    let a = registered(r.apply(0, CommandOp::Register));
+    answers.push(r.apply(100, put(a, 1, "k", "1")));
+    answers.push(r.apply(5_000, put(a, 2, "k", "2")));
+    answers
+}
+
+#[test]
+fn replicas_apply_the_leaders_limits_not_their_own_configuration() {
+    let short = ApplyLimits { session_ttl_ms: 1_000, ..ApplyLimits::defaults() };
+    let long = ApplyLimits::defaults();
+    // Teeth: replicas that apply with their own, different, limits (as each
+    // node's configuration did before the limits were replicated) answer the
+    // same entries differently, and the comparison sees it.
+    let (mut one, mut two) = (Replica::with_limits(1, false, short), Replica::with_limits(2, false, long));
+    let (a1, a2) = (idle_client(&mut one, None), idle_client(&mut two, None));
+    assert_ne!(a1, a2, "replicas with different limits should split");
+    assert_ne!(one.applier.hash(), two.applier.hash());
+    // With the leader's limits in the log first, both apply those.
+    let (mut one, mut two) = (Replica::with_limits(3, false, short), Replica::with_limits(4, false, long));
+    let (a1, a2) = (idle_client(&mut one, Some(&short)), idle_client(&mut two, Some(&short)));
+    assert_eq!(a1, a2, "replicas must answer alike under the replicated limits");
+    assert!(expired(&a1[2]), "the leader's time to live (1 s) applies on both: {:?}", a1[2]);
+    assert_eq!(one.applier.hash(), two.applier.hash(), "and hold the same state");
+    // Limits the state could not apply with are refused, on every replica alike.
+    let mut bad = short.to_values();
+    bad.pop();
+    let r = one.apply(6_000, CommandOp::SetLimits { values: bad });
+    assert!(matches!(&r, Response::Error(e) if e.code == ErrorCode::BadRequest), "{r:?}");
+    let mut huge = short.to_values();
+    huge[0] = 1 << 20;
+    let r = one.apply(6_001, CommandOp::SetLimits { values: huge });
+    assert!(matches!(&r, Response::Error(e) if e.code == ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(ApplyLimits::from_values(&short.to_values()).map(|l| l.to_values()), Some(short.to_values()));
 }
