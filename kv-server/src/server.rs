@@ -597,6 +597,9 @@ async fn serve_client(conn: quinn::Connection, ctx: Arc<Ctx>) {
         conn.close(5u32.into(), b"unauthorized");
         return;
     }
+    // Let the hello's stream go: held, it kept one of the connection's
+    // `streams_per_connection_max` places for the connection's life.
+    drop((send, recv));
     loop {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
         let ctx = ctx.clone();

@@ -293,3 +293,41 @@ async fn a_watcher_that_does_not_read_is_ended_not_buffered() {
         }
     }
 }
+
+/// A client connection holds at most `streams_per_connection_max` streams at
+/// once (QUIC's stream credit, from the node's `[limits]`): with a limit of 4
+/// and 4 requests held half-sent, a fifth stream cannot open; once one of
+/// them is completed and answered it can, and the connection serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_its_stream_limit() {
+    let cluster = Cluster::start_with_config("[limits]\nstreams_per_connection_max = 4\n");
+    cluster.leader(Duration::from_secs(20)).await;
+    let ca = std::fs::read(cluster.layout.dir.join("certs/ca.pem")).expect("ca");
+    let node1 = cluster.layout.endpoints[0].clone();
+    let conn = raw_connect(&node1, &ca, ALPN_CLIENT, SERVER_NAME, None).await.expect("connect");
+    let hello = frame::encode(&Request::Hello { token: cluster.layout.token.clone() }).expect("encode");
+    assert!(matches!(exchange_raw(&conn, &hello).await, Ok(Response::HelloOk { .. })));
+    // Four requests, each stopped after its frame header: the node holds
+    // four streams (the hello's place comes back once it is answered).
+    let status = frame::encode(&Request::Status { with_hash: false }).expect("encode");
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let (mut send, recv) = tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} of 4 did not open"))
+            .expect("open");
+        send.write_all(&status[..8]).await.expect("write");
+        held.push((send, recv));
+    }
+    let fifth = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    assert!(fifth.is_err(), "a fifth stream opened beyond the limit of 4");
+    // Completing one request frees a place: a fifth opens and is served.
+    let (mut send, mut recv) = held.pop().expect("held");
+    send.write_all(&status[8..]).await.expect("write");
+    let _ = send.finish();
+    let answer = frame::read::<Response>(&mut recv, 1 << 20).await;
+    assert!(matches!(answer, Ok(Response::Status(_))), "the completed request: {answer:?}");
+    drop(recv);
+    let served = tokio::time::timeout(Duration::from_secs(5), exchange_raw(&conn, &status)).await;
+    assert!(matches!(served, Ok(Ok(Response::Status(_)))), "the fifth stream after one ended: {served:?}");
+}
