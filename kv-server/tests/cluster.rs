@@ -275,6 +275,35 @@ async fn recovery_scenario(break_rule: bool) -> Result<(u64, u64), Vec<(u64, u64
     r
 }
 
+/// Restarts `node` with the failpoint `point` armed and puts `value` under
+/// new keys `{prefix}{i}` until the node stops by itself; checks that it
+/// stopped with `code` and that its log holds `mark`. Returns how long it took.
+async fn write_until_it_stops(
+    cluster: &mut Cluster,
+    c: &cairn_kv_client::Client,
+    node: u64,
+    point: &str,
+    (code, mark): (i32, &str),
+    (prefix, value, i): (&str, &[u8], &mut u64),
+) -> Duration {
+    cluster.kill(node);
+    cluster.node_env.insert(node, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
+    cluster.start_node(node);
+    let started = Instant::now();
+    let exited = loop {
+        c.put(format!("{prefix}{i}"), value.to_vec()).await.expect("the cluster keeps serving");
+        *i += 1;
+        if let Some(exited) = cluster.wait_exit(node, Duration::from_millis(1)) {
+            break exited;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the node with {point} did not stop");
+    };
+    assert_eq!(exited, code, "with {point} the node must stop with exit code {code}");
+    let log = std::fs::read_to_string(cluster.layout.dir.join(format!("node-{node}.log"))).expect("log");
+    assert!(log.contains(mark), "with {point} the node's log must say {mark:?}");
+    started.elapsed()
+}
+
 /// I/O failure (DESIGN.md): a node whose disk fails (its fdatasyncs return
 /// an error, first of a Raft log file, then of a state file) stops with
 /// exit code 70 instead of going on; the other two go on serving, and the
@@ -290,27 +319,19 @@ async fn a_node_whose_disk_fails_stops_and_the_cluster_goes_on() {
     let value = vec![b'v'; 16 << 10];
     let mut i = 0;
     for point in ["wal-fsync-error:3", "lsm-fsync-error:3"] {
-        cluster.kill(follower);
-        cluster.node_env.insert(follower, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
-        cluster.start_node(follower);
-        // Keep writing until the follower syncs, fails and stops.
-        let started = Instant::now();
-        let code = loop {
-            c.put(format!("b{i}"), value.clone()).await.expect("the cluster keeps serving");
-            i += 1;
-            if let Some(code) = cluster.wait_exit(follower, Duration::from_millis(1)) {
-                break code;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "the node with {point} did not stop");
-        };
-        assert_eq!(code, cairn_kv_server::EXIT_FATAL, "with {point} the node must stop with the fatal exit code");
-        let log = std::fs::read_to_string(cluster.layout.dir.join(format!("node-{follower}.log"))).expect("log");
         let name = point.split(':').next().expect("name");
-        assert!(
-            log.contains(&format!("injected: {name} failpoint")),
-            "the node must stop on the failed fdatasync itself ({point})"
-        );
-        eprintln!("with {point} node {follower} stopped (exit {code}) after {i} puts in all, {:?}", started.elapsed());
+        // The node must stop on the failed fdatasync itself.
+        let mark = format!("injected: {name} failpoint");
+        let took = write_until_it_stops(
+            &mut cluster,
+            &c,
+            follower,
+            point,
+            (cairn_kv_server::EXIT_FATAL, &mark),
+            ("b", &value, &mut i),
+        )
+        .await;
+        eprintln!("with {point} node {follower} stopped after {i} puts in all, {took:?}");
         c.put(format!("while-down-{name}"), "1").await.expect("put with one node down");
         cluster.start_node(follower);
         c.health().await.expect("health");
@@ -330,21 +351,9 @@ async fn a_node_that_crashes_during_a_flush_recovers() {
     let value = vec![b'f'; 16 << 10];
     let mut i = 0;
     for point in ["flush-table-written", "flush-table-synced", "flush-installed"] {
-        cluster.kill(follower);
-        cluster.node_env.insert(follower, vec![("CAIRN_TEST_FAILPOINT".into(), point.into())]);
-        cluster.start_node(follower);
-        let started = Instant::now();
-        let code = loop {
-            c.put(format!("f{i}"), value.clone()).await.expect("the cluster keeps serving");
-            i += 1;
-            if let Some(code) = cluster.wait_exit(follower, Duration::from_millis(1)) {
-                break code;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "the node never reached {point}");
-        };
-        assert_eq!(code, cairn_kv_server::failpoint::CRASH_EXIT_CODE, "{point}: the crash exit code");
-        let log = std::fs::read_to_string(cluster.layout.dir.join(format!("node-{follower}.log"))).expect("log");
-        assert!(log.contains(&format!("crashing at failpoint {point}")), "the node must stop at {point}");
+        let mark = format!("crashing at failpoint {point}");
+        let code = cairn_kv_server::failpoint::CRASH_EXIT_CODE;
+        write_until_it_stops(&mut cluster, &c, follower, point, (code, &mark), ("f", &value, &mut i)).await;
         cluster.start_node(follower);
         cluster.converged(Duration::from_secs(30)).await;
         let one = cluster.client_of(follower);

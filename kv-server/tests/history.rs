@@ -6,18 +6,15 @@
 //! with its value, though the stored record leaves the value out), and every
 //! past state must read as it was.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cairn_kv_client::protocol::{EventKind, KeyValue, Session, WatchEvent, WriteOp};
-use cairn_kv_server::apply::{Applier, ApplyLimits, InstallSite, Waiters, WatchFeed};
-use cairn_kv_server::failpoint::Failpoints;
-use cairn_kv_server::server::recover;
+use cairn_kv_server::apply::{Applier, ApplyLimits, WatchFeed};
 use cairn_kv_server::snapshot::SharedDb;
 use cairn_kv_server::state::{Command, CommandOp, decode_value, user_key};
-use cairn_kv_server::storage::NodeIdentity;
-use cairn_lsm::{Background, DurabilityMode, Options};
 use cairn_raft_core::{Entry, EntryKind, LogIndex, Term};
 use cairn_wal::sim::SimDisk;
 use rand::{Rng, SeedableRng};
@@ -80,27 +77,14 @@ fn write_old_format(db: &cairn_lsm::Db, seed: u64, revisions: u64) -> Vec<WatchE
 /// the history format before this one (an upgraded node's state).
 fn harness_over(seed: u64, skip_change_records: bool, old_revisions: u64) -> Harness {
     let disk = SimDisk::new(seed);
-    let mut options = Options::default();
-    options.durability = DurabilityMode::Embedded;
-    options.background = Background::Inline;
-    // Small buffers: the history is read from tables as well as memtables.
-    options.write_buffer_bytes = 8 << 10;
-    options.block_cache_bytes = 1 << 20;
-    let site = InstallSite {
-        fs: disk.fs(),
-        data_dir: PathBuf::from("/node"),
-        options,
-        initial: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
-        failpoints: Arc::new(Failpoints::default()),
-    };
-    let rec = recover(&site, NodeIdentity { node_id: 1, cluster_id: 7 }, 1 << 20, 1 << 20, &[1]).expect("recover");
+    let (site, rec) = common::sim::recovered(&disk, |o| {
+        // Small buffers: the history is read from tables as well as memtables.
+        o.write_buffer_bytes = 8 << 10;
+        o.block_cache_bytes = 1 << 20;
+    });
     let old = write_old_format(&rec.db, seed, old_revisions);
-    let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
-    let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
-    let (applied, _) = tokio::sync::watch::channel(0);
     let limits = ApplyLimits::new(&cairn_kv_server::config::Limits::default(), u64::MAX / 4);
-    let book = Arc::new(std::sync::RwLock::new(rec.book));
-    let mut applier = Applier::new(db.clone(), site, book, applied, waiters, limits).expect("applier");
+    let (mut applier, db, _waiters) = common::sim::applier(site, rec.db, rec.book, limits);
     applier.skip_change_records_for_tests = skip_change_records;
     let (tx, feed) = tokio::sync::broadcast::channel(1 << 16);
     applier.watch_tx = Some(tx);

@@ -7,19 +7,15 @@
 //! registration. And the limits those decisions use (the time to live among
 //! them) are the leader's, replicated, not each node's configuration.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 
 use cairn_kv_client::ErrorCode;
 use cairn_kv_client::protocol::{Response, Session, WriteOp};
-use cairn_kv_server::apply::{Applier, ApplyLimits, InstallSite, Waiter, Waiters};
-use cairn_kv_server::failpoint::Failpoints;
-use cairn_kv_server::server::recover;
+use cairn_kv_server::apply::{Applier, ApplyLimits, Waiter, Waiters};
 use cairn_kv_server::snapshot::SharedDb;
 use cairn_kv_server::state::{Command, CommandOp, decode_value, session_key, user_key};
-use cairn_kv_server::storage::NodeIdentity;
-use cairn_lsm::{Background, DurabilityMode, Options};
 use cairn_raft_core::{Entry, EntryKind, LogIndex, Term};
 use cairn_wal::sim::SimDisk;
 
@@ -42,22 +38,8 @@ impl Replica {
     /// A replica applying with `limits` while its state holds none.
     fn with_limits(seed: u64, ignore_sessions: bool, limits: ApplyLimits) -> Replica {
         let disk = SimDisk::new(seed);
-        let mut options = Options::default();
-        options.durability = DurabilityMode::Embedded;
-        options.background = Background::Inline;
-        let site = InstallSite {
-            fs: disk.fs(),
-            data_dir: PathBuf::from("/node"),
-            options,
-            initial: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
-            failpoints: Arc::new(Failpoints::default()),
-        };
-        let rec = recover(&site, NodeIdentity { node_id: 1, cluster_id: 7 }, 1 << 20, 1 << 20, &[1]).expect("recover");
-        let db = Arc::new(SharedDb::new(Arc::new(rec.db)));
-        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
-        let (applied, _) = tokio::sync::watch::channel(0);
-        let book = Arc::new(std::sync::RwLock::new(rec.book));
-        let mut applier = Applier::new(db.clone(), site, book, applied, waiters.clone(), limits).expect("applier");
+        let (site, rec) = common::sim::recovered(&disk, |_| {});
+        let (mut applier, db, waiters) = common::sim::applier(site, rec.db, rec.book, limits);
         applier.ignore_sessions_for_tests = ignore_sessions;
         Replica { applier, db, waiters, index: 0 }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use cairn_kv_client::{Client, ClientOptions};
 
 pub mod relay;
+pub mod sim;
 use cairn_kv_server::dev::{DevLayout, node_args, prepare, terminate, wait_child};
 
 pub struct Cluster {
