@@ -112,9 +112,9 @@ enum BookChange {
 }
 
 /// Limits the state machine enforces at apply. Every replica must apply an
-/// entry with the same ones, so they are replicated: the leader proposes its
-/// configured limits (`CommandOp::SetLimits`) when the state holds others;
-/// before the first such entry every replica applies the built-in defaults
+/// entry with the same ones, so they are replicated: a new leader's first
+/// proposal is its configured limits (`CommandOp::SetLimits`); before the
+/// first such entry every replica applies the built-in defaults
 /// ([`ApplyLimits::defaults`]), never its own configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct ApplyLimits {
@@ -1153,12 +1153,6 @@ fn state_limits(db: &Db, initial: ApplyLimits) -> Result<ApplyLimits, crate::sto
             reason: format!("values {values:?}"),
         }),
     }
-}
-
-/// The limits the state holds now, or `None` before the first `SetLimits`
-/// (the lessor compares them with the configured ones).
-pub fn replicated_limits(db: &Db) -> Result<Option<ApplyLimits>, crate::storage::StorageError> {
-    Ok(crate::state::load_limits(db)?.and_then(|v| ApplyLimits::from_values(&v)))
 }
 
 /// Checks a transaction against the limits.

@@ -77,9 +77,6 @@ pub struct LessorConfig {
     pub history_revisions_max: u64,
     /// Age of history kept (zero: no bound by age).
     pub history_retention: Duration,
-    /// This node's configured apply limits: while leading, the lessor
-    /// proposes them when the state applies with others.
-    pub limits: crate::apply::ApplyLimits,
 }
 
 /// A `NotLeader` refusal naming the leader this node knows (its address is
@@ -161,8 +158,6 @@ pub struct Lessor {
     leases: HashMap<u64, Lease>,
     leading: bool,
     samples: RevisionSamples,
-    /// When this node last proposed its limits (retried after a second).
-    limits_proposed: Option<Instant>,
 }
 
 impl std::fmt::Debug for Lessor {
@@ -191,7 +186,6 @@ impl Lessor {
             leases: HashMap::new(),
             leading: false,
             samples: RevisionSamples::default(),
-            limits_proposed: None,
         }
     }
 
@@ -203,10 +197,7 @@ impl Lessor {
         compaction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = check.tick() => {
-                    self.expire().await;
-                    self.maybe_set_limits(Instant::now());
-                }
+                _ = check.tick() => self.expire().await,
                 _ = compaction.tick() => self.maybe_compact(Instant::now()),
                 changed = self.leader.changed() => {
                     if changed.is_err() {
@@ -319,27 +310,6 @@ impl Lessor {
         }
         if self.propose(CommandOp::Compact { revision: below }) {
             tracing::info!(below, "compacting the history");
-        }
-    }
-
-    /// Proposes this node's configured limits while leading, if the state
-    /// applies with others (at most once a second while they are not applied).
-    fn maybe_set_limits(&mut self, now: Instant) {
-        if !self.leading || self.limits_proposed.is_some_and(|t| now - t < Duration::from_secs(1)) {
-            return;
-        }
-        let wanted = self.cfg.limits;
-        match crate::apply::replicated_limits(&self.db.get()) {
-            Ok(Some(held)) if held.to_values() == wanted.to_values() => return,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the replicated limits");
-                return;
-            }
-        }
-        if self.propose(CommandOp::SetLimits { values: wanted.to_values() }) {
-            tracing::info!("proposing this node's limits to the cluster");
-            self.limits_proposed = Some(now);
         }
     }
 

@@ -137,6 +137,9 @@ pub struct NodeTask {
     pub quota_bytes: u64,
     /// `(this node leads, the leader known)`, for the lessor.
     pub leader_watch: watch::Sender<(bool, Option<u64>)>,
+    /// This node's configured apply limits: its first proposal as a new
+    /// leader, so that every entry of its term applies with them.
+    pub limits: crate::apply::ApplyLimits,
 }
 
 impl std::fmt::Debug for NodeTask {
@@ -325,6 +328,25 @@ impl Loop {
                 self.reads.insert(self.read_seq, replies);
             }
             Err(e) => fail(replies, format!("cannot get a read index: {e}")),
+        }
+    }
+
+    /// A new leader's first proposal: its configured limits, ahead of every
+    /// client request of its term (`CommandOp::SetLimits`; see
+    /// `docs/design/kv-server.md`, "Limits are replicated").
+    fn propose_limits(&mut self, term: u64) {
+        let op = crate::state::CommandOp::SetLimits { values: self.t.limits.to_values() };
+        match (crate::state::Command { time_ms: crate::server::now_ms(), op }).encode() {
+            Ok(data) => {
+                let (reply, mut answer) = oneshot::channel();
+                self.propose(vec![(data, reply)]);
+                // A refusal comes at once; the entries of this term then apply
+                // with the limits the state holds.
+                if let Ok(Response::Error(e)) = answer.try_recv() {
+                    tracing::warn!(term, error = %e.message, "could not propose this node's limits");
+                }
+            }
+            Err(e) => tracing::error!(term, error = %e, "cannot encode this node's limits"),
         }
     }
 
@@ -776,6 +798,9 @@ impl Loop {
             }
             self.last_term = term;
             self.last_leader = leader;
+            if leader == Some(me) {
+                self.propose_limits(term);
+            }
             // Only a leader sends snapshots.
             if self.t.raw.role() != Role::Leader {
                 for (_, h) in self.transfers.drain() {

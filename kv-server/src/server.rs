@@ -410,7 +410,6 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
             no_grace_for_tests: switches.lease_no_grace,
             history_revisions_max: limits.history_revisions_max,
             history_retention: Duration::from_millis(limits.history_retention_ms),
-            limits: apply_limits,
         },
         leader_rx,
         lease_events,
@@ -422,6 +421,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let task = NodeTask {
         dial_at_start: !switches.no_arrival_wake,
         leader_watch: leader_tx,
+        limits: apply_limits,
         raw,
         name: cfg.name.clone(),
         cluster_id,
