@@ -95,9 +95,16 @@ pub struct SnapshotSettings {
     pub release_check_ms: u64,
     /// Checkpoints remembered for reuse by another transfer while one still
     /// uses them (each is deleted when no transfer uses it). Default 2.
+    /// The checkpoints on disk at once are bounded by `transfers_max` plus
+    /// `saves_max`: each holds at most one.
     pub checkpoints_max: usize,
     /// Snapshot transfers a leader runs at once. Default 2.
     pub transfers_max: usize,
+    /// Client snapshot saves (`kv snapshot save`) a node streams at once;
+    /// one more is refused as busy. Each holds a checkpoint (and so the
+    /// disk space of the tables it links) until its client has read it all.
+    /// Default 2.
+    pub saves_max: usize,
     /// Raw bytes per chunk. Default 1 MiB.
     pub chunk_bytes: u32,
     /// Raw bytes sent and not yet acknowledged. Default 32 MiB.
@@ -129,6 +136,7 @@ impl Default for SnapshotSettings {
             release_check_ms: 1000,
             checkpoints_max: 2,
             transfers_max: 2,
+            saves_max: 2,
             chunk_bytes: 1 << 20,
             window_bytes: 32 << 20,
             rate_bytes_per_second: 0,
@@ -523,8 +531,10 @@ impl Config {
         if snapshot.compress_saving_percent_min > 100 {
             return Err(ConfigError("snapshot: compress_saving_percent_min is a percentage (0 to 100)".into()));
         }
-        if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 {
-            return Err(ConfigError("snapshot: checkpoints_max and transfers_max must be at least 1".into()));
+        if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 || snapshot.saves_max == 0 {
+            return Err(ConfigError(
+                "snapshot: checkpoints_max, transfers_max and saves_max must be at least 1".into(),
+            ));
         }
         // A stored value is the value behind a header; both must fit cairn-lsm.
         let value_max = cairn_lsm::VALUE_BYTES_MAX - crate::state::VALUE_HEADER_BYTES;
@@ -703,6 +713,11 @@ mod tests {
         assert_eq!(cfg.snapshot.transfer_config().compress_saving_percent_min, 10);
         let cfg = load("compress_saving_percent_min = 1").expect("1%");
         assert_eq!(cfg.snapshot.transfer_config().compress_saving_percent_min, 1);
+        for zero in ["checkpoints_max = 0", "transfers_max = 0", "saves_max = 0"] {
+            let err = load(zero).expect_err(zero);
+            assert!(err.0.contains("at least 1"), "{zero}: {}", err.0);
+        }
+        assert_eq!(load("saves_max = 3").expect("3").snapshot.saves_max, 3);
     }
 
     #[test]

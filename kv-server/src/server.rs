@@ -68,6 +68,9 @@ struct Ctx {
     watch_published: Arc<std::sync::atomic::AtomicU64>,
     /// Watch streams at once.
     watchers: tokio::sync::Semaphore,
+    /// Snapshot saves at once (`[snapshot] saves_max`).
+    saves: tokio::sync::Semaphore,
+    saves_max: usize,
     /// Test switch: watches skip the history (live events only).
     watch_skip_history_for_tests: bool,
 }
@@ -468,6 +471,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         watch_tx,
         watch_published,
         watchers: tokio::sync::Semaphore::new(watchers_max),
+        saves: tokio::sync::Semaphore::new(cfg.snapshot.saves_max),
+        saves_max: cfg.snapshot.saves_max,
         requests: crate::budget::RequestBudget::new(cfg.limits.requests_bytes_max),
         watch_skip_history_for_tests: switches.watch_skip_history,
     });
@@ -1079,6 +1084,16 @@ async fn save_snapshot(ctx: &Ctx, send: &mut quinn::SendStream) -> Result<(), Sa
     use cairn_kv_client::protocol::{SnapshotFile, SnapshotHeader};
     use tokio::io::AsyncReadExt;
     let unavailable = |m: String| SaveError::Before(Response::error(ErrorCode::Unavailable, m));
+    // Held until the last byte is queued: each save pins a checkpoint.
+    let _save = ctx.saves.try_acquire().map_err(|_| {
+        SaveError::Before(Response::error(
+            ErrorCode::Busy,
+            format!(
+                "{} snapshot saves are running on this node ([snapshot] saves_max); try again when one ends",
+                ctx.saves_max
+            ),
+        ))
+    })?;
     let applied = *ctx.applied.borrow();
     let checkpoints = ctx.checkpoints.clone();
     let ckpt = tokio::task::spawn_blocking(move || {

@@ -228,9 +228,12 @@ async fn a_follower_a_little_behind_catches_up_by_a_delta() {
 /// makes a new member's data directory of it (refusing one that holds data
 /// already); the member started with `--join` and added catches up from the
 /// leader's log after the snapshot, without a transfer, and hashes the same.
+/// Saves at once are bounded (`saves_max`, each pins a checkpoint): with a
+/// bound of one, a save while another's client is not reading is refused as
+/// busy, and the held one completes once its client reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saved_snapshot_restores_into_a_new_member() {
-    let mut cluster = Cluster::start(&[]);
+    let mut cluster = Cluster::start_with_config("[snapshot]\nsaves_max = 1\n");
     cluster.leader(Duration::from_secs(20)).await;
     let c = cluster.client();
     for w in 0..20 {
@@ -239,6 +242,53 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
             .collect();
         c.write(ops).await.expect("write");
     }
+    // 16 MiB that do not compress: more than QUIC's windows hold, so a save
+    // whose client stops reading stays running on the node.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for w in 0..32 {
+        let ops = (0..8)
+            .map(|i| {
+                let value = (0..(64 << 10) / 8)
+                    .flat_map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed.to_le_bytes()
+                    })
+                    .collect();
+                WriteOp::Put { key: format!("big-{w:02}-{i}").into_bytes(), value }
+            })
+            .collect();
+        c.write(ops).await.expect("write");
+    }
+
+    // `saves_max = 1`: while one save runs on a node, another is refused as busy.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let mut options = cluster.options();
+    options.endpoints = vec![cluster.endpoint(1)];
+    let held = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let client = cairn_kv_client::Client::new(options).expect("client");
+            let mut out = Stall { started: Some(started_tx), go: go_rx, bytes: 0 };
+            let header = client.snapshot_save(&mut out, &mut |_, _| {}).await?;
+            Ok::<_, cairn_kv_client::Error>((header.total_bytes(), out.bytes))
+        })
+    });
+    started_rx.recv_timeout(Duration::from_secs(30)).expect("the first save did not start");
+    let mut sink = std::io::sink();
+    match cluster.client_of(1).snapshot_save(&mut sink, &mut |_, _| {}).await {
+        Err(cairn_kv_client::Error::Refused(e)) => {
+            assert_eq!(e.code, cairn_kv_client::protocol::ErrorCode::Busy, "{e:?}");
+            assert!(e.message.contains("saves_max"), "{e:?}");
+        }
+        other => panic!("a second save while one runs (saves_max = 1): {other:?}"),
+    }
+    go_tx.send(()).expect("release the first save");
+    let (total, written) = held.join().expect("thread").expect("the held save");
+    assert!(total > 16 << 20 && written > total, "{total} {written}");
+
     let file = cluster.dir.path().join("saved.snapshot");
     let mut out = std::fs::File::create(&file).expect("create");
     let mut calls = 0u64;
@@ -292,6 +342,30 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("damaged"), "{err}");
+}
+
+/// A snapshot's destination that stops at its first write (the header)
+/// until told to go on, as a client that does not read.
+struct Stall {
+    started: Option<std::sync::mpsc::Sender<()>>,
+    go: std::sync::mpsc::Receiver<()>,
+    bytes: u64,
+}
+
+impl std::io::Write for Stall {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(started) = self.started.take() {
+            let _ = started.send(());
+            // Blocks this thread only: the client's connection runs on the
+            // runtime's worker, so the node sees a reader that is slow, not gone.
+            let _ = self.go.recv_timeout(Duration::from_secs(60));
+        }
+        self.bytes += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Stops `follower`, writes `writes` batches of 100 keys, and waits until
