@@ -596,7 +596,9 @@ pub struct StatusInfo {
     pub snapshots_installed: u64,
     /// Of those, deltas (L0 tables added to its own state, not a whole new state).
     pub deltas_installed: u64,
-    /// Snapshots this node sent since it started.
+    /// Snapshots (checkpoints or deltas) this node sent whole since it
+    /// started; a transfer that found the follower holding the state
+    /// already sent nothing and is not counted.
     pub snapshots_sent: u64,
     /// Nodes whose space alarm is raised (writes other than deletes are refused).
     pub alarms: Vec<u64>,

@@ -126,7 +126,7 @@ pub struct NodeTask {
     /// What snapshot senders need.
     pub send_ctx: SendContext,
     /// Outcomes of snapshot transfers: (peer, success).
-    pub snapshot_done: mpsc::Receiver<(NodeId, bool)>,
+    pub snapshot_done: mpsc::Receiver<(NodeId, Option<u64>)>,
     /// Checkpoints received and not yet installed.
     pub received: Arc<ReceiveState>,
     /// Index of the latest membership change applied (or in the state).
@@ -229,10 +229,11 @@ impl NodeTask {
                     l.t.raw.on_applied(LogIndex(a));
                 }
                 Some(p) = l.t.unreachable.recv() => l.t.raw.report_unreachable(p),
-                Some((peer, ok)) = l.t.snapshot_done.recv() => {
+                Some((peer, sent)) = l.t.snapshot_done.recv() => {
                     l.transfers.remove(&peer);
-                    if ok { l.snapshots_sent += 1; }
-                    l.t.raw.report_snapshot(peer, ok);
+                    // A follower that held the state already was sent nothing.
+                    if sent.is_some_and(|b| b > 0) { l.snapshots_sent += 1; }
+                    l.t.raw.report_snapshot(peer, sent.is_some());
                 }
                 _ = release_check.tick() => {
                     l.maybe_release();

@@ -123,6 +123,11 @@ pub struct TestSwitches {
     pub peer_backoff_ms: Option<u64>,
     /// `CAIRN_TEST_PEER_DIAL_MS=n`: an outbound peer link's dial timeout, ms.
     pub peer_dial_ms: Option<u64>,
+    /// `CAIRN_TEST_SNAPSHOT_HANDOFF_DELAY_MS=n`: a follower's staging worker
+    /// waits this long before it hands a checkpoint received whole to the
+    /// node, widening the window in which a leader that was told too early
+    /// (before 2026-12-06) closed the connection and the checkpoint was lost.
+    pub snapshot_handoff_delay_ms: Option<u64>,
 }
 
 impl TestSwitches {
@@ -142,6 +147,9 @@ impl TestSwitches {
             no_arrival_wake: on("CAIRN_TEST_NO_ARRIVAL_WAKE"),
             peer_backoff_ms: std::env::var("CAIRN_TEST_PEER_BACKOFF_MS").ok().and_then(|v| v.parse().ok()),
             peer_dial_ms: std::env::var("CAIRN_TEST_PEER_DIAL_MS").ok().and_then(|v| v.parse().ok()),
+            snapshot_handoff_delay_ms: std::env::var("CAIRN_TEST_SNAPSHOT_HANDOFF_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             failpoints: crate::failpoint::Failpoints::from_env(),
         }
     }
@@ -379,7 +387,9 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         done: snapshot_done_tx,
         arrivals: arrivals.clone(),
     };
-    let received = Arc::new(ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas));
+    let mut receive_state = ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas);
+    receive_state.handoff_delay_for_tests = switches.snapshot_handoff_delay_ms.map(Duration::from_millis);
+    let received = Arc::new(receive_state);
     let links = {
         let endpoint = endpoint.clone();
         let arrivals = arrivals.clone();

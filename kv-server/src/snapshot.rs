@@ -433,8 +433,9 @@ pub struct SendContext {
     pub transfer: TransferConfig,
     /// Send deltas when the follower's state allows.
     pub deltas: bool,
-    /// Where the outcome goes: (peer, success).
-    pub done: mpsc::Sender<(NodeId, bool)>,
+    /// Where the outcome goes: (peer, bytes of checkpoint sent, or `None`
+    /// if the transfer failed; 0 when the follower held the state already).
+    pub done: mpsc::Sender<(NodeId, Option<u64>)>,
     /// Peers connecting to this node: a follower that connects while a dial
     /// to it is in progress is dialed again at once.
     pub arrivals: Arc<crate::peer::PeerArrivals>,
@@ -451,19 +452,21 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
     let to = req.to;
     let started = Instant::now();
     let r = send_inner(&ctx, req).await;
-    let ok = match &r {
+    let sent = match r {
         Ok(bytes) => {
             tracing::info!(peer = to.0, bytes, ms = started.elapsed().as_millis() as u64, "snapshot sent");
-            metrics::counter!("cairn_snapshot_sent_total").increment(1);
-            true
+            if bytes > 0 {
+                metrics::counter!("cairn_snapshot_sent_total").increment(1);
+            }
+            Some(bytes)
         }
         Err(e) => {
             tracing::warn!(peer = to.0, error = %e, "snapshot transfer failed");
             metrics::counter!("cairn_snapshot_send_failures_total").increment(1);
-            false
+            None
         }
     };
-    let _ = ctx.done.send((to, ok)).await;
+    let _ = ctx.done.send((to, sent)).await;
 }
 
 /// One attempt to reach a follower for a snapshot (a handshake on loopback
@@ -699,6 +702,9 @@ pub struct ReceiveState {
     /// checkpoints until one is received.
     refuse_deltas: std::sync::atomic::AtomicBool,
     deltas: bool,
+    /// Test switch: the staging worker waits this long before it hands a
+    /// completed checkpoint over (see `TestSwitches::snapshot_handoff_delay_ms`).
+    pub handoff_delay_for_tests: Option<Duration>,
 }
 
 impl ReceiveState {
@@ -713,6 +719,7 @@ impl ReceiveState {
             transfer,
             refuse_deltas: std::sync::atomic::AtomicBool::new(!deltas),
             deltas,
+            handoff_delay_for_tests: None,
         }
     }
 
@@ -787,7 +794,8 @@ pub async fn receive_snapshot(
     // while this task goes on reading the stream; bounded queues each way.
     let (ftx, frx) = mpsc::channel::<Frame>(RECEIVE_QUEUE_FRAMES);
     let (otx, mut orx) = mpsc::channel::<Staged>(RECEIVE_QUEUE_FRAMES);
-    let mut worker = tokio::task::spawn_blocking(move || stage_frames(staging, Receiver::new(cfg), frx, otx));
+    let delay = state.handoff_delay_for_tests;
+    let mut worker = tokio::task::spawn_blocking(move || stage_frames(staging, Receiver::new(cfg), frx, otx, delay));
     let mut decoded: VecDeque<Frame> = VecDeque::new();
     let mut inbuf: Vec<u8> = Vec::new();
     let (mut recv_wait, mut bytes_in) = (Duration::ZERO, 0u64);
@@ -899,6 +907,7 @@ fn stage_frames(
     mut rx: Receiver,
     mut frames: mpsc::Receiver<Frame>,
     answers: mpsc::Sender<Staged>,
+    handoff_delay: Option<Duration>,
 ) -> Result<(), String> {
     let rt = tokio::runtime::Handle::current();
     let mut prof = StageProfile::default();
@@ -926,15 +935,24 @@ fn stage_frames(
         // Also the acknowledgements of a persist that ended meanwhile.
         let r = staging.drive(&mut rx, &mut |f| f.encode(&mut out)).map_err(|e| format!("staging: {e}"));
         prof.stage += t.elapsed();
+        // A completed checkpoint goes to the stream's task before the
+        // acknowledgement that tells the leader it arrived: once told, the
+        // leader closes the connection, and a task that saw the close first
+        // ended without the checkpoint (the leader then sent it all again).
+        if r.is_ok()
+            && let Some(c) = staging.take_completed()
+        {
+            if let Some(d) = handoff_delay {
+                std::thread::sleep(d);
+            }
+            if answers.blocking_send(Staged::Completed(c, std::mem::take(&mut prof))).is_err() {
+                return Ok(());
+            }
+        }
         if !out.is_empty() && answers.blocking_send(Staged::Send(out)).is_err() {
             return Ok(());
         }
         r?;
-        if let Some(c) = staging.take_completed()
-            && answers.blocking_send(Staged::Completed(c, std::mem::take(&mut prof))).is_err()
-        {
-            return Ok(());
-        }
     }
 }
 
