@@ -80,8 +80,10 @@ pub enum Error {
     #[error("cannot reach the cluster: {0}")]
     Unreachable(String),
     /// The outcome is unknown: a node may have applied the write (the
-    /// connection was lost or the answer timed out). Retrying with the same
-    /// session is safe; the session makes it apply once.
+    /// connection was lost or the answer timed out, and no later attempt
+    /// got an answer, or a later attempt was refused: a refusal speaks only
+    /// for its own attempt). Retrying with the same session is safe while
+    /// the session lives; the session makes it apply once.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
     /// The server answered something this client does not expect.
@@ -97,6 +99,50 @@ pub enum Error {
     /// The options are unusable (a bad CA file, no endpoints).
     #[error("client configuration: {0}")]
     Config(String),
+}
+
+/// Whether `req` changes the cluster's state (so that an attempt whose
+/// answer was lost may have done so).
+fn is_write(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Write { .. }
+            | Request::Txn { .. }
+            | Request::LeaseGrant { .. }
+            | Request::Compact { .. }
+            | Request::LeaseRevoke { .. }
+            | Request::Register
+            | Request::MemberAdd { .. }
+            | Request::MemberPromote { .. }
+            | Request::MemberRemove { .. }
+            | Request::Alarm { .. }
+    )
+}
+
+/// The session a request writes under, if any.
+fn session_of(req: &Request) -> Option<u64> {
+    match req {
+        Request::Write { session, .. } | Request::Txn { session, .. } => Some(session.client_id),
+        _ => None,
+    }
+}
+
+/// The error for a refusal. A refusal speaks for the attempt it answers
+/// only: when an earlier attempt of the same write may have applied (its
+/// answer was lost), a retry refused by a check made before the session's
+/// cache is consulted (the space alarm at the node), or because the session
+/// expired meanwhile (its cache went with it), says nothing of that earlier
+/// attempt, so the outcome is unknown, not "did not apply".
+fn refusal(e: ErrorInfo, earlier_may_have_applied: bool) -> Error {
+    if earlier_may_have_applied {
+        Error::Indeterminate(format!(
+            "an earlier attempt may have applied; the retry was refused: {}: {}",
+            code_name(e.code),
+            e.message
+        ))
+    } else {
+        Error::Refused(e)
+    }
 }
 
 fn code_name(c: ErrorCode) -> &'static str {
@@ -529,10 +575,17 @@ impl Client {
     /// cluster refused it because the session expired (so it did not
     /// apply), the session is forgotten and the next write registers anew.
     fn finished(&self, client_id: u64, seq: u64, error: Option<&Error>) {
+        lock(&self.inner.session).inflight.remove(&seq);
+        if matches!(error, Some(Error::Refused(info)) if info.code == ErrorCode::SessionExpired) {
+            self.forget_session(client_id);
+        }
+    }
+
+    /// The cluster no longer knows session `client_id`: the next write
+    /// registers a new one.
+    fn forget_session(&self, client_id: u64) {
         let mut s = lock(&self.inner.session);
-        s.inflight.remove(&seq);
-        let expired = matches!(error, Some(Error::Refused(info)) if info.code == ErrorCode::SessionExpired);
-        if expired && s.client_id == Some(client_id) {
+        if s.client_id == Some(client_id) {
             *s = SessionState::default();
         }
     }
@@ -990,7 +1043,14 @@ impl Client {
         let mut last_reason;
         loop {
             match self.attempt(req, deadline).await {
-                Attempt::Done(Response::Error(e)) => return Err(Error::Refused(e)),
+                Attempt::Done(Response::Error(e)) => {
+                    if e.code == ErrorCode::SessionExpired
+                        && let Some(id) = session_of(req)
+                    {
+                        self.forget_session(id);
+                    }
+                    return Err(refusal(e, may_have_applied && is_write(req)));
+                }
                 Attempt::Done(resp) => return Ok(resp),
                 Attempt::Retry { reason, may_have_applied: m, redirect } => {
                     may_have_applied |= m;
@@ -1011,20 +1071,7 @@ impl Client {
                 break;
             }
         }
-        let is_write = matches!(
-            req,
-            Request::Write { .. }
-                | Request::Txn { .. }
-                | Request::LeaseGrant { .. }
-                | Request::Compact { .. }
-                | Request::LeaseRevoke { .. }
-                | Request::Register
-                | Request::MemberAdd { .. }
-                | Request::MemberPromote { .. }
-                | Request::MemberRemove { .. }
-                | Request::Alarm { .. }
-        );
-        if may_have_applied && is_write {
+        if may_have_applied && is_write(req) {
             Err(Error::Indeterminate(last_reason))
         } else {
             Err(Error::Unreachable(last_reason))
@@ -1188,4 +1235,36 @@ fn unexpected(r: &Response) -> Error {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(code: ErrorCode) -> ErrorInfo {
+        ErrorInfo { code, message: "m".into(), leader: None }
+    }
+
+    /// A refusal is "did not apply" only when no earlier attempt of the
+    /// write may have applied; after one, the outcome is unknown (a retry
+    /// of a write that applied, refused because its session expired since,
+    /// must not be reported as not applied).
+    #[test]
+    fn a_refusal_after_a_lost_answer_leaves_the_outcome_unknown() {
+        for code in [ErrorCode::SessionExpired, ErrorCode::NoSpace, ErrorCode::TooLarge] {
+            assert!(matches!(refusal(info(code), false), Error::Refused(i) if i.code == code));
+            match refusal(info(code), true) {
+                Error::Indeterminate(m) => {
+                    assert!(m.contains("may have applied") && m.contains(code_name(code)), "{m}")
+                }
+                other => panic!("{code:?} after a lost answer: {other:?}"),
+            }
+        }
+        let s = Session { client_id: 7, seq: 3, first_unacked: 3 };
+        let w = Request::Write { session: s, ops: Vec::new() };
+        assert!(is_write(&w) && is_write(&Request::Register));
+        assert_eq!(session_of(&w), Some(7));
+        assert_eq!(session_of(&Request::Register), None);
+        assert!(!is_write(&Request::SnapshotSave));
+    }
 }
