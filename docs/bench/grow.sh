@@ -2,7 +2,9 @@
 # Grows a fresh 3-node dev cluster step by step and prints, after each step,
 # the put figures, each node's folder size and each node process's peak RSS.
 # Usage (from the repository root): docs/bench/grow.sh path/to/kv-server STEPS [PUTS_PER_STEP]
-# (KV may name the kv binary; CAIRN_QUOTA_BYTES raises the nodes' quota.)
+# (KV may name the kv binary; CAIRN_QUOTA_BYTES raises the nodes' quota; with
+# METRICS_BASE_PORT set, the nodes serve metrics there and each step also prints
+# every node's LSM figures: write amplification, slowdowns, stall seconds, levels.)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SERVER=$1
@@ -11,7 +13,7 @@ PUTS=${3:-1000000}
 KV_BIN=${KV:-$ROOT/target/release/kv}
 D=$(mktemp -d /tmp/grow.XXXX)
 cd "$D"
-"$SERVER" dev --base-port 27601 > dev.log 2>&1 &
+"$SERVER" dev --base-port 27601 ${METRICS_BASE_PORT:+--metrics-base-port "$METRICS_BASE_PORT"} > dev.log 2>&1 &
 DEV=$!
 sleep 4
 K="$KV_BIN --dev-dir $D/cairn-data"
@@ -22,6 +24,15 @@ for step in $(seq 1 "$STEPS"); do
   $K endpoint status -w json 2>/dev/null | tr ',' '\n' | grep -E '"(applied|state_bytes)"' | tr '\n' ' '
   echo
   for n in "$D"/cairn-data/*/; do printf '%s %s bytes\n' "$(basename "$n")" "$(du -sb "$n" | cut -f1)"; done
+  if [[ -n "${METRICS_BASE_PORT:-}" ]]; then
+    for i in 0 1 2; do
+      printf 'node-%s lsm: ' $((i + 1))
+      curl -s "127.0.0.1:$((METRICS_BASE_PORT + i))/metrics" |
+        grep -E '^cairn_lsm_(write_amplification|slowdowns|stall_seconds|compaction_write_bytes|flush_bytes|level_bytes)' |
+        sed -E 's/^cairn_lsm_//; s/\{level="([^"]*)"\}/_\1/' | awk '{printf "%s=%s ", $1, $2}'
+      echo
+    done
+  fi
   for p in $(pgrep -P "$DEV"); do
     printf 'pid %s %s %s\n' "$p" "$(grep VmHWM /proc/"$p"/status | tr -s ' ')" "$(grep VmRSS /proc/"$p"/status | tr -s ' ')"
   done
