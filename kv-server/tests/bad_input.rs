@@ -328,6 +328,11 @@ async fn a_connection_holds_at_most_its_stream_limit() {
     let answer = frame::read::<Response>(&mut recv, 1 << 20).await;
     assert!(matches!(answer, Ok(Response::Status(_))), "the completed request: {answer:?}");
     drop(recv);
-    let served = tokio::time::timeout(Duration::from_secs(5), exchange_raw(&conn, &status)).await;
+    // The place comes back once QUIC counts the stream closed on both sides
+    // (its end acknowledged each way) and the node sends new credit: a few
+    // round trips; once, under CI's load of three clusters at once, it had
+    // not come back after 5 s (not explained). The bound here is only
+    // against a place that never comes back.
+    let served = tokio::time::timeout(Duration::from_secs(30), exchange_raw(&conn, &status)).await;
     assert!(matches!(served, Ok(Ok(Response::Status(_)))), "the fifth stream after one ended: {served:?}");
 }
