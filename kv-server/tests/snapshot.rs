@@ -268,6 +268,9 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
         c.write(ops).await.expect("write");
     }
 
+    // Node 1 (where both saves go) holds every write first: a follower behind
+    // would checkpoint less than the windows hold.
+    cluster.converged(Duration::from_secs(30)).await;
     // `saves_max = 1`: while one save runs on a node, another is refused as busy.
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
