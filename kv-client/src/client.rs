@@ -567,18 +567,15 @@ impl Client {
     pub async fn write_full(&self, ops: Vec<WriteOp>) -> Result<Written> {
         let (client_id, seq) = self.next_seq().await?;
         let result = self.write_full_with(client_id, seq, ops).await;
-        self.finished(client_id, seq, result.as_ref().err());
+        self.finished(seq);
         result
     }
 
-    /// A write of the session ended: it is no longer in flight; if the
-    /// cluster refused it because the session expired (so it did not
-    /// apply), the session is forgotten and the next write registers anew.
-    fn finished(&self, client_id: u64, seq: u64, error: Option<&Error>) {
+    /// A write of the session ended: it is no longer in flight. (A session
+    /// the cluster reports expired is forgotten where the answer arrives,
+    /// in [`Client::call`].)
+    fn finished(&self, seq: u64) {
         lock(&self.inner.session).inflight.remove(&seq);
-        if matches!(error, Some(Error::Refused(info)) if info.code == ErrorCode::SessionExpired) {
-            self.forget_session(client_id);
-        }
     }
 
     /// The cluster no longer knows session `client_id`: the next write
@@ -616,7 +613,7 @@ impl Client {
     pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
         let (client_id, seq) = self.next_seq().await?;
         let r = self.txn_with(client_id, seq, txn).await;
-        self.finished(client_id, seq, r.as_ref().err());
+        self.finished(seq);
         r
     }
 
