@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// returns freed memory in small pieces; every page touched again then
 /// faults in a whole 2 MiB page that the kernel zeroes first. A follower
 /// receiving a 230 MB snapshot spent 0.7-1.1 s of system time doing so
-/// against 0.11-0.14 s without (`docs/benchmarks.md`, "Huge pages").
+/// against 0.11-0.14 s without (`docs/benchmarks.md`, "Huge pages off").
 /// A kernel that refuses leaves them as they were.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]

@@ -310,7 +310,8 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let book: crate::state::SharedBook = Arc::new(std::sync::RwLock::new(book));
     let shared = Arc::new(SharedDb::new(Arc::new(db)));
     // Every replica starts from the built-in limits; the leader's configured
-    // ones reach every replica through the log (the lessor proposes them).
+    // ones reach every replica through the log (a new leader proposes them
+    // first: `Loop::propose_limits` in node.rs).
     let mut applier =
         Applier::new(shared.clone(), site, book.clone(), applied_tx, waiters.clone(), ApplyLimits::defaults())?;
     applier.ignore_sessions_for_tests = switches.ignore_sessions;
