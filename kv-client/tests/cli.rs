@@ -21,15 +21,37 @@ fn kv_server() -> PathBuf {
     server
 }
 
-/// Three consecutive free UDP ports on 127.0.0.1.
-fn free_base_port() -> u16 {
+/// Where test ports are drawn from: outside the kernel's ephemeral range, so
+/// that no socket bound to port 0 meanwhile (a client's, a node's outgoing
+/// endpoint) can take a port between its choice here and the node's bind.
+fn port_range() -> (u16, u16) {
+    let ephemeral: Option<(u16, u16)> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
+            let mut w = s.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((w.next()??, w.next()??))
+        });
+    match ephemeral {
+        Some((low, _)) if low >= 12_000 => (10_000, low - 10_000),
+        Some((_, high)) if high <= 60_000 => (high + 1, 65_535 - high),
+        _ => (20_000, 40_000),
+    }
+}
+
+/// The first of three consecutive ports on 127.0.0.1 that `free` finds free.
+fn free_base(free: impl Fn(u16) -> bool) -> u16 {
+    let (from, span) = port_range();
     for _ in 0..200 {
-        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
-        if (0..3).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
+        let base: u16 = from + (rand::random::<u16>() % (span - 3));
+        if (0..3).all(|i| free(base + i)) {
             return base;
         }
     }
-    panic!("no free UDP ports");
+    panic!("no three free ports");
+}
+
+/// Three consecutive free UDP ports on 127.0.0.1.
+fn free_base_port() -> u16 {
+    free_base(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// A dev cluster in a temporary folder; stopped (SIGTERM) on drop.
@@ -361,13 +383,7 @@ fn a_finished_kv_frees_its_connection_at_once() {
 
 /// Three consecutive free TCP ports on 127.0.0.1.
 fn free_tcp_base_port() -> u16 {
-    for _ in 0..200 {
-        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
-        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free TCP ports");
+    free_base(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// The body of `GET /metrics` on 127.0.0.1:`port`, or "" if it cannot be read.

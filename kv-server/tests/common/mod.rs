@@ -29,10 +29,27 @@ pub struct Cluster {
     exits: Vec<(u64, String)>,
 }
 
+/// Where test ports are drawn from: below the kernel's ephemeral range, so
+/// that no socket bound to port 0 meanwhile (a client's, a node's outgoing
+/// endpoint) can take a port between its choice and the node's bind.
+fn port_range() -> (u16, u16) {
+    let ephemeral: Option<(u16, u16)> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
+            let mut w = s.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((w.next()??, w.next()??))
+        });
+    match ephemeral {
+        Some((low, _)) if low >= 12_000 => (10_000, low - 10_000),
+        Some((_, high)) if high <= 60_000 => (high + 1, 65_535 - high),
+        _ => (20_000, 40_000),
+    }
+}
+
 /// One free UDP port on 127.0.0.1.
 fn free_port() -> u16 {
+    let (from, span) = port_range();
     for _ in 0..200 {
-        let p: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        let p: u16 = from + (rand::random::<u16>() % span);
         if UdpSocket::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
@@ -42,8 +59,9 @@ fn free_port() -> u16 {
 
 /// `n` consecutive free UDP ports on 127.0.0.1.
 fn free_base_port(n: u16) -> u16 {
+    let (from, span) = port_range();
     for _ in 0..200 {
-        let base: u16 = 20_000 + (rand::random::<u16>() % 40_000);
+        let base: u16 = from + (rand::random::<u16>() % (span - n));
         let ok = (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
         if ok {
             return base;
