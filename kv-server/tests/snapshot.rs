@@ -298,11 +298,22 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     let (total, written) = held.join().expect("thread").expect("the held save");
     assert!(total > 16 << 20 && written > total, "{total} {written}");
 
+    // The held save's place frees once its node has removed its checkpoint,
+    // which may be a moment after its client read the last byte.
     let file = cluster.dir.path().join("saved.snapshot");
-    let mut out = std::fs::File::create(&file).expect("create");
     let mut calls = 0u64;
-    let header = c.snapshot_save(&mut out, &mut |_, _| calls += 1).await.expect("snapshot save");
-    drop(out);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let header = loop {
+        let mut out = std::fs::File::create(&file).expect("create");
+        match c.snapshot_save(&mut out, &mut |_, _| calls += 1).await {
+            Err(cairn_kv_client::Error::Refused(e))
+                if e.code == cairn_kv_client::protocol::ErrorCode::Busy && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.expect("snapshot save"),
+        }
+    };
     assert!(header.index > 0 && !header.files.is_empty() && calls > 0, "{header:?}");
     assert!(std::fs::metadata(&file).expect("stat").len() > header.total_bytes());
     c.put("after-save", "1").await.expect("put");
@@ -549,16 +560,23 @@ async fn snapshot_under_load(env: &[(&str, &str)]) -> (bool, Option<i32>) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut exited = None;
     loop {
-        if let Ok(s) = c.status_of(&cluster.endpoint(follower), false).await
-            && s.snapshots_installed >= 1
-        {
+        let status = c.status_of(&cluster.endpoint(follower), false).await;
+        if status.as_ref().is_ok_and(|s| s.snapshots_installed >= 1) {
             break;
         }
         if let Some(code) = cluster.wait_exit(follower, Duration::from_millis(100)) {
             exited = Some(code);
             break;
         }
-        assert!(Instant::now() < deadline, "the follower neither installed a snapshot nor stopped");
+        if Instant::now() >= deadline {
+            // Say what the follower was doing, and whether the replicas agree.
+            stop.store(true, Ordering::Relaxed);
+            let converged = cluster.try_converged(Duration::from_secs(10)).await;
+            panic!(
+                "the follower neither installed a snapshot nor stopped; its last status: {status:?}; \
+                 replicas (applied, hash): {converged:?}"
+            );
+        }
     }
     // Keep writing a little after the install, then stop and compare.
     tokio::time::sleep(Duration::from_millis(500)).await;
