@@ -131,7 +131,8 @@ impl PeerArrivals {
 /// Runs one outbound link until `rx` closes: dials `peer` at the address
 /// `addr`, writes every queued message, reconnects with backoff.
 /// Messages that arrive while the link is down are dropped and reported
-/// (Raft retransmits); `unreachable` hears of each failure. While the link
+/// (Raft retransmits); `unreachable` hears of each failure, and of each dial
+/// cut short by the peer's arrival that left messages behind. While the link
 /// is down, `arrived` (the peer connected to this node) ends the backoff,
 /// and ends a dial in progress once per failure (a dial begun while the
 /// peer was down waits out QUIC's handshake timers).
@@ -155,6 +156,12 @@ pub async fn run_link(
             _ = arrived.notified(), if !restarted => {
                 tracing::debug!(peer = peer.0, "peer connected to us: dialing it again now");
                 restarted = true;
+                // What queued during the dial that was cut short went nowhere
+                // and is stale: dropped, like after a failed dial (Raft probes
+                // again rather than replaying old appends to the returning peer).
+                if drop_queued(&mut rx) > 0 {
+                    let _ = unreachable.try_send(peer);
+                }
                 continue 'outer;
             }
         };
@@ -206,6 +213,15 @@ pub async fn run_link(
         let _ = send.finish();
         return;
     }
+}
+
+/// Drops every message waiting in `rx`; returns how many.
+fn drop_queued(rx: &mut mpsc::Receiver<Message>) -> usize {
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
 }
 
 fn push_frame(buf: &mut Vec<u8>, cluster_id: u64, peer: NodeId, msg: Message) {

@@ -433,7 +433,9 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for id in 1..=self.procs.len() {
                 if let Ok(log) = std::fs::read_to_string(self.layout.dir.join(format!("node-{id}.log"))) {
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    // CAIRN_TEST_LOG_LINES shows more of each log (the default 30).
+                    let lines = std::env::var("CAIRN_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+                    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
                     eprintln!("--- node {id} log (last lines) ---");
                     for l in tail.into_iter().rev() {
                         eprintln!("{l}");
