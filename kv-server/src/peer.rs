@@ -207,12 +207,21 @@ pub async fn run_link(
                 tracing::debug!(peer = peer.0, error = %e, "link to peer lost");
                 let _ = unreachable.try_send(peer);
                 conn.close(0u32.into(), b"write failed");
+                forget_arrivals(&arrived).await;
                 continue 'outer;
             }
         }
         let _ = send.finish();
         return;
     }
+}
+
+/// Forgets an arrival noted while the link was up (a `Notify` keeps one
+/// permit when no one waits): it says nothing about the peer now, and would
+/// cut the next dial at once and use up the one cut per dial that the
+/// peer's real return needs.
+async fn forget_arrivals(arrived: &tokio::sync::Notify) {
+    let _ = tokio::time::timeout(Duration::ZERO, arrived.notified()).await;
 }
 
 /// Drops every message waiting in `rx`; returns how many.
