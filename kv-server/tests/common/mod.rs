@@ -45,18 +45,6 @@ fn port_range() -> (u16, u16) {
     }
 }
 
-/// One free UDP port on 127.0.0.1.
-fn free_port() -> u16 {
-    let (from, span) = port_range();
-    for _ in 0..200 {
-        let p: u16 = from + (rand::random::<u16>() % span);
-        if UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free UDP port");
-}
-
 /// `n` consecutive free UDP ports on 127.0.0.1.
 fn free_base_port(n: u16) -> u16 {
     let (from, span) = port_range();
@@ -250,7 +238,7 @@ impl Cluster {
             &["localhost".into()],
         )
         .expect("certificates");
-        let ep = format!("127.0.0.1:{}", free_port());
+        let ep = format!("127.0.0.1:{}", free_base_port(1));
         self.joiners.insert(id, ep.clone());
         ep
     }
@@ -431,10 +419,10 @@ impl Drop for Cluster {
             let _ = p.wait();
         }
         if std::thread::panicking() {
+            // CAIRN_TEST_LOG_LINES shows more of each log (the default 30).
+            let lines = std::env::var("CAIRN_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
             for id in 1..=self.procs.len() {
                 if let Ok(log) = std::fs::read_to_string(self.layout.dir.join(format!("node-{id}.log"))) {
-                    // CAIRN_TEST_LOG_LINES shows more of each log (the default 30).
-                    let lines = std::env::var("CAIRN_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
                     let tail: Vec<&str> = log.lines().rev().take(lines).collect();
                     eprintln!("--- node {id} log (last lines) ---");
                     for l in tail.into_iter().rev() {
