@@ -14,12 +14,16 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Turns transparent huge pages off for this process and its children (the
-/// dev cluster's nodes). mimalloc asks the kernel for huge pages and later
-/// returns freed memory in small pieces; every page touched again then
+/// dev cluster's nodes). With huge pages, mimalloc's memory comes in 2 MiB
+/// pages and is returned in small pieces; every page touched again then
 /// faults in a whole 2 MiB page that the kernel zeroes first. A follower
 /// receiving a 230 MB snapshot spent 0.7-1.1 s of system time doing so
 /// against 0.11-0.14 s without (`docs/benchmarks.md`, "Huge pages off").
-/// A kernel that refuses leaves them as they were.
+/// A kernel that refuses leaves them as they were. This runs in `main`,
+/// after the runtime's first allocations, so mimalloc is also built with
+/// `no_thp`: it no longer advises its arenas `MADV_HUGEPAGE`. Its first
+/// arena, so advised, made 3 of 5 restarts wait 90-130 ms before `main` ran
+/// while the kernel found and zeroed a 2 MiB page (`docs/benchmarks.md`).
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_thp_disable(true);

@@ -175,6 +175,10 @@ pub struct Recovered {
     pub applied: u64,
     /// Addresses and removed ids, from the state over the initial cluster.
     pub book: crate::state::Book,
+    /// How long opening the state took (with its folder's checks).
+    pub state_open_time: Duration,
+    /// How long opening the log took after that.
+    pub log_open_time: Duration,
 }
 
 /// Recovery (docs/design/kv-server.md, "Recovery"): opens the live state
@@ -192,13 +196,16 @@ pub fn recover(
 ) -> Result<Recovered, ServerError> {
     let fs = &site.fs;
     let data_dir = &site.data_dir;
+    let started = std::time::Instant::now();
     crate::snapshot::create_dir_durably(&**fs, data_dir).map_err(ServerError::Other)?;
     let live = crate::snapshot::live_state_dir(&**fs, data_dir).map_err(ServerError::Other)?;
     crate::snapshot::remove_unused(&**fs, data_dir, &live).map_err(ServerError::Other)?;
     let db = Db::open_with_fs(fs.clone(), &live, site.options.clone())?;
+    let state_open_time = started.elapsed();
     let durable = db.durable_marker();
     let applied = durable.map_or(0, |m| m.index);
     let mut store = WalStore::open(fs.clone(), &data_dir.join("raft"), identity, wal_segment_bytes, entry_cache_bytes)?;
+    let log_open_time = started.elapsed().saturating_sub(state_open_time);
     let (conf, conf_index) = match db.get(CONF_KEY)? {
         Some(b) => (
             frame::decode::<ConfState>(&b)
@@ -239,7 +246,7 @@ pub fn recover(
             identity.node_id
         )));
     }
-    Ok(Recovered { db, store, conf, conf_index, applied, book })
+    Ok(Recovered { db, store, conf, conf_index, applied, book, state_open_time, log_open_time })
 }
 
 /// Runs a node until SIGTERM or SIGINT.
@@ -265,18 +272,21 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         initial,
         failpoints: switches.failpoints.clone(),
     };
-    let Recovered { db, store, conf, conf_index, applied: applied_index, book } = recover(
-        &site,
-        identity,
-        cfg.wal_segment_bytes,
-        cfg.entry_cache_bytes,
-        &cfg.initial_cluster.keys().copied().collect::<Vec<_>>(),
-    )?;
+    let Recovered { db, store, conf, conf_index, applied: applied_index, book, state_open_time, log_open_time } =
+        recover(
+            &site,
+            identity,
+            cfg.wal_segment_bytes,
+            cfg.entry_cache_bytes,
+            &cfg.initial_cluster.keys().copied().collect::<Vec<_>>(),
+        )?;
     tracing::info!(
         node = cfg.id,
         cluster = format_args!("{cluster_id:016x}"),
         applied = applied_index,
         last = store.last_index().0,
+        state_ms = state_open_time.as_millis() as u64,
+        log_ms = log_open_time.as_millis() as u64,
         "recovered"
     );
     let wal = store.wal();
