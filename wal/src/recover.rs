@@ -87,6 +87,10 @@ pub struct RecoveryReport {
     pub stopped_at: Option<StopPoint>,
     /// Temporary files of an unfinished segment preparation that were removed.
     pub stray_files_removed: Vec<PathBuf>,
+    /// Segments the last run prepared and never used, kept as spares (renamed
+    /// `{seq}.wal.spare`) so that the next preparation recycles them instead of
+    /// writing a new file.
+    pub prepared_kept: Vec<PathBuf>,
 }
 
 /// The result of scanning a log directory.
@@ -218,10 +222,27 @@ pub(crate) fn scan(fs: &dyn Fs, dir: &Path, mode: RecoveryMode, access: Access) 
         return Err(Error::NotFound { dir: dir.to_path_buf() });
     }
     let mut report = RecoveryReport::default();
+    let mut spares = spares;
     if access == Access::Write {
         for t in tmps {
-            fs.remove_file(&t).map_err(io("remove stray prepared segment", &t))?;
-            report.stray_files_removed.push(t);
+            // A prepared segment, finished or not, is as good as a spare: nothing
+            // in it validates as a record of the segment it will become (zeros
+            // end a scan, and every record's crc is seeded by its segment's seq
+            // and salt), and a short file grows as it is written. It goes last,
+            // so it is recycled first and kept when spares are trimmed.
+            let spare = t.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".wal.tmp"));
+            let spare = spare.map(|seq| dir.join(format!("{seq}.wal.spare")));
+            match spare {
+                Some(to) if !fs.exists(&to).map_err(io("stat", &to))? => {
+                    fs.rename(&t, &to).map_err(io("keep prepared segment as a spare", &t))?;
+                    report.prepared_kept.push(to.clone());
+                    spares.push(to);
+                }
+                _ => {
+                    fs.remove_file(&t).map_err(io("remove stray prepared segment", &t))?;
+                    report.stray_files_removed.push(t);
+                }
+            }
         }
     }
     let mut s = Scanner {

@@ -746,7 +746,8 @@ impl Wal {
         let mut spares = s.spares;
         if read_only.is_none() {
             while spares.len() > opts.spare_segments_max {
-                let extra = spares.pop().expect("non-empty");
+                // The oldest go first: a kept prepared segment is the last.
+                let extra = spares.remove(0);
                 fs.remove_file(&extra).map_err(io("remove extra spare segment", &extra))?;
             }
         }
