@@ -156,7 +156,7 @@ impl Receiver {
         match frame {
             Frame::Offer { manifest, window_bytes } => self.offer(manifest, u64::from(window_bytes)),
             Frame::Chunk { transfer_id, file, offset, raw_len, encoding, raw_checksum, data } => {
-                self.chunk(transfer_id, file, offset, raw_len, encoding, raw_checksum, &data)
+                self.chunk(transfer_id, file, offset, raw_len, encoding, raw_checksum, data)
             }
             // The staging area stays: a later checkpoint may reuse its files.
             Frame::Abort { transfer_id }
@@ -219,7 +219,7 @@ impl Receiver {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn chunk(&mut self, id: u64, file: u32, offset: u64, raw_len: u32, enc: Encoding, checksum: u64, data: &[u8]) {
+    fn chunk(&mut self, id: u64, file: u32, offset: u64, raw_len: u32, enc: Encoding, checksum: u64, data: Vec<u8>) {
         let chunk_max = self.cfg.chunk_bytes_max;
         let Some(a) = self.active.as_mut().filter(|a| a.manifest.transfer_id == id && a.prepared) else {
             self.reject(id, RejectReason::UnknownTransfer, "no such transfer here (offer it again)");
@@ -246,9 +246,10 @@ impl Receiver {
             self.send(Frame::Ack { transfer_id: id, file, durable });
             return;
         }
+        // A raw chunk's bytes are the frame's own: moved, not copied.
         let raw = match enc {
-            Encoding::Raw => Some(data.to_vec()),
-            Encoding::Zstd => zstd::bulk::decompress(data, raw_len as usize).ok(),
+            Encoding::Raw => Some(data),
+            Encoding::Zstd => zstd::bulk::decompress(&data, raw_len as usize).ok(),
         };
         let Some(raw) = raw.filter(|r| r.len() == raw_len as usize && xxhash_rust::xxh3::xxh3_64(r) == checksum) else {
             let offset = offset.max(f.durable);
