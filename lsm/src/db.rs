@@ -1235,6 +1235,14 @@ impl Inner {
 
     /// Flushes the oldest sealed memtable. Returns false if there is none.
     fn flush_one(&self) -> Result<bool> {
+        self.flush_one_retiring(&mut None)
+    }
+
+    /// Flushes the oldest sealed memtable; returns whether there was one. The
+    /// flushed memtable is handed back through `retired`, so that the flush
+    /// thread frees it (every node of its skiplist) after it has told the
+    /// writers waiting for the flush, not before.
+    fn flush_one_retiring(&self, retired: &mut Option<Arc<Memtable>>) -> Result<bool> {
         let sv = self.sv.load_full();
         let Some(mem) = sv.sealed.last().cloned() else { return Ok(false) };
         drop(sv);
@@ -1245,10 +1253,7 @@ impl Inner {
             let (id, path) = self.new_table_id();
             let mut w = TableWriter::create(&*self.fs, &path, self.settings(0)).map_err(|e| self.poison(e))?;
             let res = (|| {
-                let mut it = MemIter::new(Arc::clone(&mem), true, None);
-                while let Some(e) = it.next_entry() {
-                    w.add(&e.user, e.trailer, &e.value)?;
-                }
+                mem.for_each_entry(|user, trailer, value| w.add(user, trailer, value))?;
                 for t in sorted_range_deletes(&mem) {
                     w.add_range_delete(t);
                 }
@@ -1309,6 +1314,7 @@ impl Inner {
         if let (Some(wal), Some(s)) = (&self.wal, flushed) {
             wal.release_to(s + 1).map_err(|e| self.poison(wal_err("release WAL")(e)))?;
         }
+        *retired = Some(mem);
         Ok(true)
     }
 
@@ -1499,9 +1505,11 @@ impl Inner {
                     bg = self.bg_cond.wait_timeout(bg, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
                 }
             }
-            let r = self.flush_one();
+            let mut retired = None;
+            let r = self.flush_one_retiring(&mut retired);
             lock(&self.bg).flushing = false;
             self.bg_cond.notify_all();
+            drop(retired);
             if let Err(e) = r {
                 tracing::error!(error = %e, "flush failed");
             }

@@ -253,6 +253,17 @@ impl Memtable {
     pub(crate) fn entry_count(&self) -> usize {
         self.map.len()
     }
+
+    /// Calls `f` with every entry in order (user key, trailer, value),
+    /// borrowed: for a flush, which reads a sealed memtable once. Unlike
+    /// [`MemIter`] it copies no handle of a key or value into a buffer.
+    pub(crate) fn for_each_entry<E>(&self, mut f: impl FnMut(&[u8], u64, &[u8]) -> Result<(), E>) -> Result<(), E> {
+        for e in self.map.iter() {
+            let k = e.key();
+            f(&k.user, k.trailer, e.value())?;
+        }
+        Ok(())
+    }
 }
 
 /// Iterates a memtable in chunks copied out under short borrows, so the

@@ -286,6 +286,10 @@ pub(crate) struct TableWriter {
     range_dels: Vec<RangeTombstone>,
     props: Props,
     has_any: bool,
+    /// The smallest and largest keys so far (copied into `props` at the end:
+    /// a new `Bytes` for every key written in order cost an allocation each).
+    smallest: Vec<u8>,
+    largest: Vec<u8>,
     /// xxh3-64 of every byte written so far (the whole file once finished).
     file_hash: xxhash_rust::xxh3::Xxh3,
     compression: CompressionBackoff,
@@ -388,17 +392,21 @@ impl TableWriter {
             range_dels: Vec::new(),
             props: Props { seq_min: Seqno::MAX, ..Props::default() },
             has_any: false,
+            smallest: Vec::new(),
+            largest: Vec::new(),
             file_hash: xxhash_rust::xxh3::Xxh3::new(),
             compression: CompressionBackoff::default(),
         })
     }
 
     fn note_key(&mut self, key: &[u8]) {
-        if !self.has_any || key < self.props.smallest.as_ref() {
-            self.props.smallest = Bytes::copy_from_slice(key);
+        if !self.has_any || key < self.smallest.as_slice() {
+            self.smallest.clear();
+            self.smallest.extend_from_slice(key);
         }
-        if !self.has_any || key > self.props.largest.as_ref() {
-            self.props.largest = Bytes::copy_from_slice(key);
+        if !self.has_any || key > self.largest.as_slice() {
+            self.largest.clear();
+            self.largest.extend_from_slice(key);
         }
         self.has_any = true;
     }
@@ -556,6 +564,8 @@ impl TableWriter {
         if self.props.seq_min == Seqno::MAX {
             self.props.seq_min = 0;
         }
+        self.props.smallest = Bytes::copy_from_slice(&self.smallest);
+        self.props.largest = Bytes::copy_from_slice(&self.largest);
         self.props.encode(&mut raw);
         let (p_off, p_len) = self.write_meta_block(&raw);
         let mut footer = Vec::with_capacity(FOOTER_BYTES);
