@@ -357,6 +357,15 @@ pub(crate) fn prepared_name(seq: u64) -> String {
     format!("{seq:016x}.wal.tmp")
 }
 
+/// The `seq` of a prepared segment's name (see [`prepared_name`]).
+pub(crate) fn parse_prepared_name(name: &str) -> Option<u64> {
+    let seq = name.strip_suffix(".wal.tmp")?;
+    if seq.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(seq, 16).ok()
+}
+
 /// Parses `{seq:016x}-{first:016x}.wal`.
 pub(crate) fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
     let stem = name.strip_suffix(".wal")?;
@@ -404,5 +413,8 @@ mod tests {
         assert_eq!(parse_segment_name(&segment_name(1, 0xabc)), Some((1, 0xabc)));
         assert_eq!(parse_segment_name("0000000000000001.wal.tmp"), None);
         assert_eq!(parse_segment_name("x-y.wal"), None);
+        assert_eq!(parse_prepared_name(&prepared_name(0x1f)), Some(0x1f));
+        assert_eq!(parse_prepared_name(&spare_name(1)), None);
+        assert_eq!(parse_prepared_name("x.wal.tmp"), None);
     }
 }

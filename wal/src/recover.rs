@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, io};
 use crate::format::{
-    self, Decoded, HeaderError, SEGMENT_HEADER_BYTES, decode_record, decode_segment_header, kind, parse_segment_name,
-    segment_seed, valid_record_after,
+    self, Decoded, HeaderError, SEGMENT_HEADER_BYTES, decode_record, decode_segment_header, kind, parse_prepared_name,
+    parse_segment_name, segment_seed, spare_name, valid_record_after,
 };
 use crate::fs::{Fs, FsFile, OpenMode};
 use crate::options::RecoveryMode;
@@ -230,9 +230,8 @@ pub(crate) fn scan(fs: &dyn Fs, dir: &Path, mode: RecoveryMode, access: Access) 
             // end a scan, and every record's crc is seeded by its segment's seq
             // and salt), and a short file grows as it is written. It goes last,
             // so it is recycled first and kept when spares are trimmed.
-            let spare = t.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".wal.tmp"));
-            let spare = spare.map(|seq| dir.join(format!("{seq}.wal.spare")));
-            match spare {
+            let seq = t.file_name().and_then(|n| n.to_str()).and_then(parse_prepared_name);
+            match seq.map(|seq| dir.join(spare_name(seq))) {
                 Some(to) if !fs.exists(&to).map_err(io("stat", &to))? => {
                     fs.rename(&t, &to).map_err(io("keep prepared segment as a spare", &t))?;
                     report.prepared_kept.push(to.clone());
