@@ -204,8 +204,9 @@ pub fn recover(
     let state_open_time = started.elapsed();
     let durable = db.durable_marker();
     let applied = durable.map_or(0, |m| m.index);
+    let log_started = std::time::Instant::now();
     let mut store = WalStore::open(fs.clone(), &data_dir.join("raft"), identity, wal_segment_bytes, entry_cache_bytes)?;
-    let log_open_time = started.elapsed().saturating_sub(state_open_time);
+    let log_open_time = log_started.elapsed();
     let (conf, conf_index) = match db.get(CONF_KEY)? {
         Some(b) => (
             frame::decode::<ConfState>(&b)
