@@ -307,6 +307,15 @@ fn kv_against_a_dev_cluster_in_every_format_with_its_exit_codes() {
     assert!(ops > 0.0 && (v["ops_per_sec"].as_f64().expect("rate") - ops).abs() < 1e-6, "{v}");
     let out = dev.kv(&["bench", "put", "--duration", "1", "--warmup=-1"]);
     assert!(!out.status.success(), "a negative warm-up was taken");
+    // An open loop: exactly the 200 puts due in the measured second count,
+    // however fast the cluster answers (a closed loop of 4 tasks makes far
+    // more) and however late the last answers come.
+    let v =
+        json(&dev.ok(&["bench", "put", "--rate", "200", "--duration", "1", "--warmup", "0", "-c", "4", "-w", "json"]));
+    assert_eq!((v["ops"].as_u64(), v["errors"].as_u64()), (Some(200), Some(0)), "{v}");
+    assert_eq!(v["offered_rate"].as_f64(), Some(200.0), "{v}");
+    let out = dev.kv(&["bench", "put", "--rate", "0", "--duration", "1"]);
+    assert!(!out.status.success(), "a rate of 0 was taken");
 
     // A snapshot file.
     let file = dev.dir.path().join("backup.snap");

@@ -1,5 +1,8 @@
-//! `kv bench`: a closed-loop load generator. C tasks share K connections;
-//! each task sends one request, waits for its answer, and sends the next.
+//! `kv bench`: a load generator. C tasks share K connections; each task
+//! sends one request, waits for its answer, and sends the next: a closed
+//! loop, or with `--rate` an open one, where request n is due at n / rate
+//! seconds and its latency counts from then (so a stalled server shows in
+//! the latency of every request it delayed, not only of those in flight).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -64,6 +67,14 @@ pub(crate) struct BenchArgs {
     /// mix: percent of operations that are reads.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     read_percent: u8,
+    /// Offered load in operations per second, all tasks together (open
+    /// loop): request n is due n / rate seconds after the start, and its
+    /// latency is measured from when it was due. The tasks still bound the
+    /// requests in flight; a server slower than the rate shows as a lower
+    /// ops/s and growing latencies. Without it, each task sends as soon as
+    /// its last answer came (closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 /// The key of preloaded key `i`, `size` bytes.
@@ -81,6 +92,7 @@ struct Tally {
 
 /// The measured window of a timed run: operations begun at or after `from`
 /// and ended by `to` count (as etcd-bench counts them); none begins after `to`.
+/// With `--rate`, operations due in `[from, to)` count, whenever they end.
 #[derive(Clone, Copy)]
 struct Window {
     from: Instant,
@@ -103,12 +115,19 @@ async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, windo
         if a.total.is_some_and(|total| n >= total) {
             break;
         }
+        let due = a.rate.map(|rate| a.started + Duration::from_secs_f64(n as f64 / rate));
+        if let Some(due) = due {
+            if window.is_some_and(|w| due >= w.to) {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
         let read = match a.workload {
             Workload::Put => false,
             Workload::Get => true,
             Workload::Mix => rng.random_range(0..100) < a.read_percent,
         };
-        let started = Instant::now();
+        let started = due.unwrap_or_else(Instant::now);
         let r = if read {
             let key = key_of(rng.random_range(0..a.keys.max(1)), a.key_size);
             client.get_with(key, consistency).await.map(|_| ())
@@ -126,7 +145,10 @@ async fn task(client: Client, a: Arc<BenchArgsCopy>, done: Arc<AtomicU64>, windo
             client.put(key, value).await.map(|_| ())
         };
         let ended = Instant::now();
-        let counted = window.is_none_or(|w| started >= w.from && ended <= w.to);
+        // Open loop: every request due in the window counts, however late its
+        // answer (leaving out the late ones would hide a stall); closed loop:
+        // those begun in the window and answered within it.
+        let counted = window.is_none_or(|w| started >= w.from && (due.is_some() || ended <= w.to));
         match r {
             Ok(()) if counted => {
                 let us = (ended - started).as_micros().clamp(1, 60_000_000) as u64;
@@ -153,12 +175,22 @@ struct BenchArgsCopy {
     keys: u64,
     consistency: Cons,
     read_percent: u8,
+    /// Operations per second offered (open loop), if any.
+    rate: Option<f64>,
+    /// When the run began: request n is due n / rate seconds after it.
+    started: Instant,
 }
 
 /// Runs the benchmark and prints its figures.
 pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Result<(), Fail> {
     if args.clients == 0 || args.conns == 0 {
         return Err(fail(2, "--clients and --conns must be at least 1"));
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && (0.1..=10_000_000.0).contains(&r))) {
+        return Err(fail(2, "--rate must be from 0.1 to 10,000,000 operations per second"));
+    }
+    if !(0.0..=3600.0).contains(&args.warmup) {
+        return Err(fail(2, "--warmup must be from 0 to 3600 seconds"));
     }
     let mut clients = Vec::new();
     for _ in 0..args.conns {
@@ -183,6 +215,7 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
             eprintln!("preloaded {} keys in {:.1} s", args.keys, started.elapsed().as_secs_f64());
         }
     }
+    let started = Instant::now();
     let a = Arc::new(BenchArgsCopy {
         workload: args.workload,
         total: args.total,
@@ -191,12 +224,10 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
         keys: args.keys,
         consistency: args.consistency,
         read_percent: args.read_percent,
+        rate: args.rate,
+        started,
     });
     let done = Arc::new(AtomicU64::new(0));
-    if !(0.0..=3600.0).contains(&args.warmup) {
-        return Err(fail(2, "--warmup must be from 0 to 3600 seconds"));
-    }
-    let started = Instant::now();
     let window = args.total.is_none().then(|| {
         let from = started + Duration::from_secs_f64(args.warmup);
         Window { from, to: from + Duration::from_secs(args.duration.max(1)) }
@@ -265,7 +296,7 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
             "{}",
             json!({
                 "workload": what, "clients": args.clients, "conns": args.conns, "key_size": args.key_size,
-                "value_size": args.value_size, "seconds": elapsed,
+                "value_size": args.value_size, "seconds": elapsed, "offered_rate": args.rate,
                 "warmup_seconds": if window.is_some() { args.warmup } else { 0.0 }, "ops": ops, "ops_per_sec": rate,
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
                 "max_ms": hist.max() as f64 / 1000.0, "errors": errors, "first_error": first_error,
@@ -273,9 +304,10 @@ pub(crate) async fn run(args: &BenchArgs, opts: &ClientOptions, o: &Out) -> Resu
         ),
         _ => {
             outln!(
-                "{what}: {ops} ops in {elapsed:.2} s with {} tasks over {} connections: {rate:.0} ops/s",
+                "{what}: {ops} ops in {elapsed:.2} s with {} tasks over {} connections: {rate:.0} ops/s{}",
                 args.clients,
-                args.conns
+                args.conns,
+                args.rate.map(|r| format!(" (offered {r:.0})")).unwrap_or_default()
             );
             outln!(
                 "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
