@@ -4,7 +4,10 @@
 # Usage (from the repository root): docs/bench/grow.sh path/to/kv-server STEPS [PUTS_PER_STEP]
 # (KV may name the kv binary; CAIRN_QUOTA_BYTES raises the nodes' quota; with
 # METRICS_BASE_PORT set, the nodes serve metrics there and each step also prints
-# every node's LSM figures: write amplification, slowdowns, stall seconds, levels.)
+# every node's LSM figures: write amplification, slowdowns, stall seconds, levels;
+# with RATE set, each step is followed by RATE_SECONDS (default 20, plus 2 of
+# warm-up) of the same puts offered at RATE per second, open loop, whose
+# latencies count from when each put was due: `kv bench put --rate`.)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SERVER=$1
@@ -20,6 +23,11 @@ K="$KV_BIN --dev-dir $D/cairn-data"
 for step in $(seq 1 "$STEPS"); do
   echo "== step $step $(date +%T)"
   $K bench put --total "$PUTS" --value-size 1024 -c 256 --conns 16 -w json | tail -1
+  if [[ -n "${RATE:-}" ]]; then
+    # The same puts offered at a fixed rate (open loop): latency at a load
+    # every step can carry, rather than at each step's own saturation.
+    $K bench put --rate "$RATE" --duration "${RATE_SECONDS:-20}" --value-size 1024 -c 256 --conns 16 -w json | tail -1
+  fi
   sleep 2
   $K endpoint status -w json 2>/dev/null | tr ',' '\n' | grep -E '"(applied|state_bytes)"' | tr '\n' ' '
   echo
