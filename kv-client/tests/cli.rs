@@ -428,4 +428,10 @@ fn a_dev_cluster_serves_each_nodes_metrics_when_asked() {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+    // The node that took the put timed it (a follower that sent the client
+    // on to the leader timed its refusal too).
+    let timed = (0..3u16)
+        .filter(|i| scrape(base + i).contains("cairn_request_seconds{kind=\"write\",quantile=\"0.99\"}"))
+        .count();
+    assert!(timed >= 1, "no node timed the put");
 }
