@@ -4,7 +4,9 @@
 # Usage (from the repository root): docs/bench/grow.sh path/to/kv-server STEPS [PUTS_PER_STEP]
 # (KV may name the kv binary; CAIRN_QUOTA_BYTES raises the nodes' quota; with
 # METRICS_BASE_PORT set, the nodes serve metrics there and each step also prints
-# every node's LSM figures: write amplification, slowdowns, stall seconds, levels;
+# every node's LSM figures (write amplification, slowdowns, stall seconds, levels),
+# its p99 and p99.9 of the writes it answered (`cairn_request_seconds`, over about
+# the last minute) and its largest log fsyncs;
 # with RATE set, each step is followed by RATE_SECONDS (default 20, plus 2 of
 # warm-up) of the same puts offered at RATE per second, open loop, whose
 # latencies count from when each put was due: `kv bench put --rate`.)
@@ -34,9 +36,9 @@ for step in $(seq 1 "$STEPS"); do
   for n in "$D"/cairn-data/*/; do printf '%s %s bytes\n' "$(basename "$n")" "$(du -sb "$n" | cut -f1)"; done
   if [[ -n "${METRICS_BASE_PORT:-}" ]]; then
     for i in 0 1 2; do
-      printf 'node-%s lsm: ' $((i + 1))
+      printf 'node-%s metrics: ' $((i + 1))
       curl -s "127.0.0.1:$((METRICS_BASE_PORT + i))/metrics" |
-        grep -E '^cairn_lsm_(write_amplification|slowdowns|stall_seconds|compaction_write_bytes|flush_bytes|level_bytes)' |
+        grep -E '^cairn_lsm_(write_amplification|slowdowns|stall_seconds|compaction_write_bytes|flush_bytes|level_bytes)|^cairn_request_seconds\{kind="write",quantile="0.99|^cairn_wal_fsync_seconds\{quantile="(0.999|1)"' |
         sed -E 's/^cairn_lsm_//; s/\{level="([^"]*)"\}/_\1/' | awk '{printf "%s=%s ", $1, $2}'
       echo
     done
