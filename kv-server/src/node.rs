@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cairn_kv_client::protocol::{ErrorCode, ErrorInfo, MemberInfo, Response, StatusInfo};
@@ -129,8 +130,9 @@ pub struct NodeTask {
     pub snapshot_done: mpsc::Receiver<(NodeId, Option<u64>)>,
     /// Checkpoints received and not yet installed.
     pub received: Arc<ReceiveState>,
-    /// Index of the latest membership change applied (or in the state).
-    pub conf_index: u64,
+    /// Index of the latest membership change applied (or in the state),
+    /// raised before the change goes to apply; snapshot senders read it.
+    pub conf_index: Arc<AtomicU64>,
     /// Bytes of the data directory, as last measured.
     pub used_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The space quota.
@@ -627,7 +629,7 @@ impl Loop {
     /// membership as of a checkpoint at `index` is then not the current one,
     /// and this node does not keep older ones).
     fn conf_index_after(&self, index: LogIndex) -> bool {
-        self.t.conf_index > index.0
+        self.t.conf_index.load(Ordering::Acquire) > index.0
     }
 
     /// Releases the log below the state's durable marker less the margin,
@@ -704,7 +706,7 @@ impl Loop {
         }
         self.snapshots_installed += 1;
         self.deltas_installed += u64::from(delta);
-        self.t.conf_index = self.t.conf_index.max(index.0);
+        self.t.conf_index.fetch_max(index.0, Ordering::AcqRel);
         self.membership_changed(&conf);
         MarkerJob { index, term, conf }
     }
@@ -759,7 +761,7 @@ impl Loop {
                 let changed =
                     rd.committed_entries.iter().filter(|e| e.kind == EntryKind::ConfChange).map(|e| e.index.0).max();
                 let conf = changed.map(|i| {
-                    self.t.conf_index = self.t.conf_index.max(i);
+                    self.t.conf_index.fetch_max(i, Ordering::AcqRel);
                     self.t.raw.conf_state().clone()
                 });
                 if let Some(conf) = &conf {

@@ -387,6 +387,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     }
     let checkpoints = Arc::new(checkpoints);
     let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(16);
+    let conf_index = Arc::new(std::sync::atomic::AtomicU64::new(conf_index));
     let send_ctx = SendContext {
         me: NodeId(cfg.id),
         cluster_id,
@@ -398,6 +399,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         deltas: cfg.snapshot.deltas && !switches.checkpoint_at_applied,
         done: snapshot_done_tx,
         arrivals: arrivals.clone(),
+        conf_index: conf_index.clone(),
     };
     let mut receive_state = ReceiveState::new(&cfg.data_dir, transfer_cfg, cfg.snapshot.deltas);
     receive_state.handoff_delay_for_tests = switches.snapshot_handoff_delay_ms.map(Duration::from_millis);

@@ -439,6 +439,8 @@ pub struct SendContext {
     /// Peers connecting to this node: a follower that connects while a dial
     /// to it is in progress is dialed again at once.
     pub arrivals: Arc<crate::peer::PeerArrivals>,
+    /// Index of the latest membership change applied, kept by the Raft task.
+    pub conf_index: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SendContext {
@@ -467,6 +469,25 @@ pub async fn send_snapshot(ctx: SendContext, req: SendRequest) {
         }
     };
     let _ = ctx.done.send((to, sent)).await;
+}
+
+/// Fails when a membership change was applied after `min_index`, the
+/// snapshot index a transfer was asked for. The transfer's hello carries the
+/// membership as of that request, which is then stale for a checkpoint made
+/// since (a dial may wait seconds for the follower): the follower would
+/// install the state with an older membership, and never replay the change,
+/// which lies below the checkpoint's index. Raft asks again, with the new
+/// membership. (`conf_index` is raised before a change is handed to apply,
+/// so a checkpoint that holds a change sees it here.)
+fn membership_unchanged(conf_index: &AtomicU64, min_index: LogIndex) -> Result<(), String> {
+    let at = conf_index.load(Ordering::Acquire);
+    if at > min_index.0 {
+        return Err(format!(
+            "a membership change at {at} was applied after the snapshot index {} asked for; Raft asks again",
+            min_index.0
+        ));
+    }
+    Ok(())
 }
 
 /// One attempt to reach a follower for a snapshot (a handshake on loopback
@@ -589,6 +610,7 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
     })
     .await
     .map_err(|e| format!("the checkpoint task failed: {e}"))??;
+    membership_unchanged(&ctx.conf_index, req.min_index)?;
     if ckpt.delta {
         tracing::info!(peer = req.to.0, index = ckpt.index.0, files = ckpt.files.len(), "sending a delta");
     }
@@ -1173,6 +1195,16 @@ mod tests {
         assert!(ack(Some((100, 1)), None).holds(LogIndex(100)), "installed already");
         assert!(ack(Some((3, 1)), Some((120, 2))).holds(LogIndex(100)), "received, installing");
         assert!(!ack(Some((3, 1)), Some((80, 2))).holds(LogIndex(100)), "received an older one: send");
+    }
+
+    #[test]
+    fn a_membership_change_after_the_index_asked_for_stops_the_transfer() {
+        let conf_index = AtomicU64::new(40);
+        assert!(membership_unchanged(&conf_index, LogIndex(40)).is_ok(), "the change is inside the snapshot");
+        assert!(membership_unchanged(&conf_index, LogIndex(100)).is_ok());
+        conf_index.fetch_max(101, Ordering::AcqRel);
+        let e = membership_unchanged(&conf_index, LogIndex(100)).expect_err("applied after the index");
+        assert!(e.contains("101") && e.contains("100"), "{e}");
     }
 
     #[test]
