@@ -24,6 +24,7 @@ use crate::iter::{Fragments, Iter, LevelIter, Merge, Pin, Source};
 use crate::manifest::{Manifest, manifest_dir};
 use crate::memtable::{MemIter, Memtable, sorted_range_deletes};
 use crate::options::{Background, DurabilityMode, HookPoint, Options, SyncPolicy};
+use crate::purge::Purger;
 use crate::table::{Table, TableIter, TableWriter, WriteSettings, parse_table_file_name, table_file_name};
 use crate::types::{Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer_kind, trailer_seq};
 use crate::version::{Added, Edit, Version};
@@ -108,6 +109,8 @@ pub(crate) struct Inner {
     is_poisoned: AtomicBool,
     closed: AtomicBool,
     counters: Counters,
+    /// Removes obsolete table files (with background threads).
+    purger: Option<Purger>,
 }
 
 /// Stops the background threads when the last [`Db`] handle is dropped.
@@ -392,6 +395,13 @@ impl Db {
             fs.sync_dir(&dir).map_err(io("fsync directory", &dir))?;
         }
         let cache = BlockCache::new(opts.block_cache_bytes);
+        let purge = match opts.background {
+            Background::Threads if opts.purge_queue_tables > 0 => {
+                Some(Purger::start(opts.purge_queue_tables).map_err(io("spawn purge thread", &PathBuf::new()))?)
+            }
+            _ => None,
+        };
+        let purger = purge.as_ref().map(|(p, _)| p.clone());
         let opened = if exists {
             match Manifest::open(
                 Arc::clone(&fs),
@@ -437,7 +447,7 @@ impl Db {
             for (id, (level, seq_offset, file_xxh3)) in live {
                 let t =
                     Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?;
-                v.levels[level as usize].push(Arc::new(t.with_file_xxh3(file_xxh3)));
+                v.levels[level as usize].push(Arc::new(t.with_file_xxh3(file_xxh3).with_purger(purger.clone())));
             }
             v.sort();
             (m, v, next_id)
@@ -531,6 +541,7 @@ impl Db {
             last_seq,
             last_marker,
             next_mem_id,
+            purge,
         )
     }
 
@@ -551,8 +562,11 @@ impl Db {
         last_seq: Seqno,
         last_marker: Option<Marker>,
         next_mem_id: u64,
+        purge: Option<(Purger, JoinHandle<()>)>,
     ) -> Result<Db> {
+        let (purger, purge_thread) = purge.unzip();
         let inner = Arc::new(Inner {
+            purger,
             fs,
             dir,
             tables_dir,
@@ -590,7 +604,7 @@ impl Db {
                 pending_bytes,
             }));
         }
-        let mut threads = Vec::new();
+        let mut threads: Vec<JoinHandle<()>> = purge_thread.into_iter().collect();
         if inner.opts.background == Background::Threads {
             let i = Arc::clone(&inner);
             threads.push(
@@ -861,6 +875,9 @@ impl Inner {
     fn stop_threads(&self, threads: &mut Vec<JoinHandle<()>>) {
         lock(&self.bg).stop = true;
         self.bg_cond.notify_all();
+        if let Some(p) = &self.purger {
+            p.stop();
+        }
         for t in threads.drain(..) {
             let _ = t.join();
         }
@@ -1267,6 +1284,7 @@ impl Inner {
                 self.counters.blocks_tried.fetch_add(written.blocks_tried, Ordering::Relaxed);
                 self.counters.blocks_compressed.fetch_add(written.blocks_compressed, Ordering::Relaxed);
                 Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())
+                    .map(|t| t.with_purger(self.purger.clone()))
                     .map(|t| t.with_file_xxh3(Some(written.file_xxh3)))
             })();
             match res {
@@ -1387,6 +1405,7 @@ impl Inner {
                     .iter()
                     .map(|o| {
                         Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone())
+                            .map(|t| t.with_purger(self.purger.clone()))
                             .map(|t| Arc::new(t.with_file_xxh3(Some(o.file_xxh3))))
                     })
                     .collect::<Result<Vec<_>>>()
@@ -1597,6 +1616,7 @@ impl Inner {
             let work = !sv.sealed.is_empty()
                 || bg.flushing
                 || bg.compactions_running > 0
+                || self.purger.as_ref().is_some_and(|p| !p.idle())
                 || choose::choose(&Self::summaries(&sv.version), &HashSet::new(), &self.choose_config()).is_some()
                 || !Self::covered_tables(&sv.version, &HashSet::new(), self.live_views().into_iter().min()).is_empty();
             drop(sv);
@@ -1833,7 +1853,8 @@ impl Inner {
             if self.fs.hard_link(p, &to).is_err() {
                 copy_file(&*self.fs, p, &to)?;
             }
-            let t = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?;
+            let t =
+                Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?.with_purger(self.purger.clone());
             added.push(Added { level: 0, id, seq_offset: *off, file_xxh3: None });
             opened.push(Arc::new(t));
         }

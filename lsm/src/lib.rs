@@ -15,6 +15,7 @@ mod iter;
 mod manifest;
 mod memtable;
 mod options;
+mod purge;
 mod table;
 mod types;
 mod version;

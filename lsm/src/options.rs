@@ -152,6 +152,12 @@ pub struct Options {
     pub compaction_threads: usize,
     /// Where background work runs. Default [`Background::Threads`].
     pub background: Background,
+    /// With [`Background::Threads`]: obsolete table files queued for the
+    /// purge thread, which removes them so that the thread dropping a table
+    /// does not wait for the file system to free its blocks; beyond it, the
+    /// dropping thread removes the file itself. 0: no purge thread, every
+    /// file is removed by the thread dropping its table. Default 256.
+    pub purge_queue_tables: usize,
     /// The largest write batch, in bytes of its encoding (`WriteBatch::encoded_bytes`);
     /// a larger one is refused with `Error::BatchTooLarge` before anything is
     /// written. Also the standalone WAL's record bound. Default 32 MiB (one
@@ -217,6 +223,7 @@ impl Default for Options {
             stall_duration_max: Duration::from_secs(60),
             compaction_threads: 1,
             background: Background::Threads,
+            purge_queue_tables: 256,
             batch_bytes_max: 32 << 20,
             wal_segment_bytes: 16 << 20,
             wal_buffer_bytes: 0,

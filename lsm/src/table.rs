@@ -40,6 +40,7 @@ use crate::bloom::{self, Bloom};
 use crate::cache::BlockCache;
 use crate::error::{Error, Result, corrupt, io};
 use crate::options::Compression;
+use crate::purge::{Purge, Purger};
 use crate::types::{
     InternalEntry, Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer, trailer_kind, trailer_seq,
 };
@@ -821,6 +822,9 @@ pub(crate) struct Table {
     pub(crate) file_xxh3: Option<u64>,
     cache: BlockCache,
     obsolete: AtomicBool,
+    /// Where an obsolete table's file goes to be removed (none: removed by
+    /// the thread that drops the table).
+    purger: Option<Purger>,
 }
 
 impl std::fmt::Debug for Table {
@@ -832,11 +836,39 @@ impl std::fmt::Debug for Table {
 impl Drop for Table {
     fn drop(&mut self) {
         self.cache.charge(self.filter_bytes(), false);
-        if self.obsolete.load(Ordering::Acquire)
-            && let Err(e) = self.fs.remove_file(&self.path)
-        {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not remove an obsolete table");
+        if self.obsolete.load(Ordering::Acquire) {
+            let job = Purge {
+                fs: Arc::clone(&self.fs),
+                path: std::mem::take(&mut self.path),
+                file: std::mem::replace(&mut self.file, Box::new(Dropped)),
+            };
+            match &self.purger {
+                Some(p) => p.submit(job),
+                None => drop(job),
+            }
         }
+    }
+}
+
+/// Stands in for a dropped table's file once it went to be removed.
+#[derive(Debug)]
+struct Dropped;
+
+impl FsFile for Dropped {
+    fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<usize> {
+        Err(std::io::Error::other("the table is dropped"))
+    }
+    fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("the table is dropped"))
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Err(std::io::Error::other("the table is dropped"))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Err(std::io::Error::other("the table is dropped"))
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("the table is dropped"))
     }
 }
 
@@ -888,6 +920,7 @@ impl Table {
             file_xxh3: None,
             cache,
             obsolete: AtomicBool::new(false),
+            purger: None,
         };
         // Given back when the table drops.
         table.cache.charge(table.filter_bytes(), true);
@@ -901,6 +934,12 @@ impl Table {
     /// The same table with its recorded whole-file checksum.
     pub(crate) fn with_file_xxh3(mut self, file_xxh3: Option<u64>) -> Table {
         self.file_xxh3 = file_xxh3;
+        self
+    }
+
+    /// The same table, its file removed through `purger` once obsolete.
+    pub(crate) fn with_purger(mut self, purger: Option<Purger>) -> Table {
+        self.purger = purger;
         self
     }
 
