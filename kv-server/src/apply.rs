@@ -480,6 +480,7 @@ impl Applier {
     /// entry's marker, then answers their waiters.
     pub fn apply(&mut self, entries: &[Entry], conf: Option<&ConfState>) -> Result<(), String> {
         let Some(last) = entries.last() else { return Ok(()) };
+        let started = std::time::Instant::now();
         let mut batch = WriteBatch::new();
         let revision_before = self.revision;
         self.pending.clear();
@@ -528,9 +529,11 @@ impl Applier {
         }
         self.pending.clear();
         batch.set_marker(Marker::new(last.index.0, last.term.0));
+        let commands = started.elapsed();
         if let Err(e) = self.db.write(&batch) {
             return Err(format!("applying entries up to {} to the state: {e}", last.index.0));
         }
+        let written = started.elapsed();
         if !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
             if let Some(tx) = &self.watch_tx {
@@ -578,6 +581,17 @@ impl Applier {
                 let _ = w.reply.send(resp);
             }
         }
+        drop(waiters);
+        crate::note_slow(
+            "apply",
+            started.elapsed(),
+            format_args!(
+                "applying {} entries: commands (state reads) {} ms, state write {} ms",
+                entries.len(),
+                commands.as_millis(),
+                (written - commands).as_millis()
+            ),
+        );
         Ok(())
     }
 

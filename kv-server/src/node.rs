@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_kv_client::protocol::{ErrorCode, ErrorInfo, MemberInfo, Response, StatusInfo};
 use cairn_raft_core::{Body, EntryKind, LogIndex, LogStore, Message, NodeId, RawNode, Role};
@@ -205,7 +205,10 @@ impl NodeTask {
         release_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
+                due = ticker.tick() => {
+                    // A late tick means this task could not run: a blocked
+                    // worker thread, or no CPU for it.
+                    crate::note_slow("raft_tick", due.elapsed(), format_args!("the Raft task's tick came late"));
                     l.t.raw.tick();
                     if l.shutdown_done() { return; }
                 }
@@ -666,7 +669,10 @@ impl Loop {
             Ok(()) => Ok(()),
             Err(std::sync::mpsc::TrySendError::Full(job)) => {
                 let tx = self.t.wal_jobs.clone();
-                tokio::task::block_in_place(move || tx.send(job).map_err(|_| ()))
+                let started = Instant::now();
+                let r = tokio::task::block_in_place(move || tx.send(job).map_err(|_| ()));
+                crate::note_slow("log_queue", started.elapsed(), format_args!("waiting for room in the log's queue"));
+                r
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
         };
@@ -680,7 +686,10 @@ impl Loop {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(job)) => {
                 let tx = self.t.apply_jobs.clone();
-                tokio::task::block_in_place(move || tx.blocking_send(job)).map_err(|_| ())
+                let started = Instant::now();
+                let r = tokio::task::block_in_place(move || tx.blocking_send(job)).map_err(|_| ());
+                crate::note_slow("apply_queue", started.elapsed(), format_args!("waiting for room in the apply queue"));
+                r
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
         };

@@ -552,12 +552,17 @@ pub fn run_wal_thread(
             if let Err(e) = wal.write(&batch, durability) {
                 crate::fatal(&format!("writing the Raft log: {e}"));
             }
-            metrics::histogram!("cairn_wal_write_seconds").record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            metrics::histogram!("cairn_wal_write_seconds").record(took.as_secs_f64());
+            crate::note_slow("log_write", took, format_args!("a log write of {} jobs and its sync", group.len()));
             metrics::counter!("cairn_wal_groups_total").increment(1);
         }
         // The marker is durable: the segments below it may go.
         if let Some(to) = release_to {
-            match wal.release_to(to) {
+            let started = std::time::Instant::now();
+            let released = wal.release_to(to);
+            crate::note_slow("log_release", started.elapsed(), format_args!("releasing the log below {to}"));
+            match released {
                 Ok(n) => {
                     metrics::counter!("cairn_wal_segments_released_total").increment(n as u64);
                 }
