@@ -388,7 +388,11 @@ impl Applier {
             "snapshot installed"
         );
         if let Some(old) = old {
-            retire(old);
+            // Off this thread: the entries after the install wait for it.
+            let spawned = std::thread::Builder::new().name("cairn-retire".into()).spawn(move || retire(old));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to retire the replaced state; the next start removes it");
+            }
         }
         Ok(())
     }

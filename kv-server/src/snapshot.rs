@@ -209,9 +209,24 @@ pub struct Checkpoint {
 
 impl Drop for Checkpoint {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove a checkpoint");
+        remove_in_background(std::mem::take(&mut self.dir), "a checkpoint");
+    }
+}
+
+/// Removes the directory tree `dir` on a thread of its own. Removing the
+/// last link of a large file frees its blocks, which on a file system that
+/// trims them (ext4 with `discard`) waits for the device: up to half a second
+/// per 64 MiB table on the benchmark machine, too long for a runtime worker
+/// or the apply worker. If no thread can be started, the tree stays, and the
+/// next start removes it.
+pub fn remove_in_background(dir: PathBuf, what: &'static str) {
+    let spawned = std::thread::Builder::new().name("cairn-remove".into()).spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove {what}");
         }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to remove {what}; the next start removes it");
     }
 }
 
