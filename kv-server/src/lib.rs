@@ -29,14 +29,11 @@ pub const SLOW_STEP: std::time::Duration = std::time::Duration::from_millis(100)
 
 /// Logs a step that took longer than [`SLOW_STEP`] (a warning naming
 /// `what`, with `detail`) and counts it in `cairn_slow_steps_total{what}`.
-/// Returns whether it was slow.
-pub fn note_slow(what: &'static str, took: std::time::Duration, detail: std::fmt::Arguments<'_>) -> bool {
-    if took < SLOW_STEP {
-        return false;
+pub fn note_slow(what: &'static str, took: std::time::Duration, detail: std::fmt::Arguments<'_>) {
+    if took >= SLOW_STEP {
+        tracing::warn!(what, ms = took.as_millis() as u64, "slow step: {detail}");
+        metrics::counter!("cairn_slow_steps_total", "what" => what).increment(1);
     }
-    tracing::warn!(what, ms = took.as_millis() as u64, "slow step: {detail}");
-    metrics::counter!("cairn_slow_steps_total", "what" => what).increment(1);
-    true
 }
 
 /// Stops the process: after a failed write or fsync nothing this process
