@@ -854,21 +854,27 @@ impl Drop for Table {
 #[derive(Debug)]
 struct Dropped;
 
+impl Dropped {
+    fn err<T>() -> std::io::Result<T> {
+        Err(std::io::Error::other("the table is dropped"))
+    }
+}
+
 impl FsFile for Dropped {
     fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<usize> {
-        Err(std::io::Error::other("the table is dropped"))
+        Self::err()
     }
     fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other("the table is dropped"))
+        Self::err()
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        Err(std::io::Error::other("the table is dropped"))
+        Self::err()
     }
     fn len(&self) -> std::io::Result<u64> {
-        Err(std::io::Error::other("the table is dropped"))
+        Self::err()
     }
     fn set_len(&self, _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other("the table is dropped"))
+        Self::err()
     }
 }
 
