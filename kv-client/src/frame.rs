@@ -9,6 +9,7 @@ use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
+use tokio::io::AsyncRead;
 
 /// Bytes of a frame header.
 pub const HEADER_BYTES: usize = 8;
@@ -141,9 +142,9 @@ where
     decode(payload)
 }
 
-/// Reads one frame's payload from a QUIC stream: `Err(FrameError::End)` if the
-/// stream ended before the frame began.
-pub async fn read_payload(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
+/// Reads one frame's payload from a stream (a QUIC stream, or TLS over TCP):
+/// `Err(FrameError::End)` if the stream ended before the frame began.
+pub async fn read_payload<R: AsyncRead + Unpin + ?Sized>(recv: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
     read_payload_admitted(recv, max, |_| std::future::ready(())).await.map(|(payload, ())| payload)
 }
 
@@ -151,8 +152,8 @@ pub async fn read_payload(recv: &mut quinn::RecvStream, max: usize) -> Result<Ve
 /// the payload's length and before any of it is read (a node bounds the
 /// request bytes it holds this way); returns what `admit` gave with the
 /// payload.
-pub async fn read_payload_admitted<A, F>(
-    recv: &mut quinn::RecvStream,
+pub async fn read_payload_admitted<R: AsyncRead + Unpin + ?Sized, A, F>(
+    recv: &mut R,
     max: usize,
     admit: impl FnOnce(usize) -> F,
 ) -> Result<(Vec<u8>, A), FrameError>
@@ -171,8 +172,8 @@ where
 /// whose bytes are read and dropped so that the pipe stays in step (the
 /// caller answers that request with an error and goes on). `Err(End)`: the
 /// stream ended between frames; any other `Err`: the pipe cannot go on.
-pub async fn read_tagged(
-    recv: &mut quinn::RecvStream,
+pub async fn read_tagged<R: AsyncRead + Unpin + ?Sized>(
+    recv: &mut R,
     max: usize,
 ) -> Result<(u64, Result<Vec<u8>, FrameError>), FrameError> {
     let (id, read) = read_tagged_admitted(recv, max, |_| std::future::ready(())).await?;
@@ -182,8 +183,8 @@ pub async fn read_tagged(
 /// [`read_tagged`], waiting for `admit(len)` once the header has announced
 /// the payload's length and before any of it is read; returns what `admit`
 /// gave with the payload (a frame over `max` is not admitted).
-pub async fn read_tagged_admitted<A, F>(
-    recv: &mut quinn::RecvStream,
+pub async fn read_tagged_admitted<R: AsyncRead + Unpin + ?Sized, A, F>(
+    recv: &mut R,
     max: usize,
     admit: impl FnOnce(usize) -> F,
 ) -> Result<(u64, Result<(Vec<u8>, A), FrameError>), FrameError>
@@ -249,16 +250,27 @@ pub async fn write_pipe(
 
 /// Fills `buf` with the first bytes of a frame: `Err(End)` if the stream
 /// ended cleanly before it.
-async fn read_start(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), FrameError> {
-    match recv.read_exact(buf).await {
-        Ok(()) => Ok(()),
-        Err(quinn::ReadExactError::FinishedEarly(0)) => Err(FrameError::End),
-        Err(e) => Err(FrameError::Read(e.to_string())),
+async fn read_start<R: AsyncRead + Unpin + ?Sized>(recv: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match recv.read(&mut buf[got..]).await {
+            Ok(0) if got == 0 => return Err(FrameError::End),
+            Ok(0) => {
+                return Err(FrameError::Read(format!(
+                    "stream ended after {got} of a frame's first {} bytes",
+                    buf.len()
+                )));
+            }
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Read(e.to_string())),
+        }
     }
+    Ok(())
 }
 
 /// Reads `len` payload bytes.
-async fn read_exactly(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
+async fn read_exactly<R: AsyncRead + Unpin + ?Sized>(recv: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
     use tokio::io::AsyncReadExt;
     // The buffer grows with what arrives, so an announced length costs
     // memory only once the peer actually sends the bytes.
@@ -270,8 +282,8 @@ async fn read_exactly(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8
     Ok(payload)
 }
 
-/// Reads and decodes one frame from a QUIC stream.
-pub async fn read<T>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, FrameError>
+/// Reads and decodes one frame from a stream.
+pub async fn read<T>(recv: &mut (impl AsyncRead + Unpin + ?Sized), max: usize) -> Result<T, FrameError>
 where
     T: rkyv::Archive,
     T::Archived:
