@@ -49,9 +49,10 @@ fn free_base(free: impl Fn(u16) -> bool) -> u16 {
     panic!("no three free ports");
 }
 
-/// Three consecutive free UDP ports on 127.0.0.1.
+/// Three consecutive ports on 127.0.0.1 free for UDP (QUIC) and TCP
+/// (snapshot transfers).
 fn free_base_port() -> u16 {
-    free_base(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+    free_base(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// A dev cluster in a temporary folder; stopped (SIGTERM) on drop.

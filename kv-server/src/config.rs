@@ -25,7 +25,8 @@ pub struct Config {
     pub name: String,
     /// Where the node keeps its log and state. Default `cairn-data/node-<id>`.
     pub data_dir: PathBuf,
-    /// UDP address to listen on (peers and clients). Default `127.0.0.1:7100+id`.
+    /// Address to listen on: UDP for QUIC (peers and clients), and TCP on the
+    /// same port for snapshot transfers from peers. Default `127.0.0.1:7100+id`.
     pub listen: SocketAddr,
     /// Address others reach this node at. Default: `listen`.
     pub advertise: String,
@@ -100,6 +101,11 @@ pub struct SnapshotSettings {
     pub checkpoints_max: usize,
     /// Snapshot transfers a leader runs at once. Default 2.
     pub transfers_max: usize,
+    /// Snapshot connections (TLS over TCP, see `docs/design/kv-server.md`
+    /// §5) a node accepts at once, handshakes included; one more is closed
+    /// at once. A follower stages one transfer at a time, so a few suffice.
+    /// Default 4.
+    pub connections_max: usize,
     /// Client snapshot saves (`kv snapshot save`) a node streams at once;
     /// one more is refused as busy. Each holds a checkpoint (and so the
     /// disk space of the tables it links) until its client has read it all.
@@ -136,6 +142,7 @@ impl Default for SnapshotSettings {
             release_check_ms: 1000,
             checkpoints_max: 2,
             transfers_max: 2,
+            connections_max: 4,
             saves_max: 2,
             chunk_bytes: 1 << 20,
             window_bytes: 32 << 20,
@@ -348,7 +355,8 @@ pub struct RunArgs {
     /// Data directory.
     #[arg(long, env = "CAIRN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// UDP address to listen on.
+    /// Address to listen on (UDP for QUIC, TCP on the same port for
+    /// snapshot transfers).
     #[arg(long, env = "CAIRN_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Address others reach this node at.
@@ -531,9 +539,13 @@ impl Config {
         if snapshot.compress_saving_percent_min > 100 {
             return Err(ConfigError("snapshot: compress_saving_percent_min is a percentage (0 to 100)".into()));
         }
-        if snapshot.checkpoints_max == 0 || snapshot.transfers_max == 0 || snapshot.saves_max == 0 {
+        if snapshot.checkpoints_max == 0
+            || snapshot.transfers_max == 0
+            || snapshot.saves_max == 0
+            || snapshot.connections_max == 0
+        {
             return Err(ConfigError(
-                "snapshot: checkpoints_max, transfers_max and saves_max must be at least 1".into(),
+                "snapshot: checkpoints_max, transfers_max, saves_max and connections_max must be at least 1".into(),
             ));
         }
         // A stored value is the value behind a header; both must fit cairn-lsm.

@@ -13,7 +13,8 @@ pub struct DevArgs {
     /// Folder for the certificates, the token and each node's data.
     #[arg(long, default_value = "cairn-data")]
     pub dir: PathBuf,
-    /// First UDP port; the nodes use this and the next two.
+    /// First port (UDP for QUIC, TCP for snapshot transfers); the nodes use
+    /// this and the next two.
     #[arg(long, default_value_t = 7101)]
     pub base_port: u16,
     /// Do not write and read back a first key once the cluster is up.

@@ -283,8 +283,8 @@ pub struct PeerService {
 
 /// Serves an inbound peer connection from authenticated node `from`: reads
 /// frames from its one-way streams and hands valid messages to the Raft task
-/// (dropping them when its queue is full: Raft retransmits); a two-way
-/// stream carries a snapshot transfer.
+/// (dropping them when its queue is full: Raft retransmits). Snapshot
+/// transfers come over TLS over TCP instead ([`serve_snapshots`]).
 pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
     let PeerService { cluster_id, me, frame_max, inbound, .. } = svc.clone();
     if crate::state::read_book(&svc.book).removed.contains(&from) {
@@ -294,24 +294,7 @@ pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
     }
     svc.arrivals.arrived(from);
     loop {
-        let mut recv = tokio::select! {
-            r = conn.accept_uni() => match r {
-                Ok(r) => r,
-                Err(_) => return,
-            },
-            b = conn.accept_bi() => match b {
-                Ok((send, recv)) => {
-                    let svc = svc.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::snapshot::receive_snapshot(send, recv, from, svc).await {
-                            tracing::warn!(peer = from, error = %e, "snapshot reception failed");
-                        }
-                    });
-                    continue;
-                }
-                Err(_) => return,
-            },
-        };
+        let Ok(mut recv) = conn.accept_uni().await else { return };
         let inbound = inbound.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
@@ -337,6 +320,77 @@ pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
                 if inbound.try_send(f.msg).is_err() {
                     metrics::counter!("cairn_peer_inbound_dropped_total").increment(1);
                 }
+            }
+        });
+    }
+}
+
+/// How long a snapshot connection's TLS handshake may take.
+const SNAPSHOT_HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// Accepts snapshot transfers: TLS over TCP on the port number of the
+/// node's QUIC endpoint, ALPN [`crate::tls::ALPN_SNAPSHOT`], each leader
+/// authenticated by its certificate as on the QUIC side. At most `slots`
+/// connections at once (handshakes included); one more is closed at once.
+///
+/// Bulk data goes over TCP because QUIC's per-datagram work costs about twice
+/// the CPU per byte here (`docs/design/kv-server.md` §5).
+pub async fn serve_snapshots(
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    svc: PeerService,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                tracing::warn!(error = %e, "accepting a snapshot connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "refused a snapshot connection: too many at once");
+            continue;
+        };
+        let (acceptor, svc) = (acceptor.clone(), svc.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let stream = match tokio::time::timeout(SNAPSHOT_HANDSHAKE, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, "refused a snapshot connection: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "refused a snapshot connection: TLS handshake timed out");
+                    return;
+                }
+            };
+            // The verifier required a certificate the CA signed; it must also name a node.
+            let from = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(crate::tls::node_id_of)
+            {
+                Some(Ok(id)) => id,
+                Some(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, "refused a snapshot connection's certificate");
+                    return;
+                }
+                None => {
+                    tracing::warn!(%remote, "refused a snapshot connection without a certificate");
+                    return;
+                }
+            };
+            if crate::state::read_book(&svc.book).removed.contains(&from) {
+                tracing::warn!(peer = from, "refused a snapshot connection from a removed node");
+                return;
+            }
+            let (recv, send) = tokio::io::split(stream);
+            if let Err(e) = crate::snapshot::receive_snapshot(send, recv, from, svc).await {
+                tracing::warn!(peer = from, error = %e, "snapshot reception failed");
             }
         });
     }

@@ -357,6 +357,11 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let endpoint =
         quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_cfg), socket, Arc::new(quinn::TokioRuntime))
             .map_err(|e| ServerError::Other(format!("listening on {}: {e}", cfg.listen)))?;
+    // Snapshot transfers: TLS over TCP on the same address (TCP and UDP
+    // ports are separate spaces).
+    let snapshot_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServerError::Other(format!("listening for snapshots on TCP {}: {e}", cfg.listen)))?;
     tracing::info!(listen = %cfg.listen, "listening");
 
     let (inbound_tx, inbound_rx) = mpsc::channel(limits.inbound_queue_max);
@@ -391,8 +396,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let send_ctx = SendContext {
         me: NodeId(cfg.id),
         cluster_id,
-        endpoint: endpoint.clone(),
-        peer_cfg: peer_cfg.clone(),
+        tls: tls.snapshot_client_config()?,
         addr_of: addr_of.clone(),
         checkpoints: checkpoints.clone(),
         transfer: transfer_cfg.clone(),
@@ -510,6 +514,12 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         book: book.clone(),
         arrivals,
     };
+    let snapshot_accept = tokio::spawn(peer::serve_snapshots(
+        snapshot_listener,
+        tls.snapshot_server_config()?,
+        Arc::new(tokio::sync::Semaphore::new(cfg.snapshot.connections_max)),
+        svc.clone(),
+    ));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), svc));
     let quota =
         tokio::spawn(watch_quota(cfg.clone(), used_bytes, over_quota, book, !switches.local_quota, shared.clone()));
@@ -521,6 +531,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
         let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
     }
     accept.abort();
+    snapshot_accept.abort();
     quota.abort();
     endpoint.close(0u32.into(), b"node stopping");
     drop(node_tx);

@@ -33,6 +33,7 @@ use cairn_snapshot_transfer::{
     Completed, Config as TransferConfig, Frame, Receiver, Sender, SenderEvent, Source, SourceFile, Staging,
 };
 use rkyv::{Archive, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// The file naming the live state directory.
@@ -436,10 +437,9 @@ pub struct SendContext {
     pub me: NodeId,
     /// The cluster id.
     pub cluster_id: u64,
-    /// The QUIC endpoint.
-    pub endpoint: quinn::Endpoint,
-    /// The peer client configuration (mutual TLS, peer ALPN).
-    pub peer_cfg: quinn::ClientConfig,
+    /// TLS toward followers' snapshot listeners (this node's certificate,
+    /// the CA's roots, ALPN [`crate::tls::ALPN_SNAPSHOT`]).
+    pub tls: Arc<rustls::ClientConfig>,
     /// The address of each peer.
     pub addr_of: Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
     /// The checkpoints.
@@ -509,6 +509,10 @@ fn membership_unchanged(conf_index: &AtomicU64, min_index: LogIndex) -> Result<(
 /// or a LAN takes a few ms; on a loaded machine, tens).
 const DIAL_ATTEMPT: Duration = Duration::from_millis(500);
 
+/// The pause between two attempts to reach a follower (cut short when it
+/// connects to this node).
+const DIAL_PAUSE: Duration = Duration::from_millis(50);
+
 /// Frames between a snapshot sender and the task writing its stream (each
 /// at most a chunk, 1 MiB by default; the sender's window bounds the rest).
 const SEND_QUEUE_FRAMES: usize = 4;
@@ -559,43 +563,62 @@ struct SendProfile {
     waiting: Duration,
 }
 
-/// Writes the frames of `rx` to `send` without copying them, then finishes
-/// the stream and waits (at most 2 s) for the follower to have read it all.
-async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<bytes::Bytes>) -> Result<(), String> {
+/// Writes the frames of `rx` to `send`, then ends the stream (TLS's
+/// close_notify and TCP's FIN).
+async fn write_frames(mut send: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<bytes::Bytes>) -> Result<(), String> {
     while let Some(b) = rx.recv().await {
-        send.write_chunk(b).await.map_err(|e| format!("writing to the follower: {e}"))?;
+        send.write_all(&b).await.map_err(|e| format!("writing to the follower: {e}"))?;
     }
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    Ok(())
+    send.shutdown().await.map_err(|e| format!("ending the stream to the follower: {e}"))
 }
+
+/// A snapshot connection to a follower: TLS over TCP.
+type SnapshotStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Dials follower `to` at `addr` for a snapshot transfer: TCP to the port
+/// number of its QUIC endpoint, then mutual TLS, the follower's certificate
+/// checked against node `to`'s name; all within `timeout`.
+async fn dial_snapshot(
+    tls: &Arc<rustls::ClientConfig>,
+    to: NodeId,
+    addr: &str,
+    timeout: Duration,
+) -> Result<SnapshotStream, String> {
+    let name = rustls_pki_types::ServerName::try_from(crate::tls::node_dns_name(to.0)).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    let dial = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        connector.connect(name, tcp).await.map_err(|e| format!("TLS with {addr}: {e}"))
+    };
+    tokio::time::timeout(timeout, dial).await.map_err(|_| format!("connecting to {addr} timed out"))?
+}
+
+/// Bytes a snapshot stream's reader takes from the connection at once.
+const READ_BUFFER_BYTES: usize = 64 << 10;
 
 async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> {
     let addr = (ctx.addr_of)(req.to).ok_or_else(|| format!("no address known for node {}", req.to.0))?;
-    // Short attempts, again and again for up to 5 s, each cut short when the
-    // follower connects to this node (a restarted node dials its peers at
-    // once): a follower that was down is served as soon as it is back,
-    // instead of after a handshake timeout runs out (QUIC ignores the "port
-    // unreachable" of a stopped node, so an attempt made while it was down
-    // cannot succeed).
+    // Attempts again and again for up to 5 s: a follower that was down is
+    // served as soon as it listens again. A stopped node refuses a TCP
+    // connection at once; the pause between attempts is cut short when the
+    // follower connects to this node (a restarted node dials its peers at once).
     let give_up = Instant::now() + Duration::from_secs(5);
     let arrived = ctx.arrivals.of_snapshots(req.to.0);
-    let conn = loop {
-        let attempt = crate::peer::dial(&ctx.endpoint, &ctx.peer_cfg, req.to, &addr, DIAL_ATTEMPT);
-        let r = tokio::select! {
-            r = attempt => r,
-            _ = arrived.notified() => {
-                tracing::debug!(peer = req.to.0, "the follower connected to us: dialing it again now");
-                continue;
-            }
-        };
-        match r {
-            Ok(c) => break c,
+    let stream = loop {
+        match dial_snapshot(&ctx.tls, req.to, &addr, DIAL_ATTEMPT).await {
+            Ok(s) => break s,
             Err(e) if Instant::now() >= give_up => return Err(e),
-            Err(_) => {}
+            Err(e) => {
+                tracing::debug!(peer = req.to.0, error = %e, "snapshot dial failed; trying again");
+                tokio::select! {
+                    _ = arrived.notified() => {}
+                    _ = tokio::time::sleep(DIAL_PAUSE) => {}
+                }
+            }
         }
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("opening a snapshot stream: {e}"))?;
+    let (mut recv, mut send) = tokio::io::split(stream);
     let hello = SnapshotHello { cluster_id: ctx.cluster_id, from: ctx.me, to: req.to, term: req.term, conf: req.conf };
     let hb = frame::encode(&hello).map_err(|e| e.to_string())?;
     send.write_all(&hb).await.map_err(|e| format!("writing to the follower: {e}"))?;
@@ -648,6 +671,7 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
     let mut writer = AbortOnDrop(tokio::spawn(write_frames(send, wrx)));
     let mut pending: Option<bytes::Bytes> = None;
     let mut inbuf: Vec<u8> = Vec::new();
+    let mut rbuf = vec![0u8; READ_BUFFER_BYTES];
     let mut prof = SendProfile::default();
     loop {
         match tx.poll_event() {
@@ -687,9 +711,12 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
                 }
                 prof.queue_full += t.elapsed();
             }
-            chunk = recv.read_chunk(usize::MAX, true) => {
-                let chunk = chunk.map_err(|e| format!("reading from the follower: {e}"))?.ok_or("the follower closed the stream")?;
-                take_frames(&mut inbuf, &chunk.bytes, body_max, |f| tx.handle_frame(f, Instant::now()))
+            n = recv.read(&mut rbuf) => {
+                let n = n.map_err(|e| format!("reading from the follower: {e}"))?;
+                if n == 0 {
+                    return Err("the follower closed the stream".into());
+                }
+                take_frames(&mut inbuf, &rbuf[..n], body_max, |f| tx.handle_frame(f, Instant::now()))
                     .map_err(|e| format!("a malformed frame from the follower: {e}"))?;
                 prof.waiting += t.elapsed();
             }
@@ -703,11 +730,14 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
         }
     }
     drop(wtx);
-    // The writer finishes the stream and gives the follower the time to read
-    // the last frames before the connection goes.
     (&mut writer.0).await.map_err(|e| format!("the snapshot writer failed: {e}"))??;
-    let path = conn.stats().path;
-    conn.close(0u32.into(), b"snapshot sent");
+    // The stream is ended; the follower ends its side once it has read it
+    // all (at most 2 s is given). Closing first could reset the connection
+    // under its last frames.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while matches!(recv.read(&mut rbuf).await, Ok(n) if n > 0) {}
+    })
+    .await;
     drop(ckpt);
     tracing::info!(
         peer = req.to.0,
@@ -716,9 +746,6 @@ async fn send_inner(ctx: &SendContext, req: SendRequest) -> Result<u64, String> 
         queue_full_ms = prof.queue_full.as_millis() as u64,
         waiting_ms = prof.waiting.as_millis() as u64,
         wire_bytes = tx.stats().wire_bytes_sent,
-        rtt_us = path.rtt.as_micros() as u64,
-        lost_packets = path.lost_packets,
-        congestion_events = path.congestion_events,
         "snapshot stream done"
     );
     Ok(total)
@@ -789,11 +816,11 @@ impl ReceiveState {
 /// whether the persist ended.
 const PERSIST_POLL: Duration = Duration::from_millis(1);
 
-/// Receives a checkpoint on a stream the leader `from` opened; once it is
-/// staged and verified, steps Raft's snapshot message in through `inbound`.
+/// Receives a checkpoint on a connection the leader `from` opened; once it
+/// is staged and verified, steps Raft's snapshot message in through `inbound`.
 pub async fn receive_snapshot(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: impl AsyncWrite + Unpin,
+    mut recv: impl AsyncRead + Unpin,
     from: u64,
     svc: crate::peer::PeerService,
 ) -> Result<(), String> {
@@ -835,6 +862,7 @@ pub async fn receive_snapshot(
     let mut worker = tokio::task::spawn_blocking(move || stage_frames(staging, Receiver::new(cfg), frx, otx, delay));
     let mut decoded: VecDeque<Frame> = VecDeque::new();
     let mut inbuf: Vec<u8> = Vec::new();
+    let mut rbuf = vec![0u8; READ_BUFFER_BYTES];
     let (mut recv_wait, mut bytes_in) = (Duration::ZERO, 0u64);
     loop {
         let t = Instant::now();
@@ -845,11 +873,14 @@ pub async fn receive_snapshot(
                     p.send(f);
                 }
             }
-            chunk = recv.read_chunk(usize::MAX, true), if decoded.is_empty() => {
-                let Some(chunk) = chunk.map_err(|e| format!("the leader's stream broke: {e}"))? else { break };
+            n = recv.read(&mut rbuf), if decoded.is_empty() => {
+                let n = n.map_err(|e| format!("the leader's stream broke: {e}"))?;
+                if n == 0 {
+                    break;
+                }
                 recv_wait += t.elapsed();
-                bytes_in += chunk.bytes.len() as u64;
-                take_frames(&mut inbuf, &chunk.bytes, body_max, |f| decoded.push_back(f))
+                bytes_in += n as u64;
+                take_frames(&mut inbuf, &rbuf[..n], body_max, |f| decoded.push_back(f))
                     .map_err(|e| format!("a malformed frame: {e}"))?;
             }
             staged = orx.recv() => match staged {
@@ -910,6 +941,8 @@ pub async fn receive_snapshot(
             let _ = send.write_all(&out).await;
         }
     }
+    // Our side ends too: the leader waits for it before it lets go.
+    let _ = send.shutdown().await;
     worker.await.map_err(|e| format!("the staging worker failed: {e}"))?
 }
 

@@ -18,6 +18,9 @@ fn err(what: impl std::fmt::Display) -> TlsError {
     TlsError(what.to_string())
 }
 
+/// The ALPN of a snapshot transfer's TLS-over-TCP connection.
+pub const ALPN_SNAPSHOT: &[u8] = b"cairn-snapshot/1";
+
 /// The DNS name that binds a certificate to node `id`.
 pub fn node_dns_name(id: u64) -> String {
     format!("node-{id}.cairn")
@@ -166,34 +169,58 @@ impl NodeTls {
     /// The server side: both ALPNs; client certificates verified against the
     /// CA when presented (peers must present one; clients present a token).
     pub fn server_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(err)?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(err)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(err)?;
-        tls.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_CLIENT.to_vec()];
+        let tls = self.server_tls(vec![ALPN_PEER.to_vec(), ALPN_CLIENT.to_vec()], false)?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(err)?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
         cfg.transport_config(transport);
         Ok(cfg)
     }
 
-    /// The client side toward peers: presents this node's certificate,
-    /// verifies the peer's against the CA.
-    pub fn peer_client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
+    /// The server side of snapshot transfers (TLS over TCP, ALPN
+    /// [`ALPN_SNAPSHOT`]): only peers, each with a certificate the CA signed.
+    pub fn snapshot_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        Ok(Arc::new(self.server_tls(vec![ALPN_SNAPSHOT.to_vec()], true)?))
+    }
+
+    /// The client side of snapshot transfers: presents this node's
+    /// certificate, verifies the follower's against the CA.
+    pub fn snapshot_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Ok(Arc::new(self.peer_client_tls(ALPN_SNAPSHOT)?))
+    }
+
+    /// TLS 1.3 with this node's certificate, offering `alpns`; a client
+    /// certificate must be presented if `peers_only`, and is verified against
+    /// the CA whenever it is.
+    fn server_tls(&self, alpns: Vec<Vec<u8>>, peers_only: bool) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider());
+        let verifier =
+            if peers_only { builder.build() } else { builder.allow_unauthenticated().build() }.map_err(err)?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(err)?;
+        tls.alpn_protocols = alpns;
+        Ok(tls)
+    }
+
+    /// TLS 1.3 toward a peer: this node's certificate, the CA's roots, `alpn`.
+    fn peer_client_tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(err)?
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(err)?;
-        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// The client side toward peers: presents this node's certificate,
+    /// verifies the peer's against the CA.
+    pub fn peer_client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = self.peer_client_tls(ALPN_PEER)?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(err)?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         cfg.transport_config(transport);

@@ -27,6 +27,53 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A TLS-over-TCP connection to a node's snapshot port (the port number of
+/// its QUIC endpoint), as node 1's name, with an optional client certificate.
+async fn raw_snapshot_connect(
+    addr: &str,
+    ca_pem: &[u8],
+    client_cert: Option<&tls::Pem>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots(ca_pem));
+    let mut cfg = match client_cert {
+        Some(p) => {
+            let chain = vec![CertificateDer::from_pem_slice(p.cert.as_bytes()).expect("cert")];
+            let key = PrivateKeyDer::from_pem_slice(p.key.as_bytes()).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![tls::ALPN_SNAPSHOT.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(tls::node_dns_name(1)).expect("name");
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp);
+    tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Writes `bytes` on a snapshot connection and reads what comes back until
+/// the node ends it: `Ok(bytes read)` or the error that ended it.
+async fn snapshot_exchange(
+    mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bytes: &[u8],
+) -> Result<usize, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The node may have refused already: a failed write is seen by the read too.
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .map_err(|_| "the node kept the connection open".to_string())?
+        .map(|_| back.len())
+        .map_err(|e| e.to_string())
+}
+
 /// A raw QUIC connection with the given ALPN and optional client certificate.
 async fn raw_connect(
     addr: &str,
@@ -237,6 +284,47 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
     assert!(sent > 1 << 20, "only {sent} bytes went out: the test does not measure the window");
     assert!(sent <= (4 << 20) + (64 << 10), "{sent} bytes were taken unread by the node");
     conn.close(0u32.into(), b"done");
+
+    // The snapshot port (TLS over TCP) refuses a leader without a certificate,
+    // with another CA's certificate, and one whose hello claims another
+    // node or cluster, or that sends bytes that are not a frame: no
+    // acknowledgement comes back, and each refusal is logged with its reason.
+    let hello = |from: u64, cluster: u64| {
+        frame::encode(&cairn_kv_server::snapshot::SnapshotHello {
+            cluster_id: cluster,
+            from: NodeId(from),
+            to: NodeId(1),
+            term: Term(status.term + 100),
+            conf: Default::default(),
+        })
+        .expect("encode")
+    };
+    for (cert, bytes, what) in [
+        (None, hello(3, status.cluster_id), "no certificate"),
+        (Some(&forged), hello(2, status.cluster_id), "another CA's certificate"),
+        (Some(&node3), hello(2, status.cluster_id), "a hello claiming node 2 over node 3's certificate"),
+        (Some(&node3), hello(3, status.cluster_id ^ 1), "a hello of another cluster"),
+        (Some(&node3), vec![0xff; 64], "bytes that are not a frame"),
+    ] {
+        match raw_snapshot_connect(&node1, &ca, cert).await {
+            Err(e) => {
+                assert!(e.to_lowercase().contains("cert"), "{what}: the handshake failed for another reason: {e}")
+            }
+            // TLS 1.3 may finish the client side before the server refuses the certificate.
+            Ok(s) => match snapshot_exchange(s, &bytes).await {
+                Ok(n) => assert_eq!(n, 0, "{what}: the node answered"),
+                Err(e) => assert!(!e.contains("kept the connection open"), "{what}: {e}"),
+            },
+        }
+    }
+    let log = std::fs::read_to_string(cluster.layout.dir.join("node-1.log")).expect("log");
+    for reason in [
+        "refused a snapshot connection: TLS handshake failed",
+        "a snapshot stream claims cluster",
+        "frame version 65535 is not supported",
+    ] {
+        assert!(log.contains(reason), "node 1 did not log {reason:?}");
+    }
 
     // None of it disturbed the cluster: same term, and it still serves.
     good.put("after", "2").await.expect("put after");

@@ -45,17 +45,21 @@ fn port_range() -> (u16, u16) {
     }
 }
 
-/// `n` consecutive free UDP ports on 127.0.0.1.
+/// `n` consecutive ports on 127.0.0.1 free for both UDP (QUIC) and TCP
+/// (snapshot transfers).
 fn free_base_port(n: u16) -> u16 {
     let (from, span) = port_range();
     for _ in 0..200 {
         let base: u16 = from + (rand::random::<u16>() % (span - n));
-        let ok = (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        let ok = (0..n).all(|i| {
+            UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+        });
         if ok {
             return base;
         }
     }
-    panic!("no free UDP ports");
+    panic!("no free UDP and TCP ports");
 }
 
 impl Cluster {

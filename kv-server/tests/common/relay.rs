@@ -3,13 +3,19 @@
 //! can drop either direction (QUIC runs over UDP: a dropped direction is a
 //! one-way link, both a partition), lose a share of the packets, delay and
 //! reorder packets, and send packets twice.
+//!
+//! Snapshot transfers run over TCP on the same port number: the relay
+//! forwards TCP too, holding a blocked direction's bytes until it is
+//! unblocked (a partition stalls a transfer) and delaying each piece by the
+//! packets' delay. Loss and duplicates do not apply (TCP repairs them).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// A running relay (its tasks live as long as the test's runtime).
 #[derive(Clone, Debug)]
@@ -42,9 +48,15 @@ fn picked(n: u64, percent: u64) -> bool {
 }
 
 impl Relay {
-    /// Starts a relay to `target` on a free port of 127.0.0.1.
+    /// Starts a relay to `target` on a port of 127.0.0.1 free for both UDP and TCP.
     pub async fn start(target: SocketAddr) -> Relay {
-        let listen = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay socket"));
+        let (listen, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("relay socket");
+            let port = udp.local_addr().expect("relay address").port();
+            if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+                break (Arc::new(udp), tcp);
+            }
+        };
         let addr = listen.local_addr().expect("relay address");
         let r = Relay {
             addr,
@@ -56,6 +68,7 @@ impl Relay {
         };
         let (fwd, back, delay) = (r.forward_blocked.clone(), r.backward_blocked.clone(), r.delay_ms.clone());
         let (dup, loss) = (r.duplicate_percent.clone(), r.loss_percent.clone());
+        tokio::spawn(relay_tcp(tcp, target, fwd.clone(), back.clone(), delay.clone()));
         let mut counter = 0u64;
         tokio::spawn(async move {
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -144,4 +157,49 @@ impl Relay {
         self.forward_blocked.store(forward, Ordering::Relaxed);
         self.backward_blocked.store(backward, Ordering::Relaxed);
     }
+}
+
+/// Forwards each TCP connection made to `listener` to `target`.
+async fn relay_tcp(
+    listener: TcpListener,
+    target: SocketAddr,
+    fwd: Arc<AtomicBool>,
+    back: Arc<AtomicBool>,
+    delay: Arc<AtomicU64>,
+) {
+    while let Ok((inbound, _)) = listener.accept().await {
+        let Ok(outbound) = TcpStream::connect(target).await else { continue };
+        let (in_r, in_w) = inbound.into_split();
+        let (out_r, out_w) = outbound.into_split();
+        tokio::spawn(pipe(in_r, out_w, fwd.clone(), delay.clone()));
+        tokio::spawn(pipe(out_r, in_w, back.clone(), Arc::new(AtomicU64::new(0))));
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while `blocked` and delaying
+/// each piece by `delay_ms`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    blocked: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while blocked.load(Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let d = delay_ms.load(Ordering::Relaxed);
+        if d > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(d)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
