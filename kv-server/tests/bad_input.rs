@@ -27,13 +27,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A TLS-over-TCP connection to a node's snapshot port (the port number of
-/// its QUIC endpoint), as node 1's name, with an optional client certificate.
-async fn raw_snapshot_connect(
-    addr: &str,
-    ca_pem: &[u8],
-    client_cert: Option<&tls::Pem>,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+/// A TLS 1.3 client configuration trusting `ca_pem`, offering `alpn`, with
+/// an optional client certificate.
+fn client_tls(ca_pem: &[u8], alpn: &[u8], client_cert: Option<&tls::Pem>) -> rustls::ClientConfig {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
@@ -46,7 +42,18 @@ async fn raw_snapshot_connect(
         }
         None => builder.with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![tls::ALPN_SNAPSHOT.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+/// A TLS-over-TCP connection to a node's snapshot port (the port number of
+/// its QUIC endpoint), as node 1's name, with an optional client certificate.
+async fn raw_snapshot_connect(
+    addr: &str,
+    ca_pem: &[u8],
+    client_cert: Option<&tls::Pem>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let cfg = client_tls(ca_pem, tls::ALPN_SNAPSHOT, client_cert);
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(tls::node_dns_name(1)).expect("name");
     let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp);
@@ -82,19 +89,7 @@ async fn raw_connect(
     server_name: &str,
     client_cert: Option<&tls::Pem>,
 ) -> Result<quinn::Connection, String> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots(ca_pem));
-    let mut cfg = match client_cert {
-        Some(p) => {
-            let chain = vec![CertificateDer::from_pem_slice(p.cert.as_bytes()).expect("cert")];
-            let key = PrivateKeyDer::from_pem_slice(p.key.as_bytes()).expect("key");
-            builder.with_client_auth_cert(chain, key).expect("client cert")
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let cfg = client_tls(ca_pem, alpn, client_cert);
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).expect("quic");
     let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
