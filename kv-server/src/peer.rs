@@ -359,7 +359,10 @@ pub async fn serve_snapshots(
         let (acceptor, svc) = (acceptor.clone(), svc.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tcp.set_nodelay(true);
+            if let Err(e) = crate::snapshot::tune_snapshot_socket(&tcp) {
+                tracing::warn!(%remote, error = %e, "refused a snapshot connection: setting up its socket failed");
+                return;
+            }
             let stream = match tokio::time::timeout(SNAPSHOT_HANDSHAKE, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

@@ -451,8 +451,8 @@ pub struct SendContext {
     /// Where the outcome goes: (peer, bytes of checkpoint sent, or `None`
     /// if the transfer failed; 0 when the follower held the state already).
     pub done: mpsc::Sender<(NodeId, Option<u64>)>,
-    /// Peers connecting to this node: a follower that connects while a dial
-    /// to it is in progress is dialed again at once.
+    /// Peers connecting to this node: a follower that connects while the
+    /// sender waits between two dials to it is dialed again at once.
     pub arrivals: Arc<crate::peer::PeerArrivals>,
     /// Index of the latest membership change applied, kept by the Raft task.
     pub conf_index: Arc<AtomicU64>,
@@ -557,7 +557,7 @@ struct SendProfile {
     read: Duration,
     /// Checksumming, compressing and framing chunks.
     frame: Duration,
-    /// Waiting for room in the writer's queue (QUIC's flow and congestion control).
+    /// Waiting for room in the writer's queue (the connection's flow control).
     queue_full: Duration,
     /// Waiting for the follower's acknowledgements (the window is full).
     waiting: Duration,
@@ -575,6 +575,35 @@ async fn write_frames(mut send: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<
 /// A snapshot connection to a follower: TLS over TCP.
 type SnapshotStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
+/// How long a snapshot connection may hold data sent and not acknowledged
+/// by the other end before it is dropped (Linux's `TCP_USER_TIMEOUT`).
+const SNAPSHOT_UNACKED_MAX: Duration = Duration::from_secs(5);
+
+/// The keep-alive of a snapshot connection: a probe after 2 s of quiet, then
+/// every second; 3 unanswered end it.
+const SNAPSHOT_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(2), Duration::from_secs(1), 3);
+
+/// Sets a snapshot connection's socket options, both ends: no Nagle delay,
+/// keep-alive probes and a bound on unacknowledged data. A peer that
+/// vanishes (a crashed machine, a partition) sends no reset, and a TCP
+/// connection without these would wait for it for ever, holding a transfer
+/// slot and a checkpoint on the leader and the staging area on the follower;
+/// QUIC's idle timeout (2 s) did this for the peer links.
+pub(crate) fn tune_snapshot_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let s = socket2::SockRef::from(tcp);
+    let (idle, interval, retries) = SNAPSHOT_KEEPALIVE;
+    let keepalive = socket2::TcpKeepalive::new().with_time(idle).with_interval(interval);
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_retries(retries);
+    #[cfg(not(target_os = "linux"))]
+    let _ = retries;
+    s.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    s.set_tcp_user_timeout(Some(SNAPSHOT_UNACKED_MAX))?;
+    Ok(())
+}
+
 /// Dials follower `to` at `addr` for a snapshot transfer: TCP to the port
 /// number of its QUIC endpoint, then mutual TLS, the follower's certificate
 /// checked against node `to`'s name; all within `timeout`.
@@ -588,7 +617,7 @@ async fn dial_snapshot(
     let connector = tokio_rustls::TlsConnector::from(tls.clone());
     let dial = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
+        tune_snapshot_socket(&tcp).map_err(|e| format!("setting up the connection to {addr}: {e}"))?;
         connector.connect(name, tcp).await.map_err(|e| format!("TLS with {addr}: {e}"))
     };
     tokio::time::timeout(timeout, dial).await.map_err(|_| format!("connecting to {addr} timed out"))?
@@ -824,8 +853,12 @@ pub async fn receive_snapshot(
     from: u64,
     svc: crate::peer::PeerService,
 ) -> Result<(), String> {
-    let hello = frame::read::<SnapshotHello>(&mut recv, HELLO_BYTES_MAX).await.map_err(|e| e.to_string())?;
     let crate::peer::PeerService { cluster_id, me, inbound, snapshots: state, db, .. } = svc;
+    let hello =
+        tokio::time::timeout(state.transfer.stall_timeout, frame::read::<SnapshotHello>(&mut recv, HELLO_BYTES_MAX))
+            .await
+            .map_err(|_| "the leader sent no hello".to_string())?
+            .map_err(|e| e.to_string())?;
     if hello.cluster_id != cluster_id || hello.from.0 != from || hello.to != me {
         return Err(format!(
             "a snapshot stream claims cluster {:016x}, from {}, to {} over node {from}'s connection",
@@ -1285,5 +1318,27 @@ mod tests {
         assert!(live.exists() && d.path().join("raft").exists());
         std::fs::write(d.path().join(POINTER_FILE), "../elsewhere").expect("write");
         assert!(live_state_dir(&fs, d.path()).is_err());
+    }
+
+    /// A snapshot connection notices a peer that vanished without a reset:
+    /// keep-alive probes, and (Linux) a bound on unacknowledged data. Only
+    /// the options are checked here; dropping a live peer's packets needs a
+    /// firewall rule a test cannot set.
+    #[tokio::test]
+    async fn snapshot_sockets_probe_and_bound_unacknowledged_data() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let s = socket2::SockRef::from(&tcp);
+        assert!(!s.keepalive().expect("keepalive"), "keep-alive is on before the options are set");
+        tune_snapshot_socket(&tcp).expect("tune");
+        assert!(tcp.nodelay().expect("nodelay"));
+        assert!(s.keepalive().expect("keepalive"));
+        assert_eq!(s.tcp_keepalive_time().expect("time"), SNAPSHOT_KEEPALIVE.0);
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(s.tcp_keepalive_interval().expect("interval"), SNAPSHOT_KEEPALIVE.1);
+            assert_eq!(s.tcp_keepalive_retries().expect("retries"), SNAPSHOT_KEEPALIVE.2);
+            assert_eq!(s.tcp_user_timeout().expect("user timeout"), Some(SNAPSHOT_UNACKED_MAX));
+        }
     }
 }
