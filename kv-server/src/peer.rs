@@ -281,13 +281,20 @@ pub struct PeerService {
     pub arrivals: std::sync::Arc<PeerArrivals>,
 }
 
+impl PeerService {
+    /// Whether `id` was removed from the cluster (its connections are refused).
+    fn is_removed(&self, id: u64) -> bool {
+        crate::state::read_book(&self.book).removed.contains(&id)
+    }
+}
+
 /// Serves an inbound peer connection from authenticated node `from`: reads
 /// frames from its one-way streams and hands valid messages to the Raft task
 /// (dropping them when its queue is full: Raft retransmits). Snapshot
 /// transfers come over TLS over TCP instead ([`serve_snapshots`]).
 pub async fn serve_peer(conn: quinn::Connection, from: u64, svc: PeerService) {
     let PeerService { cluster_id, me, frame_max, inbound, .. } = svc.clone();
-    if crate::state::read_book(&svc.book).removed.contains(&from) {
+    if svc.is_removed(from) {
         tracing::warn!(peer = from, "refused a connection from a removed node");
         conn.close(6u32.into(), PeerRefusal::Removed(from).to_string().as_bytes());
         return;
@@ -387,7 +394,7 @@ pub async fn serve_snapshots(
                     return;
                 }
             };
-            if crate::state::read_book(&svc.book).removed.contains(&from) {
+            if svc.is_removed(from) {
                 tracing::warn!(peer = from, "refused a snapshot connection from a removed node");
                 return;
             }
