@@ -10,8 +10,8 @@ use bytes::Bytes;
 use cairn_wal::Fs;
 
 use crate::error::Result;
-use crate::iter::{Merge, Source};
-use crate::table::{Table, TableIter, TableWriter, WriteSettings};
+use crate::iter::{LevelIter, Merge, Source};
+use crate::table::{Table, TableWriter, WriteSettings};
 use crate::types::{RangeTombstone, Seqno, TableId, ValueKind, trailer_kind};
 
 /// A table a compaction wrote.
@@ -33,6 +33,8 @@ pub(crate) struct Job<'a> {
     pub(crate) bottommost: bool,
     pub(crate) settings: WriteSettings,
     pub(crate) table_bytes_target: u64,
+    /// Bytes each input is read at a time (`Options::compaction_readahead_bytes`).
+    pub(crate) readahead_bytes: usize,
     /// Allocates the next table id and its path.
     pub(crate) new_table: &'a mut dyn FnMut() -> (TableId, PathBuf),
 }
@@ -66,11 +68,13 @@ fn clip(ts: &[RangeTombstone], lower: Option<&Bytes>, upper: Option<&Bytes>) -> 
         .collect()
 }
 
-/// Runs a compaction of `inputs` (all versions of every key in their range)
+/// Runs a compaction of `runs` (all versions of every key in their range)
 /// and returns the tables written, synced. On error the caller deletes them.
-pub(crate) fn run(inputs: &[Arc<Table>], job: Job<'_>, outputs: &mut Vec<Output>) -> Result<()> {
+/// Each run is a list of tables sorted by key that do not overlap (an L0
+/// table alone, or a level's inputs), read one table after the other.
+pub(crate) fn run(runs: &[Vec<Arc<Table>>], job: Job<'_>, outputs: &mut Vec<Output>) -> Result<()> {
     let views = job.views;
-    let mut all_ts: Vec<RangeTombstone> = inputs.iter().flat_map(|t| t.range_dels.iter().cloned()).collect();
+    let mut all_ts: Vec<RangeTombstone> = runs.iter().flatten().flat_map(|t| t.range_dels.iter().cloned()).collect();
     all_ts.sort_by(|a, b| a.start.cmp(&b.start).then(b.seq.cmp(&a.seq)));
     let kept_ts: Vec<RangeTombstone> =
         all_ts.iter().filter(|t| !(job.bottommost && stripe(views, t.seq) == 0)).cloned().collect();
@@ -78,8 +82,10 @@ pub(crate) fn run(inputs: &[Arc<Table>], job: Job<'_>, outputs: &mut Vec<Output>
         let n = all_ts.partition_point(|t| t.start.as_ref() <= key);
         all_ts[..n].iter().any(|t| t.seq > seq && key < t.end.as_ref() && stripe(views, t.seq) == stripe(views, seq))
     };
-    let sources =
-        inputs.iter().map(|t| Source::Table(TableIter::new(Arc::clone(t), true, None).without_cache_fill())).collect();
+    let sources = runs
+        .iter()
+        .map(|run| Source::Level(LevelIter::new(run.clone(), true, None).reading_ahead(job.readahead_bytes)))
+        .collect();
     let mut merge = Merge::new(sources, true);
     let mut cur: Option<Writer> = None;
     let mut last_user: Option<Bytes> = None;

@@ -1363,6 +1363,22 @@ impl Inner {
         r
     }
 
+    /// A compaction's inputs as runs of tables that do not overlap, each
+    /// sorted by key: every L0 table alone, and each deeper level's tables
+    /// together (so a compaction reads one table of such a level at a time).
+    fn runs(c: &Choice, inputs: &[Arc<Table>]) -> Vec<Vec<Arc<Table>>> {
+        let of = |ids: &[TableId]| -> Vec<Arc<Table>> {
+            let mut run: Vec<Arc<Table>> = inputs.iter().filter(|t| ids.contains(&t.id)).cloned().collect();
+            run.sort_by(|a, b| a.props.smallest.cmp(&b.props.smallest));
+            run
+        };
+        let mut runs =
+            if c.level == 0 { of(&c.upper).into_iter().map(|t| vec![t]).collect() } else { vec![of(&c.upper)] };
+        runs.push(of(&c.lower));
+        runs.retain(|r| !r.is_empty());
+        runs
+    }
+
     /// Runs one chosen compaction to its install.
     fn execute(&self, c: &Choice, inputs: Vec<Arc<Table>>) -> Result<()> {
         let _span =
@@ -1394,10 +1410,11 @@ impl Inner {
             bottommost: c.bottommost,
             settings: self.settings(c.output_level),
             table_bytes_target: self.opts.table_bytes_target,
+            readahead_bytes: self.opts.compaction_readahead_bytes,
             new_table: &mut alloc,
         };
         let read: u64 = inputs.iter().map(|t| t.file_bytes).sum();
-        let res = compaction::run(&inputs, job, &mut outputs)
+        let res = compaction::run(&Self::runs(c, &inputs), job, &mut outputs)
             .and_then(|()| self.sync_tables_dir())
             .and_then(|()| self.opts.hook(HookPoint::CompactionTablesWritten))
             .and_then(|()| {

@@ -21,6 +21,9 @@ pub(crate) struct LevelIter {
     forward: bool,
     start: Option<Vec<u8>>,
     cur: Option<TableIter>,
+    /// Set for a compaction's forward scan: each table is read this many
+    /// bytes at a time, outside the block cache ([`TableIter::reading_ahead`]).
+    readahead: Option<usize>,
 }
 
 impl LevelIter {
@@ -37,7 +40,14 @@ impl LevelIter {
                 tables.retain(|t| t.props.smallest.as_ref() <= s);
             }
         }
-        LevelIter { tables, next: 0, forward, start: start.map(<[u8]>::to_vec), cur: None }
+        LevelIter { tables, next: 0, forward, start: start.map(<[u8]>::to_vec), cur: None, readahead: None }
+    }
+
+    /// Reads each table as a compaction does: `bytes` at a time, without
+    /// filling the block cache. One table's window is held at a time.
+    pub(crate) fn reading_ahead(mut self, bytes: usize) -> LevelIter {
+        self.readahead = Some(bytes);
+        self
     }
 
     fn next_entry(&mut self) -> Result<Option<InternalEntry>> {
@@ -50,7 +60,11 @@ impl LevelIter {
             }
             let Some(t) = self.tables.get(self.next) else { return Ok(None) };
             let start = if self.next == 0 { self.start.as_deref() } else { None };
-            self.cur = Some(TableIter::new(Arc::clone(t), self.forward, start));
+            let it = TableIter::new(Arc::clone(t), self.forward, start);
+            self.cur = Some(match self.readahead {
+                Some(bytes) => it.reading_ahead(bytes),
+                None => it,
+            });
             self.next += 1;
         }
     }

@@ -148,6 +148,13 @@ pub struct Options {
     pub slowdown_delay: Duration,
     /// Longest a write waits in a stall before failing with `StallTimeout`. Default 60 s.
     pub stall_duration_max: Duration,
+    /// Bytes a compaction reads from each input table at a time: one read
+    /// serves the data blocks inside it, rather than a read per block
+    /// (RocksDB's `compaction_readahead_size`). A compaction holds one such
+    /// window per input table it is reading (every L0 input at once, and one
+    /// table of the level below), freed as each input ends. 0: a read per
+    /// block. Default 1 MiB.
+    pub compaction_readahead_bytes: usize,
     /// Compaction threads (with [`Background::Threads`]). Default 1.
     pub compaction_threads: usize,
     /// Where background work runs. Default [`Background::Threads`].
@@ -221,6 +228,7 @@ impl Default for Options {
             pending_compaction_bytes_stop: 256 << 30,
             slowdown_delay: Duration::from_millis(1),
             stall_duration_max: Duration::from_secs(60),
+            compaction_readahead_bytes: 1 << 20,
             compaction_threads: 1,
             background: Background::Threads,
             purge_queue_tables: 256,

@@ -1005,6 +1005,33 @@ impl Table {
         })
     }
 
+    /// The data block at `handle` for a forward scan that reads ahead: a
+    /// cached block is used, else the block comes from `ra`'s window, which is
+    /// refilled with one read of up to `ra.bytes` from the block on when it
+    /// does not hold the block. Nothing is inserted into the cache.
+    fn block_ahead(&self, (offset, len): (u64, u32), ra: &mut ReadAhead) -> Result<Arc<Block>> {
+        self.cache.get_or_load(self.id, offset, false, || {
+            let need = len as usize + TRAILER_BYTES;
+            let end = offset + need as u64;
+            if offset < ra.at || end > ra.at + ra.buf.len() as u64 {
+                // The window ends at the data blocks' end (or the block's, if
+                // a corrupt handle points past it: the read then fails as the
+                // plain read would).
+                let n = (ra.bytes as u64).max(need as u64).min(self.data_end.max(end) - offset) as usize;
+                ra.buf.resize(n, 0);
+                ra.at = offset;
+                if let Err(e) = self.file.read_exact_at(&mut ra.buf, offset) {
+                    ra.buf.clear();
+                    return Err(io("read table blocks", &self.path)(e));
+                }
+            }
+            let at = (offset - ra.at) as usize;
+            let raw = block::read_block(&ra.buf[at..at + need], BLOCK_BYTES_MAX)
+                .map_err(|m| corrupt(&self.path, offset, m))?;
+            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
+        })
+    }
+
     fn shift(&self, t: u64) -> u64 {
         t + (self.seq_offset << 8)
     }
@@ -1057,10 +1084,25 @@ thread_local! {
     static KEY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A window of a table file read at once for a forward scan, so that a
+/// compaction reads its inputs in reads of `bytes` rather than one block
+/// (4 KiB) at a time: as RocksDB's `compaction_readahead_size`. Freed when
+/// the scan ends.
+#[derive(Debug)]
+struct ReadAhead {
+    /// Size of one read.
+    bytes: usize,
+    /// File offset of `buf[0]`.
+    at: u64,
+    buf: Vec<u8>,
+}
+
 /// Iterates one table forward or backward, yielding every version.
 pub(crate) struct TableIter {
     table: Arc<Table>,
     fill_cache: bool,
+    /// With [`TableIter::reading_ahead`], for a forward scan.
+    ahead: Option<ReadAhead>,
     forward: bool,
     /// Set once the first partition is loaded (lazily: creating an iterator
     /// does no I/O and cannot fail).
@@ -1083,6 +1125,7 @@ impl TableIter {
         TableIter {
             table,
             fill_cache: true,
+            ahead: None,
             forward,
             positioned: false,
             part: None,
@@ -1095,9 +1138,14 @@ impl TableIter {
         }
     }
 
-    /// Reads blocks without adding them to the block cache (compaction).
-    pub(crate) fn without_cache_fill(mut self) -> TableIter {
+    /// A forward scan that reads the data blocks `bytes` at a time (0: a
+    /// block at a time) and does not add them to the block cache. Holds at
+    /// most `bytes` (or one larger block) until the scan ends.
+    pub(crate) fn reading_ahead(mut self, bytes: usize) -> TableIter {
         self.fill_cache = false;
+        if self.forward && bytes > 0 {
+            self.ahead = Some(ReadAhead { bytes, at: 0, buf: Vec::new() });
+        }
         self
     }
 
@@ -1199,8 +1247,14 @@ impl TableIter {
                     }
                     self.cur = None;
                 }
-                let Some(h) = self.next_handle()? else { return Ok(None) };
-                let b = self.table.block(h, self.fill_cache)?;
+                let Some(h) = self.next_handle()? else {
+                    self.ahead = None;
+                    return Ok(None);
+                };
+                let b = match &mut self.ahead {
+                    Some(ra) => self.table.block_ahead(h, ra)?,
+                    None => self.table.block(h, self.fill_cache)?,
+                };
                 self.cur_at = h.0;
                 self.cur = Some(BlockIter::new(b));
             }
@@ -1303,15 +1357,23 @@ mod tests {
             (0..n).step_by(2).flat_map(|i| (0..versions(i)).rev().map(move |j| (key(i), i * 100 + j))).collect();
         for start in [None, Some(0), Some(1), Some(97 * 2), Some(97 * 4 + 1), Some(n / 2), Some(n - 2), Some(n + 5)] {
             let sk = start.map(key);
-            let mut fwd = Vec::new();
-            let mut it = TableIter::new(Arc::clone(&t), true, sk.as_deref());
-            while let Some(e) = it.next_entry().expect("next") {
-                fwd.push((e.user.to_vec(), trailer_seq(e.trailer)));
-            }
             let want: Vec<_> = all.iter().filter(|(k, _)| sk.as_ref().is_none_or(|s| k >= s)).cloned().collect();
-            assert_eq!(fwd, want, "forward from {start:?}");
+            // Through the cache, and reading ahead by windows smaller than a
+            // block, of a few blocks, and of the whole table.
+            for ahead in [None, Some(0), Some(1), Some(5000), Some(1 << 20)] {
+                let mut fwd = Vec::new();
+                let mut it = TableIter::new(Arc::clone(&t), true, sk.as_deref());
+                if let Some(bytes) = ahead {
+                    it = it.reading_ahead(bytes);
+                }
+                while let Some(e) = it.next_entry().expect("next") {
+                    fwd.push((e.user.to_vec(), trailer_seq(e.trailer)));
+                }
+                assert_eq!(fwd, want, "forward from {start:?}, reading ahead {ahead:?}");
+                assert!(it.ahead.is_none(), "the window is freed at the end");
+            }
             let mut back = Vec::new();
-            let mut it = TableIter::new(Arc::clone(&t), false, sk.as_deref()).without_cache_fill();
+            let mut it = TableIter::new(Arc::clone(&t), false, sk.as_deref()).reading_ahead(1 << 20);
             while let Some(e) = it.next_entry().expect("next") {
                 if sk.as_ref().is_none_or(|s| e.user.as_ref() <= s.as_slice()) {
                     back.push((e.user.to_vec(), trailer_seq(e.trailer)));

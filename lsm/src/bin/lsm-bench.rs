@@ -27,6 +27,7 @@ struct Args {
     wal_buffer_kb: usize,
     l1_mb: Option<u64>,
     table_mb: Option<u64>,
+    readahead_kb: Option<usize>,
     zstd_from_level: Option<usize>,
     dir: PathBuf,
     seed: u64,
@@ -37,7 +38,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: lsm-bench [--num N] [--reads N] [--value-size B] [--cache-mb M] [--write-buffer-mb M]\n\
          \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--l1-mb M]\n\
-         \x20                [--table-mb M] [--dir DIR]\n\
+         \x20                [--table-mb M] [--compaction-readahead-kb K] [--dir DIR]\n\
          \x20                [--seed S] [--json]"
     );
     std::process::exit(2)
@@ -54,6 +55,7 @@ fn parse_args() -> Args {
         wal_buffer_kb: 8,
         l1_mb: None,
         table_mb: None,
+        readahead_kb: None,
         zstd_from_level: None,
         dir: std::env::temp_dir().join("cairn-lsm-bench"),
         seed: 42,
@@ -72,6 +74,7 @@ fn parse_args() -> Args {
             "--wal-buffer-kb" => a.wal_buffer_kb = val().parse().unwrap_or_else(|_| usage()),
             "--l1-mb" => a.l1_mb = Some(val().parse().unwrap_or_else(|_| usage())),
             "--table-mb" => a.table_mb = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--compaction-readahead-kb" => a.readahead_kb = Some(val().parse().unwrap_or_else(|_| usage())),
             "--zstd-from-level" => a.zstd_from_level = Some(val().parse().unwrap_or_else(|_| usage())),
             "--dir" => a.dir = PathBuf::from(val()),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
@@ -163,6 +166,9 @@ fn options(a: &Args) -> Options {
     }
     if let Some(m) = a.table_mb {
         o.table_bytes_target = m << 20;
+    }
+    if let Some(k) = a.readahead_kb {
+        o.compaction_readahead_bytes = k << 10;
     }
     if let Some(z) = a.zstd_from_level {
         o.compression_per_level =

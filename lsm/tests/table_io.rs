@@ -1,8 +1,13 @@
+//! Table files' I/O, kept off the paths that wait and made in few requests.
+//!
 //! Obsolete tables are removed by the purge thread, not by the thread that
 //! drops the last reference to them: closing the last descriptor of an
 //! unlinked file makes the file system free its blocks (on ext4 with
 //! `discard`, a trim of every extent that took up to half a second), and the
 //! thread that pays for that should not be a writer or a reader.
+//!
+//! A compaction reads its inputs a window at a time
+//! (`Options::compaction_readahead_bytes`), not a 4 KiB block per request.
 
 use std::io;
 use std::path::Path;
@@ -11,11 +16,14 @@ use std::sync::{Arc, Mutex};
 use cairn_lsm::{Db, Options, WriteBatch};
 use cairn_wal::{Fs, FsFile, FsLock, OpenMode, StdFs};
 
-/// The thread names that unlinked a table file and that closed one after its unlink.
+/// The thread names that unlinked a table file and that closed one after its
+/// unlink; the reads of table files the compaction threads made.
 #[derive(Debug, Default)]
 struct Seen {
     unlinked: Vec<String>,
     closed: Vec<String>,
+    compaction_reads: u64,
+    compaction_read_bytes: u64,
 }
 
 fn thread_name() -> String {
@@ -47,7 +55,13 @@ impl Drop for RecordingFile {
 
 impl FsFile for RecordingFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
+        let n = self.inner.read_at(buf, offset)?;
+        if is_table(&self.path) && thread_name().starts_with("lsm-compact") {
+            let mut s = self.seen.lock().expect("lock");
+            s.compaction_reads += 1;
+            s.compaction_read_bytes += n as u64;
+        }
+        Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_all_at(buf, offset)
@@ -153,4 +167,56 @@ fn obsolete_tables_are_removed_by_the_purge_thread() {
     let s = removed_by(0);
     assert!(s.unlinked.iter().all(|t| *t == me), "{:?}", s.unlinked);
     assert!(!s.closed.is_empty() && s.closed.iter().all(|t| *t == me), "{:?}", s.closed);
+}
+
+/// Reads of table files by the compaction threads while four flushes of
+/// about 1 MiB each are compacted, with `compaction_readahead_bytes` as given.
+fn compaction_reads(readahead: usize) -> (u64, u64) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fs = Recording::default();
+    let seen = Arc::clone(&fs.0);
+    let mut o = Options::default();
+    o.write_buffer_bytes = 4 << 20;
+    o.l0_compaction_trigger = 4;
+    o.compaction_readahead_bytes = readahead;
+    let db = Db::open_with_fs(Arc::new(fs), dir.path(), o).expect("open");
+    for round in 0..4u32 {
+        let mut b = WriteBatch::new();
+        for k in 0..4000u32 {
+            // Values that do not compress, so the tables are as large as the data.
+            let mut x = u64::from(k) << 32 | u64::from(round) | 1;
+            let value: Vec<u8> = (0..256)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            b.put(format!("key-{:05}", (k * 7 + round) % 16000).into_bytes(), value);
+        }
+        db.write(&b).expect("write");
+        db.flush().expect("flush");
+    }
+    db.wait_idle().expect("idle");
+    assert!(db.stats().compactions > 0, "nothing was compacted");
+    for k in [0u32, 7, 11_993] {
+        let key = format!("key-{k:05}");
+        assert!(db.get(key.as_bytes()).expect("get").is_some(), "{key} is missing after the compaction");
+    }
+    let s = seen.lock().expect("lock");
+    (s.compaction_reads, s.compaction_read_bytes)
+}
+
+#[test]
+fn a_compaction_reads_its_inputs_a_window_at_a_time() {
+    let (reads, bytes) = compaction_reads(256 << 10);
+    // About 4 MiB of input in 256 KiB windows: some 20 reads, plus each
+    // input's and output's footer, properties, filter and index.
+    assert!(bytes > 2 << 20, "only {bytes} bytes of tables were read");
+    assert!(reads < 150, "{reads} reads for {bytes} bytes");
+    // Teeth: a read per 4 KiB block is over a thousand.
+    let (reads0, bytes0) = compaction_reads(0);
+    eprintln!("compaction reads: {reads} for {bytes} bytes in 256 KiB windows, {reads0} for {bytes0} without");
+    assert!(reads0 > 4 * reads, "{reads0} reads for {bytes0} bytes without the window, {reads} with it");
 }
