@@ -388,6 +388,30 @@ impl std::io::Write for Stall {
     }
 }
 
+/// A snapshot goes over TCP through the peer link's relay (the fault tests'
+/// links), not around it: the follower catches up by one, and the relay of
+/// the leader's link to it forwarded the transfer's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_crosses_the_peer_links_relay() {
+    let mut cluster =
+        Cluster::start_with_relays(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")])
+            .await;
+    let leader = cluster.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    leave_behind(&mut cluster, leader, follower, 200).await;
+    let relay = cluster.relays[&(leader, follower)].clone();
+    let before = relay.tcp_forwarded();
+    cluster.start_node(follower);
+    cluster.converged(Duration::from_secs(60)).await;
+    let s = cluster.status(follower).await;
+    assert!(s.snapshots_installed >= 1, "the follower caught up without a snapshot: {s:?}");
+    let sent = relay.tcp_forwarded() - before;
+    assert!(
+        sent > 16 << 10,
+        "only {sent} bytes crossed the relay toward the follower (a TLS handshake is about 5 KiB)"
+    );
+}
+
 /// Stops `follower`, writes `writes` batches of 100 keys, and waits until
 /// the leader's log starts past where the follower stopped.
 async fn leave_behind(cluster: &mut Cluster, leader: u64, follower: u64, writes: usize) {

@@ -33,6 +33,8 @@ pub struct Relay {
     duplicate_percent: Arc<AtomicU64>,
     /// Percent of packets lost, each direction.
     loss_percent: Arc<AtomicU64>,
+    /// Bytes of TCP connections (snapshot transfers) forwarded toward the target.
+    tcp_forwarded: Arc<AtomicU64>,
 }
 
 /// Whether the `n`-th packet falls in `percent` (a fixed pseudo-random
@@ -65,10 +67,11 @@ impl Relay {
             delay_ms: Arc::new(AtomicU64::new(0)),
             duplicate_percent: Arc::new(AtomicU64::new(0)),
             loss_percent: Arc::new(AtomicU64::new(0)),
+            tcp_forwarded: Arc::new(AtomicU64::new(0)),
         };
         let (fwd, back, delay) = (r.forward_blocked.clone(), r.backward_blocked.clone(), r.delay_ms.clone());
         let (dup, loss) = (r.duplicate_percent.clone(), r.loss_percent.clone());
-        tokio::spawn(relay_tcp(tcp, target, fwd.clone(), back.clone(), delay.clone()));
+        tokio::spawn(relay_tcp(tcp, target, fwd.clone(), back.clone(), delay.clone(), r.tcp_forwarded.clone()));
         let mut counter = 0u64;
         tokio::spawn(async move {
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -152,6 +155,11 @@ impl Relay {
         self.loss_percent.store(percent, Ordering::Relaxed);
     }
 
+    /// Bytes of TCP connections forwarded toward the target so far.
+    pub fn tcp_forwarded(&self) -> u64 {
+        self.tcp_forwarded.load(Ordering::Relaxed)
+    }
+
     /// Blocks (or unblocks) each direction.
     pub fn set(&self, forward: bool, backward: bool) {
         self.forward_blocked.store(forward, Ordering::Relaxed);
@@ -166,23 +174,25 @@ async fn relay_tcp(
     fwd: Arc<AtomicBool>,
     back: Arc<AtomicBool>,
     delay: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
 ) {
     while let Ok((inbound, _)) = listener.accept().await {
         let Ok(outbound) = TcpStream::connect(target).await else { continue };
         let (in_r, in_w) = inbound.into_split();
         let (out_r, out_w) = outbound.into_split();
-        tokio::spawn(pipe(in_r, out_w, fwd.clone(), delay.clone()));
-        tokio::spawn(pipe(out_r, in_w, back.clone(), Arc::new(AtomicU64::new(0))));
+        tokio::spawn(pipe(in_r, out_w, fwd.clone(), delay.clone(), forwarded.clone()));
+        tokio::spawn(pipe(out_r, in_w, back.clone(), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))));
     }
 }
 
-/// Copies `from` to `to`, holding the bytes while `blocked` and delaying
-/// each piece by `delay_ms`.
+/// Copies `from` to `to`, holding the bytes while `blocked`, delaying each
+/// piece by `delay_ms`, and adding what it wrote to `written`.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     blocked: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -200,6 +210,7 @@ async fn pipe(
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
+        written.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
 }
