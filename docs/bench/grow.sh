@@ -9,7 +9,12 @@
 # the last minute) and its largest log fsyncs;
 # with RATE set, each step is followed by RATE_SECONDS (default 20, plus 2 of
 # warm-up) of the same puts offered at RATE per second, open loop, whose
-# latencies count from when each put was due: `kv bench put --rate`.)
+# latencies count from when each put was due: `kv bench put --rate`;
+# with DEFAULT_SECONDS set, each step ends with that many seconds (plus 2 of
+# warm-up) of `kv bench put`'s default workload, 256-byte values at C=256 over
+# 16 connections, closed loop: the issue's put workload at each state size.
+# Each step also prints what the disk holding the data did during it, from
+# /proc/diskstats: requests, bytes and average size of reads and writes.)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SERVER=$1
@@ -22,14 +27,23 @@ cd "$D"
 DEV=$!
 sleep 4
 K="$KV_BIN --dev-dir $D/cairn-data"
+DISK=$(basename "$(findmnt -no SOURCE --target "$D")")
+disk() { awk -v d="$DISK" '$3 == d {print $4, $6, $8, $10}' /proc/diskstats; }
 for step in $(seq 1 "$STEPS"); do
   echo "== step $step $(date +%T)"
+  read -r r0 rs0 w0 ws0 < <(disk)
   $K bench put --total "$PUTS" --value-size 1024 -c 256 --conns 16 -w json | tail -1
   if [[ -n "${RATE:-}" ]]; then
     # The same puts offered at a fixed rate (open loop): latency at a load
     # every step can carry, rather than at each step's own saturation.
     $K bench put --rate "$RATE" --duration "${RATE_SECONDS:-20}" --value-size 1024 -c 256 --conns 16 -w json | tail -1
   fi
+  if [[ -n "${DEFAULT_SECONDS:-}" ]]; then
+    $K bench put --duration "$DEFAULT_SECONDS" -c 256 --conns 16 -w json | tail -1
+  fi
+  read -r r1 rs1 w1 ws1 < <(disk)
+  echo "disk $DISK: reads $((r1 - r0)) ($(((rs1 - rs0) / 2048)) MiB, $(((rs1 - rs0) / 2 / (r1 - r0 + 1))) KiB each)," \
+    "writes $((w1 - w0)) ($(((ws1 - ws0) / 2048)) MiB, $(((ws1 - ws0) / 2 / (w1 - w0 + 1))) KiB each)"
   sleep 2
   $K endpoint status -w json 2>/dev/null | tr ',' '\n' | grep -E '"(applied|state_bytes)"' | tr '\n' ' '
   echo
