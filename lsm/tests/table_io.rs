@@ -114,17 +114,26 @@ impl Fs for Recording {
     }
 }
 
-/// Tables made obsolete by a compaction while an iterator holds them, then
-/// let go by this thread (dropping the iterator): who removed them?
-fn removed_by(purge_queue_tables: usize) -> Seen {
+/// An engine in a new folder on the recording file system, with the
+/// default options as `tune` changes them, and what the file system saw.
+fn open_recording(tune: impl FnOnce(&mut Options)) -> (tempfile::TempDir, Db, Arc<Mutex<Seen>>) {
     let dir = tempfile::tempdir().expect("tmp");
     let fs = Recording::default();
     let seen = Arc::clone(&fs.0);
     let mut o = Options::default();
-    o.write_buffer_bytes = 64 << 10;
-    o.l0_compaction_trigger = 2;
-    o.purge_queue_tables = purge_queue_tables;
+    tune(&mut o);
     let db = Db::open_with_fs(Arc::new(fs), dir.path(), o).expect("open");
+    (dir, db, seen)
+}
+
+/// Tables made obsolete by a compaction while an iterator holds them, then
+/// let go by this thread (dropping the iterator): who removed them?
+fn removed_by(purge_queue_tables: usize) -> Seen {
+    let (_dir, db, seen) = open_recording(|o| {
+        o.write_buffer_bytes = 64 << 10;
+        o.l0_compaction_trigger = 2;
+        o.purge_queue_tables = purge_queue_tables;
+    });
     let write = |round: u32| {
         let mut b = WriteBatch::new();
         for k in 0..200u32 {
@@ -172,14 +181,11 @@ fn obsolete_tables_are_removed_by_the_purge_thread() {
 /// Reads of table files by the compaction threads while four flushes of
 /// about 1 MiB each are compacted, with `compaction_readahead_bytes` as given.
 fn compaction_reads(readahead: usize) -> (u64, u64) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let fs = Recording::default();
-    let seen = Arc::clone(&fs.0);
-    let mut o = Options::default();
-    o.write_buffer_bytes = 4 << 20;
-    o.l0_compaction_trigger = 4;
-    o.compaction_readahead_bytes = readahead;
-    let db = Db::open_with_fs(Arc::new(fs), dir.path(), o).expect("open");
+    let (_dir, db, seen) = open_recording(|o| {
+        o.write_buffer_bytes = 4 << 20;
+        o.l0_compaction_trigger = 4;
+        o.compaction_readahead_bytes = readahead;
+    });
     for round in 0..4u32 {
         let mut b = WriteBatch::new();
         for k in 0..4000u32 {
