@@ -151,9 +151,9 @@ pub struct Options {
     /// Bytes a compaction reads from each input table at a time: one read
     /// serves the data blocks inside it, rather than a read per block
     /// (RocksDB's `compaction_readahead_size`). A compaction holds one such
-    /// window per input table it is reading (every L0 input at once, and one
-    /// table of the level below), freed as each input ends. 0: a read per
-    /// block. Default 1 MiB.
+    /// window per input table it is reading (every L0 input at once, one
+    /// table at a time of each deeper level), freed as each input ends. 0: a
+    /// read per block. Default 1 MiB.
     pub compaction_readahead_bytes: usize,
     /// Compaction threads (with [`Background::Threads`]). Default 1.
     pub compaction_threads: usize,
