@@ -1000,9 +1000,14 @@ impl Table {
         self.cache.get_or_load(self.id, offset, fill_cache, || {
             let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
             self.file.read_exact_at(&mut buf, offset).map_err(io("read table block", &self.path))?;
-            let raw = block::read_block(&buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, offset, m))?;
-            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
+            self.decode_block(&buf, offset)
         })
+    }
+
+    /// Checks and decodes the stored block `buf` read at `offset`.
+    fn decode_block(&self, buf: &[u8], offset: u64) -> Result<Arc<Block>> {
+        let raw = block::read_block(buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, offset, m))?;
+        Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
     }
 
     /// The data block at `handle` for a forward scan that reads ahead: a
@@ -1014,9 +1019,9 @@ impl Table {
             let need = len as usize + TRAILER_BYTES;
             let end = offset + need as u64;
             if offset < ra.at || end > ra.at + ra.buf.len() as u64 {
-                // The window ends at the data blocks' end (or the block's, if
-                // a corrupt handle points past it: the read then fails as the
-                // plain read would).
+                // The window ends at the data blocks' end. (Decoding the
+                // index checked that every handle, trailer included, lies
+                // before it; `max(end)` only keeps the subtraction safe.)
                 let n = (ra.bytes as u64).max(need as u64).min(self.data_end.max(end) - offset) as usize;
                 ra.buf.resize(n, 0);
                 ra.at = offset;
@@ -1026,9 +1031,7 @@ impl Table {
                 }
             }
             let at = (offset - ra.at) as usize;
-            let raw = block::read_block(&ra.buf[at..at + need], BLOCK_BYTES_MAX)
-                .map_err(|m| corrupt(&self.path, offset, m))?;
-            Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
+            self.decode_block(&ra.buf[at..at + need], offset)
         })
     }
 
