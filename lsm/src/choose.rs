@@ -35,6 +35,25 @@ pub struct ChooseConfig {
     pub l0_trigger: usize,
     /// Target bytes of each level (index 0 unused).
     pub level_targets: Vec<u64>,
+    /// Which table of a deeper level goes first.
+    pub priority: CompactionPriority,
+}
+
+/// Which table of a level (below L0) a compaction takes first, among those
+/// whose overlapping tables below are not being compacted (RocksDB's
+/// `compaction_pri`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CompactionPriority {
+    /// The table whose overlapping bytes in the next level, over its own
+    /// bytes, are the fewest: the compaction that rewrites the least below
+    /// for each byte it moves down (RocksDB's `kMinOverlappingRatio`, its
+    /// default). Ties go to the oldest data. The default.
+    #[default]
+    MinOverlappingRatio,
+    /// The table with the oldest data (smallest `seq_max`; RocksDB's
+    /// `kOldestLargestSeqFirst`).
+    OldestData,
 }
 
 /// A compaction to run.
@@ -113,14 +132,22 @@ pub fn expand(
     Some(Choice { level, upper, lower, output_level, trivial_move, bottommost, score_percent })
 }
 
+/// Bytes of the tables of `below` (a level below L0: sorted by key, not
+/// overlapping) that overlap `t`, per 1,024 bytes of `t`.
+fn overlap_ratio(t: &TableSummary, below: &[TableSummary]) -> u128 {
+    let first = below.partition_point(|b| b.largest < t.smallest);
+    let overlapping: u64 = below[first..].iter().take_while(|b| b.smallest <= t.largest).map(|b| b.bytes).sum();
+    u128::from(overlapping) * 1024 / u128::from(t.bytes.max(1))
+}
+
 /// Chooses the most urgent compaction, or `None` when every level is within
 /// its limits. Pure: depends only on its arguments.
 ///
 /// - L0's score is its table count over the trigger; a deeper level's is its
 ///   bytes over its target; the last level never compacts.
 /// - From L0 every table is taken (they may overlap each other).
-/// - From a deeper level, the table with the oldest data (smallest
-///   `seq_max`) whose overlapping tables below are not being compacted.
+/// - From a deeper level, one table whose overlapping tables below are not
+///   being compacted, in the order `cfg.priority` sets.
 pub fn choose(levels: &[Vec<TableSummary>], compacting: &HashSet<TableId>, cfg: &ChooseConfig) -> Option<Choice> {
     let mut scored: Vec<(u64, usize)> = Vec::new();
     for (l, ts) in levels.iter().enumerate().take(levels.len().saturating_sub(1)) {
@@ -145,7 +172,13 @@ pub fn choose(levels: &[Vec<TableSummary>], compacting: &HashSet<TableId>, cfg: 
             continue;
         }
         let mut candidates: Vec<&TableSummary> = levels[l].iter().filter(|t| !compacting.contains(&t.id)).collect();
-        candidates.sort_by_key(|t| (t.seq_max, t.id));
+        match cfg.priority {
+            CompactionPriority::OldestData => candidates.sort_by_key(|t| (t.seq_max, t.id)),
+            CompactionPriority::MinOverlappingRatio => {
+                let below = &levels[l + 1];
+                candidates.sort_by_cached_key(|t| (overlap_ratio(t, below), t.seq_max, t.id));
+            }
+        }
         for t in candidates {
             if let Some(c) = expand(levels, l, vec![t.id], compacting, score) {
                 return Some(c);
@@ -170,7 +203,42 @@ mod tests {
     }
 
     fn cfg() -> ChooseConfig {
-        ChooseConfig { l0_trigger: 4, level_targets: vec![0, 100, 1000, 10_000] }
+        ChooseConfig {
+            l0_trigger: 4,
+            level_targets: vec![0, 100, 1000, 10_000],
+            priority: CompactionPriority::default(),
+        }
+    }
+
+    #[test]
+    fn the_table_with_the_least_overlap_below_goes_first() {
+        // L1 over its target of 100. Table 10 (older) sits over 500 bytes of
+        // L2, table 11 over 40, table 12 (oldest) over 40 as well but is
+        // twice 11's size, so its ratio is half of 11's.
+        let l1 = vec![t(10, "a", "c", 100, 5), t(11, "d", "f", 100, 9), t(12, "g", "i", 200, 7)];
+        let l2 = vec![
+            t(20, "a", "b", 250, 1),
+            t(21, "b", "c", 250, 1),
+            t(22, "d", "e", 40, 1),
+            t(23, "g", "h", 40, 1),
+            t(24, "x", "z", 999, 1),
+        ];
+        let levels = vec![vec![], l1, l2, vec![]];
+        let c = choose(&levels, &HashSet::new(), &cfg()).expect("L1 is over its target");
+        assert_eq!((c.upper.clone(), c.lower.clone()), (vec![12], vec![23]), "40 / 200 is the least");
+        // Busy below 12: the next least, 11, goes.
+        let busy: HashSet<TableId> = [23].into_iter().collect();
+        let c = choose(&levels, &busy, &cfg()).expect("another table");
+        assert_eq!((c.upper.clone(), c.lower.clone()), (vec![11], vec![22]));
+        // Oldest data first takes 10, whatever lies below it.
+        let oldest = ChooseConfig { priority: CompactionPriority::OldestData, ..cfg() };
+        let c = choose(&levels, &HashSet::new(), &oldest).expect("L1 is over its target");
+        assert_eq!((c.upper.clone(), c.lower.clone()), (vec![10], vec![20, 21]));
+        // Equal ratios: the oldest data goes first.
+        let l1 = vec![t(10, "a", "c", 100, 5), t(11, "d", "f", 100, 3)];
+        let l2 = vec![t(20, "a", "b", 50, 1), t(21, "d", "e", 50, 1)];
+        let c = choose(&[vec![], l1, l2, vec![]], &HashSet::new(), &cfg()).expect("over");
+        assert_eq!(c.upper, vec![11]);
     }
 
     #[test]
@@ -197,12 +265,13 @@ mod tests {
         let l1 = vec![t(10, "a", "c", 150, 7), t(11, "d", "f", 150, 3)];
         let l2 = vec![t(20, "d", "e", 10, 1)];
         let levels = vec![vec![t(1, "x", "y", 1, 9)], l1, l2, vec![]];
-        let c = choose(&levels, &HashSet::new(), &cfg()).expect("L1 is over its target");
+        let oldest = ChooseConfig { priority: CompactionPriority::OldestData, ..cfg() };
+        let c = choose(&levels, &HashSet::new(), &oldest).expect("L1 is over its target");
         assert_eq!((c.level, c.upper.clone(), c.lower.clone()), (1, vec![11], vec![20]), "oldest data first");
         assert!(c.bottommost);
         // Table 20 busy: 11 cannot go; 10 moves down trivially.
         let busy: HashSet<TableId> = [20].into_iter().collect();
-        let c = choose(&levels, &busy, &cfg()).expect("another table");
+        let c = choose(&levels, &busy, &oldest).expect("another table");
         assert_eq!(c.upper, vec![10]);
         assert!(c.trivial_move);
     }

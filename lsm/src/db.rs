@@ -1058,6 +1058,7 @@ impl Inner {
             level_targets: (0..self.opts.levels)
                 .map(|l| if l == 0 { 0 } else { self.opts.level_bytes_target(l) })
                 .collect(),
+            priority: self.opts.compaction_priority,
         }
     }
 

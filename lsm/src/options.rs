@@ -4,6 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::choose::CompactionPriority;
+
 /// How a block is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -140,6 +142,9 @@ pub struct Options {
     pub l1_bytes_target: u64,
     /// Growth factor between levels. Default 10.
     pub level_size_multiplier: u64,
+    /// Which table of a level below L0 a compaction takes first. Default
+    /// [`CompactionPriority::MinOverlappingRatio`].
+    pub compaction_priority: CompactionPriority,
     /// Bytes above the level targets from which writes are delayed. Default 64 GiB.
     pub pending_compaction_bytes_slowdown: u64,
     /// Bytes above the level targets from which writes stall. Default 256 GiB.
@@ -224,6 +229,7 @@ impl Default for Options {
             l0_stop_tables: 36,
             l1_bytes_target: 256 << 20,
             level_size_multiplier: 10,
+            compaction_priority: CompactionPriority::MinOverlappingRatio,
             pending_compaction_bytes_slowdown: 64 << 30,
             pending_compaction_bytes_stop: 256 << 30,
             slowdown_delay: Duration::from_millis(1),

@@ -15,7 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cairn_lsm::{Compression, Db, DurabilityMode, Options, SyncPolicy};
+use cairn_lsm::{CompactionPriority, Compression, Db, DurabilityMode, Options, SyncPolicy};
 
 struct Args {
     num: u64,
@@ -28,6 +28,7 @@ struct Args {
     l1_mb: Option<u64>,
     table_mb: Option<u64>,
     readahead_kb: Option<usize>,
+    priority: Option<CompactionPriority>,
     zstd_from_level: Option<usize>,
     dir: PathBuf,
     seed: u64,
@@ -39,7 +40,7 @@ fn usage() -> ! {
         "usage: lsm-bench [--num N] [--reads N] [--value-size B] [--cache-mb M] [--write-buffer-mb M]\n\
          \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--l1-mb M]\n\
          \x20                [--table-mb M] [--compaction-readahead-kb K] [--dir DIR]\n\
-         \x20                [--seed S] [--json]"
+         \x20                [--compaction-pri min-overlap|oldest] [--seed S] [--json]"
     );
     std::process::exit(2)
 }
@@ -56,6 +57,7 @@ fn parse_args() -> Args {
         l1_mb: None,
         table_mb: None,
         readahead_kb: None,
+        priority: None,
         zstd_from_level: None,
         dir: std::env::temp_dir().join("cairn-lsm-bench"),
         seed: 42,
@@ -75,6 +77,13 @@ fn parse_args() -> Args {
             "--l1-mb" => a.l1_mb = Some(val().parse().unwrap_or_else(|_| usage())),
             "--table-mb" => a.table_mb = Some(val().parse().unwrap_or_else(|_| usage())),
             "--compaction-readahead-kb" => a.readahead_kb = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--compaction-pri" => {
+                a.priority = Some(match val().as_str() {
+                    "min-overlap" => CompactionPriority::MinOverlappingRatio,
+                    "oldest" => CompactionPriority::OldestData,
+                    _ => usage(),
+                })
+            }
             "--zstd-from-level" => a.zstd_from_level = Some(val().parse().unwrap_or_else(|_| usage())),
             "--dir" => a.dir = PathBuf::from(val()),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
@@ -169,6 +178,9 @@ fn options(a: &Args) -> Options {
     }
     if let Some(k) = a.readahead_kb {
         o.compaction_readahead_bytes = k << 10;
+    }
+    if let Some(p) = a.priority {
+        o.compaction_priority = p;
     }
     if let Some(z) = a.zstd_from_level {
         o.compression_per_level =
