@@ -13,6 +13,10 @@
 # with DEFAULT_SECONDS set, each step ends with that many seconds (plus 2 of
 # warm-up) of `kv bench put`'s default workload, 256-byte values at C=256 over
 # 16 connections, closed loop: the issue's put workload at each state size.
+# With SETTLE set to a list of step numbers (and METRICS_BASE_PORT), those steps then wait until no node's
+# compactions have written for 10 s (at most 15 min), prints how long that took,
+# and runs the default workload again: the same state size without the fill's
+# compaction backlog.
 # Each step also prints what the disk holding the data did during it, from
 # /proc/diskstats: requests, bytes and average size of reads and writes.)
 set -u
@@ -42,6 +46,18 @@ for step in $(seq 1 "$STEPS"); do
     $K bench put --duration "$DEFAULT_SECONDS" -c 256 --conns 16 -w json | tail -1
   fi
   read -r r1 rs1 w1 ws1 < <(disk)
+  if [[ " ${SETTLE:-} " == *" $step "* && -n "${METRICS_BASE_PORT:-}" ]]; then
+    t0=$(date +%s)
+    last=""
+    quiet=0
+    while ((quiet < 10 && $(date +%s) - t0 < 900)); do
+      now=$(for i in 0 1 2; do curl -s "127.0.0.1:$((METRICS_BASE_PORT + i))/metrics" | grep '^cairn_lsm_compaction_write_bytes '; done | tr '\n' ' ')
+      if [[ "$now" == "$last" ]]; then quiet=$((quiet + 1)); else quiet=0; last=$now; fi
+      sleep 1
+    done
+    echo "settled after $(($(date +%s) - t0)) s"
+    $K bench put --duration "${DEFAULT_SECONDS:-20}" -c 256 --conns 16 -w json | tail -1
+  fi
   echo "disk $DISK: reads $((r1 - r0)) ($(((rs1 - rs0) / 2048)) MiB, $(((rs1 - rs0) / 2 / (r1 - r0 + 1))) KiB each)," \
     "writes $((w1 - w0)) ($(((ws1 - ws0) / 2048)) MiB, $(((ws1 - ws0) / 2 / (w1 - w0 + 1))) KiB each)"
   sleep 2
