@@ -212,8 +212,8 @@ mod tests {
 
     #[test]
     fn the_table_with_the_least_overlap_below_goes_first() {
-        // L1 over its target of 100. Table 10 (older) sits over 500 bytes of
-        // L2, table 11 over 40, table 12 (oldest) over 40 as well but is
+        // L1 over its target of 100. Table 10 (the oldest data) sits over
+        // 500 bytes of L2, table 11 over 40, table 12 over 40 as well but is
         // twice 11's size, so its ratio is half of 11's.
         let l1 = vec![t(10, "a", "c", 100, 5), t(11, "d", "f", 100, 9), t(12, "g", "i", 200, 7)];
         let l2 = vec![
