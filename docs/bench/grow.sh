@@ -13,9 +13,9 @@
 # with DEFAULT_SECONDS set, each step ends with that many seconds (plus 2 of
 # warm-up) of `kv bench put`'s default workload, 256-byte values at C=256 over
 # 16 connections, closed loop: the issue's put workload at each state size.
-# With SETTLE set to a list of step numbers (and METRICS_BASE_PORT), those steps then wait until no node's
-# compactions have written for 10 s (at most 15 min), prints how long that took,
-# and runs the default workload again: the same state size without the fill's
+# With SETTLE set to a list of step numbers (and METRICS_BASE_PORT), those steps then
+# wait until no node's compactions have written for 10 s (at most 15 min), print how
+# long that took, and run the default workload again: the same state size without the fill's
 # compaction backlog.
 # Each step also prints what the disk holding the data did during it, from
 # /proc/diskstats: requests, bytes and average size of reads and writes.)
@@ -33,6 +33,8 @@ sleep 4
 K="$KV_BIN --dev-dir $D/cairn-data"
 DISK=$(basename "$(findmnt -no SOURCE --target "$D")")
 disk() { awk -v d="$DISK" '$3 == d {print $4, $6, $8, $10}' /proc/diskstats; }
+metrics() { curl -s "127.0.0.1:$((METRICS_BASE_PORT + $1))/metrics"; }
+default_puts() { $K bench put --duration "${DEFAULT_SECONDS:-20}" -c 256 --conns 16 -w json | tail -1; }
 for step in $(seq 1 "$STEPS"); do
   echo "== step $step $(date +%T)"
   read -r r0 rs0 w0 ws0 < <(disk)
@@ -43,7 +45,7 @@ for step in $(seq 1 "$STEPS"); do
     $K bench put --rate "$RATE" --duration "${RATE_SECONDS:-20}" --value-size 1024 -c 256 --conns 16 -w json | tail -1
   fi
   if [[ -n "${DEFAULT_SECONDS:-}" ]]; then
-    $K bench put --duration "$DEFAULT_SECONDS" -c 256 --conns 16 -w json | tail -1
+    default_puts
   fi
   read -r r1 rs1 w1 ws1 < <(disk)
   if [[ " ${SETTLE:-} " == *" $step "* && -n "${METRICS_BASE_PORT:-}" ]]; then
@@ -51,12 +53,12 @@ for step in $(seq 1 "$STEPS"); do
     last=""
     quiet=0
     while ((quiet < 10 && $(date +%s) - t0 < 900)); do
-      now=$(for i in 0 1 2; do curl -s "127.0.0.1:$((METRICS_BASE_PORT + i))/metrics" | grep '^cairn_lsm_compaction_write_bytes '; done | tr '\n' ' ')
+      now=$(for i in 0 1 2; do metrics $i | grep '^cairn_lsm_compaction_write_bytes '; done | tr '\n' ' ')
       if [[ "$now" == "$last" ]]; then quiet=$((quiet + 1)); else quiet=0; last=$now; fi
       sleep 1
     done
     echo "settled after $(($(date +%s) - t0)) s"
-    $K bench put --duration "${DEFAULT_SECONDS:-20}" -c 256 --conns 16 -w json | tail -1
+    default_puts
   fi
   echo "disk $DISK: reads $((r1 - r0)) ($(((rs1 - rs0) / 2048)) MiB, $(((rs1 - rs0) / 2 / (r1 - r0 + 1))) KiB each)," \
     "writes $((w1 - w0)) ($(((ws1 - ws0) / 2048)) MiB, $(((ws1 - ws0) / 2 / (w1 - w0 + 1))) KiB each)"
@@ -67,7 +69,7 @@ for step in $(seq 1 "$STEPS"); do
   if [[ -n "${METRICS_BASE_PORT:-}" ]]; then
     for i in 0 1 2; do
       printf 'node-%s metrics: ' $((i + 1))
-      curl -s "127.0.0.1:$((METRICS_BASE_PORT + i))/metrics" |
+      metrics $i |
         grep -E '^cairn_lsm_(write_amplification|slowdowns|stall_seconds|compaction_write_bytes|flush_bytes|level_bytes)|^cairn_request_seconds\{kind="write",quantile="0.99|^cairn_wal_fsync_seconds\{quantile="(0.999|1)"' |
         sed -E 's/^cairn_lsm_//; s/\{level="([^"]*)"\}/_\1/' | awk '{printf "%s=%s ", $1, $2}'
       echo

@@ -136,7 +136,8 @@ pub fn expand(
 /// overlapping) that overlap `t`, per 1,024 bytes of `t`.
 fn overlap_ratio(t: &TableSummary, below: &[TableSummary]) -> u128 {
     let first = below.partition_point(|b| b.largest < t.smallest);
-    let overlapping: u64 = below[first..].iter().take_while(|b| b.smallest <= t.largest).map(|b| b.bytes).sum();
+    let overlapping: u64 =
+        below[first..].iter().take_while(|b| b.overlaps(&t.smallest, &t.largest)).map(|b| b.bytes).sum();
     u128::from(overlapping) * 1024 / u128::from(t.bytes.max(1))
 }
 
