@@ -60,10 +60,6 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Bytes of the LSM memtable. Default 64 MiB.
     pub memtable_bytes: usize,
-    /// Nice value of the LSM's compaction threads, 0 to 19 (0: the node's
-    /// own priority): the Raft, apply and network threads get a CPU before a
-    /// compaction does (cairn-lsm's `compaction_thread_nice`). Default 10.
-    pub compaction_nice: u8,
     /// Bytes of the LSM block cache, which also bounds the tables' filters
     /// (charged against it). Default 64 MiB.
     pub block_cache_bytes: u64,
@@ -333,7 +329,6 @@ pub struct FileConfig {
     heartbeat_ticks: Option<u32>,
     session_ttl_secs: Option<u64>,
     memtable_bytes: Option<usize>,
-    compaction_nice: Option<u8>,
     block_cache_bytes: Option<u64>,
     entry_cache_bytes: Option<u64>,
     wal_segment_bytes: Option<u64>,
@@ -403,9 +398,6 @@ pub struct RunArgs {
     /// Bytes of the LSM memtable (a flush, which lets the log be released, follows when it fills).
     #[arg(long, env = "CAIRN_MEMTABLE_BYTES")]
     pub memtable_bytes: Option<usize>,
-    /// Nice value of the LSM's compaction threads, 0 to 19 (0: the node's own priority).
-    #[arg(long, env = "CAIRN_COMPACTION_NICE")]
-    pub compaction_nice: Option<u8>,
     /// Entries kept below the state's durable marker when the log is released.
     #[arg(long, env = "CAIRN_RELEASE_MARGIN_ENTRIES")]
     pub release_margin_entries: Option<u64>,
@@ -605,7 +597,6 @@ impl Config {
             heartbeat_ticks: file.heartbeat_ticks.unwrap_or(1),
             session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(SESSION_TTL_DEFAULT_SECS)),
             memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
-            compaction_nice: args.compaction_nice.or(file.compaction_nice).unwrap_or(10).min(19),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
             entry_cache_bytes: file.entry_cache_bytes.unwrap_or(64 << 20),
             wal_segment_bytes: args.wal_segment_bytes.or(file.wal_segment_bytes).unwrap_or(64 << 20).max(64 << 10),
@@ -723,29 +714,6 @@ mod tests {
             let err = load(&bad).expect_err(&bad);
             assert!(err.0.contains("keys at most"), "{bad}: {}", err.0);
         }
-    }
-
-    #[test]
-    fn compaction_nice_defaults_to_10_and_is_clamped_to_19() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::write(&tokens, "t\n").expect("tokens");
-        let load = |top: &str, flag: Option<u8>| {
-            let file = dir.path().join("cairn.toml");
-            std::fs::write(&file, format!("id = 1\n{top}\n")).expect("config");
-            let args = RunArgs {
-                config: Some(file),
-                client_token_file: Some(tokens.clone()),
-                compaction_nice: flag,
-                ..RunArgs::default()
-            };
-            Config::load(&args).expect("load").compaction_nice
-        };
-        assert_eq!(load("", None), 10);
-        assert_eq!(load("compaction_nice = 3", None), 3);
-        assert_eq!(load("compaction_nice = 0", None), 0);
-        assert_eq!(load("compaction_nice = 40", None), 19);
-        assert_eq!(load("compaction_nice = 3", Some(5)), 5, "the flag wins over the file");
     }
 
     #[test]

@@ -260,7 +260,6 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     let mut opts = Options::default();
     opts.durability = DurabilityMode::Embedded;
     opts.write_buffer_bytes = cfg.memtable_bytes;
-    opts.compaction_thread_nice = cfg.compaction_nice;
     opts.block_cache_bytes = cfg.block_cache_bytes;
     opts.hook = switches.failpoints.lsm_hook();
     let mut initial = cfg.initial_cluster.clone();
