@@ -618,10 +618,7 @@ impl Db {
                 threads.push(
                     std::thread::Builder::new()
                         .name(format!("lsm-compact-{n}"))
-                        .spawn(move || {
-                            lower_thread_priority(i.opts.compaction_thread_nice);
-                            i.compaction_loop()
-                        })
+                        .spawn(move || i.compaction_loop())
                         .map_err(io("spawn compaction thread", &PathBuf::new()))?,
                 );
             }
@@ -1964,22 +1961,6 @@ impl Inner {
         let (h, m) = self.cache.counts();
         if h + m > 0 {
             metrics::gauge!("cairn_lsm_cache_hit_ratio").set(h as f64 / (h + m) as f64);
-        }
-    }
-}
-
-/// Gives the calling thread the nice value `nice` (clamped to 19); 0 leaves
-/// it as it is. Linux only: there `setpriority(PRIO_PROCESS, tid)` sets one
-/// thread's nice value. A failure is logged: a hint, never an error.
-fn lower_thread_priority(nice: u8) {
-    if nice == 0 {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        let tid = rustix::thread::gettid();
-        if let Err(e) = rustix::process::setpriority_process(Some(tid), i32::from(nice.min(19))) {
-            tracing::warn!(error = %e, nice, "could not lower a compaction thread's priority");
         }
     }
 }

@@ -162,17 +162,6 @@ pub struct Options {
     pub compaction_readahead_bytes: usize,
     /// Compaction threads (with [`Background::Threads`]). Default 1.
     pub compaction_threads: usize,
-    /// Nice value each compaction thread gives itself when it starts, 0 to 19
-    /// (larger is clamped): above 0, a thread of the same process or machine
-    /// at the usual priority that wants a CPU gets it before a compaction's
-    /// merging and compression, so foreground latency suffers less from a
-    /// compaction running beside it (RocksDB's `LowerThreadPoolCPUPriority`).
-    /// A compaction then runs on the CPU time the rest leave; if it falls
-    /// behind, L0 grows and the write slowdowns and stalls push back as
-    /// usual. The flush thread keeps the process's priority: a late flush
-    /// stalls writes. Linux only (`setpriority` on the thread); ignored
-    /// elsewhere, and a failure is logged and ignored. Default 0 (unchanged).
-    pub compaction_thread_nice: u8,
     /// Where background work runs. Default [`Background::Threads`].
     pub background: Background,
     /// With [`Background::Threads`]: obsolete table files queued for the
@@ -247,7 +236,6 @@ impl Default for Options {
             stall_duration_max: Duration::from_secs(60),
             compaction_readahead_bytes: 1 << 20,
             compaction_threads: 1,
-            compaction_thread_nice: 0,
             background: Background::Threads,
             purge_queue_tables: 256,
             batch_bytes_max: 32 << 20,
