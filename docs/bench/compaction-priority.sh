@@ -9,12 +9,14 @@
 #   cpu: nice 10 (renice -n 10);  both: the two.
 # After each run it prints each node's log fsync quantiles (over about the last
 # minute), slowdowns, stall seconds and compaction bytes.
-# Usage: compaction-priority.sh path/to/kv-server path/to/kv STEPS
+# Usage: compaction-priority.sh path/to/kv-server path/to/kv STEPS [PUTS_PER_STEP]
 # (AB default "1 10", ROUNDS default 3, MODES default "normal io cpu both"; needs
 # renice and ionice, and root to renice back to 0). Used 2026-12-07, docs/benchmarks.md,
 # "Compaction threads at a lower CPU priority".
 set -u
-SERVER=$1; KVB=$2; STEPS=$3; AB=${AB:-"1 10"}; ROUNDS=${ROUNDS:-3}
+# shellcheck source=common.sh
+. "$(cd "$(dirname "$0")" && pwd)/common.sh"
+SERVER=$1; KVB=$2; STEPS=$3; PUTS=${4:-1000000}; AB=${AB:-"1 10"}; ROUNDS=${ROUNDS:-3}
 MODES=${MODES:-"normal io cpu both"}
 D=$(mktemp -d /tmp/grow.XXXX); cd "$D"
 METRICS_BASE_PORT=27901
@@ -22,7 +24,6 @@ CAIRN_QUOTA_BYTES=17179869184 "$SERVER" dev --base-port 27601 --metrics-base-por
 DEV=$!
 sleep 4
 K="$KVB --dev-dir $D/cairn-data"
-metrics() { curl -s "127.0.0.1:$((METRICS_BASE_PORT + $1))/metrics"; }
 tids() { for p in $(pgrep -P "$DEV"); do grep -l '^lsm-compact' /proc/$p/task/*/comm | awk -F/ '{print $5}'; done; }
 setmode() {
   for t in $(tids); do
@@ -34,19 +35,10 @@ setmode() {
     esac
   done
 }
-settle() {
-  t0=$(date +%s); last=""; quiet=0
-  while ((quiet < 10 && $(date +%s) - t0 < 900)); do
-    now=$(for i in 0 1 2; do metrics $i | grep '^cairn_lsm_compaction_write_bytes '; done | tr '\n' ' ')
-    if [[ "$now" == "$last" ]]; then quiet=$((quiet + 1)); else quiet=0; last=$now; fi
-    sleep 1
-  done
-  echo "settled after $(($(date +%s) - t0)) s"
-}
 for step in $(seq 1 "$STEPS"); do
   echo "== step $step $(date +%T)"
   setmode normal
-  $K bench put --total 1000000 --value-size 1024 -c 256 --conns 16 -w json | tail -1
+  $K bench put --total "$PUTS" --value-size 1024 -c 256 --conns 16 -w json | tail -1
   if [[ " $AB " == *" $step "* ]]; then
     for r in $(seq 1 $ROUNDS); do
       for m in $MODES; do

@@ -33,7 +33,8 @@ sleep 4
 K="$KV_BIN --dev-dir $D/cairn-data"
 DISK=$(basename "$(findmnt -no SOURCE --target "$D")")
 disk() { awk -v d="$DISK" '$3 == d {print $4, $6, $8, $10}' /proc/diskstats; }
-metrics() { curl -s "127.0.0.1:$((METRICS_BASE_PORT + $1))/metrics"; }
+# shellcheck source=common.sh
+. "$ROOT/docs/bench/common.sh"
 default_puts() { $K bench put --duration "${DEFAULT_SECONDS:-20}" -c 256 --conns 16 -w json | tail -1; }
 for step in $(seq 1 "$STEPS"); do
   echo "== step $step $(date +%T)"
@@ -49,15 +50,7 @@ for step in $(seq 1 "$STEPS"); do
   fi
   read -r r1 rs1 w1 ws1 < <(disk)
   if [[ " ${SETTLE:-} " == *" $step "* && -n "${METRICS_BASE_PORT:-}" ]]; then
-    t0=$(date +%s)
-    last=""
-    quiet=0
-    while ((quiet < 10 && $(date +%s) - t0 < 900)); do
-      now=$(for i in 0 1 2; do metrics $i | grep '^cairn_lsm_compaction_write_bytes '; done | tr '\n' ' ')
-      if [[ "$now" == "$last" ]]; then quiet=$((quiet + 1)); else quiet=0; last=$now; fi
-      sleep 1
-    done
-    echo "settled after $(($(date +%s) - t0)) s"
+    settle
     default_puts
   fi
   echo "disk $DISK: reads $((r1 - r0)) ($(((rs1 - rs0) / 2048)) MiB, $(((rs1 - rs0) / 2 / (r1 - r0 + 1))) KiB each)," \
