@@ -229,7 +229,7 @@ impl Default for Options {
             l0_stop_tables: 36,
             l1_bytes_target: 256 << 20,
             level_size_multiplier: 10,
-            compaction_priority: CompactionPriority::MinOverlappingRatio,
+            compaction_priority: CompactionPriority::default(),
             pending_compaction_bytes_slowdown: 64 << 30,
             pending_compaction_bytes_stop: 256 << 30,
             slowdown_delay: Duration::from_millis(1),
