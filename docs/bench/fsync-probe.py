@@ -27,7 +27,6 @@ def writer(rate, stop):
                 due=t0+n/(rate<<20); d=due-time.monotonic()
                 if d>0: time.sleep(d)
         os.fdatasync(f); os.close(f); os.unlink(p); i+=1
-    return
 for r in range(rounds):
     for rate in rates:
         stop=threading.Event(); th=None
