@@ -3,13 +3,15 @@
 //! number, and dropping tombstones only at the bottom and only when no read
 //! view needs them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_wal::Fs;
 
-use crate::error::Result;
+use crate::blob::{BlobFile, BlobId, BlobRef, BlobWriter};
+use crate::error::{Result, corrupt};
 use crate::iter::{LevelIter, Merge, Source};
 use crate::table::{Table, TableWriter, WriteSettings};
 use crate::types::{RangeTombstone, Seqno, TableId, ValueKind, trailer_kind};
@@ -37,6 +39,24 @@ pub(crate) struct Job<'a> {
     pub(crate) readahead_bytes: usize,
     /// Allocates the next table id and its path.
     pub(crate) new_table: &'a mut dyn FnMut() -> (TableId, PathBuf),
+    /// The blob files the inputs reference (to read values being moved).
+    pub(crate) blobs: &'a BTreeMap<BlobId, Arc<BlobFile>>,
+    /// Blob files with enough garbage: the values kept from them move into
+    /// a new blob file.
+    pub(crate) gc: &'a BTreeSet<BlobId>,
+    /// Allocates the id and path of that new blob file.
+    pub(crate) new_blob: &'a mut dyn FnMut() -> (BlobId, PathBuf),
+    /// How that blob file compresses values.
+    pub(crate) blob_compression: crate::options::Compression,
+    /// Test-only: leave that blob file unsynced.
+    pub(crate) skip_blob_sync: bool,
+}
+
+/// The blob file a compaction wrote (values moved out of blob files with garbage), synced.
+#[derive(Debug)]
+pub(crate) struct BlobOutput {
+    pub(crate) id: BlobId,
+    pub(crate) bytes: u64,
 }
 
 /// The stripe of a sequence number: how many read views are below it. Two
@@ -72,7 +92,12 @@ fn clip(ts: &[RangeTombstone], lower: Option<&Bytes>, upper: Option<&Bytes>) -> 
 /// and returns the tables written, synced. On error the caller deletes them.
 /// Each run is a list of tables sorted by key that do not overlap (an L0
 /// table alone, or a level's inputs), read one table after the other.
-pub(crate) fn run(runs: &[Vec<Arc<Table>>], job: Job<'_>, outputs: &mut Vec<Output>) -> Result<()> {
+pub(crate) fn run(
+    runs: &[Vec<Arc<Table>>],
+    job: Job<'_>,
+    outputs: &mut Vec<Output>,
+    blob_out: &mut Option<BlobOutput>,
+) -> Result<()> {
     let views = job.views;
     let mut all_ts: Vec<RangeTombstone> = runs.iter().flatten().flat_map(|t| t.range_dels.iter().cloned()).collect();
     all_ts.sort_by(|a, b| a.start.cmp(&b.start).then(b.seq.cmp(&a.seq)));
@@ -91,6 +116,7 @@ pub(crate) fn run(runs: &[Vec<Arc<Table>>], job: Job<'_>, outputs: &mut Vec<Outp
     let mut last_user: Option<Bytes> = None;
     let mut last_stripe = usize::MAX;
     let mut split_at: Option<Bytes> = None;
+    let mut moved: Option<BlobWriter> = None;
     let finish = |w: Writer, upper: Option<&Bytes>, outputs: &mut Vec<Output>| -> Result<()> {
         let mut tw = w.w;
         for t in clip(&kept_ts, w.lower.as_ref(), upper) {
@@ -146,7 +172,25 @@ pub(crate) fn run(runs: &[Vec<Arc<Table>>], job: Job<'_>, outputs: &mut Vec<Outp
             let tw = TableWriter::create(job.fs, &path, job.settings)?;
             cur = Some(Writer { w: tw, id, path, lower: None });
         }
-        if let Some(w) = &mut cur {
+        let Some(w) = &mut cur else { continue };
+        if !job.gc.is_empty()
+            && trailer_kind(e.trailer) == Some(ValueKind::BlobRef)
+            && let Some(r) = BlobRef::decode(&e.value)
+            && job.gc.contains(&r.file)
+        {
+            let from = job.blobs.get(&r.file).ok_or_else(|| {
+                corrupt(&w.path, 0, format!("an input references blob file {:016x}, which is not live", r.file))
+            })?;
+            let value = from.read(&r)?;
+            let to = match &mut moved {
+                Some(b) => b,
+                None => {
+                    let (id, path) = (job.new_blob)();
+                    moved.insert(BlobWriter::create(job.fs, &path, id, job.blob_compression, job.skip_blob_sync)?)
+                }
+            };
+            w.w.add(&e.user, e.trailer, &to.add(&value)?.encode())?;
+        } else {
             w.w.add(&e.user, e.trailer, &e.value)?;
         }
     }
@@ -158,6 +202,10 @@ pub(crate) fn run(runs: &[Vec<Arc<Table>>], job: Job<'_>, outputs: &mut Vec<Outp
             finish(Writer { w: tw, id, path, lower: None }, None, outputs)?;
         }
         None => {}
+    }
+    if let Some(b) = moved {
+        let id = b.id();
+        *blob_out = Some(BlobOutput { id, bytes: b.finish()? });
     }
     Ok(())
 }

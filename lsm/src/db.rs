@@ -1,7 +1,7 @@
 //! The engine: write path, read path, background flush and compaction,
 //! checkpoints and ingest.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use cairn_wal::{Durability, Fs, FsLock, StdFs, UserKind, Wal, WalOptions};
 
 use crate::batch::{Op, WriteBatch};
+use crate::blob::{BlobFile, BlobId, BlobWriter, blob_file_name, parse_blob_file_name};
 use crate::bloom;
 use crate::cache::BlockCache;
 use crate::choose::{self, Choice, ChooseConfig, TableSummary};
@@ -86,6 +87,8 @@ struct Counters {
     slowdowns: AtomicU64,
     blocks_tried: AtomicU64,
     blocks_compressed: AtomicU64,
+    blob_flush_bytes: AtomicU64,
+    blob_gc_bytes: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -153,6 +156,9 @@ pub struct CheckpointInfo {
     pub last_seq: Seqno,
     /// Its table files.
     pub tables: Vec<CheckpointTable>,
+    /// Its blob files (relative to its directory), which the tables'
+    /// separated values live in (see `Options::blob_value_bytes_min`).
+    pub blob_files: Vec<PathBuf>,
 }
 
 /// One table file of a checkpoint.
@@ -254,6 +260,18 @@ pub struct Stats {
     pub blocks_compression_tried: u64,
     /// Data blocks stored compressed.
     pub blocks_compressed: u64,
+    /// Blob files the live tables reference (see `Options::blob_value_bytes_min`).
+    pub blob_files: usize,
+    /// Bytes of those blob files.
+    pub blob_bytes: u64,
+    /// Of those, the bytes the live tables' references keep (the rest is
+    /// garbage, reclaimed by compactions).
+    pub blob_live_bytes: u64,
+    /// Bytes of blob files written by flushes.
+    pub blob_flush_bytes: u64,
+    /// Bytes of values a compaction moved out of a blob file with garbage
+    /// into a new one (record overhead included).
+    pub blob_gc_bytes: u64,
 }
 
 /// A consistent view of the engine at one sequence number: every read through
@@ -444,9 +462,19 @@ impl Db {
                 let meta_only = Edit { added: Vec::new(), removed: Vec::new(), full: false, ..e.clone() };
                 v = v.apply(&meta_only, &[]);
             }
+            let mut blobs: BTreeMap<BlobId, Arc<BlobFile>> = BTreeMap::new();
             for (id, (level, seq_offset, file_xxh3)) in live {
                 let t =
-                    Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?;
+                    Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?
+                        .with_blobs(|bid| {
+                            if let Some(b) = blobs.get(&bid) {
+                                return Ok(Arc::clone(b));
+                            }
+                            let path = tables_dir.join(blob_file_name(bid));
+                            let b = Arc::new(BlobFile::open(Arc::clone(&fs), &path, bid, purger.clone())?);
+                            blobs.insert(bid, Arc::clone(&b));
+                            Ok(b)
+                        })?;
                 v.levels[level as usize].push(Arc::new(t.with_file_xxh3(file_xxh3).with_purger(purger.clone())));
             }
             v.sort();
@@ -462,17 +490,19 @@ impl Db {
             )?;
             (m, v, 1)
         };
-        // Tables not in the manifest are leftovers of an interrupted flush,
-        // compaction or ingest: remove them.
+        // Tables not in the manifest, and blob files no table references, are
+        // leftovers of an interrupted flush, compaction or ingest: remove them.
         let live: HashSet<TableId> = version.tables().map(|(_, t)| t.id).collect();
         for name in fs.read_dir(&tables_dir).map_err(io("list tables", &tables_dir))? {
             let p = tables_dir.join(&name);
-            match parse_table_file_name(&name) {
-                Some(id) if live.contains(&id) => {}
-                _ => {
-                    tracing::info!(path = %p.display(), "removing a table file the manifest does not list");
-                    fs.remove_file(&p).map_err(io("remove leftover table", &p))?;
-                }
+            let keep = match (parse_table_file_name(&name), parse_blob_file_name(&name)) {
+                (Some(id), _) => live.contains(&id),
+                (None, Some(id)) => version.blobs.contains_key(&id),
+                (None, None) => false,
+            };
+            if !keep {
+                tracing::info!(path = %p.display(), "removing a file no table in the manifest lists");
+                fs.remove_file(&p).map_err(io("remove leftover table", &p))?;
             }
         }
         let mut last_seq = version.last_seq;
@@ -1154,10 +1184,14 @@ impl Inner {
                 }
             }
         }
-        if tomb > seq || trailer_kind(trailer) != Some(ValueKind::Put) {
+        if tomb > seq {
             return Ok(None);
         }
-        Ok(Some(value))
+        match trailer_kind(trailer) {
+            Some(ValueKind::Put) => Ok(Some(value)),
+            Some(ValueKind::BlobRef) => sv.version.read_blob(&value).map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn iter_at(&self, (lo, hi): (Bound<Bytes>, Bound<Bytes>), forward: bool, snap: Seqno) -> Iter {
@@ -1188,8 +1222,9 @@ impl Inner {
             }
         }
         let fragments = Fragments::new(&tombs, snap);
+        let version = Arc::clone(&sv.version);
         let pin: Pin = sv;
-        Iter::new(pin, Merge::new(sources, forward), snap, lo, hi, forward, fragments)
+        Iter::new(pin, version, Merge::new(sources, forward), snap, lo, hi, forward, fragments)
     }
 
     fn settings(&self, level: usize) -> WriteSettings {
@@ -1207,6 +1242,22 @@ impl Inner {
         let id = vs.next_table_id;
         vs.next_table_id += 1;
         (id, self.tables_dir.join(table_file_name(id)))
+    }
+
+    /// A new blob file's id (from the tables' counter) and path.
+    fn new_blob_id(&self) -> (BlobId, PathBuf) {
+        let (id, _) = self.new_table_id();
+        (id, self.tables_dir.join(blob_file_name(id)))
+    }
+
+    fn skip_blob_sync(&self) -> bool {
+        self.opts.skip_table_sync_for_tests || self.opts.skip_blob_sync_for_tests
+    }
+
+    /// Opens blob file `id`, written by this engine.
+    fn open_blob(&self, id: BlobId) -> Result<Arc<BlobFile>> {
+        let path = self.tables_dir.join(blob_file_name(id));
+        BlobFile::open(Arc::clone(&self.fs), &path, id, self.purger.clone()).map(Arc::new)
     }
 
     fn sync_tables_dir(&self) -> Result<()> {
@@ -1245,6 +1296,11 @@ impl Inner {
                 t.mark_obsolete();
             }
         }
+        for (id, b) in &cur.version.blobs {
+            if !next.blobs.contains_key(id) {
+                b.mark_obsolete();
+            }
+        }
         lock(&self.bg).installs += 1;
         self.bg_cond.notify_all();
         self.publish_metrics(&next);
@@ -1271,22 +1327,59 @@ impl Inner {
             let (id, path) = self.new_table_id();
             let mut w = TableWriter::create(&*self.fs, &path, self.settings(0)).map_err(|e| self.poison(e))?;
             let res = (|| {
-                mem.for_each_entry(|user, trailer, value| w.add(user, trailer, value))?;
+                let mut blob: Option<BlobWriter> = None;
+                let separate = self.opts.blob_value_bytes_min;
+                mem.for_each_entry(|user, trailer, value| match separate {
+                    Some(min) if value.len() >= min && trailer_kind(trailer) == Some(ValueKind::Put) => {
+                        let b = match &mut blob {
+                            Some(b) => b,
+                            None => {
+                                let (bid, bpath) = self.new_blob_id();
+                                let skip = self.skip_blob_sync();
+                                blob.insert(BlobWriter::create(
+                                    &*self.fs,
+                                    &bpath,
+                                    bid,
+                                    self.opts.blob_compression,
+                                    skip,
+                                )?)
+                            }
+                        };
+                        let r = b.add(value)?;
+                        w.add(user, crate::types::trailer(trailer_seq(trailer), ValueKind::BlobRef), &r.encode())
+                    }
+                    _ => w.add(user, trailer, value),
+                })?;
                 for t in sorted_range_deletes(&mem) {
                     w.add_range_delete(t);
                 }
                 w.set_markers(mem.markers());
                 w.set_coverage_after(mem.after());
                 self.opts.hook(HookPoint::FlushTableWritten)?;
+                // The blob file is synced before the table that references it.
+                let blob = match blob {
+                    Some(b) => {
+                        let bid = b.id();
+                        let bytes = b.finish()?;
+                        self.counters.blob_flush_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        Some(self.open_blob(bid)?)
+                    }
+                    None => None,
+                };
                 let written = w.finish()?;
                 self.sync_tables_dir()?;
                 self.opts.hook(HookPoint::FlushTableSynced)?;
                 self.counters.flush_bytes.fetch_add(written.bytes, Ordering::Relaxed);
                 self.counters.blocks_tried.fetch_add(written.blocks_tried, Ordering::Relaxed);
                 self.counters.blocks_compressed.fetch_add(written.blocks_compressed, Ordering::Relaxed);
-                Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())
-                    .map(|t| t.with_purger(self.purger.clone()))
-                    .map(|t| t.with_file_xxh3(Some(written.file_xxh3)))
+                Table::open(Arc::clone(&self.fs), &path, id, 0, self.cache.clone())?
+                    .with_purger(self.purger.clone())
+                    .with_file_xxh3(Some(written.file_xxh3))
+                    .with_blobs(|bid| {
+                        blob.clone().filter(|b| b.id == bid).ok_or_else(|| {
+                            crate::error::corrupt(&path, 0, format!("references blob file {bid:016x}, not the flush's"))
+                        })
+                    })
             })();
             match res {
                 Ok(t) => opened.push(Arc::new(t)),
@@ -1299,6 +1392,10 @@ impl Inner {
             drop(vs);
             if let Some(t) = opened.pop() {
                 t.mark_obsolete();
+                // The flush's own blob file: no other table references it.
+                for b in &t.blobs {
+                    b.mark_obsolete();
+                }
             }
             return Ok(true);
         }
@@ -1405,6 +1502,12 @@ impl Inner {
         let views = self.live_views();
         let mut outputs: Vec<Output> = Vec::new();
         let mut alloc = || self.new_table_id();
+        let mut alloc_blob = || self.new_blob_id();
+        // The inputs' blob files, and those of them whose garbage share
+        // reached the bound (live bytes counted over the whole version).
+        let mut blobs: BTreeMap<BlobId, Arc<BlobFile>> =
+            inputs.iter().flat_map(|t| t.blobs.iter()).map(|b| (b.id, Arc::clone(b))).collect();
+        let gc = self.blob_gc_candidates(&blobs);
         let job = Job {
             fs: &*self.fs,
             views: &views,
@@ -1413,18 +1516,37 @@ impl Inner {
             table_bytes_target: self.opts.table_bytes_target,
             readahead_bytes: self.opts.compaction_readahead_bytes,
             new_table: &mut alloc,
+            blobs: &blobs,
+            gc: &gc,
+            new_blob: &mut alloc_blob,
+            blob_compression: self.opts.blob_compression,
+            skip_blob_sync: self.skip_blob_sync(),
         };
         let read: u64 = inputs.iter().map(|t| t.file_bytes).sum();
-        let res = compaction::run(&Self::runs(c, &inputs), job, &mut outputs)
+        let mut moved = None;
+        let res = compaction::run(&Self::runs(c, &inputs), job, &mut outputs, &mut moved)
+            .and_then(|()| {
+                if let Some(m) = &moved {
+                    self.counters.blob_gc_bytes.fetch_add(m.bytes, Ordering::Relaxed);
+                    blobs.insert(m.id, self.open_blob(m.id)?);
+                }
+                Ok(())
+            })
             .and_then(|()| self.sync_tables_dir())
             .and_then(|()| self.opts.hook(HookPoint::CompactionTablesWritten))
             .and_then(|()| {
                 outputs
                     .iter()
                     .map(|o| {
-                        Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone())
-                            .map(|t| t.with_purger(self.purger.clone()))
-                            .map(|t| Arc::new(t.with_file_xxh3(Some(o.file_xxh3))))
+                        let t = Table::open(Arc::clone(&self.fs), &o.path, o.id, 0, self.cache.clone())?
+                            .with_purger(self.purger.clone())
+                            .with_file_xxh3(Some(o.file_xxh3))
+                            .with_blobs(|id| {
+                                blobs.get(&id).cloned().ok_or_else(|| {
+                                    crate::error::corrupt(&o.path, 0, format!("references unknown blob file {id:016x}"))
+                                })
+                            })?;
+                        Ok(Arc::new(t))
                     })
                     .collect::<Result<Vec<_>>>()
             });
@@ -1453,6 +1575,26 @@ impl Inner {
         self.counters.compaction_read_bytes.fetch_add(read, Ordering::Relaxed);
         self.counters.compaction_write_bytes.fetch_add(written, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Of `blobs`, the files at least `Options::blob_gc_garbage_percent`
+    /// garbage: bytes of the file past its header that no table of the
+    /// current version references.
+    fn blob_gc_candidates(&self, blobs: &BTreeMap<BlobId, Arc<BlobFile>>) -> BTreeSet<BlobId> {
+        let pct = u64::from(self.opts.blob_gc_garbage_percent);
+        if blobs.is_empty() || pct >= 100 {
+            return BTreeSet::new();
+        }
+        let live = self.sv.load().version.blob_live_bytes();
+        blobs
+            .values()
+            .filter(|b| {
+                let total = b.bytes.saturating_sub(crate::blob::HEADER_BYTES);
+                let garbage = total.saturating_sub(live.get(&b.id).copied().unwrap_or(0));
+                garbage * 100 >= pct * total
+            })
+            .map(|b| b.id)
+            .collect()
     }
 
     /// The tables of level 1 and below that a range tombstone in this version
@@ -1708,6 +1850,13 @@ impl Inner {
             self.fs.hard_link(t.path(), &to).map_err(io("link table into checkpoint", &to))?;
             tables.push(CheckpointTable { path: PathBuf::from(TABLES_DIR).join(name), xxh3: t.file_xxh3 });
         }
+        let mut blob_files = Vec::new();
+        for b in v.blobs.values() {
+            let name = blob_file_name(b.id);
+            let to = tdir.join(&name);
+            self.fs.hard_link(b.path(), &to).map_err(io("link blob file into checkpoint", &to))?;
+            blob_files.push(PathBuf::from(TABLES_DIR).join(name));
+        }
         self.fs.sync_dir(&tdir).map_err(io("fsync checkpoint tables", &tdir))?;
         self.opts.hook(HookPoint::CheckpointLinked)?;
         let m = Manifest::create(
@@ -1720,7 +1869,7 @@ impl Inner {
         drop(m);
         self.fs.sync_dir(dest).map_err(io("fsync checkpoint", dest))?;
         self.opts.hook(HookPoint::CheckpointDone)?;
-        Ok(CheckpointInfo { dir: dest.to_path_buf(), marker: v.marker, last_seq: v.last_seq, tables })
+        Ok(CheckpointInfo { dir: dest.to_path_buf(), marker: v.marker, last_seq: v.last_seq, tables, blob_files })
     }
 
     fn delta_checkpoint(&self, dest: &Path, after: Option<Marker>) -> Result<Option<Delta>> {
@@ -1748,6 +1897,10 @@ impl Inner {
                 return Ok(None);
             }
         };
+        if let Some(t) = picked.iter().find(|t| !t.props.blob_refs.is_empty()) {
+            tracing::debug!(table = t.id, "no delta: a table keeps values in blob files");
+            return Ok(None);
+        }
         if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {
             return Err(Error::AlreadyExists { dir: dest.to_path_buf() });
         }
@@ -1838,6 +1991,13 @@ impl Inner {
         for (p, off) in tables {
             let props = crate::table::read_props(&*self.fs, p)
                 .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
+            if let Some(r) = props.blob_refs.first() {
+                let reason = format!(
+                    "it references values in blob files (first {:016x}); ingest takes tables that hold their values",
+                    r.file
+                );
+                return Err(Error::Ingest { path: p.clone(), reason });
+            }
             let shifted = (props.seq_min.checked_add(*off), props.seq_max.checked_add(*off));
             let (Some(lo), Some(hi)) = shifted else {
                 return Err(Error::Ingest { path: p.clone(), reason: "sequence numbers overflow".into() });
@@ -1871,8 +2031,9 @@ impl Inner {
             if self.fs.hard_link(p, &to).is_err() {
                 copy_file(&*self.fs, p, &to)?;
             }
-            let t =
-                Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?.with_purger(self.purger.clone());
+            let t = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?
+                .with_purger(self.purger.clone())
+                .with_blobs(|b| Err(crate::error::corrupt(&to, 0, format!("references blob file {b:016x}"))))?;
             added.push(Added { level: 0, id, seq_offset: *off, file_xxh3: None });
             opened.push(Arc::new(t));
         }
@@ -1928,7 +2089,12 @@ impl Inner {
             flush_bytes: flush,
             compaction_read_bytes: c.compaction_read_bytes.load(Ordering::Relaxed),
             compaction_write_bytes: cw,
-            write_amplification: if user == 0 { 0.0 } else { (flush + cw) as f64 / user as f64 },
+            write_amplification: if user == 0 {
+                0.0
+            } else {
+                let blobs = c.blob_flush_bytes.load(Ordering::Relaxed) + c.blob_gc_bytes.load(Ordering::Relaxed);
+                (flush + cw + blobs) as f64 / user as f64
+            },
             flushes: c.flushes.load(Ordering::Relaxed),
             compactions: c.compactions.load(Ordering::Relaxed),
             trivial_moves: c.trivial_moves.load(Ordering::Relaxed),
@@ -1946,6 +2112,11 @@ impl Inner {
             filter_bytes: self.cache.charged(),
             blocks_compression_tried: c.blocks_tried.load(Ordering::Relaxed),
             blocks_compressed: c.blocks_compressed.load(Ordering::Relaxed),
+            blob_files: sv.version.blobs.len(),
+            blob_bytes: sv.version.blobs.values().map(|b| b.bytes).sum(),
+            blob_live_bytes: sv.version.blob_live_bytes().values().sum(),
+            blob_flush_bytes: c.blob_flush_bytes.load(Ordering::Relaxed),
+            blob_gc_bytes: c.blob_gc_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -1955,6 +2126,10 @@ impl Inner {
             metrics::gauge!("cairn_lsm_level_tables", "level" => level.clone()).set(ts.len() as f64);
             metrics::gauge!("cairn_lsm_level_bytes", "level" => level)
                 .set(ts.iter().map(|t| t.file_bytes).sum::<u64>() as f64);
+        }
+        if !v.blobs.is_empty() {
+            metrics::gauge!("cairn_lsm_blob_bytes").set(v.blobs.values().map(|b| b.bytes).sum::<u64>() as f64);
+            metrics::gauge!("cairn_lsm_blob_live_bytes").set(v.blob_live_bytes().values().sum::<u64>() as f64);
         }
         let c = &self.counters;
         metrics::gauge!("cairn_lsm_stall_seconds").set(c.stall_micros.load(Ordering::Relaxed) as f64 / 1e6);

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::memtable::MemIter;
 use crate::table::{Table, TableIter};
 use crate::types::{InternalEntry, RangeTombstone, Seqno, ValueKind, cmp_internal, trailer_kind};
+use crate::version::Version;
 
 /// The tables of one level ≥ 1, concatenated (they never overlap).
 pub(crate) struct LevelIter {
@@ -192,6 +193,8 @@ pub(crate) type Pin = Arc<dyn Send + Sync>;
 /// readable even if flushed or compacted meanwhile).
 pub struct Iter {
     _pin: Pin,
+    /// The version read, to resolve blob references.
+    version: Arc<Version>,
     merge: Merge,
     snap: Seqno,
     lower: Bound<Bytes>,
@@ -225,8 +228,10 @@ fn below(b: &Bound<Bytes>, k: &[u8]) -> bool {
 }
 
 impl Iter {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pin: Pin,
+        version: Arc<Version>,
         merge: Merge,
         snap: Seqno,
         lower: Bound<Bytes>,
@@ -234,7 +239,7 @@ impl Iter {
         forward: bool,
         fragments: Fragments,
     ) -> Iter {
-        Iter { _pin: pin, merge, snap, lower, upper, forward, fragments, pending: None, done: false }
+        Iter { _pin: pin, version, merge, snap, lower, upper, forward, fragments, pending: None, done: false }
     }
 
     fn step(&mut self) -> Result<Option<(Bytes, Bytes)>> {
@@ -270,7 +275,7 @@ impl Iter {
             let exhausted = self.pending.is_none();
             let out_of_range = below(&self.lower, &first.user) || above(&self.upper, &first.user);
             let result = match best {
-                Some(b) if !out_of_range && trailer_kind(b.trailer) == Some(ValueKind::Put) => {
+                Some(b) if !out_of_range && trailer_kind(b.trailer).is_some_and(ValueKind::is_value) => {
                     (self.fragments.is_empty() || self.fragments.covering(&b.user) <= b.seq()).then_some(b)
                 }
                 _ => None,
@@ -279,6 +284,9 @@ impl Iter {
                 self.done = true;
             }
             if let Some(b) = result {
+                if trailer_kind(b.trailer) == Some(ValueKind::BlobRef) {
+                    return Ok(Some((b.user, self.version.read_blob(&b.value)?)));
+                }
                 return Ok(Some((b.user, b.value)));
             }
         }

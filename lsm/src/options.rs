@@ -184,6 +184,25 @@ pub struct Options {
     /// bytes of the latest writes (never part of a batch, never an older write
     /// while keeping a newer one). `flush`, `sync_wal` and `close` write them out.
     pub wal_buffer_bytes: usize,
+    /// Key-value separation: a flush writes every value at least this many
+    /// bytes long to a blob file and keeps in the table a 20-byte reference
+    /// to it, so that compactions move the reference, not the value (as
+    /// WiscKey and RocksDB's BlobDB). `None` (the default): every value
+    /// stays in the tables. Tables with references are written in table
+    /// format 4. [`crate::Db::ingest`] and deltas do not take such tables
+    /// (a delta checkpoint answers that a full checkpoint is needed).
+    pub blob_value_bytes_min: Option<usize>,
+    /// A compaction rewrites the values it keeps from a blob file into a
+    /// new one once at least this percentage of the file is garbage (values
+    /// no table references any more); a file nothing references is removed
+    /// whole. 0 rewrites on every compaction, 100 never. Default 25: at most
+    /// about a third more disk than the live values, and each byte of
+    /// garbage reclaimed costs at most three of rewritten values.
+    pub blob_gc_garbage_percent: u8,
+    /// Compression of each value in a blob file, kept only where it shrinks
+    /// the value (after 8 values in a row that do not shrink, one in 32 is
+    /// tried). Default LZ4.
+    pub blob_compression: Compression,
     /// Segment size of the manifest log. Default 1 MiB.
     pub manifest_segment_bytes: u64,
     /// Manifest edits after which a full version is written and older
@@ -194,6 +213,10 @@ pub struct Options {
     /// Test-only: skip the fdatasync of new tables, to show the crash tests fail.
     #[doc(hidden)]
     pub skip_table_sync_for_tests: bool,
+    /// Test-only: skip the fdatasync of new blob files, to show the crash
+    /// tests fail.
+    #[doc(hidden)]
+    pub skip_blob_sync_for_tests: bool,
     /// Test-only: drop tables a range tombstone covers even when a read view
     /// older than the tombstone still needs them, to show the tests fail.
     #[doc(hidden)]
@@ -241,10 +264,14 @@ impl Default for Options {
             batch_bytes_max: 32 << 20,
             wal_segment_bytes: 16 << 20,
             wal_buffer_bytes: 0,
+            blob_value_bytes_min: None,
+            blob_gc_garbage_percent: 25,
+            blob_compression: Compression::Lz4,
             manifest_segment_bytes: 1 << 20,
             manifest_edits_per_snapshot: 1000,
             hook: None,
             skip_table_sync_for_tests: false,
+            skip_blob_sync_for_tests: false,
             drop_covered_ignoring_views_for_tests: false,
             record_latest_marker_for_tests: false,
             delta_shift_each_table_for_tests: false,

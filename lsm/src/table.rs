@@ -26,6 +26,7 @@
 //! Formats 1 and 2 (still read) had one index block of data handles in the
 //! third footer slot: the reader takes it as the only partition.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use cairn_wal::{Fs, FsFile, OpenMode};
 
+use crate::blob::{BlobFile, BlobId, BlobRef};
 use crate::block::{
     self, Block, BlockBuilder, BlockIter, KEY_TRAILER_BYTES, TRAILER_BYTES, make_internal, split_internal,
 };
@@ -48,7 +50,10 @@ use crate::types::{
 /// Table format version this build writes. Version 2 added the coverage
 /// start of L0 tables from a flush, version 3 the partitioned index;
 /// versions 1 and 2 are still read.
-pub(crate) const TABLE_FORMAT_VERSION: u32 = 3;
+pub(crate) const TABLE_FORMAT_VERSION: u32 = 4;
+/// The format of a table without blob references: such tables stay
+/// readable by builds that read format 3.
+const TABLE_FORMAT_VERSION_INLINE: u32 = 3;
 /// The oldest table format version this build reads.
 pub(crate) const TABLE_FORMAT_VERSION_MIN: u32 = 1;
 /// "CAIRNSST" little-endian.
@@ -96,7 +101,22 @@ pub(crate) struct Props {
     /// marker lies in `(a, markers.1]` (`a = None`: from the first write on).
     /// `None`: unknown (a compaction's output, or a version 1 table).
     pub(crate) coverage_after: Option<Option<Marker>>,
+    /// The blob files this table's references point into, by id (format 4).
+    pub(crate) blob_refs: Vec<BlobRefs>,
 }
+
+/// A table's references into one blob file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BlobRefs {
+    pub(crate) file: BlobId,
+    /// References to it.
+    pub(crate) count: u64,
+    /// Bytes of the blob file they keep live (values and record overhead).
+    pub(crate) bytes: u64,
+}
+
+/// Bound on the blob files one table may reference (a sanity bound for decoding).
+const BLOB_REFS_MAX: u32 = 1 << 20;
 
 impl Props {
     /// The marker range `(after, upto]` whose every write this table holds, if known.
@@ -203,6 +223,20 @@ impl Props {
                 out.extend_from_slice(&m.term.to_le_bytes());
             }
         }
+        // Since version 4, written only by tables with blob references.
+        if !self.blob_refs.is_empty() {
+            out.extend_from_slice(&(self.blob_refs.len() as u32).to_le_bytes());
+            for r in &self.blob_refs {
+                for v in [r.file, r.count, r.bytes] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// The format a table with these props is written in.
+    pub(crate) fn format_version(&self) -> u32 {
+        if self.blob_refs.is_empty() { TABLE_FORMAT_VERSION_INLINE } else { TABLE_FORMAT_VERSION }
     }
 
     /// Decodes the props of a table written in format `version`.
@@ -234,6 +268,20 @@ impl Props {
         } else {
             None
         };
+        let mut blob_refs = Vec::new();
+        if version >= 4 {
+            let n = r.u32()?;
+            if n > BLOB_REFS_MAX {
+                return Err(format!("{n} blob files referenced, above the bound {BLOB_REFS_MAX}"));
+            }
+            for _ in 0..n {
+                let refs = BlobRefs { file: r.u64()?, count: r.u64()?, bytes: r.u64()? };
+                if blob_refs.last().is_some_and(|l: &BlobRefs| l.file >= refs.file) {
+                    return Err("blob references not sorted by file".into());
+                }
+                blob_refs.push(refs);
+            }
+        }
         if !r.done() {
             return Err("trailing bytes after the props".into());
         }
@@ -252,6 +300,7 @@ impl Props {
             key_bytes,
             value_bytes,
             coverage_after,
+            blob_refs,
         })
     }
 }
@@ -294,6 +343,8 @@ pub(crate) struct TableWriter {
     /// xxh3-64 of every byte written so far (the whole file once finished).
     file_hash: xxhash_rust::xxh3::Xxh3,
     compression: CompressionBackoff,
+    /// Blob references written, per blob file: (count, bytes).
+    blob_refs: BTreeMap<BlobId, (u64, u64)>,
 }
 
 /// Data blocks that do not shrink are stored raw; after
@@ -303,7 +354,7 @@ pub(crate) struct TableWriter {
 /// compressed by the application) then cost no compressor time in every
 /// flush and compaction, while data that compresses still does.
 #[derive(Debug, Default)]
-struct CompressionBackoff {
+pub(crate) struct CompressionBackoff {
     /// Tried blocks in a row that did not shrink.
     misses: u32,
     /// Blocks to store raw before the next probe.
@@ -319,7 +370,7 @@ impl CompressionBackoff {
     const PROBE_EVERY: u32 = 32;
 
     /// The compression to try on the next block.
-    fn pick(&mut self, configured: Compression) -> Compression {
+    pub(crate) fn pick(&mut self, configured: Compression) -> Compression {
         if configured == Compression::None {
             return configured;
         }
@@ -332,7 +383,7 @@ impl CompressionBackoff {
     }
 
     /// What became of a block tried with a compressor.
-    fn record(&mut self, shrank: bool) {
+    pub(crate) fn record(&mut self, shrank: bool) {
         if shrank {
             self.compressed += 1;
             self.misses = 0;
@@ -397,6 +448,7 @@ impl TableWriter {
             largest: Vec::new(),
             file_hash: xxhash_rust::xxh3::Xxh3::new(),
             compression: CompressionBackoff::default(),
+            blob_refs: BTreeMap::new(),
         })
     }
 
@@ -429,8 +481,17 @@ impl TableWriter {
             self.has_last = true;
         }
         self.props.entries += 1;
-        if trailer_kind(trailer_) == Some(ValueKind::Delete) {
-            self.props.point_deletes += 1;
+        match trailer_kind(trailer_) {
+            Some(ValueKind::Delete) => self.props.point_deletes += 1,
+            Some(ValueKind::BlobRef) => {
+                let r = BlobRef::decode(value).ok_or_else(|| {
+                    corrupt(&self.path, 0, format!("a blob reference of {} bytes is malformed", value.len()))
+                })?;
+                let e = self.blob_refs.entry(r.file).or_default();
+                e.0 += 1;
+                e.1 += r.record_bytes();
+            }
+            _ => {}
         }
         self.props.key_bytes += user.len() as u64;
         self.props.value_bytes += value.len() as u64;
@@ -567,6 +628,8 @@ impl TableWriter {
         }
         self.props.smallest = Bytes::copy_from_slice(&self.smallest);
         self.props.largest = Bytes::copy_from_slice(&self.largest);
+        self.props.blob_refs =
+            self.blob_refs.iter().map(|(&file, &(count, bytes))| BlobRefs { file, count, bytes }).collect();
         self.props.encode(&mut raw);
         let (p_off, p_len) = self.write_meta_block(&raw);
         let mut footer = Vec::with_capacity(FOOTER_BYTES);
@@ -574,7 +637,7 @@ impl TableWriter {
             footer.extend_from_slice(&off.to_le_bytes());
             footer.extend_from_slice(&len.to_le_bytes());
         }
-        footer.extend_from_slice(&TABLE_FORMAT_VERSION.to_le_bytes());
+        footer.extend_from_slice(&self.props.format_version().to_le_bytes());
         let crc = crc32c::crc32c(&footer);
         footer.extend_from_slice(&crc.to_le_bytes());
         footer.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
@@ -825,6 +888,8 @@ pub(crate) struct Table {
     /// Where an obsolete table's file goes to be removed (none: removed by
     /// the thread that drops the table).
     purger: Option<Purger>,
+    /// The blob files `props.blob_refs` names, in the same order (by id).
+    pub(crate) blobs: Vec<Arc<BlobFile>>,
 }
 
 impl std::fmt::Debug for Table {
@@ -927,6 +992,7 @@ impl Table {
             cache,
             obsolete: AtomicBool::new(false),
             purger: None,
+            blobs: Vec::new(),
         };
         // Given back when the table drops.
         table.cache.charge(table.filter_bytes(), true);
@@ -941,6 +1007,13 @@ impl Table {
     pub(crate) fn with_file_xxh3(mut self, file_xxh3: Option<u64>) -> Table {
         self.file_xxh3 = file_xxh3;
         self
+    }
+
+    /// The same table holding the blob files it references, each found by
+    /// `find` (which errs for a missing file).
+    pub(crate) fn with_blobs(mut self, mut find: impl FnMut(BlobId) -> Result<Arc<BlobFile>>) -> Result<Table> {
+        self.blobs = self.props.blob_refs.iter().map(|r| find(r.file)).collect::<Result<_>>()?;
+        Ok(self)
     }
 
     /// The same table, its file removed through `purger` once obsolete.

@@ -22,13 +22,22 @@ pub enum ValueKind {
     Delete = 0,
     /// A value.
     Put = 1,
+    /// A value kept in a blob file: the stored value is a reference to it
+    /// (see `Options::blob_value_bytes_min`). Reads see a put.
+    BlobRef = 2,
 }
 
 impl ValueKind {
+    /// A value (inline or in a blob file), not a tombstone.
+    pub(crate) fn is_value(self) -> bool {
+        matches!(self, ValueKind::Put | ValueKind::BlobRef)
+    }
+
     pub(crate) fn from_u8(b: u8) -> Option<ValueKind> {
         match b {
             0 => Some(ValueKind::Delete),
             1 => Some(ValueKind::Put),
+            2 => Some(ValueKind::BlobRef),
             _ => None,
         }
     }

@@ -1,7 +1,12 @@
 //! Versions (the set of live tables per level) and the edits between them.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+use crate::blob::{BlobFile, BlobId, BlobRef, blob_file_name};
 use crate::error::Result;
 use crate::table::{Reader, Table};
 use crate::types::{Marker, Seqno, TableId};
@@ -19,6 +24,8 @@ pub(crate) struct Version {
     pub(crate) flushed_seq: Seqno,
     /// The highest sequence number any table holds.
     pub(crate) last_seq: Seqno,
+    /// The blob files the tables reference (rebuilt by [`Version::sort`]).
+    pub(crate) blobs: BTreeMap<BlobId, Arc<BlobFile>>,
 }
 
 impl Version {
@@ -54,13 +61,45 @@ impl Version {
         v
     }
 
+    /// Sorts each level and indexes the blob files the tables reference.
     pub(crate) fn sort(&mut self) {
+        self.blobs = self.tables().flat_map(|(_, t)| t.blobs.iter()).map(|b| (b.id, Arc::clone(b))).collect();
         if let Some(l0) = self.levels.first_mut() {
             l0.sort_by(|a, b| b.seq_max().cmp(&a.seq_max()).then(b.id.cmp(&a.id)));
         }
         for l in self.levels.iter_mut().skip(1) {
             l.sort_by(|a, b| a.props.smallest.cmp(&b.props.smallest));
         }
+    }
+
+    /// The value a stored blob reference (of a table in this version) points at.
+    pub(crate) fn read_blob(&self, stored: &[u8]) -> Result<Bytes> {
+        let r = BlobRef::decode(stored).ok_or_else(|| {
+            crate::error::corrupt(
+                Path::new("tables"),
+                0,
+                format!("a blob reference of {} bytes is malformed", stored.len()),
+            )
+        })?;
+        match self.blobs.get(&r.file) {
+            Some(b) => b.read(&r),
+            None => Err(crate::error::corrupt(
+                Path::new(&blob_file_name(r.file)),
+                r.offset,
+                "a table references a blob file that no live table lists",
+            )),
+        }
+    }
+
+    /// Live bytes of each blob file: what the tables' references keep.
+    pub(crate) fn blob_live_bytes(&self) -> BTreeMap<BlobId, u64> {
+        let mut live = BTreeMap::new();
+        for (_, t) in self.tables() {
+            for r in &t.props.blob_refs {
+                *live.entry(r.file).or_insert(0) += r.bytes;
+            }
+        }
+        live
     }
 
     /// An edit that rebuilds this version from nothing.

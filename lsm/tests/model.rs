@@ -94,6 +94,13 @@ fn options(threads: bool, seed: u8) -> Options {
     o.manifest_edits_per_snapshot = 7;
     o.manifest_segment_bytes = 4096;
     o.wal_segment_bytes = 8192;
+    if seed % 4 >= 2 {
+        // Values of 6 to 110 bytes: some kept in blob files, some inline;
+        // garbage collected at every compaction, at a quarter, or never.
+        o.blob_value_bytes_min = Some(8 + (seed as usize / 4) % 64);
+        o.blob_gc_garbage_percent = [0, 25, 100][seed as usize % 3];
+        o.blob_compression = if seed.is_multiple_of(8) { Compression::None } else { Compression::Lz4 };
+    }
     o
 }
 
