@@ -61,6 +61,30 @@ pub fn read_table(dir: &Path, data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Reads `data` as a blob reference (its first 20 bytes) and a blob file
+/// (the rest), written to `dir`: opens the file, reads what the reference
+/// points at, and records of every short length at the first offset.
+/// Errors are fine, panics are not.
+pub fn read_blob_file(dir: &Path, data: &[u8]) {
+    use crate::blob::{BlobFile, BlobRef, HEADER_BYTES, REF_BYTES};
+    let (head, file) = data.split_at(data.len().min(REF_BYTES));
+    let path = dir.join("fuzz.blob");
+    if std::fs::write(&path, file).is_err() {
+        return;
+    }
+    let fs: Arc<dyn cairn_wal::Fs> = Arc::new(cairn_wal::StdFs);
+    if let Ok(b) = BlobFile::open(fs, &path, 1, None) {
+        if let Some(r) = BlobRef::decode(head) {
+            let _ = b.read(&BlobRef { file: 1, ..r });
+        }
+        // Records of every short length from the header on.
+        for len in 0..(file.len() as u32).min(512) {
+            let _ = b.read(&BlobRef { file: 1, offset: HEADER_BYTES, len });
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Decodes `data` as a manifest edit: an error or an edit, never a panic.
 pub fn decode_edit(data: &[u8]) {
     let _ = crate::version::Edit::decode(data, 7);
@@ -77,7 +101,7 @@ pub fn decode_delta(data: &[u8]) {
 }
 
 /// Valid inputs for each target (`block_decoder`, `table_reader`,
-/// `manifest_edit`, `wal_batch`, `delta_file`), written by the real encoders: the seed corpus.
+/// `manifest_edit`, `wal_batch`, `delta_file`, `blob_file`), written by the real encoders: the seed corpus.
 pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     use crate::block::{BlockBuilder, make_internal, write_block};
     use crate::options::Compression;
@@ -148,5 +172,45 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("delta_file", d.encode()));
     out.push(("delta_file", crate::Delta { after: None, tables_upto: None, tables: Vec::new(), ..d }.encode()));
+    // A table with blob references (format 4) and its blob file, after a
+    // reference to its third value.
+    let o = crate::Options {
+        durability: crate::DurabilityMode::Embedded,
+        background: crate::Background::Inline,
+        block_bytes: 256,
+        blob_value_bytes_min: Some(12),
+        ..crate::Options::default()
+    };
+    let sub = dir.join("blobs");
+    if let Ok(db) = crate::Db::open(&sub, o) {
+        let mut b = crate::WriteBatch::new();
+        for i in 0..40u32 {
+            b.put(format!("key{i:04}"), format!("v{i}").repeat(1 + i as usize % 9));
+        }
+        b.delete("key0003").set_marker(crate::Marker::new(2, 1));
+        if db.write(&b).is_ok() && db.flush().is_ok() {
+            for (_, p) in db.live_tables() {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    out.push(("table_reader", bytes));
+                }
+            }
+            let blobs = std::fs::read_dir(sub.join("tables")).into_iter().flatten().flatten();
+            for e in blobs.filter(|e| e.path().extension().is_some_and(|x| x == "blob")) {
+                if let Ok(bytes) = std::fs::read(e.path()) {
+                    let mut data = Vec::new();
+                    let r = crate::blob::BlobRef { file: 1, offset: crate::blob::HEADER_BYTES, len: 0 };
+                    data.extend_from_slice(&r.encode());
+                    data.extend_from_slice(&bytes);
+                    out.push(("blob_file", data));
+                    let third = bytes.len() as u64 / 3;
+                    let r = crate::blob::BlobRef { file: 1, offset: third, len: 20 };
+                    let mut data = r.encode().to_vec();
+                    data.extend_from_slice(&bytes);
+                    out.push(("blob_file", data));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     out
 }

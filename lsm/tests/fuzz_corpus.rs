@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use cairn_lsm::fuzzing::{decode_batch, decode_block, decode_delta, decode_edit, read_table, sample_inputs};
+use cairn_lsm::fuzzing::{
+    decode_batch, decode_block, decode_delta, decode_edit, read_blob_file, read_table, sample_inputs,
+};
 use proptest::prelude::*;
 
-const TARGETS: [&str; 5] = ["block_decoder", "table_reader", "manifest_edit", "wal_batch", "delta_file"];
+const TARGETS: [&str; 6] = ["block_decoder", "table_reader", "manifest_edit", "wal_batch", "delta_file", "blob_file"];
 
 fn run(target: &str, data: &[u8], scratch: &Path) {
     match target {
@@ -16,6 +18,7 @@ fn run(target: &str, data: &[u8], scratch: &Path) {
         "manifest_edit" => decode_edit(data),
         "wal_batch" => decode_batch(data),
         "delta_file" => decode_delta(data),
+        "blob_file" => read_blob_file(scratch, data),
         t => panic!("unknown target {t}"),
     }
 }
@@ -71,7 +74,7 @@ fn write_seed_corpus() {
 
 proptest! {
     #[test]
-    fn arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..2048), t in 0usize..5) {
+    fn arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..2048), t in 0usize..6) {
         let scratch = tempfile::tempdir().expect("tmp");
         run(TARGETS[t], &data, scratch.path());
     }
