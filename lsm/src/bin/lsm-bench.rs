@@ -30,6 +30,7 @@ struct Args {
     readahead_kb: Option<usize>,
     priority: Option<CompactionPriority>,
     zstd_from_level: Option<usize>,
+    blob_min: Option<usize>,
     dir: PathBuf,
     seed: u64,
     json: bool,
@@ -40,7 +41,7 @@ fn usage() -> ! {
         "usage: lsm-bench [--num N] [--reads N] [--value-size B] [--cache-mb M] [--write-buffer-mb M]\n\
          \x20                [--wal-segment-mb M] [--wal-buffer-kb K] [--zstd-from-level L] [--l1-mb M]\n\
          \x20                [--table-mb M] [--compaction-readahead-kb K] [--dir DIR]\n\
-         \x20                [--compaction-pri min-overlap|oldest] [--seed S] [--json]"
+         \x20                [--compaction-pri min-overlap|oldest] [--blob-min B] [--seed S] [--json]"
     );
     std::process::exit(2)
 }
@@ -59,6 +60,7 @@ fn parse_args() -> Args {
         readahead_kb: None,
         priority: None,
         zstd_from_level: None,
+        blob_min: None,
         dir: std::env::temp_dir().join("cairn-lsm-bench"),
         seed: 42,
         json: false,
@@ -84,6 +86,7 @@ fn parse_args() -> Args {
                     _ => usage(),
                 })
             }
+            "--blob-min" => a.blob_min = Some(val().parse().unwrap_or_else(|_| usage())),
             "--zstd-from-level" => a.zstd_from_level = Some(val().parse().unwrap_or_else(|_| usage())),
             "--dir" => a.dir = PathBuf::from(val()),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
@@ -182,11 +185,21 @@ fn options(a: &Args) -> Options {
     if let Some(p) = a.priority {
         o.compaction_priority = p;
     }
+    o.blob_value_bytes_min = a.blob_min;
     if let Some(z) = a.zstd_from_level {
         o.compression_per_level =
             (0..=z).map(|l| if l < z { Compression::None } else { Compression::Zstd(1) }).collect();
     }
     o
+}
+
+/// With `--blob-min`: the blob files' size and the garbage in them.
+fn blob_rows(st: &cairn_lsm::Stats, a: &Args, row: &mut impl FnMut(&str, f64, &str)) {
+    if a.blob_min.is_some() {
+        row("blob files", mib(st.blob_bytes), "MiB");
+        row("blob garbage", mib(st.blob_bytes.saturating_sub(st.blob_live_bytes)), "MiB");
+        row("blob moved by compactions", mib(st.blob_gc_bytes), "MiB");
+    }
 }
 
 fn fill(db: &Db, order: &[u64], a: &Args) -> f64 {
@@ -275,6 +288,7 @@ fn main() {
     }
     let st = db.stats();
     row("write amplification", st.write_amplification, "x");
+    blob_rows(&st, &a, &mut row);
 
     let mut r = Rng(a.seed ^ 0xABCD_EF01);
     let mut k = Vec::with_capacity(16);
@@ -339,6 +353,7 @@ fn main() {
     row("size after overwrite", mib(dir_size(&p).1), "MiB");
     let st = db.stats();
     row("write amplification", st.write_amplification, "x");
+    blob_rows(&st, &a, &mut row);
     row("cache hit ratio", st.cache_hit_ratio, "");
     row("stall time", st.stall_time.as_secs_f64(), "s");
     db.close().unwrap_or_else(|e| fail("close", e));
