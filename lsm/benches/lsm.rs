@@ -68,6 +68,33 @@ fn bench(c: &mut Criterion) {
             black_box(n);
         })
     });
+    // The same reads of 1 KiB values, kept in the tables or in blob files
+    // (`Options::blob_value_bytes_min`): what the second file access costs.
+    for blob in [false, true] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut o = options();
+        o.blob_value_bytes_min = blob.then_some(512);
+        let bdb = Db::open(dir.path(), o).expect("open");
+        let big: Vec<u8> = (0..1024u32).map(|x| x.wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+        for k in 0..100_000u64 {
+            bdb.put(format!("b{k:015}"), big.clone()).expect("put");
+        }
+        bdb.flush().expect("flush");
+        bdb.wait_idle().expect("idle");
+        let name = if blob { "blob" } else { "inline" };
+        c.bench_function(&format!("get_hit_table_1KiB_{name}"), |b| {
+            b.iter(|| {
+                j = (j + 7919) % 100_000;
+                black_box(bdb.get(format!("b{j:015}").as_bytes()).expect("get"));
+            })
+        });
+        c.bench_function(&format!("scan_100_1KiB_{name}"), |b| {
+            b.iter(|| {
+                j = (j + 7919) % 100_000;
+                black_box(bdb.range(format!("b{j:015}").into_bytes()..).take(100).count());
+            })
+        });
+    }
 }
 
 criterion_group!(benches, bench);
