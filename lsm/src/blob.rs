@@ -27,7 +27,7 @@ use crate::block::{TRAILER_BYTES, read_block, write_block};
 use crate::error::{Result, corrupt, io};
 use crate::options::Compression;
 use crate::purge::{Purge, Purger};
-use crate::table::CompressionBackoff;
+use crate::table::{CompressionBackoff, id_file_name, parse_id_file_name};
 use crate::types::VALUE_BYTES_MAX;
 
 /// A blob file's identifier: drawn from the same counter as table ids, so
@@ -45,16 +45,12 @@ const WRITE_BUFFER_BYTES: usize = 1 << 20;
 
 /// Name of blob file `id`'s file (beside the tables).
 pub(crate) fn blob_file_name(id: BlobId) -> String {
-    format!("{id:016x}.blob")
+    id_file_name(id, ".blob")
 }
 
 /// Parses a blob file name.
 pub(crate) fn parse_blob_file_name(name: &str) -> Option<BlobId> {
-    let hex = name.strip_suffix(".blob")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+    parse_id_file_name(name, ".blob")
 }
 
 /// Where a value lives: its blob file, the offset of its record, and the

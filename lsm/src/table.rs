@@ -68,12 +68,22 @@ const BLOCK_BYTES_MAX: usize = 17 << 20;
 
 /// Name of table `id`'s file.
 pub(crate) fn table_file_name(id: TableId) -> String {
-    format!("{id:016x}.sst")
+    id_file_name(id, ".sst")
 }
 
 /// Parses a table file name.
 pub(crate) fn parse_table_file_name(name: &str) -> Option<TableId> {
-    let hex = name.strip_suffix(".sst")?;
+    parse_id_file_name(name, ".sst")
+}
+
+/// `{id:016x}` then `suffix`: the name of a file of the tables directory.
+pub(crate) fn id_file_name(id: u64, suffix: &str) -> String {
+    format!("{id:016x}{suffix}")
+}
+
+/// The id of a file named as [`id_file_name`] names it with `suffix`.
+pub(crate) fn parse_id_file_name(name: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_suffix(suffix)?;
     if hex.len() != 16 {
         return None;
     }

@@ -328,16 +328,21 @@ fn crash_exactly_at_each_step() {
     }
 }
 
+/// Of 60 random-crash runs with `broken`, how many the checks caught.
+fn failures_with(broken: Break) -> usize {
+    (0..60u64)
+        .filter(|&seed| {
+            let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
+            run_embedded(seed, Crash::AfterOps(n), broken).is_err()
+        })
+        .count()
+}
+
 /// The teeth: with table fsyncs skipped, crashes lose data the durable
 /// marker claims.
 #[test]
 fn skipping_the_table_sync_is_caught() {
-    let failures = (0..60u64)
-        .filter(|&seed| {
-            let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
-            run_embedded(seed, Crash::AfterOps(n), Break::SkipTableSync).is_err()
-        })
-        .count();
+    let failures = failures_with(Break::SkipTableSync);
     assert!(failures > 0, "no crash caught the skipped table fsync");
 }
 
@@ -345,12 +350,7 @@ fn skipping_the_table_sync_is_caught() {
 /// durable tables reference.
 #[test]
 fn skipping_the_blob_sync_is_caught() {
-    let failures = (0..60u64)
-        .filter(|&seed| {
-            let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
-            run_embedded(seed, Crash::AfterOps(n), Break::SkipBlobSync).is_err()
-        })
-        .count();
+    let failures = failures_with(Break::SkipBlobSync);
     assert!(failures > 0, "no crash caught the skipped blob fsync");
 }
 
@@ -358,12 +358,7 @@ fn skipping_the_blob_sync_is_caught() {
 /// memtable's) instead of the sealed memtable's claims writes it does not hold.
 #[test]
 fn recording_the_latest_marker_is_caught() {
-    let failures = (0..60u64)
-        .filter(|&seed| {
-            let n = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed).random_range(0..2500);
-            run_embedded(seed, Crash::AfterOps(n), Break::RecordLatestMarker).is_err()
-        })
-        .count();
+    let failures = failures_with(Break::RecordLatestMarker);
     assert!(failures > 0, "no crash caught the wrong marker");
 }
 
