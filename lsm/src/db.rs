@@ -224,7 +224,7 @@ pub struct Stats {
     pub compaction_read_bytes: u64,
     /// Bytes of tables written by compactions.
     pub compaction_write_bytes: u64,
-    /// (flush + compaction bytes written) / user bytes.
+    /// (flush + compaction + blob file bytes written) / user bytes.
     pub write_amplification: f64,
     /// Flushes done.
     pub flushes: u64,

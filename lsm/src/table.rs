@@ -24,7 +24,9 @@
 //! within its bounds as its data grows.
 //!
 //! Formats 1 and 2 (still read) had one index block of data handles in the
-//! third footer slot: the reader takes it as the only partition.
+//! third footer slot: the reader takes it as the only partition. Format 4 is
+//! format 3 with the blob files the table's references point into appended
+//! to the props; a table without blob references is written in format 3.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,9 +49,11 @@ use crate::types::{
     InternalEntry, Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer, trailer_kind, trailer_seq,
 };
 
-/// Table format version this build writes. Version 2 added the coverage
-/// start of L0 tables from a flush, version 3 the partitioned index;
-/// versions 1 and 2 are still read.
+/// The newest table format version this build writes and reads. Version 2
+/// added the coverage start of L0 tables from a flush, version 3 the
+/// partitioned index, version 4 the blob files a table references (in its
+/// props; only tables with blob references are written in it); versions 1
+/// to 3 are still read.
 pub(crate) const TABLE_FORMAT_VERSION: u32 = 4;
 /// The format of a table without blob references: such tables stay
 /// readable by builds that read format 3.
