@@ -585,7 +585,7 @@ pub struct StatusInfo {
     pub last_index: u64,
     /// Bytes of the Raft log on disk.
     pub wal_bytes: u64,
-    /// Bytes of the applied state's tables on disk.
+    /// Bytes of the applied state's tables and blob files on disk.
     pub lsm_bytes: u64,
     /// The LSM's durable marker index (what survives a crash without replay).
     pub durable_index: u64,

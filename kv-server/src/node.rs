@@ -546,7 +546,7 @@ impl Loop {
             applied: raw.applied().0,
             last_index: raw.last_index().0,
             wal_bytes: dir_bytes(raw.store().wal().dir()),
-            lsm_bytes: lsm.levels.iter().map(|l| l.bytes).sum(),
+            lsm_bytes: lsm.levels.iter().map(|l| l.bytes).sum::<u64>() + lsm.blob_bytes,
             durable_index: db.durable_marker().map_or(0, |m| m.index),
             first_index: raw.store().first_index().0,
             snapshots_installed: self.snapshots_installed,
