@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use cairn_wal::{Fs, FsFile, OpenMode};
@@ -26,7 +25,7 @@ use cairn_wal::{Fs, FsFile, OpenMode};
 use crate::block::{TRAILER_BYTES, read_block, write_block};
 use crate::error::{Result, corrupt, io};
 use crate::options::Compression;
-use crate::purge::{Purge, Purger};
+use crate::purge::{EngineFile, Purger};
 use crate::table::{CompressionBackoff, id_file_name, parse_id_file_name};
 use crate::types::VALUE_BYTES_MAX;
 
@@ -187,32 +186,15 @@ impl BlobWriter {
 /// after [`BlobFile::mark_obsolete`].
 pub(crate) struct BlobFile {
     pub(crate) id: BlobId,
-    path: PathBuf,
-    fs: Arc<dyn Fs>,
-    file: Option<Box<dyn FsFile>>,
+    /// The file, removed when dropped after `mark_obsolete`.
+    f: EngineFile,
     /// The file's size.
     pub(crate) bytes: u64,
-    obsolete: AtomicBool,
-    purger: Option<Purger>,
 }
 
 impl std::fmt::Debug for BlobFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobFile").field("id", &self.id).field("path", &self.path).finish()
-    }
-}
-
-impl Drop for BlobFile {
-    fn drop(&mut self) {
-        if self.obsolete.load(Ordering::Acquire)
-            && let Some(file) = self.file.take()
-        {
-            let job = Purge { fs: Arc::clone(&self.fs), path: std::mem::take(&mut self.path), file };
-            match &self.purger {
-                Some(p) => p.submit(job),
-                None => drop(job),
-            }
-        }
+        f.debug_struct("BlobFile").field("id", &self.id).field("path", &self.f.path()).finish()
     }
 }
 
@@ -241,19 +223,13 @@ impl BlobFile {
                 supported: BLOB_FORMAT_VERSION,
             });
         }
-        Ok(BlobFile {
-            id,
-            path: path.to_path_buf(),
-            fs,
-            file: Some(file),
-            bytes,
-            obsolete: AtomicBool::new(false),
-            purger,
-        })
+        let mut f = EngineFile::new(fs, path, file);
+        f.set_purger(purger);
+        Ok(BlobFile { id, f, bytes })
     }
 
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.f.path()
     }
 
     /// Reads and checks the value `r` points at.
@@ -262,20 +238,19 @@ impl BlobFile {
         let end = r.offset.checked_add(r.record_bytes()).filter(|&e| e <= self.bytes);
         if r.offset < HEADER_BYTES || end.is_none() {
             return Err(corrupt(
-                &self.path,
+                self.f.path(),
                 r.offset,
                 format!("a reference to {} bytes lies outside the file of {} bytes", r.len, self.bytes),
             ));
         }
-        let file = self.file.as_ref().ok_or_else(|| corrupt(&self.path, r.offset, "the blob file is dropped"))?;
         let mut buf = vec![0u8; r.record_bytes() as usize];
-        file.read_exact_at(&mut buf, r.offset).map_err(io("read blob file", &self.path))?;
-        read_block(&buf, VALUE_BYTES_MAX).map_err(|e| corrupt(&self.path, r.offset, format!("value: {e}")))
+        self.f.file().read_exact_at(&mut buf, r.offset).map_err(io("read blob file", self.f.path()))?;
+        read_block(&buf, VALUE_BYTES_MAX).map_err(|e| corrupt(self.f.path(), r.offset, format!("value: {e}")))
     }
 
     /// Removes the file once the last holder lets go.
     pub(crate) fn mark_obsolete(&self) {
-        self.obsolete.store(true, Ordering::Release);
+        self.f.mark_obsolete();
     }
 }
 

@@ -1,4 +1,4 @@
-//! Removal of obsolete table files on a thread of their own.
+//! Removal of obsolete table and blob files on a thread of their own.
 //!
 //! A table a compaction replaced is deleted when its last reader lets go,
 //! which may be any thread: a writer or a reader that held the old version.
@@ -11,13 +11,94 @@
 //! does the same), through a bounded queue; when the queue is full or the
 //! thread is gone, the dropping thread removes the file itself, as before.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
 use cairn_wal::{Fs, FsFile};
+
+/// An open file of the engine (a table's or a blob file's) that is removed,
+/// through the purge thread when there is one, when it is dropped after
+/// [`EngineFile::mark_obsolete`]: the last reader holding it lets go.
+pub(crate) struct EngineFile {
+    fs: Arc<dyn Fs>,
+    path: PathBuf,
+    file: Box<dyn FsFile>,
+    obsolete: AtomicBool,
+    /// Where the obsolete file goes to be removed (none: removed by the
+    /// thread that drops it).
+    purger: Option<Purger>,
+}
+
+impl EngineFile {
+    pub(crate) fn new(fs: Arc<dyn Fs>, path: &Path, file: Box<dyn FsFile>) -> EngineFile {
+        EngineFile { fs, path: path.to_path_buf(), file, obsolete: AtomicBool::new(false), purger: None }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn file(&self) -> &dyn FsFile {
+        &*self.file
+    }
+
+    /// Obsolete files go to `purger`'s thread to be removed.
+    pub(crate) fn set_purger(&mut self, purger: Option<Purger>) {
+        self.purger = purger;
+    }
+
+    /// Removes the file once the last holder lets go.
+    pub(crate) fn mark_obsolete(&self) {
+        self.obsolete.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for EngineFile {
+    fn drop(&mut self) {
+        if self.obsolete.load(Ordering::Acquire) {
+            let job = Purge {
+                fs: Arc::clone(&self.fs),
+                path: std::mem::take(&mut self.path),
+                file: std::mem::replace(&mut self.file, Box::new(Dropped)),
+            };
+            match &self.purger {
+                Some(p) => p.submit(job),
+                None => drop(job),
+            }
+        }
+    }
+}
+
+/// Stands in for a dropped file once it went to be removed.
+#[derive(Debug)]
+struct Dropped;
+
+impl Dropped {
+    fn err<T>() -> std::io::Result<T> {
+        Err(std::io::Error::other("the file is dropped"))
+    }
+}
+
+impl FsFile for Dropped {
+    fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<usize> {
+        Self::err()
+    }
+    fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Self::err()
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Self::err()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Self::err()
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Self::err()
+    }
+}
 
 /// An obsolete table's file, removed where this is dropped: unlinked, then
 /// closed (the last descriptor: the blocks are freed then).

@@ -31,7 +31,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use cairn_wal::{Fs, FsFile, OpenMode};
@@ -44,7 +43,7 @@ use crate::bloom::{self, Bloom};
 use crate::cache::BlockCache;
 use crate::error::{Error, Result, corrupt, io};
 use crate::options::Compression;
-use crate::purge::{Purge, Purger};
+use crate::purge::{EngineFile, Purger};
 use crate::types::{
     InternalEntry, Marker, RangeTombstone, Seqno, TableId, ValueKind, trailer, trailer_kind, trailer_seq,
 };
@@ -876,9 +875,8 @@ pub(crate) fn read_props(fs: &dyn Fs, path: &Path) -> Result<Props> {
 /// and data blocks go through the block cache.
 pub(crate) struct Table {
     pub(crate) id: TableId,
-    path: PathBuf,
-    fs: Arc<dyn Fs>,
-    file: Box<dyn FsFile>,
+    /// The file, removed when the table drops after `mark_obsolete`.
+    f: EngineFile,
     /// One entry per index partition.
     top: Index,
     /// Held while the table is open, charged against the block cache's
@@ -898,62 +896,19 @@ pub(crate) struct Table {
     /// for tables ingested from elsewhere or recorded by an older build).
     pub(crate) file_xxh3: Option<u64>,
     cache: BlockCache,
-    obsolete: AtomicBool,
-    /// Where an obsolete table's file goes to be removed (none: removed by
-    /// the thread that drops the table).
-    purger: Option<Purger>,
     /// The blob files `props.blob_refs` names, in the same order (by id).
     pub(crate) blobs: Vec<Arc<BlobFile>>,
 }
 
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Table").field("id", &self.id).field("path", &self.path).finish()
+        f.debug_struct("Table").field("id", &self.id).field("path", &self.f.path()).finish()
     }
 }
 
 impl Drop for Table {
     fn drop(&mut self) {
         self.cache.charge(self.filter_bytes(), false);
-        if self.obsolete.load(Ordering::Acquire) {
-            let job = Purge {
-                fs: Arc::clone(&self.fs),
-                path: std::mem::take(&mut self.path),
-                file: std::mem::replace(&mut self.file, Box::new(Dropped)),
-            };
-            match &self.purger {
-                Some(p) => p.submit(job),
-                None => drop(job),
-            }
-        }
-    }
-}
-
-/// Stands in for a dropped table's file once it went to be removed.
-#[derive(Debug)]
-struct Dropped;
-
-impl Dropped {
-    fn err<T>() -> std::io::Result<T> {
-        Err(std::io::Error::other("the table is dropped"))
-    }
-}
-
-impl FsFile for Dropped {
-    fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<usize> {
-        Self::err()
-    }
-    fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
-        Self::err()
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        Self::err()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        Self::err()
-    }
-    fn set_len(&self, _: u64) -> std::io::Result<()> {
-        Self::err()
     }
 }
 
@@ -991,9 +946,7 @@ impl Table {
         }
         let table = Table {
             id,
-            path: path.to_path_buf(),
-            fs,
-            file,
+            f: EngineFile::new(fs, path, file),
             top,
             bloom,
             data_end: f.0,
@@ -1004,8 +957,6 @@ impl Table {
             seq_offset,
             file_xxh3: None,
             cache,
-            obsolete: AtomicBool::new(false),
-            purger: None,
             blobs: Vec::new(),
         };
         // Given back when the table drops.
@@ -1014,7 +965,7 @@ impl Table {
     }
 
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.f.path()
     }
 
     /// The same table with its recorded whole-file checksum.
@@ -1032,13 +983,13 @@ impl Table {
 
     /// The same table, its file removed through `purger` once obsolete.
     pub(crate) fn with_purger(mut self, purger: Option<Purger>) -> Table {
-        self.purger = purger;
+        self.f.set_purger(purger);
         self
     }
 
     /// Deletes the file once the last reader lets go.
     pub(crate) fn mark_obsolete(&self) {
-        self.obsolete.store(true, Ordering::Release);
+        self.f.mark_obsolete();
     }
 
     /// Smallest sequence number, after the offset.
@@ -1067,8 +1018,9 @@ impl Table {
     fn partition(&self, p: usize, fill_cache: bool) -> Result<Arc<Index>> {
         let h = self.top.handle(p);
         self.cache.get_or_load(self.id, h.0, fill_cache, || {
-            let bad = |e: String| corrupt(&self.path, h.0, format!("index partition: {e}"));
-            let part = Index::decode(read_meta_block(&*self.file, &self.path, h)?, 0, self.data_end).map_err(bad)?;
+            let bad = |e: String| corrupt(self.f.path(), h.0, format!("index partition: {e}"));
+            let part =
+                Index::decode(read_meta_block(self.f.file(), self.f.path(), h)?, 0, self.data_end).map_err(bad)?;
             if self.check_partition_keys {
                 let last = part.len().checked_sub(1).ok_or_else(|| bad("empty".into()))?;
                 if part.user(last) != self.top.user(p)
@@ -1086,15 +1038,15 @@ impl Table {
     fn block(&self, (offset, len): (u64, u32), fill_cache: bool) -> Result<Arc<Block>> {
         self.cache.get_or_load(self.id, offset, fill_cache, || {
             let mut buf = vec![0u8; len as usize + TRAILER_BYTES];
-            self.file.read_exact_at(&mut buf, offset).map_err(io("read table block", &self.path))?;
+            self.f.file().read_exact_at(&mut buf, offset).map_err(io("read table block", self.f.path()))?;
             self.decode_block(&buf, offset)
         })
     }
 
     /// Checks and decodes the stored block `buf` read at `offset`.
     fn decode_block(&self, buf: &[u8], offset: u64) -> Result<Arc<Block>> {
-        let raw = block::read_block(buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(&self.path, offset, m))?;
-        Block::new(raw).map(Arc::new).map_err(|m| corrupt(&self.path, offset, m))
+        let raw = block::read_block(buf, BLOCK_BYTES_MAX).map_err(|m| corrupt(self.f.path(), offset, m))?;
+        Block::new(raw).map(Arc::new).map_err(|m| corrupt(self.f.path(), offset, m))
     }
 
     /// The data block at `handle` for a forward scan that reads ahead: a
@@ -1112,9 +1064,9 @@ impl Table {
                 let n = (ra.bytes as u64).max(need as u64).min(self.data_end.max(end) - offset) as usize;
                 ra.buf.resize(n, 0);
                 ra.at = offset;
-                if let Err(e) = self.file.read_exact_at(&mut ra.buf, offset) {
+                if let Err(e) = self.f.file().read_exact_at(&mut ra.buf, offset) {
                     ra.buf.clear();
-                    return Err(io("read table blocks", &self.path)(e));
+                    return Err(io("read table blocks", self.f.path())(e));
                 }
             }
             let at = (offset - ra.at) as usize;
@@ -1149,14 +1101,14 @@ impl Table {
         let block = self.block(handle, true)?;
         let mut it = BlockIter::with_key_buffer(block, KEY_BUF.with(|b| std::mem::take(&mut *b.borrow_mut())));
         let at = handle.0;
-        let found = it.seek(key, target).map_err(|m| corrupt(&self.path, at, m));
+        let found = it.seek(key, target).map_err(|m| corrupt(self.f.path(), at, m));
         let out = match found {
             Ok(true) => {
                 let (u, t) = split_internal(it.key());
                 if u != key {
                     Ok(None)
                 } else if trailer_kind(t).is_none() {
-                    Err(corrupt(&self.path, at, format!("unknown value kind {}", t & 0xff)))
+                    Err(corrupt(self.f.path(), at, format!("unknown value kind {}", t & 0xff)))
                 } else {
                     Ok(Some((self.shift(t), it.value())))
                 }
@@ -1241,11 +1193,11 @@ impl TableIter {
 
     fn entry(&self, key: &[u8], value: Bytes) -> Result<InternalEntry> {
         if key.len() < KEY_TRAILER_BYTES + 1 {
-            return Err(corrupt(&self.table.path, 0, "short key"));
+            return Err(corrupt(self.table.f.path(), 0, "short key"));
         }
         let (u, t) = split_internal(key);
         if trailer_kind(t).is_none() {
-            return Err(corrupt(&self.table.path, 0, format!("unknown value kind {}", t & 0xff)));
+            return Err(corrupt(self.table.f.path(), 0, format!("unknown value kind {}", t & 0xff)));
         }
         Ok(InternalEntry { user: Bytes::copy_from_slice(u), trailer: self.table.shift(t), value })
     }
@@ -1318,7 +1270,7 @@ impl TableIter {
             loop {
                 if let Some(it) = &mut self.cur {
                     let at = self.cur_at;
-                    if it.advance().map_err(|m| corrupt(&self.table.path, at, m))? {
+                    if it.advance().map_err(|m| corrupt(self.table.f.path(), at, m))? {
                         if let Some(s) = &self.seek {
                             if split_internal(it.key()).0 < s.as_slice() {
                                 continue;
@@ -1327,7 +1279,7 @@ impl TableIter {
                         }
                         let (u, t) = split_internal(it.key());
                         if trailer_kind(t).is_none() {
-                            return Err(corrupt(&self.table.path, at, format!("unknown value kind {}", t & 0xff)));
+                            return Err(corrupt(self.table.f.path(), at, format!("unknown value kind {}", t & 0xff)));
                         }
                         return Ok(Some(InternalEntry {
                             user: Bytes::copy_from_slice(u),
@@ -1355,7 +1307,7 @@ impl TableIter {
                 }
                 let Some(h) = self.next_handle()? else { return Ok(None) };
                 let b = self.table.block(h, self.fill_cache)?;
-                self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(&self.table.path, h.0, m))?;
+                self.back = BlockIter::collect_all(&b).map_err(|m| corrupt(self.table.f.path(), h.0, m))?;
             }
         }
     }
