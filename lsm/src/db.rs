@@ -1585,7 +1585,7 @@ impl Inner {
         if blobs.is_empty() || pct >= 100 {
             return BTreeSet::new();
         }
-        let live = self.sv.load().version.blob_live_bytes();
+        let live = &self.sv.load().version.blob_live;
         blobs
             .values()
             .filter(|b| {
@@ -2114,7 +2114,7 @@ impl Inner {
             blocks_compressed: c.blocks_compressed.load(Ordering::Relaxed),
             blob_files: sv.version.blobs.len(),
             blob_bytes: sv.version.blobs.values().map(|b| b.bytes).sum(),
-            blob_live_bytes: sv.version.blob_live_bytes().values().sum(),
+            blob_live_bytes: sv.version.blob_live.values().sum(),
             blob_flush_bytes: c.blob_flush_bytes.load(Ordering::Relaxed),
             blob_gc_bytes: c.blob_gc_bytes.load(Ordering::Relaxed),
         }
@@ -2129,7 +2129,7 @@ impl Inner {
         }
         if !v.blobs.is_empty() {
             metrics::gauge!("cairn_lsm_blob_bytes").set(v.blobs.values().map(|b| b.bytes).sum::<u64>() as f64);
-            metrics::gauge!("cairn_lsm_blob_live_bytes").set(v.blob_live_bytes().values().sum::<u64>() as f64);
+            metrics::gauge!("cairn_lsm_blob_live_bytes").set(v.blob_live.values().sum::<u64>() as f64);
         }
         let c = &self.counters;
         metrics::gauge!("cairn_lsm_stall_seconds").set(c.stall_micros.load(Ordering::Relaxed) as f64 / 1e6);

@@ -26,6 +26,9 @@ pub(crate) struct Version {
     pub(crate) last_seq: Seqno,
     /// The blob files the tables reference (rebuilt by [`Version::sort`]).
     pub(crate) blobs: BTreeMap<BlobId, Arc<BlobFile>>,
+    /// Live bytes of each blob file: what the tables' references keep
+    /// (rebuilt by [`Version::sort`]).
+    pub(crate) blob_live: BTreeMap<BlobId, u64>,
 }
 
 impl Version {
@@ -64,6 +67,11 @@ impl Version {
     /// Sorts each level and indexes the blob files the tables reference.
     pub(crate) fn sort(&mut self) {
         self.blobs = self.tables().flat_map(|(_, t)| t.blobs.iter()).map(|b| (b.id, Arc::clone(b))).collect();
+        let mut live = BTreeMap::new();
+        for r in self.tables().flat_map(|(_, t)| t.props.blob_refs.iter()) {
+            *live.entry(r.file).or_insert(0) += r.bytes;
+        }
+        self.blob_live = live;
         if let Some(l0) = self.levels.first_mut() {
             l0.sort_by(|a, b| b.seq_max().cmp(&a.seq_max()).then(b.id.cmp(&a.id)));
         }
@@ -89,17 +97,6 @@ impl Version {
                 "a table references a blob file that no live table lists",
             )),
         }
-    }
-
-    /// Live bytes of each blob file: what the tables' references keep.
-    pub(crate) fn blob_live_bytes(&self) -> BTreeMap<BlobId, u64> {
-        let mut live = BTreeMap::new();
-        for (_, t) in self.tables() {
-            for r in &t.props.blob_refs {
-                *live.entry(r.file).or_insert(0) += r.bytes;
-            }
-        }
-        live
     }
 
     /// An edit that rebuilds this version from nothing.
