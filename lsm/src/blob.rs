@@ -52,6 +52,12 @@ pub(crate) fn parse_blob_file_name(name: &str) -> Option<BlobId> {
     parse_id_file_name(name, ".blob")
 }
 
+/// The id of a blob file the engine named `name` (`{id:016x}.blob`), as
+/// [`Db::ingest_with_blobs`](crate::Db::ingest_with_blobs) takes it.
+pub fn blob_file_id(name: &str) -> Option<u64> {
+    parse_blob_file_name(name)
+}
+
 /// Where a value lives: its blob file, the offset of its record, and the
 /// length of the record's payload (the value as stored, before the trailer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

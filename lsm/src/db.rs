@@ -441,8 +441,7 @@ impl Db {
         };
         let (manifest, version, next_table_id) = if let Some((m, edits)) = opened {
             // Fold the edits first: only the tables live at the end are opened.
-            let mut live: std::collections::BTreeMap<TableId, (u8, u64, Option<u64>)> =
-                std::collections::BTreeMap::new();
+            let mut live: std::collections::BTreeMap<TableId, Added> = std::collections::BTreeMap::new();
             let mut v = Version::empty(opts.levels);
             let mut next_id = 1;
             for e in &edits {
@@ -453,7 +452,7 @@ impl Db {
                     live.remove(id);
                 }
                 for a in &e.added {
-                    live.insert(a.id, (a.level, a.seq_offset, a.file_xxh3));
+                    live.insert(a.id, a.clone());
                     next_id = next_id.max(a.id + 1);
                 }
                 if let Some(n) = e.next_table_id {
@@ -463,19 +462,25 @@ impl Db {
                 v = v.apply(&meta_only, &[]);
             }
             let mut blobs: BTreeMap<BlobId, Arc<BlobFile>> = BTreeMap::new();
-            for (id, (level, seq_offset, file_xxh3)) in live {
-                let t =
-                    Table::open(Arc::clone(&fs), &tables_dir.join(table_file_name(id)), id, seq_offset, cache.clone())?
-                        .with_blobs(|bid| {
-                            if let Some(b) = blobs.get(&bid) {
-                                return Ok(Arc::clone(b));
-                            }
-                            let path = tables_dir.join(blob_file_name(bid));
-                            let b = Arc::new(BlobFile::open(Arc::clone(&fs), &path, bid, purger.clone())?);
-                            blobs.insert(bid, Arc::clone(&b));
-                            Ok(b)
-                        })?;
-                v.levels[level as usize].push(Arc::new(t.with_file_xxh3(file_xxh3).with_purger(purger.clone())));
+            for (id, a) in live {
+                let t = Table::open(
+                    Arc::clone(&fs),
+                    &tables_dir.join(table_file_name(id)),
+                    id,
+                    a.seq_offset,
+                    cache.clone(),
+                )?
+                .with_blob_offset(a.blob_offset)
+                .with_blobs(|bid| {
+                    if let Some(b) = blobs.get(&bid) {
+                        return Ok(Arc::clone(b));
+                    }
+                    let path = tables_dir.join(blob_file_name(bid));
+                    let b = Arc::new(BlobFile::open(Arc::clone(&fs), &path, bid, purger.clone())?);
+                    blobs.insert(bid, Arc::clone(&b));
+                    Ok(b)
+                })?;
+                v.levels[a.level as usize].push(Arc::new(t.with_file_xxh3(a.file_xxh3).with_purger(purger.clone())));
             }
             v.sort();
             (m, v, next_id)
@@ -786,10 +791,32 @@ impl Db {
     /// Adds externally built tables (for example another engine's L0 tables)
     /// as L0 tables, their sequence numbers shifted by one offset above all
     /// local data, in one manifest edit. The files are hard-linked (copied if
-    /// linking fails).
+    /// linking fails). Tables are taken as written: their sequence numbers
+    /// and blob file ids as stored (a table its engine ingested itself
+    /// carries offsets only that engine's manifest records: open such a
+    /// checkpoint with [`Db::open`] instead). A table that keeps values in
+    /// blob files is refused; see [`Db::ingest_with_blobs`].
     pub fn ingest(&self, tables: &[PathBuf], opts: IngestOptions) -> Result<()> {
-        let tables: Vec<(PathBuf, u64)> = tables.iter().map(|p| (p.clone(), 0)).collect();
-        self.inner.ingest(&tables, opts, false)
+        self.ingest_with_blobs(tables, &[], opts)
+    }
+
+    /// [`Db::ingest`] for tables that keep values in blob files (see
+    /// `Options::blob_value_bytes_min`): `blob_files` are the files their
+    /// references name, each with the id the references use (the number
+    /// in its name where the engine wrote it, see [`crate::blob_file_id`]). They
+    /// are linked (copied if linking fails) under ids of this engine, in
+    /// the same manifest edit; the tables' references are translated as
+    /// they are read. A table referencing a blob file not given is refused
+    /// ([`Error::Ingest`]); a given file no table references is left alone.
+    pub fn ingest_with_blobs(
+        &self,
+        tables: &[PathBuf],
+        blob_files: &[(u64, PathBuf)],
+        opts: IngestOptions,
+    ) -> Result<()> {
+        let tables: Vec<IngestTable> =
+            tables.iter().map(|p| IngestTable { path: p.clone(), seq_offset: 0, blob_offset: 0 }).collect();
+        self.inner.ingest(&tables, blob_files, opts, false)
     }
 
     /// Embedded mode: makes a delta checkpoint in `dest` (a new directory)
@@ -798,28 +825,30 @@ impl Db {
     /// `after` are hard-linked in and described by a [`DELTA_FILE`].
     /// `Ok(None)` (and no directory) when the tables cannot show that: some
     /// were merged by a table compaction since, or `after` is not below this
-    /// state's durable marker. Send a full [`Db::checkpoint`] then.
+    /// state's durable marker. Send a full [`Db::checkpoint`] then. The blob
+    /// files the tables reference are linked in too ([`Delta::blob_files`]).
     pub fn delta_checkpoint(&self, dest: impl AsRef<Path>, after: Option<Marker>) -> Result<Option<Delta>> {
         self.inner.delta_checkpoint(dest.as_ref(), after)
     }
 
     /// Embedded mode: ingests a delta made by [`Db::delta_checkpoint`]
-    /// (`tables[i]` is the file of `delta.tables[i]`), after checking that
+    /// (`tables[i]` is the file of `delta.tables[i]`, `blob_files[i]` the
+    /// file of `delta.blob_files[i]`), after checking that
     /// its tables hold every write from this state's durable marker on, in
     /// one manifest edit: every memtable is dropped (their writes lie inside
     /// the delta), the tables come in above all local data with their order
     /// kept, and the durable marker becomes `delta.marker`.
-    pub fn ingest_delta(&self, delta: &Delta, tables: &[PathBuf]) -> Result<()> {
-        self.inner.check_delta(delta, tables)?;
-        self.inner.ingest_delta(delta, tables)
+    pub fn ingest_delta(&self, delta: &Delta, tables: &[PathBuf], blob_files: &[PathBuf]) -> Result<()> {
+        self.inner.check_delta(delta, tables, blob_files)?;
+        self.inner.ingest_delta(delta, tables, blob_files)
     }
 
     /// Embedded mode: the checks of [`Db::ingest_delta`] alone (the tables'
     /// props against this state's durable marker), changing nothing. A
     /// delta that passes them now passes them later (the marker only rises)
     /// unless the state moves past the delta's marker.
-    pub fn check_delta(&self, delta: &Delta, tables: &[PathBuf]) -> Result<()> {
-        self.inner.check_delta(delta, tables)
+    pub fn check_delta(&self, delta: &Delta, tables: &[PathBuf], blob_files: &[PathBuf]) -> Result<()> {
+        self.inner.check_delta(delta, tables, blob_files)
     }
 
     /// Statistics, also published as `metrics` gauges.
@@ -1244,6 +1273,17 @@ impl Inner {
         (id, self.tables_dir.join(table_file_name(id)))
     }
 
+    /// Reserves `n` consecutive ids of the tables' counter; the first.
+    fn reserve_ids(&self, n: u64) -> Result<TableId> {
+        let mut vs = lock(&self.vstate);
+        let first = vs.next_table_id;
+        vs.next_table_id = first.checked_add(n).ok_or(Error::Ingest {
+            path: self.tables_dir.clone(),
+            reason: format!("{n} blob file ids do not fit the id space"),
+        })?;
+        Ok(first)
+    }
+
     /// A new blob file's id (from the tables' counter) and path.
     fn new_blob_id(&self) -> (BlobId, PathBuf) {
         let (id, _) = self.new_table_id();
@@ -1401,7 +1441,10 @@ impl Inner {
         }
         let (_, seq_max) = mem.seq_range();
         let edit = Edit {
-            added: opened.iter().map(|t| Added { level: 0, id: t.id, seq_offset: 0, file_xxh3: t.file_xxh3 }).collect(),
+            added: opened
+                .iter()
+                .map(|t| Added { level: 0, id: t.id, seq_offset: 0, blob_offset: 0, file_xxh3: t.file_xxh3 })
+                .collect(),
             marker: if self.opts.record_latest_marker_for_tests {
                 lock(&self.write).last_marker
             } else {
@@ -1489,6 +1532,7 @@ impl Inner {
                     level: c.output_level as u8,
                     id: t.id,
                     seq_offset: t.seq_offset,
+                    blob_offset: t.blob_offset,
                     file_xxh3: t.file_xxh3,
                 }],
                 removed: vec![t.id],
@@ -1562,7 +1606,13 @@ impl Inner {
         let edit = Edit {
             added: outputs
                 .iter()
-                .map(|o| Added { level: c.output_level as u8, id: o.id, seq_offset: 0, file_xxh3: Some(o.file_xxh3) })
+                .map(|o| Added {
+                    level: c.output_level as u8,
+                    id: o.id,
+                    seq_offset: 0,
+                    blob_offset: 0,
+                    file_xxh3: Some(o.file_xxh3),
+                })
                 .collect(),
             removed: c.upper.iter().chain(c.lower.iter()).copied().collect(),
             ..Edit::default()
@@ -1897,10 +1947,6 @@ impl Inner {
                 return Ok(None);
             }
         };
-        if let Some(t) = picked.iter().find(|t| !t.props.blob_refs.is_empty()) {
-            tracing::debug!(table = t.id, "no delta: a table keeps values in blob files");
-            return Ok(None);
-        }
         if self.fs.exists(dest).map_err(io("stat checkpoint", dest))? {
             return Err(Error::AlreadyExists { dir: dest.to_path_buf() });
         }
@@ -1908,13 +1954,22 @@ impl Inner {
         let parent = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         self.fs.sync_dir(&parent).map_err(io("fsync checkpoint parent", &parent))?;
         let mut tables = Vec::new();
+        let mut blobs = BTreeMap::new();
         for t in picked {
             let file = table_file_name(t.id);
             let to = dest.join(&file);
             self.fs.hard_link(t.path(), &to).map_err(io("link table into delta", &to))?;
-            tables.push(DeltaTable { file, seq_offset: t.seq_offset });
+            tables.push(DeltaTable { file, seq_offset: t.seq_offset, blob_offset: t.blob_offset });
+            blobs.extend(t.blobs.iter().map(|b| (b.id, b)));
         }
-        let delta = Delta { after, marker, tables_upto, tables };
+        let mut blob_files = Vec::with_capacity(blobs.len());
+        for (id, b) in blobs {
+            let file = blob_file_name(id);
+            let to = dest.join(&file);
+            self.fs.hard_link(b.path(), &to).map_err(io("link blob file into delta", &to))?;
+            blob_files.push(file);
+        }
+        let delta = Delta { after, marker, tables_upto, tables, blob_files };
         let p = dest.join(DELTA_FILE);
         let f = self.fs.open(&p, cairn_wal::OpenMode::CreateNew).map_err(io("create delta file", &p))?;
         f.write_all_at(&delta.encode(), 0).map_err(io("write delta file", &p))?;
@@ -1924,7 +1979,7 @@ impl Inner {
         Ok(Some(delta))
     }
 
-    fn check_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
+    fn check_delta(&self, delta: &Delta, paths: &[PathBuf], blob_paths: &[PathBuf]) -> Result<()> {
         let bad = |reason: String| Error::Delta { reason };
         if self.wal.is_some() {
             return Err(Error::WrongMode("deltas need embedded mode (markers)"));
@@ -1932,6 +1987,10 @@ impl Inner {
         if paths.len() != delta.tables.len() {
             return Err(bad(format!("{} files for {} tables", paths.len(), delta.tables.len())));
         }
+        if blob_paths.len() != delta.blob_files.len() {
+            return Err(bad(format!("{} files for {} blob files", blob_paths.len(), delta.blob_files.len())));
+        }
+        let given = delta_blob_ids(delta)?;
         let durable = self.sv.load().version.marker;
         if durable > Some(delta.marker) {
             return Err(bad(format!("this state ({durable:?}) is ahead of the delta ({:?})", delta.marker)));
@@ -1941,6 +2000,7 @@ impl Inner {
         for (p, t) in paths.iter().zip(&delta.tables) {
             let props = crate::table::read_props(&*self.fs, p)
                 .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
+            check_blob_refs(p, &props, t.blob_offset, |id| given.contains(&id))?;
             let seq_max = props.seq_max.saturating_add(t.seq_offset);
             if last_max.is_some_and(|l| seq_max > l) {
                 return Err(bad(format!("{} is not listed newest first", p.display())));
@@ -1954,18 +2014,26 @@ impl Inner {
         Ok(())
     }
 
-    fn ingest_delta(&self, delta: &Delta, paths: &[PathBuf]) -> Result<()> {
-        let _span = tracing::info_span!("lsm_ingest_delta", tables = paths.len()).entered();
-        let tables: Vec<(PathBuf, u64)> =
-            paths.iter().zip(&delta.tables).map(|(p, t)| (p.clone(), t.seq_offset)).collect();
-        self.ingest(&tables, IngestOptions::new().discard_memtables(true).marker(delta.marker), true)
+    fn ingest_delta(&self, delta: &Delta, paths: &[PathBuf], blob_paths: &[PathBuf]) -> Result<()> {
+        let _span =
+            tracing::info_span!("lsm_ingest_delta", tables = paths.len(), blob_files = blob_paths.len()).entered();
+        let tables: Vec<IngestTable> = paths
+            .iter()
+            .zip(&delta.tables)
+            .map(|(p, t)| IngestTable { path: p.clone(), seq_offset: t.seq_offset, blob_offset: t.blob_offset })
+            .collect();
+        let blobs: Vec<(BlobId, PathBuf)> =
+            delta_blob_ids(delta)?.into_iter().zip(blob_paths.iter().cloned()).collect();
+        self.ingest(&tables, &blobs, IngestOptions::new().discard_memtables(true).marker(delta.marker), true)
     }
 
-    /// Ingests `tables` (`(path, offset already added to its sequence
-    /// numbers)`), all shifted by one more offset above every local write.
-    /// `delta`: the memtables must hold nothing above the new marker.
-    fn ingest(&self, tables: &[(PathBuf, u64)], o: IngestOptions, delta: bool) -> Result<()> {
-        let _span = tracing::info_span!("lsm_ingest", tables = tables.len()).entered();
+    /// Ingests `tables`, all shifted by one more sequence number offset
+    /// above every local write, with the blob files `blobs` (`(id the
+    /// tables' references name after their blob offset, path)`), which get
+    /// ids of this engine. `delta`: the memtables must hold nothing above
+    /// the new marker.
+    fn ingest(&self, tables: &[IngestTable], blobs: &[(BlobId, PathBuf)], o: IngestOptions, delta: bool) -> Result<()> {
+        let _span = tracing::info_span!("lsm_ingest", tables = tables.len(), blob_files = blobs.len()).entered();
         self.check_usable()?;
         if o.discard_memtables && self.wal.is_some() {
             return Err(Error::WrongMode("discard_memtables needs embedded mode (the WAL would bring them back)"));
@@ -1988,17 +2056,18 @@ impl Inner {
         // Read each table's properties to learn its sequence numbers (with
         // the offset it already has).
         let mut ranges = Vec::new();
-        for (p, off) in tables {
+        let given: BTreeMap<BlobId, &PathBuf> = blobs.iter().map(|(id, p)| (*id, p)).collect();
+        let mut used = BTreeMap::new();
+        for t in tables {
+            let p = &t.path;
             let props = crate::table::read_props(&*self.fs, p)
                 .map_err(|e| Error::Ingest { path: p.clone(), reason: e.to_string() })?;
-            if let Some(r) = props.blob_refs.first() {
-                let reason = format!(
-                    "it references values in blob files (first {:016x}); ingest takes tables that hold their values",
-                    r.file
-                );
-                return Err(Error::Ingest { path: p.clone(), reason });
-            }
-            let shifted = (props.seq_min.checked_add(*off), props.seq_max.checked_add(*off));
+            check_blob_refs(p, &props, t.blob_offset, |id| given.contains_key(&id))?;
+            used.extend(props.blob_refs.iter().map(|r| {
+                let id = r.file.wrapping_add(t.blob_offset);
+                (id, given[&id])
+            }));
+            let shifted = (props.seq_min.checked_add(t.seq_offset), props.seq_max.checked_add(t.seq_offset));
             let (Some(lo), Some(hi)) = shifted else {
                 return Err(Error::Ingest { path: p.clone(), reason: "sequence numbers overflow".into() });
             };
@@ -2011,31 +2080,52 @@ impl Inner {
         // One common offset above all local data: the order inside and
         // across the tables is kept.
         let offset = (w.last_seq + 1).saturating_sub(seq_min);
-        let mut offsets: Vec<u64> = tables.iter().map(|(_, off)| off + offset).collect();
+        let mut offsets: Vec<u64> = tables.iter().map(|t| t.seq_offset + offset).collect();
         if delta && self.opts.delta_shift_each_table_for_tests {
             // Each table on its own, one above the other in list order.
-            let raw_min = ranges.iter().zip(tables).map(|(r, (_, had))| r.0 - had).max().unwrap_or(0);
+            let raw_min = ranges.iter().zip(tables).map(|(r, t)| r.0 - t.seq_offset).max().unwrap_or(0);
             let mut base = (w.last_seq + 1).max(raw_min);
-            for ((o, r), (_, had)) in offsets.iter_mut().zip(&ranges).zip(tables) {
-                *o = base - (r.0 - had);
+            for ((o, r), t) in offsets.iter_mut().zip(&ranges).zip(tables) {
+                *o = base - (r.0 - t.seq_offset);
                 base += r.1 - r.0 + 1;
             }
         }
         let seq_max =
-            ranges.iter().zip(&offsets).zip(tables).map(|((r, o), (_, had))| r.1 - had + o).max().unwrap_or(0);
+            ranges.iter().zip(&offsets).zip(tables).map(|((r, o), t)| r.1 - t.seq_offset + o).max().unwrap_or(0);
         let new_last = seq_max.max(w.last_seq);
-        let mut opened = Vec::new();
-        let mut added = Vec::new();
-        for ((p, _), off) in tables.iter().zip(&offsets) {
-            let (id, to) = self.new_table_id();
+        // The blob files get ids of this engine: the sender's, shifted by one
+        // offset onto a block of fresh ids (the sender's ids keep their order).
+        let blob_shift = match (used.keys().next(), used.keys().next_back()) {
+            (Some(&lo), Some(&hi)) => self.reserve_ids(hi - lo + 1)?.wrapping_sub(lo),
+            _ => 0,
+        };
+        let mut linked = BTreeMap::new();
+        for (id, p) in used {
+            let local = id.wrapping_add(blob_shift);
+            let to = self.tables_dir.join(blob_file_name(local));
             if self.fs.hard_link(p, &to).is_err() {
                 copy_file(&*self.fs, p, &to)?;
             }
-            let t = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?
+            linked.insert(local, Arc::new(BlobFile::open(Arc::clone(&self.fs), &to, local, self.purger.clone())?));
+        }
+        let mut opened = Vec::new();
+        let mut added = Vec::new();
+        for (t, off) in tables.iter().zip(&offsets) {
+            let (id, to) = self.new_table_id();
+            if self.fs.hard_link(&t.path, &to).is_err() {
+                copy_file(&*self.fs, &t.path, &to)?;
+            }
+            let blob_offset = t.blob_offset.wrapping_add(blob_shift);
+            let opened_table = Table::open(Arc::clone(&self.fs), &to, id, *off, self.cache.clone())?
                 .with_purger(self.purger.clone())
-                .with_blobs(|b| Err(crate::error::corrupt(&to, 0, format!("references blob file {b:016x}"))))?;
-            added.push(Added { level: 0, id, seq_offset: *off, file_xxh3: None });
-            opened.push(Arc::new(t));
+                .with_blob_offset(blob_offset)
+                .with_blobs(|b| {
+                    linked.get(&b).cloned().ok_or_else(|| {
+                        crate::error::corrupt(&to, 0, format!("references blob file {b:016x}, not ingested with it"))
+                    })
+                })?;
+            added.push(Added { level: 0, id, seq_offset: *off, blob_offset, file_xxh3: None });
+            opened.push(Arc::new(opened_table));
         }
         self.sync_tables_dir()?;
         self.opts.hook(HookPoint::IngestLinked)?;
@@ -2137,6 +2227,42 @@ impl Inner {
         if h + m > 0 {
             metrics::gauge!("cairn_lsm_cache_hit_ratio").set(h as f64 / (h + m) as f64);
         }
+    }
+}
+
+/// A table to ingest: its file and the offsets its sender adds to its
+/// sequence numbers and (modulo 2^64) to its references' blob file ids.
+struct IngestTable {
+    path: PathBuf,
+    seq_offset: u64,
+    blob_offset: u64,
+}
+
+/// The ids of a delta's blob files (from their names, which decoding checked).
+fn delta_blob_ids(delta: &Delta) -> Result<Vec<BlobId>> {
+    delta
+        .blob_files
+        .iter()
+        .map(|f| {
+            parse_blob_file_name(f).ok_or_else(|| Error::Delta { reason: format!("`{f}` is not a blob file name") })
+        })
+        .collect()
+}
+
+/// Refuses a table to ingest whose references (their ids shifted by
+/// `blob_offset`) name a blob file not `given`.
+fn check_blob_refs(
+    path: &Path,
+    props: &crate::table::Props,
+    blob_offset: u64,
+    given: impl Fn(BlobId) -> bool,
+) -> Result<()> {
+    match props.blob_refs.iter().map(|r| r.file.wrapping_add(blob_offset)).find(|id| !given(*id)) {
+        None => Ok(()),
+        Some(id) => Err(Error::Ingest {
+            path: path.to_path_buf(),
+            reason: format!("it references values in blob file {id:016x}, which is not given with it"),
+        }),
     }
 }
 

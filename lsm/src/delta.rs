@@ -10,6 +10,9 @@
 //! a chain into a directory with a [`DELTA_FILE`] describing it;
 //! [`Db::ingest_delta`] checks the chain against the receiving state's
 //! durable marker and ingests it above all local data in one manifest edit.
+//! The blob files the tables reference (their separated values) travel
+//! with them; the receiver gives them ids of its own (see
+//! `docs/design/lsm.md`, "Key-value separation").
 //!
 //! [`Db::delta_checkpoint`]: crate::Db::delta_checkpoint
 //! [`Db::ingest_delta`]: crate::Db::ingest_delta
@@ -21,9 +24,13 @@ use crate::types::Marker;
 /// The file a delta checkpoint describes itself in.
 pub const DELTA_FILE: &str = "DELTA";
 const MAGIC: &[u8; 16] = b"cairn-lsm delta\0";
-const FORMAT_VERSION: u8 = 1;
+/// Format 2 added each table's blob id offset and the blob files; format
+/// 1 is still read.
+const FORMAT_VERSION: u8 = 2;
 /// Bound on the tables one delta may list (a sanity bound for decoding).
 const TABLES_MAX: u32 = 1 << 16;
+/// Bound on the blob files one delta may list (a sanity bound for decoding).
+const BLOB_FILES_MAX: u32 = 1 << 20;
 const FILE_NAME_BYTES_MAX: usize = 255;
 
 /// What a delta checkpoint holds: tables that bring a state whose durable
@@ -42,6 +49,10 @@ pub struct Delta {
     pub tables_upto: Option<Marker>,
     /// The tables, newest first.
     pub tables: Vec<DeltaTable>,
+    /// The blob files the tables reference, by file name in the delta's
+    /// directory (`{id:016x}.blob`, the id the tables' references name
+    /// after their [`DeltaTable::blob_offset`]).
+    pub blob_files: Vec<String>,
 }
 
 /// One table of a delta.
@@ -54,6 +65,10 @@ pub struct DeltaTable {
     /// keep the order across tables, and the receiver adds one more common
     /// offset above all its own data.
     pub seq_offset: u64,
+    /// The offset the sender adds (modulo 2^64) to the blob file ids its
+    /// references name, to get the ids in [`Delta::blob_files`] (non-zero
+    /// for tables the sender ingested itself).
+    pub blob_offset: u64,
 }
 
 impl Delta {
@@ -69,6 +84,11 @@ impl Delta {
         for t in &self.tables {
             crate::table::put_bytes(&mut out, t.file.as_bytes());
             out.extend_from_slice(&t.seq_offset.to_le_bytes());
+            out.extend_from_slice(&t.blob_offset.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.blob_files.len() as u32).to_le_bytes());
+        for f in &self.blob_files {
+            crate::table::put_bytes(&mut out, f.as_bytes());
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -92,8 +112,8 @@ impl Delta {
             return Err("bad magic".into());
         }
         let v = r.u8()?;
-        if v != FORMAT_VERSION {
-            return Err(format!("format version {v} (this build reads {FORMAT_VERSION})"));
+        if !(1..=FORMAT_VERSION).contains(&v) {
+            return Err(format!("format version {v} (this build reads 1 to {FORMAT_VERSION})"));
         }
         let after = r.opt_marker()?;
         let marker = r.opt_marker()?.ok_or("no target marker")?;
@@ -111,12 +131,32 @@ impl Delta {
             if crate::table::parse_table_file_name(file).is_none() {
                 return Err(format!("`{file}` is not a table file name"));
             }
-            tables.push(DeltaTable { file: file.to_string(), seq_offset: r.u64()? });
+            let seq_offset = r.u64()?;
+            let blob_offset = if v >= 2 { r.u64()? } else { 0 };
+            tables.push(DeltaTable { file: file.to_string(), seq_offset, blob_offset });
+        }
+        let mut blob_files = Vec::new();
+        if v >= 2 {
+            let n = r.u32()?;
+            if n > BLOB_FILES_MAX {
+                return Err(format!("{n} blob files"));
+            }
+            for _ in 0..n {
+                let file =
+                    std::str::from_utf8(r.bytes(FILE_NAME_BYTES_MAX)?).map_err(|_| "a file name not in UTF-8")?;
+                let Some(id) = crate::blob::parse_blob_file_name(file) else {
+                    return Err(format!("`{file}` is not a blob file name"));
+                };
+                if blob_files.last().and_then(|l: &String| crate::blob::parse_blob_file_name(l)) >= Some(id) {
+                    return Err("blob files not sorted by id".into());
+                }
+                blob_files.push(file.to_string());
+            }
         }
         if !r.done() {
             return Err("trailing bytes".into());
         }
-        Ok(Delta { after, marker, tables_upto, tables })
+        Ok(Delta { after, marker, tables_upto, tables, blob_files })
     }
 }
 
@@ -206,9 +246,10 @@ mod tests {
             marker: m(9),
             tables_upto: Some(m(8)),
             tables: vec![
-                DeltaTable { file: "0000000000000007.sst".into(), seq_offset: 0 },
-                DeltaTable { file: "0000000000000005.sst".into(), seq_offset: 100 },
+                DeltaTable { file: "0000000000000007.sst".into(), seq_offset: 0, blob_offset: 0 },
+                DeltaTable { file: "0000000000000005.sst".into(), seq_offset: 100, blob_offset: u64::MAX - 2 },
             ],
+            blob_files: vec!["0000000000000003.blob".into(), "0000000000000006.blob".into()],
         };
         let b = d.encode();
         assert_eq!(Delta::decode(&b).expect("decodes"), d);
@@ -223,5 +264,29 @@ mod tests {
         let mut bad = d.clone();
         bad.tables[0].file = "../x.sst".into();
         assert!(Delta::decode(&bad.encode()).is_err());
+        let mut bad = d.clone();
+        bad.blob_files[0] = "../x.blob".into();
+        assert!(Delta::decode(&bad.encode()).is_err());
+        let mut bad = d.clone();
+        bad.blob_files.reverse();
+        assert!(Delta::decode(&bad.encode()).is_err(), "blob files out of order");
+    }
+
+    #[test]
+    fn a_format_1_file_still_reads() {
+        // Format 1: no blob offsets, no blob files.
+        let mut b = MAGIC.to_vec();
+        b.push(1);
+        put_opt_marker(&mut b, None);
+        put_opt_marker(&mut b, Some(m(9)));
+        put_opt_marker(&mut b, Some(m(9)));
+        b.extend_from_slice(&1u32.to_le_bytes());
+        crate::table::put_bytes(&mut b, b"0000000000000007.sst");
+        b.extend_from_slice(&5u64.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let d = Delta::decode(&b).expect("decodes");
+        assert_eq!(d.tables, vec![DeltaTable { file: "0000000000000007.sst".into(), seq_offset: 5, blob_offset: 0 }]);
+        assert!(d.blob_files.is_empty());
     }
 }

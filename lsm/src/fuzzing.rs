@@ -152,7 +152,7 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
     let _ = std::fs::remove_dir_all(&dir);
     let e = crate::version::Edit {
         full: true,
-        added: vec![crate::version::Added { level: 1, id: 3, seq_offset: 0, file_xxh3: Some(7) }],
+        added: vec![crate::version::Added { level: 1, id: 3, seq_offset: 0, blob_offset: 5, file_xxh3: Some(7) }],
         removed: vec![1, 2],
         marker: Some(crate::Marker::new(9, 2)),
         flushed_seq: Some(17),
@@ -166,12 +166,16 @@ pub fn sample_inputs() -> Vec<(&'static str, Vec<u8>)> {
         marker: crate::Marker::new(9, 2),
         tables_upto: Some(crate::Marker::new(8, 2)),
         tables: vec![
-            crate::DeltaTable { file: crate::table::table_file_name(7), seq_offset: 0 },
-            crate::DeltaTable { file: crate::table::table_file_name(5), seq_offset: 100 },
+            crate::DeltaTable { file: crate::table::table_file_name(7), seq_offset: 0, blob_offset: 0 },
+            crate::DeltaTable { file: crate::table::table_file_name(5), seq_offset: 100, blob_offset: 9 },
         ],
+        blob_files: vec![crate::blob::blob_file_name(11), crate::blob::blob_file_name(12)],
     };
     out.push(("delta_file", d.encode()));
-    out.push(("delta_file", crate::Delta { after: None, tables_upto: None, tables: Vec::new(), ..d }.encode()));
+    out.push((
+        "delta_file",
+        crate::Delta { after: None, tables_upto: None, tables: Vec::new(), blob_files: Vec::new(), ..d }.encode(),
+    ));
     // A table with blob references (format 4) and its blob file, after a
     // reference to its third value.
     let o = crate::Options {

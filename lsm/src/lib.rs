@@ -25,6 +25,7 @@ mod version;
 pub mod fuzzing;
 
 pub use batch::WriteBatch;
+pub use blob::blob_file_id;
 pub use choose::CompactionPriority;
 pub use db::{CheckpointInfo, CheckpointTable, Db, IngestOptions, LevelStats, ReadView, Stats};
 pub use delta::{DELTA_FILE, Delta, DeltaTable};

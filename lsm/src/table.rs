@@ -892,6 +892,11 @@ pub(crate) struct Table {
     pub(crate) file_bytes: u64,
     /// Added to every stored sequence number (tables ingested from elsewhere).
     pub(crate) seq_offset: u64,
+    /// Added (modulo 2^64) to the blob file id of every stored reference
+    /// (tables ingested with blob files, which got ids of this engine):
+    /// references leave the table with this engine's ids, and
+    /// `props.blob_refs` holds them too.
+    pub(crate) blob_offset: u64,
     /// xxh3-64 of the whole file, recorded when this engine wrote it (`None`
     /// for tables ingested from elsewhere or recorded by an older build).
     pub(crate) file_xxh3: Option<u64>,
@@ -955,6 +960,7 @@ impl Table {
             props,
             file_bytes: size,
             seq_offset,
+            blob_offset: 0,
             file_xxh3: None,
             cache,
             blobs: Vec::new(),
@@ -972,6 +978,30 @@ impl Table {
     pub(crate) fn with_file_xxh3(mut self, file_xxh3: Option<u64>) -> Table {
         self.file_xxh3 = file_xxh3;
         self
+    }
+
+    /// The same table with its references' blob file ids shifted by
+    /// `offset` (modulo 2^64). Before [`Table::with_blobs`].
+    pub(crate) fn with_blob_offset(mut self, offset: u64) -> Table {
+        self.blob_offset = offset;
+        for r in &mut self.props.blob_refs {
+            r.file = r.file.wrapping_add(offset);
+        }
+        self.props.blob_refs.sort_by_key(|r| r.file);
+        self
+    }
+
+    /// A stored value as it leaves the table: a blob reference gets this
+    /// engine's blob file id.
+    fn out_value(&self, trailer: u64, value: Bytes) -> Result<Bytes> {
+        if self.blob_offset == 0 || trailer_kind(trailer) != Some(ValueKind::BlobRef) {
+            return Ok(value);
+        }
+        let mut r = BlobRef::decode(&value).ok_or_else(|| {
+            corrupt(self.f.path(), 0, format!("a blob reference of {} bytes is malformed", value.len()))
+        })?;
+        r.file = r.file.wrapping_add(self.blob_offset);
+        Ok(Bytes::copy_from_slice(&r.encode()))
     }
 
     /// The same table holding the blob files it references, each found by
@@ -1110,7 +1140,7 @@ impl Table {
                 } else if trailer_kind(t).is_none() {
                     Err(corrupt(self.f.path(), at, format!("unknown value kind {}", t & 0xff)))
                 } else {
-                    Ok(Some((self.shift(t), it.value())))
+                    self.out_value(t, it.value()).map(|v| Some((self.shift(t), v)))
                 }
             }
             Ok(false) => Ok(None),
@@ -1199,6 +1229,7 @@ impl TableIter {
         if trailer_kind(t).is_none() {
             return Err(corrupt(self.table.f.path(), 0, format!("unknown value kind {}", t & 0xff)));
         }
+        let value = self.table.out_value(t, value)?;
         Ok(InternalEntry { user: Bytes::copy_from_slice(u), trailer: self.table.shift(t), value })
     }
 
@@ -1284,7 +1315,7 @@ impl TableIter {
                         return Ok(Some(InternalEntry {
                             user: Bytes::copy_from_slice(u),
                             trailer: self.table.shift(t),
-                            value: it.value(),
+                            value: self.table.out_value(t, it.value())?,
                         }));
                     }
                     self.cur = None;

@@ -105,7 +105,13 @@ impl Version {
             full: true,
             added: self
                 .tables()
-                .map(|(l, t)| Added { level: l as u8, id: t.id, seq_offset: t.seq_offset, file_xxh3: t.file_xxh3 })
+                .map(|(l, t)| Added {
+                    level: l as u8,
+                    id: t.id,
+                    seq_offset: t.seq_offset,
+                    blob_offset: t.blob_offset,
+                    file_xxh3: t.file_xxh3,
+                })
                 .collect(),
             removed: Vec::new(),
             marker: self.marker,
@@ -127,6 +133,9 @@ pub(crate) struct Added {
     pub(crate) level: u8,
     pub(crate) id: TableId,
     pub(crate) seq_offset: u64,
+    /// Added (modulo 2^64) to the blob file ids its references name (tables
+    /// ingested with blob files; edit format 3 on).
+    pub(crate) blob_offset: u64,
     /// xxh3-64 of the whole table file, if known (edit format 2 on).
     pub(crate) file_xxh3: Option<u64>,
 }
@@ -144,8 +153,9 @@ pub(crate) struct Edit {
     pub(crate) next_table_id: Option<TableId>,
 }
 
-/// Format 2 added each table's whole-file checksum; format 1 is still read.
-const EDIT_FORMAT_VERSION: u8 = 2;
+/// Format 2 added each table's whole-file checksum, format 3 its blob id
+/// offset; formats 1 and 2 are still read.
+const EDIT_FORMAT_VERSION: u8 = 3;
 /// Bound on the tables one edit may name (a sanity bound for decoding).
 const EDIT_TABLES_MAX: u32 = 1 << 22;
 
@@ -169,6 +179,7 @@ impl Edit {
             out.extend_from_slice(&a.id.to_le_bytes());
             out.extend_from_slice(&a.seq_offset.to_le_bytes());
             opt(&mut out, a.file_xxh3);
+            out.extend_from_slice(&a.blob_offset.to_le_bytes());
         }
         out.extend_from_slice(&(self.removed.len() as u32).to_le_bytes());
         for id in &self.removed {
@@ -212,7 +223,8 @@ impl Edit {
             }
             let (id, seq_offset) = (r.u64()?, r.u64()?);
             let file_xxh3 = if v >= 2 { opt(&mut r)? } else { None };
-            added.push(Added { level, id, seq_offset, file_xxh3 });
+            let blob_offset = if v >= 3 { r.u64()? } else { 0 };
+            added.push(Added { level, id, seq_offset, blob_offset, file_xxh3 });
         }
         let n = r.u32()?;
         if n > EDIT_TABLES_MAX {
@@ -238,8 +250,8 @@ mod tests {
         let e = Edit {
             full: true,
             added: vec![
-                Added { level: 2, id: 9, seq_offset: 77, file_xxh3: Some(0xfeed) },
-                Added { level: 0, id: 10, seq_offset: 0, file_xxh3: None },
+                Added { level: 2, id: 9, seq_offset: 77, blob_offset: u64::MAX - 4, file_xxh3: Some(0xfeed) },
+                Added { level: 0, id: 10, seq_offset: 0, blob_offset: 0, file_xxh3: None },
             ],
             removed: vec![3, 4],
             marker: Some(Marker::new(10, 2)),
@@ -269,9 +281,9 @@ mod tests {
         b.extend_from_slice(&0u64.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         let e = Edit::decode(&b, 7).expect("a format 1 edit");
-        assert_eq!(e.added, vec![Added { level: 1, id: 3, seq_offset: 0, file_xxh3: None }]);
+        assert_eq!(e.added, vec![Added { level: 1, id: 3, seq_offset: 0, blob_offset: 0, file_xxh3: None }]);
         assert_eq!(e.flushed_seq, Some(5));
-        b[0] = 3;
-        assert!(Edit::decode(&b, 7).is_err_and(|e| e.contains("format version 3")));
+        b[0] = 4;
+        assert!(Edit::decode(&b, 7).is_err_and(|e| e.contains("format version 4")));
     }
 }

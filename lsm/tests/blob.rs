@@ -1,11 +1,14 @@
 //! Key-value separation (`Options::blob_value_bytes_min`): values move to
 //! blob files at flush, compactions move references, garbage is reclaimed,
-//! damage is a clear error, and checkpoints, ingest and deltas know of it.
+//! damage is a clear error, and checkpoints, ingest and deltas carry the
+//! blob files.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use cairn_lsm::{Background, Compression, Db, DurabilityMode, Error, IngestOptions, Marker, Options, WriteBatch};
+use cairn_lsm::{
+    Background, Compression, Db, Delta, DurabilityMode, Error, IngestOptions, Marker, Options, WriteBatch, blob_file_id,
+};
 
 fn opts(min: usize, gc_percent: u8) -> Options {
     let mut o = Options::default();
@@ -174,18 +177,33 @@ fn a_damaged_value_is_an_error_naming_the_blob_file() {
     assert_eq!(errs, 1);
 }
 
+/// Blob file ids of `ckpt` with their paths, as `ingest_with_blobs` takes them.
+fn blob_ids(dir: &Path, files: &[PathBuf]) -> Vec<(u64, PathBuf)> {
+    let id = |p: &PathBuf| blob_file_id(p.file_name().and_then(|n| n.to_str()).expect("name")).expect("a blob file");
+    files.iter().map(|p| (id(p), dir.join(p))).collect()
+}
+
+fn marked(db: &Db, marker: u64, keys: std::ops::Range<u32>, round: u32) {
+    let mut b = WriteBatch::new();
+    for k in keys {
+        b.put(format!("k{k:03}"), value(k, round));
+    }
+    b.set_marker(Marker::new(marker, 1));
+    db.write(&b).expect("write");
+}
+
+/// A delta's files in its directory `d`.
+fn delta_files(delta: &Delta, d: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    (delta.tables.iter().map(|t| d.join(&t.file)).collect(), delta.blob_files.iter().map(|f| d.join(f)).collect())
+}
+
 #[test]
-fn checkpoints_carry_blob_files_and_ingest_and_deltas_refuse_them() {
+fn checkpoints_ingest_and_deltas_carry_blob_files() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut o = opts(10, 25);
     o.durability = DurabilityMode::Embedded;
     let db = Db::open(dir.path().join("db"), o.clone()).expect("open");
-    let mut b = WriteBatch::new();
-    for k in 0..100u32 {
-        b.put(format!("k{k:03}"), value(k, 1));
-    }
-    b.set_marker(Marker::new(1, 1));
-    db.write(&b).expect("write");
+    marked(&db, 1, 0..100, 1);
     let info = db.checkpoint(dir.path().join("ckpt")).expect("checkpoint");
     assert_eq!(info.blob_files.len(), 1);
     let mut co = o.clone();
@@ -193,17 +211,68 @@ fn checkpoints_carry_blob_files_and_ingest_and_deltas_refuse_them() {
     let c = Db::open(&info.dir, co).expect("open checkpoint");
     assert_eq!(scan(&c), scan(&db));
     drop(c);
-    // Ingest wants tables that hold their values.
+
+    // Ingest without the blob files is refused and changes nothing.
     let tables: Vec<_> = info.tables.iter().map(|t| info.dir.join(&t.path)).collect();
-    let other = Db::open(dir.path().join("other"), opts(10, 25)).expect("open");
-    match other.ingest(&tables, IngestOptions::new()) {
-        Err(Error::Ingest { reason, .. }) => assert!(reason.contains("blob"), "{reason}"),
+    let a = Db::open(dir.path().join("a"), o.clone()).expect("open");
+    match a.ingest(&tables, IngestOptions::new()) {
+        Err(Error::Ingest { reason, .. }) => assert!(reason.contains("blob file"), "{reason}"),
         r => panic!("expected a refusal, got {r:?}"),
     }
-    assert_eq!(scan(&other), BTreeMap::new());
-    // A delta of such tables is not made: a full checkpoint is needed.
-    let mut b = WriteBatch::new();
-    b.put("later", vec![b'z'; 50]).set_marker(Marker::new(2, 1));
-    db.write(&b).expect("write");
-    assert_eq!(db.delta_checkpoint(dir.path().join("delta"), Some(Marker::new(1, 1))).expect("delta"), None);
+    assert_eq!(scan(&a), BTreeMap::new());
+    // With them, the files get ids of this engine (the next free ones).
+    let blobs = blob_ids(&info.dir, &info.blob_files);
+    assert!(blobs[0].0 > 1, "the sender's id differs from the receiver's first");
+    a.ingest_with_blobs(&tables, &blobs, IngestOptions::new().marker(Marker::new(1, 1))).expect("ingest");
+    assert_eq!(scan(&a), scan(&db));
+    assert_eq!(blob_files(&dir.path().join("a")).len(), 1);
+
+    // A delta carries the blob files of its tables: a's state takes db's
+    // next writes, as does a third one, e, from a's (whose tables then
+    // reference files by ids a gave them).
+    let e = Db::open(dir.path().join("e"), o.clone()).expect("open");
+    e.ingest_with_blobs(&tables, &blobs, IngestOptions::new().marker(Marker::new(1, 1))).expect("ingest");
+    marked(&db, 2, 50..120, 2);
+    let dd = dir.path().join("delta-2");
+    let d = db.delta_checkpoint(&dd, Some(Marker::new(1, 1))).expect("delta").expect("a delta");
+    assert_eq!(d.blob_files.len(), 1, "{d:?}");
+    let (paths, bpaths) = delta_files(&d, &dd);
+    match a.check_delta(&d, &paths, &[]) {
+        Err(Error::Delta { reason }) => assert!(reason.contains("blob files"), "{reason}"),
+        r => panic!("expected a refusal, got {r:?}"),
+    }
+    a.ingest_delta(&d, &paths, &bpaths).expect("ingest delta");
+    assert_eq!(scan(&a), scan(&db));
+    marked(&a, 3, 100..130, 3);
+    marked(&db, 3, 100..130, 3);
+    let ad = dir.path().join("delta-3");
+    let d = a.delta_checkpoint(&ad, Some(Marker::new(1, 1))).expect("delta").expect("a delta");
+    assert_eq!((d.tables.len(), d.blob_files.len()), (2, 2), "{d:?}");
+    assert!(d.tables.iter().any(|t| t.blob_offset != 0), "a table a ingested: {d:?}");
+    let (paths, bpaths) = delta_files(&d, &ad);
+    e.ingest_delta(&d, &paths, &bpaths).expect("ingest delta");
+    let want = scan(&db);
+    assert_eq!(scan(&e), want);
+    // The translated ids survive a reopen, a checkpoint and a compaction
+    // (which writes references with e's own ids, and moves values).
+    drop(e);
+    let e = Db::open(dir.path().join("e"), o.clone()).expect("reopen");
+    assert_eq!(scan(&e), want);
+    let info = e.checkpoint(dir.path().join("e-ckpt")).expect("checkpoint");
+    assert_eq!(info.blob_files.len(), 3);
+    let mut co = o.clone();
+    co.create_if_missing = false;
+    assert_eq!(scan(&Db::open(&info.dir, co).expect("open checkpoint")), want);
+    // The first compaction drops the overwritten values' references; the
+    // next one over the same keys sees the garbage and moves the live values.
+    e.compact_range::<std::ops::RangeFull, &[u8]>(..).expect("compact");
+    assert_eq!(scan(&e), want);
+    marked(&e, 4, 0..2, 4);
+    marked(&db, 4, 0..2, 4);
+    let want = scan(&db);
+    e.compact_range::<std::ops::RangeFull, &[u8]>(..).expect("compact");
+    assert_eq!(scan(&e), want);
+    assert!(e.stats().blob_gc_bytes > 0, "the overwrites left garbage to move");
+    drop(e);
+    assert_eq!(scan(&Db::open(dir.path().join("e"), o).expect("reopen")), want);
 }

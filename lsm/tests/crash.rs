@@ -186,8 +186,6 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
                     let target = i + 1000;
                     let mut lopts = opts.clone();
                     lopts.hook = None;
-                    // Ingest takes tables that hold their values.
-                    lopts.blob_value_bytes_min = None;
                     let Ok(leader) = Db::open_with_fs(Arc::clone(&fs), LEADER, lopts) else { break 'run };
                     let mut after = states[f as usize].clone();
                     let mut lb = WriteBatch::new();
@@ -197,11 +195,16 @@ fn run_embedded(seed: u64, crash: Crash, broken: Break) -> Result<(), String> {
                         break 'run;
                     }
                     let files: Vec<PathBuf> = leader.live_tables().into_iter().map(|(_, p)| p).collect();
+                    // The blob files its tables' values went to (with separation on).
+                    let tdir = Path::new(LEADER).join("tables");
+                    let names = fs.read_dir(&tdir).unwrap_or_default();
+                    let blobs: Vec<(u64, PathBuf)> =
+                        names.iter().filter_map(|n| Some((cairn_lsm::blob_file_id(n)?, tdir.join(n)))).collect();
                     drop(leader);
                     states.resize(target as usize + 1, Model::new());
                     states[target as usize] = after;
                     let o = IngestOptions::new().discard_memtables(true).marker(Marker::new(target, 2));
-                    if db.ingest(&files, o).is_ok() {
+                    if db.ingest_with_blobs(&files, &blobs, o).is_ok() {
                         flushed_marker = target;
                     }
                     // Either way the run ends: after a crash the engine holds

@@ -28,6 +28,12 @@ fn options(rng: &mut impl Rng) -> Options {
     o.level_size_multiplier = 3;
     o.levels = 4;
     o.compression_per_level = vec![Compression::None, Compression::Zstd(1)];
+    // Half the engines keep the longer values in blob files (each on its
+    // own: a delta may carry them to an engine that does not, and back).
+    if rng.random_bool(0.5) {
+        o.blob_value_bytes_min = Some(rng.random_range(4..16));
+        o.blob_gc_garbage_percent = [0, 25, 60][rng.random_range(0..3)];
+    }
     o
 }
 
@@ -60,6 +66,11 @@ fn batch(rng: &mut impl Rng, model: &mut Model, marker: u64) -> WriteBatch {
     b
 }
 
+/// A delta's table files and blob files in its directory `d`.
+fn files(delta: &Delta, d: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    (delta.tables.iter().map(|t| d.join(&t.file)).collect(), delta.blob_files.iter().map(|f| d.join(f)).collect())
+}
+
 fn contents(db: &Db) -> Model {
     db.range::<std::ops::RangeFull, &[u8]>(..)
         .map(|kv| kv.expect("scan"))
@@ -77,16 +88,26 @@ struct Outcome {
 /// One run: `rounds` of the follower falling behind and catching up.
 fn run(seed: u64, dir: &Path, broken: bool) -> Result<Outcome, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let lo = options(&mut rng);
+    let mut lo = options(&mut rng);
     let mut fo = options(&mut rng);
+    lo.delta_shift_each_table_for_tests = broken;
     fo.delta_shift_each_table_for_tests = broken;
-    let leader = Db::open(dir.join("leader"), lo).map_err(|e| e.to_string())?;
+    let mut ldir = dir.join("leader");
+    let mut leader = Db::open(&ldir, lo.clone()).map_err(|e| e.to_string())?;
     let mut fdir = dir.join("follower-0");
     let mut follower = Db::open(&fdir, fo.clone()).map_err(|e| e.to_string())?;
     let mut model = Model::new();
     let mut marker = 0u64;
     let mut out = Outcome::default();
     for round in 0..rng.random_range(2..6) {
+        // Both hold the same state now: sometimes they swap roles, so that
+        // deltas also carry tables the leader ingested itself (their blob
+        // files under ids the leader gave them).
+        if round > 0 && rng.random_bool(0.3) {
+            std::mem::swap(&mut leader, &mut follower);
+            std::mem::swap(&mut lo, &mut fo);
+            std::mem::swap(&mut ldir, &mut fdir);
+        }
         // Both apply the same batches; each flushes at its own moments.
         for _ in 0..rng.random_range(0..60) {
             marker += 1;
@@ -115,8 +136,8 @@ fn run(seed: u64, dir: &Path, broken: bool) -> Result<Outcome, String> {
                 if read != delta {
                     return Err("the delta file differs from what was returned".into());
                 }
-                let paths: Vec<PathBuf> = delta.tables.iter().map(|t| ddir.join(&t.file)).collect();
-                follower.ingest_delta(&delta, &paths).map_err(|e| format!("round {round}: ingest: {e}"))?;
+                let (paths, blobs) = files(&delta, &ddir);
+                follower.ingest_delta(&delta, &paths, &blobs).map_err(|e| format!("round {round}: ingest: {e}"))?;
                 out.deltas += 1;
                 out.delta_tables += delta.tables.len() as u64;
                 if follower.durable_marker() != Some(delta.marker) || leader.durable_marker() != Some(delta.marker) {
@@ -218,8 +239,8 @@ fn a_delta_that_does_not_reach_the_state_is_refused_and_changes_nothing() {
     }
     // Made for a state at 20: it lacks (10, 20] for the follower at 10.
     let d = leader.delta_checkpoint(dir.path().join("d"), Some(Marker::new(20, 1))).expect("delta").expect("some");
-    let paths: Vec<PathBuf> = d.tables.iter().map(|t| dir.path().join("d").join(&t.file)).collect();
-    match follower.ingest_delta(&d, &paths) {
+    let (paths, blobs) = files(&d, &dir.path().join("d"));
+    match follower.ingest_delta(&d, &paths, &blobs) {
         Err(Error::Delta { reason }) => assert!(reason.contains("do not bring"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -230,7 +251,7 @@ fn a_delta_that_does_not_reach_the_state_is_refused_and_changes_nothing() {
     assert!(!dir.path().join("e").exists());
     // The right one works.
     let d = leader.delta_checkpoint(dir.path().join("g"), Some(Marker::new(10, 1))).expect("delta").expect("some");
-    let paths: Vec<PathBuf> = d.tables.iter().map(|t| dir.path().join("g").join(&t.file)).collect();
-    follower.ingest_delta(&d, &paths).expect("ingest");
+    let (paths, blobs) = files(&d, &dir.path().join("g"));
+    follower.ingest_delta(&d, &paths, &blobs).expect("ingest");
     assert_eq!(contents(&follower), model);
 }
