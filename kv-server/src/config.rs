@@ -63,6 +63,11 @@ pub struct Config {
     /// Bytes of the LSM block cache, which also bounds the tables' filters
     /// (charged against it). Default 64 MiB.
     pub block_cache_bytes: u64,
+    /// Values at least this long are kept in the LSM's blob files rather
+    /// than in its tables (key-value separation: compactions then move
+    /// references, not the values). 0 keeps every value in the tables.
+    /// Default 512 bytes.
+    pub blob_value_bytes_min: usize,
     /// Bytes of the newest Raft log entries kept in memory for appends to
     /// followers (older ones are read back from the WAL). Default 64 MiB.
     pub entry_cache_bytes: u64,
@@ -305,6 +310,10 @@ impl Default for Limits {
 
 /// A session's time to live when the configuration names none, seconds.
 pub const SESSION_TTL_DEFAULT_SECS: u64 = 3600;
+/// Default of [`Config::blob_value_bytes_min`]: the 1 KiB values of a
+/// bulk load go to blob files, coordination data (a few hundred bytes)
+/// stays in the tables.
+pub const BLOB_VALUE_BYTES_MIN_DEFAULT: usize = 512;
 
 /// The TOML file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
@@ -330,6 +339,7 @@ pub struct FileConfig {
     session_ttl_secs: Option<u64>,
     memtable_bytes: Option<usize>,
     block_cache_bytes: Option<u64>,
+    blob_value_bytes_min: Option<usize>,
     entry_cache_bytes: Option<u64>,
     wal_segment_bytes: Option<u64>,
     metrics_listen: Option<SocketAddr>,
@@ -398,6 +408,9 @@ pub struct RunArgs {
     /// Bytes of the LSM memtable (a flush, which lets the log be released, follows when it fills).
     #[arg(long, env = "CAIRN_MEMTABLE_BYTES")]
     pub memtable_bytes: Option<usize>,
+    /// Values at least this long go to the LSM's blob files (0: none do).
+    #[arg(long, env = "CAIRN_BLOB_VALUE_BYTES_MIN")]
+    pub blob_value_bytes_min: Option<usize>,
     /// Entries kept below the state's durable marker when the log is released.
     #[arg(long, env = "CAIRN_RELEASE_MARGIN_ENTRIES")]
     pub release_margin_entries: Option<u64>,
@@ -598,6 +611,10 @@ impl Config {
             session_ttl: Duration::from_secs(file.session_ttl_secs.unwrap_or(SESSION_TTL_DEFAULT_SECS)),
             memtable_bytes: args.memtable_bytes.or(file.memtable_bytes).unwrap_or(64 << 20).max(64 << 10),
             block_cache_bytes: file.block_cache_bytes.unwrap_or(64 << 20),
+            blob_value_bytes_min: args
+                .blob_value_bytes_min
+                .or(file.blob_value_bytes_min)
+                .unwrap_or(BLOB_VALUE_BYTES_MIN_DEFAULT),
             entry_cache_bytes: file.entry_cache_bytes.unwrap_or(64 << 20),
             wal_segment_bytes: args.wal_segment_bytes.or(file.wal_segment_bytes).unwrap_or(64 << 20).max(64 << 10),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),

@@ -261,6 +261,7 @@ pub async fn run(cfg: Config, switches: TestSwitches) -> Result<(), ServerError>
     opts.durability = DurabilityMode::Embedded;
     opts.write_buffer_bytes = cfg.memtable_bytes;
     opts.block_cache_bytes = cfg.block_cache_bytes;
+    opts.blob_value_bytes_min = (cfg.blob_value_bytes_min > 0).then_some(cfg.blob_value_bytes_min);
     opts.hook = switches.failpoints.lsm_hook();
     let mut initial = cfg.initial_cluster.clone();
     initial.insert(cfg.id, cfg.advertise.clone());

@@ -16,7 +16,8 @@
 //! as `manifest.X`; the receiver puts each name back in its place. A delta
 //! (cairn-lsm's L0 tables since the follower's durable marker, see
 //! [`cairn_lsm::Delta`]) travels as `delta.X` for each file `X` of it,
-//! `delta.DELTA` included; the receiver checks it against its state before
+//! `delta.DELTA` included (and the blob files its tables reference); the
+//! receiver checks it against its state before
 //! offering it to Raft, and installs it by ingesting the tables into the
 //! live state (one manifest edit) instead of swapping the directory.
 
@@ -354,6 +355,7 @@ impl Checkpoints {
             .tables
             .iter()
             .map(|t| t.file.as_str())
+            .chain(delta.blob_files.iter().map(String::as_str))
             .chain([cairn_lsm::DELTA_FILE])
             .map(|f| SourceFile { name: format!("{DELTA_PREFIX}{f}"), path: dest.join(f), xxh3: None })
             .collect();
@@ -362,6 +364,7 @@ impl Checkpoints {
             index = delta.marker.index,
             after = after.map(|m| m.index),
             tables = delta.tables.len(),
+            blob_files = delta.blob_files.len(),
             ms = started.elapsed().as_millis() as u64,
             "delta made"
         );
@@ -1064,8 +1067,8 @@ pub fn is_delta(c: &Completed) -> bool {
     c.manifest.files.iter().any(|f| f.name.strip_prefix(DELTA_PREFIX) == Some(cairn_lsm::DELTA_FILE))
 }
 
-/// A received delta: its description and its tables' paths.
-fn read_delta(c: &Completed) -> Result<(cairn_lsm::Delta, Vec<PathBuf>), String> {
+/// A received delta: its description, its tables' paths and its blob files' paths.
+fn read_delta(c: &Completed) -> Result<(cairn_lsm::Delta, Vec<PathBuf>, Vec<PathBuf>), String> {
     let p = c.dir.join(format!("{DELTA_PREFIX}{}", cairn_lsm::DELTA_FILE));
     let bytes = std::fs::read(&p).map_err(|e| io_err("reading", &p, e))?;
     let delta = cairn_lsm::Delta::decode(&bytes).map_err(|e| e.to_string())?;
@@ -1075,24 +1078,25 @@ fn read_delta(c: &Completed) -> Result<(cairn_lsm::Delta, Vec<PathBuf>), String>
             delta.marker.index, delta.marker.term, c.manifest.index, c.manifest.term
         ));
     }
-    let mut paths = Vec::with_capacity(delta.tables.len());
-    for t in &delta.tables {
-        let name = format!("{DELTA_PREFIX}{}", t.file);
+    let path_of = |file: &str| {
+        let name = format!("{DELTA_PREFIX}{file}");
         if !c.manifest.files.iter().any(|f| f.name == name) {
-            return Err(format!("the delta lists {} and the transfer does not hold it", t.file));
+            return Err(format!("the delta lists {file} and the transfer does not hold it"));
         }
-        paths.push(c.dir.join(name));
-    }
-    if c.manifest.files.len() != paths.len() + 1 {
+        Ok(c.dir.join(name))
+    };
+    let paths = delta.tables.iter().map(|t| path_of(&t.file)).collect::<Result<Vec<_>, _>>()?;
+    let blob_paths = delta.blob_files.iter().map(|f| path_of(f)).collect::<Result<Vec<_>, _>>()?;
+    if c.manifest.files.len() != paths.len() + blob_paths.len() + 1 {
         return Err("the transfer holds files the delta does not list".into());
     }
-    Ok((delta, paths))
+    Ok((delta, paths, blob_paths))
 }
 
 /// Checks a received delta against the live state (changing nothing).
 fn check_delta(db: &Db, c: &Completed) -> Result<(), String> {
-    let (delta, paths) = read_delta(c)?;
-    db.check_delta(&delta, &paths).map_err(|e| e.to_string())
+    let (delta, paths, blob_paths) = read_delta(c)?;
+    db.check_delta(&delta, &paths, &blob_paths).map_err(|e| e.to_string())
 }
 
 /// Installs a received delta into the live state `db`: its tables are
@@ -1100,8 +1104,8 @@ fn check_delta(db: &Db, c: &Completed) -> Result<(), String> {
 /// snapshot's, in one manifest edit (the memtables, whose writes lie inside
 /// the delta, are dropped). The caller then writes the log's snapshot marker.
 pub fn install_delta(db: &Db, c: &Completed) -> Result<(), String> {
-    let (delta, paths) = read_delta(c)?;
-    db.ingest_delta(&delta, &paths).map_err(|e| e.to_string())?;
+    let (delta, paths, blob_paths) = read_delta(c)?;
+    db.ingest_delta(&delta, &paths, &blob_paths).map_err(|e| e.to_string())?;
     remove_staged(&c.dir);
     Ok(())
 }

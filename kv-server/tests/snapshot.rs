@@ -45,7 +45,12 @@ async fn merging_a_snapshot_into_the_state_is_caught() {
 /// the replicas hash the same.
 async fn behind_the_released_log(mut env: Vec<(String, String)>) -> (Option<Vec<u8>>, bool) {
     env.push(("CAIRN_TEST_SNAPSHOT_HANDOFF_DELAY_MS".into(), "300".into()));
-    let mut cluster = Cluster::start(&[("CAIRN_MEMTABLE_BYTES", "1048576"), ("CAIRN_RELEASE_MARGIN_ENTRIES", "50")]);
+    // The values (about 80 bytes) go to blob files, which the checkpoint carries.
+    let mut cluster = Cluster::start(&[
+        ("CAIRN_MEMTABLE_BYTES", "1048576"),
+        ("CAIRN_RELEASE_MARGIN_ENTRIES", "50"),
+        ("CAIRN_BLOB_VALUE_BYTES_MIN", "64"),
+    ]);
     let leader = cluster.leader(Duration::from_secs(20)).await;
     let follower = (1..=3).find(|i| *i != leader).expect("a follower");
     let c = cluster.client();
@@ -101,6 +106,8 @@ async fn behind_the_released_log(mut env: Vec<(String, String)>) -> (Option<Vec<
     let caught_up = restarted.elapsed();
     let s = cluster.status(follower).await;
     assert!(s.snapshots_installed >= 1, "the follower caught up without a snapshot: {s:?}");
+    let blobs = blob_files(&cluster.layout.dir.join(format!("node-{follower}")));
+    assert!(blobs > 0, "the follower's state holds no blob files");
     let ls = c.status_of(&leader_ep, false).await.expect("status");
     // One checkpoint, sent once: a follower's receiving task that saw the
     // leader close the connection before it took the checkpoint from its
@@ -144,6 +151,17 @@ async fn behind_the_released_log(mut env: Vec<(String, String)>) -> (Option<Vec<
         cluster.converged(Duration::from_secs(30)).await;
     }
     (doomed, same)
+}
+
+/// Blob files in the state directories under a node's data directory.
+fn blob_files(node_dir: &std::path::Path) -> usize {
+    let states = std::fs::read_dir(node_dir).expect("list").filter_map(Result::ok);
+    let states = states.filter(|e| e.file_name().to_string_lossy().starts_with("state"));
+    states
+        .filter_map(|e| std::fs::read_dir(e.path().join("tables")).ok())
+        .flat_map(|d| d.filter_map(Result::ok))
+        .filter(|e| e.path().extension().is_some_and(|x| x == "blob"))
+        .count()
 }
 
 /// A follower stopped while a little more than a memtable's worth is
@@ -210,6 +228,8 @@ async fn a_follower_a_little_behind_catches_up_by_a_delta() {
         eprintln!("attempt {attempt}: the follower caught up from the log; again");
     };
     assert!(s.deltas_installed >= 1, "the follower did not catch up by a delta: {s:?}");
+    // Its 1000-byte values came in blob files (the default bound is 512 bytes).
+    assert!(blob_files(&cluster.layout.dir.join(format!("node-{follower}"))) > 0, "no blob files on the follower");
     let one = cluster.client_of(follower);
     let (v, _) = one.get_with("doomed", Consistency::Serializable).await.expect("get");
     assert_eq!(v, None, "a key deleted while the follower was away came back");
