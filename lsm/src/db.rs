@@ -1273,14 +1273,21 @@ impl Inner {
         (id, self.tables_dir.join(table_file_name(id)))
     }
 
-    /// Reserves `n` consecutive ids of the tables' counter; the first.
-    fn reserve_ids(&self, n: u64) -> Result<TableId> {
+    /// Reserves a block of consecutive ids of the tables' counter for blob
+    /// files whose ids at their sender span `span + 1` values; the first.
+    /// A span above [`BLOB_ID_SPAN_MAX`] (no engine writes that many files)
+    /// is refused, so damaged input cannot use up the id space.
+    fn reserve_ids(&self, span: u64) -> Result<TableId> {
+        let refuse = || Error::Ingest {
+            path: self.tables_dir.clone(),
+            reason: format!("the blob files' ids span {span} values, above the bound {BLOB_ID_SPAN_MAX}"),
+        };
+        if span > BLOB_ID_SPAN_MAX {
+            return Err(refuse());
+        }
         let mut vs = lock(&self.vstate);
         let first = vs.next_table_id;
-        vs.next_table_id = first.checked_add(n).ok_or(Error::Ingest {
-            path: self.tables_dir.clone(),
-            reason: format!("{n} blob file ids do not fit the id space"),
-        })?;
+        vs.next_table_id = first.checked_add(span + 1).ok_or_else(refuse)?;
         Ok(first)
     }
 
@@ -2096,7 +2103,7 @@ impl Inner {
         // The blob files get ids of this engine: the sender's, shifted by one
         // offset onto a block of fresh ids (the sender's ids keep their order).
         let blob_shift = match (used.keys().next(), used.keys().next_back()) {
-            (Some(&lo), Some(&hi)) => self.reserve_ids(hi - lo + 1)?.wrapping_sub(lo),
+            (Some(&lo), Some(&hi)) => self.reserve_ids(hi - lo)?.wrapping_sub(lo),
             _ => 0,
         };
         let mut linked = BTreeMap::new();
@@ -2229,6 +2236,10 @@ impl Inner {
         }
     }
 }
+
+/// Bound on the span of the blob file ids one ingest brings (ids are drawn
+/// from a counter that a table or blob file advances by one).
+const BLOB_ID_SPAN_MAX: u64 = 1 << 40;
 
 /// A table to ingest: its file and the offsets its sender adds to its
 /// sequence numbers and (modulo 2^64) to its references' blob file ids.

@@ -276,3 +276,33 @@ fn checkpoints_ingest_and_deltas_carry_blob_files() {
     drop(e);
     assert_eq!(scan(&Db::open(dir.path().join("e"), o).expect("reopen")), want);
 }
+
+#[test]
+fn blob_ids_spread_beyond_the_bound_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut o = opts(10, 25);
+    o.durability = DurabilityMode::Embedded;
+    let db = Db::open(dir.path().join("db"), o.clone()).expect("open");
+    marked(&db, 1, 0..10, 1);
+    db.flush().expect("flush");
+    marked(&db, 2, 10..20, 2);
+    let dd = dir.path().join("delta");
+    let mut d = db.delta_checkpoint(&dd, None).expect("delta").expect("a delta");
+    assert_eq!((d.tables.len(), d.blob_files.len()), (2, 2), "{d:?}");
+    // The newest table's blob file is the newer one; move its id far up, as
+    // damaged input could.
+    let far = 1u64 << 41;
+    let id = blob_file_id(&d.blob_files[1]).expect("a blob file");
+    let name = format!("{:016x}.blob", id + far);
+    std::fs::rename(dd.join(&d.blob_files[1]), dd.join(&name)).expect("rename");
+    d.blob_files[1] = name;
+    d.tables[0].blob_offset = far;
+    let (paths, blobs) = delta_files(&d, &dd);
+    let f = Db::open(dir.path().join("f"), o).expect("open");
+    match f.ingest_delta(&d, &paths, &blobs) {
+        Err(Error::Ingest { reason, .. }) => assert!(reason.contains("span"), "{reason}"),
+        r => panic!("expected a refusal, got {r:?}"),
+    }
+    assert_eq!(scan(&f), BTreeMap::new());
+    assert_eq!(f.durable_marker(), None);
+}
