@@ -1273,6 +1273,27 @@ impl Inner {
         (id, self.tables_dir.join(table_file_name(id)))
     }
 
+    /// Links the blob files an ingest brings (`(id at the sender, path)`)
+    /// under ids of this engine: the sender's, shifted by one offset onto
+    /// a block of fresh ids, so their order is kept. Returns the shift
+    /// (mod 2^64) and the opened files by local id.
+    fn link_blob_files(&self, used: &BTreeMap<BlobId, &PathBuf>) -> Result<(u64, BTreeMap<BlobId, Arc<BlobFile>>)> {
+        let shift = match (used.keys().next(), used.keys().next_back()) {
+            (Some(&lo), Some(&hi)) => self.reserve_ids(hi - lo)?.wrapping_sub(lo),
+            _ => 0,
+        };
+        let mut linked = BTreeMap::new();
+        for (id, p) in used {
+            let local = id.wrapping_add(shift);
+            let to = self.tables_dir.join(blob_file_name(local));
+            if self.fs.hard_link(p, &to).is_err() {
+                copy_file(&*self.fs, p, &to)?;
+            }
+            linked.insert(local, Arc::new(BlobFile::open(Arc::clone(&self.fs), &to, local, self.purger.clone())?));
+        }
+        Ok((shift, linked))
+    }
+
     /// Reserves a block of consecutive ids of the tables' counter for blob
     /// files whose ids at their sender span `span + 1` values; the first.
     /// A span above [`BLOB_ID_SPAN_MAX`] (no engine writes that many files)
@@ -2100,21 +2121,7 @@ impl Inner {
         let seq_max =
             ranges.iter().zip(&offsets).zip(tables).map(|((r, o), t)| r.1 - t.seq_offset + o).max().unwrap_or(0);
         let new_last = seq_max.max(w.last_seq);
-        // The blob files get ids of this engine: the sender's, shifted by one
-        // offset onto a block of fresh ids (the sender's ids keep their order).
-        let blob_shift = match (used.keys().next(), used.keys().next_back()) {
-            (Some(&lo), Some(&hi)) => self.reserve_ids(hi - lo)?.wrapping_sub(lo),
-            _ => 0,
-        };
-        let mut linked = BTreeMap::new();
-        for (id, p) in used {
-            let local = id.wrapping_add(blob_shift);
-            let to = self.tables_dir.join(blob_file_name(local));
-            if self.fs.hard_link(p, &to).is_err() {
-                copy_file(&*self.fs, p, &to)?;
-            }
-            linked.insert(local, Arc::new(BlobFile::open(Arc::clone(&self.fs), &to, local, self.purger.clone())?));
-        }
+        let (blob_shift, linked) = self.link_blob_files(&used)?;
         let mut opened = Vec::new();
         let mut added = Vec::new();
         for (t, off) in tables.iter().zip(&offsets) {

@@ -141,15 +141,17 @@ impl Delta {
             if n > BLOB_FILES_MAX {
                 return Err(format!("{n} blob files"));
             }
+            let mut last = None;
             for _ in 0..n {
                 let file =
                     std::str::from_utf8(r.bytes(FILE_NAME_BYTES_MAX)?).map_err(|_| "a file name not in UTF-8")?;
                 let Some(id) = crate::blob::parse_blob_file_name(file) else {
                     return Err(format!("`{file}` is not a blob file name"));
                 };
-                if blob_files.last().and_then(|l: &String| crate::blob::parse_blob_file_name(l)) >= Some(id) {
+                if last >= Some(id) {
                     return Err("blob files not sorted by id".into());
                 }
+                last = Some(id);
                 blob_files.push(file.to_string());
             }
         }
