@@ -38,11 +38,16 @@ fn port_range() -> (u16, u16) {
 }
 
 /// The first of three consecutive ports on 127.0.0.1 that `free` finds free.
+/// The tests of this file run at once: a range handed to one is never
+/// handed to another (it may be free now and bound by that test later).
 fn free_base(free: impl Fn(u16) -> bool) -> u16 {
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let (from, span) = port_range();
+    let mut handed = HANDED.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..200 {
         let base: u16 = from + (rand::random::<u16>() % (span - 3));
-        if (0..3).all(|i| free(base + i)) {
+        if handed.iter().all(|h| base.abs_diff(*h) >= 3) && (0..3).all(|i| free(base + i)) {
+            handed.push(base);
             return base;
         }
     }
@@ -111,9 +116,32 @@ impl Dev {
             if o.status.success() {
                 return dev;
             }
-            assert!(Instant::now() < deadline, "the dev cluster did not come up: {}", text(&o.stderr));
+            assert!(
+                Instant::now() < deadline,
+                "the dev cluster did not come up: {}\n{}",
+                text(&o.stderr),
+                dev.log_tails()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The last lines of `kv-server dev`'s log and of each node's, for a
+    /// failure's message.
+    fn log_tails(&self) -> String {
+        let mut logs = vec![self.dir.path().join("dev.log")];
+        logs.extend((1..=3).map(|i| self.dir.path().join("cairn-data").join(format!("node-{i}.log"))));
+        let mut out = String::new();
+        for p in logs {
+            let body = std::fs::read_to_string(&p).unwrap_or_else(|e| format!("({e})"));
+            let lines: Vec<&str> = body.lines().collect();
+            out.push_str(&format!("--- {} (last 20 lines)\n", p.display()));
+            for l in &lines[lines.len().saturating_sub(20)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Runs `kv` in the cluster's folder (so it finds the cluster by itself).
