@@ -334,19 +334,7 @@ impl Applier {
         let delta = crate::snapshot::is_delta(c);
         let merge = self.merge_snapshots_for_tests && !delta;
         let (name, db) = if merge {
-            let tables: Vec<std::path::PathBuf> = c
-                .manifest
-                .files
-                .iter()
-                .filter(|f| f.name.starts_with("table.") && f.name.ends_with(".sst"))
-                .map(|f| c.dir.join(&f.name))
-                .collect();
-            let blobs: Vec<(u64, std::path::PathBuf)> = c
-                .manifest
-                .files
-                .iter()
-                .filter_map(|f| Some((cairn_lsm::blob_file_id(f.name.strip_prefix("table.")?)?, c.dir.join(&f.name))))
-                .collect();
+            let (tables, blobs) = crate::snapshot::received_lsm_files(c);
             let marker = cairn_lsm::Marker::new(c.manifest.index, c.manifest.term);
             self.db
                 .ingest_with_blobs(&tables, &blobs, cairn_lsm::IngestOptions::new().marker(marker))

@@ -194,6 +194,22 @@ fn local_path(name: &str) -> Option<PathBuf> {
     (!file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..").then(|| Path::new(dir).join(file))
 }
 
+/// A received checkpoint's table files, and its blob files with their ids
+/// (as `Db::ingest_with_blobs` takes them), by where each name belongs.
+pub fn received_lsm_files(c: &Completed) -> (Vec<PathBuf>, Vec<(u64, PathBuf)>) {
+    let (mut tables, mut blobs) = (Vec::new(), Vec::new());
+    for f in &c.manifest.files {
+        let Some(rel) = local_path(&f.name).filter(|r| r.starts_with("tables")) else { continue };
+        let file = rel.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        match cairn_lsm::blob_file_id(file) {
+            Some(id) => blobs.push((id, c.dir.join(&f.name))),
+            None if file.ends_with(".sst") => tables.push(c.dir.join(&f.name)),
+            None => {}
+        }
+    }
+    (tables, blobs)
+}
+
 /// A checkpoint on disk, deleted when the last transfer using it ends.
 #[derive(Debug)]
 pub struct Checkpoint {
